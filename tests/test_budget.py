@@ -1,0 +1,67 @@
+"""The budget schedule: a pure function of (seed, step), with the recipe's weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from vlmtrain.budget import BudgetSchedule
+from vlmtrain.geometry import LEVELS
+
+UNIFORM = (1.0,) * 5
+
+
+def draws(schedule: BudgetSchedule, steps: range) -> list[int]:
+    return [schedule.sample(step) for step in steps]
+
+
+def test_same_seed_and_step_give_the_same_budget_in_any_order():
+    schedule = BudgetSchedule(LEVELS, UNIFORM, seed=7)
+    forward = draws(schedule, range(500))
+    backward = [schedule.sample(step) for step in reversed(range(500))][::-1]
+    assert forward == backward == draws(BudgetSchedule(LEVELS, UNIFORM, seed=7), range(500))
+
+
+def test_a_resumed_run_continues_the_schedule():
+    schedule = BudgetSchedule(LEVELS, UNIFORM, seed=3)
+    assert draws(schedule, range(1000))[600:] == draws(BudgetSchedule(LEVELS, UNIFORM, seed=3), range(600, 1000))
+
+
+def test_other_processes_with_other_hash_seeds_agree():
+    code = "from vlmtrain.budget import BudgetSchedule; print([BudgetSchedule((70,140,280,560,1120),(1,)*5,seed=11).sample(s) for s in range(200)])"
+    outputs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("0", "1", "12345")
+    }
+    assert len(outputs) == 1
+    assert eval(outputs.pop()) == draws(BudgetSchedule(LEVELS, UNIFORM, seed=11), range(200))
+
+
+def test_seeds_give_different_schedules():
+    assert draws(BudgetSchedule(LEVELS, UNIFORM, seed=0), range(200)) != draws(BudgetSchedule(LEVELS, UNIFORM, seed=1), range(200))
+
+
+def test_frequencies_follow_the_weights():
+    weights = (4.0, 3.0, 2.0, 1.0, 0.0)
+    counts = Counter(draws(BudgetSchedule(LEVELS, weights, seed=5), range(50000)))
+    assert counts[1120] == 0
+    for level, weight in zip(LEVELS[:4], weights[:4]):
+        assert abs(counts[level] / 50000 - weight / 10) < 0.01, (level, counts)
+
+
+def test_matryoshka_trains_every_level_at_every_step():
+    schedule = BudgetSchedule((70, 280, 1120), (1.0, 1.0, 1.0), seed=0, mode="matryoshka")
+    assert {schedule.budgets(step) for step in range(100)} == {(70, 280, 1120)}
+
+
+@pytest.mark.parametrize(
+    "levels, weights, mode",
+    [((70, 100), (1.0, 1.0), "sample"), ((70, 140), (1.0,), "sample"), ((70, 140), (0.0, 0.0), "sample"), ((70,), (1.0,), "random")],
+)
+def test_invalid_schedules_are_refused(levels, weights, mode):
+    with pytest.raises(ValueError):
+        BudgetSchedule(levels, weights, seed=0, mode=mode)

@@ -1,0 +1,130 @@
+"""Budget geometry: exact agreement with Gemma 4's image processor, and the invariants as properties."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil, get_aspect_ratio_preserving_size
+
+from vlmtrain.data.images import patch_positions, patchify
+from vlmtrain.errors import UserError
+from vlmtrain.geometry import LEVELS, BudgetError, Geometry, geometry_table, parse_size
+
+GEMMA4 = Geometry(patch_size=16, pool=3)
+
+
+def random_sizes(count: int, seed: int) -> list[tuple[int, int]]:
+    """(height, width) pairs: uniform sizes, and aspect ratios from 1:20 to 20:1 at many scales."""
+    rng = random.Random(seed)
+    sizes = []
+    for _ in range(count):
+        if rng.random() < 0.5:
+            sizes.append((rng.randint(1, 4000), rng.randint(1, 4000)))
+        else:
+            ratio = math.exp(rng.uniform(math.log(1 / 20), math.log(20)))
+            short = rng.randint(1, 800)
+            sizes.append((short, max(1, round(short * ratio))) if ratio >= 1 else (max(1, round(short / ratio)), short))
+    return sizes
+
+
+def test_resize_equals_gemma4_for_thousands_of_sizes():
+    for height, width in random_sizes(20000, seed=1):
+        for budget in LEVELS:
+            expected = get_aspect_ratio_preserving_size(height, width, patch_size=16, max_patches=budget * 9, pooling_kernel_size=3)
+            assert GEMMA4.image(height, width, budget).resize == expected, (height, width, budget)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_whole_processor_agrees_on_size_tokens_positions_and_pixels(seed):
+    rng = random.Random(seed)
+    (height, width), budget = random_sizes(1, seed=100 + seed)[0], rng.choice(LEVELS)
+    height, width = min(height, 1500), min(width, 1500)
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    processor = Gemma4ImageProcessorPil(max_soft_tokens=budget)
+    out = processor(images=[image], return_tensors="pt")
+
+    geometry = GEMMA4.image(height, width, budget)
+    assert out["num_soft_tokens_per_image"][0] == geometry.tokens
+    real = (out["image_position_ids"][0] >= 0).all(-1)
+    assert int(real.sum()) == geometry.patches
+    assert out["pixel_values"].shape[1] == GEMMA4.max_patches(budget)
+    assert torch.equal(out["image_position_ids"][0][real], patch_positions(geometry))
+    ours = patchify(image, geometry, 16).float() / 255.0
+    torch.testing.assert_close(ours, out["pixel_values"][0][real].float(), atol=1e-6, rtol=0)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    height=st.integers(1, 30000),
+    width=st.integers(1, 30000),
+    budget=st.sampled_from(LEVELS),
+    patch=st.sampled_from([8, 14, 16]),
+    pool=st.integers(1, 4),
+)
+def test_geometry_invariants(height, width, budget, patch, pool):
+    geometry = Geometry(patch_size=patch, pool=pool)
+    g = geometry.image(height, width, budget)
+    cell = patch * pool
+    resized_h, resized_w = g.resize
+    assert 1 <= g.tokens <= budget
+    assert resized_h % cell == 0 and resized_w % cell == 0 and resized_h > 0 and resized_w > 0
+    assert g.patch_grid == (resized_h // patch, resized_w // patch)
+    assert g.token_grid == (resized_h // cell, resized_w // cell)
+    assert g.patches == g.tokens * pool * pool <= geometry.max_patches(budget)
+    # aspect ratio kept: each side is the ideal scaled side rounded down to a cell, unless it was below one cell
+    factor = math.sqrt(budget * pool * pool * patch * patch / (height * width))
+    if factor * height / cell >= 1 and factor * width / cell >= 1:
+        assert factor * height - cell < resized_h <= factor * height + 1e-6
+        assert factor * width - cell < resized_w <= factor * width + 1e-6
+    else:  # the short side gets one cell, the long side keeps the ratio up to the budget
+        short, long_side = (resized_h, resized_w) if height <= width else (resized_w, resized_h)
+        assert short == cell
+        assert long_side == min(max(height, width) // min(height, width), budget) * cell
+
+
+@settings(max_examples=200, deadline=None)
+@given(height=st.integers(1, 10000), width=st.integers(1, 10000))
+def test_more_budget_never_gives_fewer_tokens(height, width):
+    tokens = [GEMMA4.image(height, width, budget).tokens for budget in LEVELS]
+    assert tokens == sorted(tokens)
+
+
+def test_known_sizes_from_the_gemma4_processor():
+    assert GEMMA4.image(768, 1024, 280).resize == (672, 912)
+    assert GEMMA4.image(768, 1024, 280).tokens == 266
+    assert GEMMA4.image(768, 1024, 1120).resize == (1344, 1824)
+    assert GEMMA4.image(768, 1024, 1120).tokens == 1064
+    assert GEMMA4.image(10, 10, 70).resize == (384, 384)  # small images are upscaled
+
+
+@pytest.mark.parametrize("budget", [0, 100, 281, 2240, -70, 280.0, True, "280"])
+def test_unknown_budget_is_refused_with_the_allowed_levels(budget):
+    with pytest.raises(BudgetError, match="allowed levels: 70, 140, 280, 560, 1120"):
+        GEMMA4.image(100, 100, budget)
+
+
+def test_a_restricted_geometry_refuses_levels_it_does_not_serve():
+    geometry = Geometry(16, 3, levels=(70, 140))
+    assert geometry.image(100, 100, 140).tokens <= 140
+    with pytest.raises(BudgetError, match="allowed levels: 70, 140$"):
+        geometry.image(100, 100, 280)
+    with pytest.raises(BudgetError):
+        Geometry(16, 3, levels=(70, 100))
+
+
+def test_parse_size_and_table():
+    assert parse_size("1024x768") == (768, 1024)
+    for bad in ("1024", "axb", "0x5", "10x"):
+        with pytest.raises(UserError):
+            parse_size(bad)
+    table = geometry_table(GEMMA4, 768, 1024)
+    assert "912x672" in table and "1824x1344" in table
+    assert [line.split()[0] for line in table.splitlines()[2:]] == [str(level) for level in LEVELS]

@@ -1,0 +1,307 @@
+"""The model: backbones, pooling, projector and the splice into the LM, checked against direct computations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import Gemma4VisionConfig, Gemma4VisionModel, Siglip2VisionConfig, Siglip2VisionModel
+
+from vlmtrain.config import LMConfig, ModelConfig, PoolingConfig, VisionConfig
+from vlmtrain.data.batch import ImageBatch
+from vlmtrain.data.builder import BatchBuilder, SampleFormat
+from vlmtrain.data.images import patch_positions, patchify
+from vlmtrain.data.pipeline import SkipLog, read_samples
+from vlmtrain.geometry import LEVELS, Geometry
+from vlmtrain.model.backbone import NativeViT
+from vlmtrain.model.build import build_model
+from vlmtrain.model.hf_vision import load_tower
+from vlmtrain.model.lm import build_lm
+from vlmtrain.model.pooling import AttentionPooling, AveragePooling, GeometryMismatch, gather_windows
+from vlmtrain.text import IGNORE_INDEX, TextEncoder, build_byte_tokenizer
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+}
+GEMMA4_TOWER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "position_embedding_size": 256,
+}
+SIGLIP2_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_patches": 64}
+
+
+def image_batch(geometry: Geometry, sizes: list[tuple[int, int]], budget: int, seed: int = 0) -> ImageBatch:
+    """Random-pixel images of the given (height, width) sizes, laid out as the pipeline does."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for index, (height, width) in enumerate(sizes):
+        g = geometry.image(height, width, budget)
+        image = Image.fromarray(rng.integers(0, 256, size=(*g.resize, 3), dtype=np.uint8))
+        items.append((patchify(image, g, geometry.patch_size), patch_positions(g), g.token_grid, index))
+    return ImageBatch.stack(items, patch_dim=3 * geometry.patch_size**2)
+
+
+def single(images: ImageBatch, index: int) -> ImageBatch:
+    """Image ``index`` alone, without the padding the batch gave it."""
+    count = int(images.patch_mask[index].sum())
+    return ImageBatch(
+        images.pixels[index : index + 1, :count],
+        images.positions[index : index + 1, :count],
+        images.token_grids[index : index + 1],
+        torch.zeros(1, dtype=torch.long),
+    )
+
+
+@pytest.mark.parametrize("stem", ["conv", "linear"])
+def test_native_vit_output_does_not_depend_on_batch_padding(stem):
+    torch.manual_seed(0)
+    geometry = Geometry(patch_size=8, pool=2)
+    vit = NativeViT(patch_size=8, width=32, depth=2, heads=2, stem=stem).eval()
+    images = image_batch(geometry, [(40, 90), (100, 30), (64, 64)], budget=70)
+    batched = vit(images.pixels, images.positions, images.token_grids * 2)
+    for index in range(3):
+        alone = single(images, index)
+        expected = vit(alone.pixels, alone.positions, alone.token_grids * 2)[0]
+        torch.testing.assert_close(batched[index, : expected.shape[0]], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_conv_stem_sees_the_image_as_a_whole():
+    torch.manual_seed(0)
+    geometry = Geometry(patch_size=4, pool=1)
+    vit = NativeViT(patch_size=4, width=16, depth=1, heads=2, stem="conv")
+    images = image_batch(geometry, [(12, 20)], budget=70)
+    g = geometry.image(12, 20, 70)
+    rows, cols = g.patch_grid
+    canvas = images.pixels[0].float().view(rows, cols, 4, 4, 3).permute(4, 0, 2, 1, 3).reshape(1, 3, rows * 4, cols * 4) / 127.5 - 1
+    expected = vit.stem.norm(vit.stem.convs(canvas).permute(0, 2, 3, 1).reshape(rows * cols, 16))
+    torch.testing.assert_close(vit.stem(images.pixels, images.positions, images.token_grids)[0], expected)
+
+
+def test_gather_and_average_pooling_match_per_image_pooling():
+    geometry = Geometry(patch_size=4, pool=3)
+    images = image_batch(geometry, [(30, 80), (90, 40), (10, 10)], budget=140)
+    features = torch.randn(*images.positions.shape[:2], 8)
+    pooled, mask = AveragePooling(3)(features, images.positions, images.token_grids)
+    windows, _ = gather_windows(features, images.positions, images.token_grids, 3)
+    assert mask.sum(1).tolist() == images.token_counts.tolist()
+    for index in range(3):
+        rows, cols = images.token_grids[index].tolist()
+        grid = features[index, : rows * cols * 9].view(rows * 3, cols * 3, 8)
+        expected = F.avg_pool2d(grid.permute(2, 0, 1)[None], 3)[0].permute(1, 2, 0).reshape(rows * cols, 8)
+        torch.testing.assert_close(pooled[index, : rows * cols], expected)
+        first = grid[:3, :3].reshape(9, 8)  # token 0's window, in (y, x) order
+        torch.testing.assert_close(windows[index, 0], first)
+
+
+def test_attention_pooling_starts_as_average_pooling_and_learns():
+    geometry = Geometry(patch_size=4, pool=2)
+    images = image_batch(geometry, [(30, 50), (50, 20)], budget=70)
+    features = torch.randn(*images.positions.shape[:2], 16, requires_grad=True)
+    attention = AttentionPooling(2, width=16, heads=4)
+    average, _ = AveragePooling(2)(features, images.positions, images.token_grids)
+    pooled, mask = attention(features, images.positions, images.token_grids)
+    torch.testing.assert_close(pooled, average)
+    (pooled[mask] ** 2).sum().backward()
+    assert attention.attention.out_proj.weight.grad.abs().sum() > 0
+
+
+def test_pooling_refuses_patches_that_do_not_fill_the_promised_grid():
+    geometry = Geometry(patch_size=4, pool=2)
+    images = image_batch(geometry, [(30, 50)], budget=70)
+    features = torch.randn(*images.positions.shape[:2], 8)
+    wrong = images.token_grids.clone()
+    wrong[0, 1] += 1
+    with pytest.raises(GeometryMismatch):
+        AveragePooling(2)(features, images.positions, wrong)
+
+
+def gemma4_inputs(images: ImageBatch, geometry: Geometry, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What Gemma4ImageProcessor gives for the same images: [0, 1] pixels padded to max_patches, -1 positions."""
+    longest = geometry.max_patches(budget)
+    pixels = torch.zeros(images.count, longest, images.pixels.shape[2])
+    positions = torch.full((images.count, longest, 2), -1, dtype=torch.long)
+    pixels[:, : images.pixels.shape[1]] = images.pixels.float() / 255.0
+    positions[:, : images.positions.shape[1]] = images.positions
+    return pixels, positions
+
+
+def test_gemma4_backbone_with_average_pooling_equals_gemma4_vision_model(tmp_path):
+    torch.manual_seed(0)
+    config = Gemma4VisionConfig(**GEMMA4_TOWER, standardize=True)
+    reference = Gemma4VisionModel(config).eval()
+    reference.std_bias.normal_()
+    reference.std_scale.uniform_(0.5, 1.5)
+    reference.save_pretrained(tmp_path)
+    backbone = load_tower("gemma4", str(tmp_path), {}).eval()
+    assert (backbone.patch_size, backbone.width, backbone.native_pool) == (16, 32, 3)
+    geometry = Geometry(patch_size=16, pool=3)
+    images = image_batch(geometry, [(100, 300), (250, 120)], budget=70)
+    with torch.no_grad():
+        expected = reference(*gemma4_inputs(images, geometry, 70)).last_hidden_state
+        features = backbone(images.pixels, images.positions, images.token_grids * 3)
+        tokens, mask = AveragePooling(3)(features, images.positions, images.token_grids)
+    torch.testing.assert_close(tokens[mask], expected, atol=1e-4, rtol=1e-4)
+
+
+def save_as_full_checkpoint(model: torch.nn.Module, folder, model_type: str, prefix: str, vision_config: dict) -> None:
+    """Write ``model`` as the vision tower inside a whole VLM checkpoint (config + prefixed safetensors)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, "vision_config": vision_config, "text_config": {}}))
+    tensors = {prefix + name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    tensors["model.language_model.embed_tokens.weight"] = torch.zeros(4, 4)
+    save_file(tensors, str(folder / "model-00001-of-00001.safetensors"))
+
+
+def test_gemma4_tower_loads_from_a_whole_gemma4_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    reference = Gemma4VisionModel(Gemma4VisionConfig(**GEMMA4_TOWER)).eval()
+    save_as_full_checkpoint(reference, tmp_path / "gemma4", "gemma4", "model.vision_tower.", {**GEMMA4_TOWER, "model_type": "gemma4_vision"})
+    loaded = load_tower("gemma4", str(tmp_path / "gemma4"), {}).model.eval()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_a_checkpoint_without_the_tower_is_a_clear_error(tmp_path):
+    folder = tmp_path / "llm"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma4", "vision_config": GEMMA4_TOWER}))
+    save_file({"model.language_model.embed_tokens.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="no weights under model.vision_tower."):
+        load_tower("gemma4", str(folder), {})
+
+
+def test_siglip2_backbone_loads_from_a_whole_siglip2_checkpoint_and_ignores_padding(tmp_path):
+    torch.manual_seed(0)
+    reference = Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP2_TOWER, vision_use_head=False)).eval()
+    save_as_full_checkpoint(reference, tmp_path / "siglip2", "siglip2", "vision_model.", {**SIGLIP2_TOWER, "model_type": "siglip2_vision_model"})
+    backbone = load_tower("siglip2", str(tmp_path / "siglip2"), {}).eval()
+    geometry = Geometry(patch_size=16, pool=2)
+    images = image_batch(geometry, [(120, 300), (300, 100)], budget=70)
+    grids = images.token_grids * 2
+    with torch.no_grad():
+        batched = backbone(images.pixels, images.positions, grids)
+        for index in range(2):
+            alone = single(images, index)
+            expected = reference(
+                pixel_values=alone.pixels.float() / 127.5 - 1, pixel_attention_mask=torch.ones(alone.pixels.shape[:2]), spatial_shapes=grids[index : index + 1]
+            ).last_hidden_state[0]
+            torch.testing.assert_close(batched[index, : expected.shape[0]], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_lm_from_a_local_folder_gets_an_image_token_and_room_for_it(tmp_path):
+    tokenizer = build_byte_tokenizer(image_token="<img>")
+    lm, _ = build_lm(LMConfig(hf_config=TINY_LLAMA))
+    lm.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tokenizer = build_lm(LMConfig(path=str(tmp_path)))
+    assert "<image>" in loaded_tokenizer.get_vocab() and len(loaded_tokenizer) == len(tokenizer) + 1
+    assert loaded.get_input_embeddings().num_embeddings >= len(loaded_tokenizer)
+    with pytest.raises(FileNotFoundError, match="only local paths"):
+        build_lm(LMConfig(path=str(tmp_path / "missing")))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vision=VisionConfig(patch_size=16, width=32, depth=1, heads=2),
+        pooling=PoolingConfig(kind="average", size=2),
+        lm=LMConfig(hf_config=TINY_LLAMA),
+    )
+    model, tokenizer = build_model(config, LEVELS)
+    text = TextEncoder(tokenizer, "<image>", max_text_length=96)
+    return model, BatchBuilder(model.geometry, text, SampleFormat(prompt="Look: <image> says", target_field="text"), 10**8)
+
+
+@pytest.fixture(scope="module")
+def real_samples(caption_dir):
+    return list(read_samples(sorted(map(str, caption_dir.glob("*.tar"))), SkipLog()))
+
+
+def expected_visual_tokens(model, images: ImageBatch, index: int) -> torch.Tensor:
+    """Image ``index`` encoded alone, pooled on its own grid with avg_pool2d, row-major: what its placeholders must hold."""
+    alone = single(images, index)
+    pool = model.geometry.pool
+    rows, cols = alone.token_grids[0].tolist()
+    features = model.backbone(alone.pixels, alone.positions, alone.token_grids * pool)[0]
+    grid = features.view(rows * pool, cols * pool, -1).permute(2, 0, 1)[None]
+    return model.projector(F.avg_pool2d(grid, pool)[0].permute(1, 2, 0).reshape(rows * cols, -1))
+
+
+@pytest.mark.parametrize("budget", [70, 140, 280])
+def test_each_image_fills_exactly_its_own_placeholders_in_order(tiny_model, real_samples, budget):
+    model, builder = tiny_model
+    batch = builder.collate([builder.encode(s, budget) for s in real_samples], budget, step=0)
+    with torch.no_grad():
+        embeds = model.embed(batch.input_ids, batch.images)
+        placeholders = batch.input_ids == model.image_token_id
+        for row in range(batch.size):
+            images = torch.nonzero(batch.images.sample_index == row).squeeze(1).tolist()
+            expected = [expected_visual_tokens(model, batch.images, i) for i in images]
+            assert int(placeholders[row].sum()) == sum(e.shape[0] for e in expected)
+            if expected:
+                torch.testing.assert_close(embeds[row][placeholders[row]], torch.cat(expected), atol=1e-5, rtol=1e-4)
+    text = ~placeholders
+    torch.testing.assert_close(embeds[text], model.lm.get_input_embeddings()(batch.input_ids)[text])
+
+
+def test_a_placeholder_mismatch_is_refused(tiny_model, real_samples):
+    model, builder = tiny_model
+    batch = builder.collate([builder.encode(s, 70) for s in real_samples[:2]], 70, step=0)
+    first = int(torch.nonzero(batch.input_ids[0] == model.image_token_id)[0, 0])
+    batch.input_ids[0, first] = builder.text.tokenizer.convert_tokens_to_ids("a")
+    with pytest.raises(GeometryMismatch, match="image placeholders per sample"):
+        model.embed(batch.input_ids, batch.images)
+
+
+def test_text_only_batches_still_run_and_reach_every_vision_parameter(tiny_model, real_samples):
+    model, builder = tiny_model
+    text_only = [s for s in real_samples if not s.images]
+    batch = builder.collate([builder.encode(s, 70) for s in text_only], 70, step=0)
+    assert batch.images.count == 0
+    model.zero_grad()
+    model.sample_losses(batch).mean().backward()
+    for name in ("vision", "projector"):
+        grads = [p.grad for p in model.parts()[name].parameters()]
+        assert grads and all(g is not None and not g.any() for g in grads), name
+
+
+def test_a_mixed_batch_gives_a_text_only_sample_no_visual_tokens(tiny_model, real_samples):
+    model, builder = tiny_model
+    chosen = [s for s in real_samples if s.key in ("no_image", "pair", "logo2")]
+    batch = builder.collate([builder.encode(s, 70) for s in chosen], 70, step=0)
+    row = [s.key for s in chosen].index("no_image")
+    assert row not in batch.images.sample_index.tolist() and batch.images.count == 3
+    assert not (batch.input_ids[row] == model.image_token_id).any()
+    with torch.no_grad():
+        losses = model.sample_losses(batch)
+        alone = model.sample_losses(builder.collate([builder.encode(chosen[row], 70)], 70, step=0))
+    torch.testing.assert_close(losses.loss_sum[row], alone.loss_sum[0], atol=1e-4, rtol=1e-4)
+
+
+def test_losses_from_trimmed_logits_equal_full_cross_entropy(tiny_model, real_samples):
+    model, builder = tiny_model
+    batch = builder.collate([builder.encode(s, 70) for s in real_samples[:4]], 70, step=0)
+    with torch.no_grad():
+        losses = model.sample_losses(batch)
+        logits = model(batch)
+    targets = batch.labels[:, 1:]
+    full = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(losses.loss_sum, full.sum(1), atol=1e-4, rtol=1e-5)
+    assert losses.tokens.tolist() == (targets != IGNORE_INDEX).sum(1).tolist()

@@ -1,0 +1,118 @@
+"""Training: a real (tiny) fit on CPU, stage freezing, per-part learning rates, the schedule check, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import ROOT, small_recipe
+from vlmtrain.config import RecipeError, load_recipe
+from vlmtrain.train.module import VLMModule, lr_factor
+from vlmtrain.train.run import fit
+
+
+def initial_state(recipe) -> dict[str, torch.Tensor]:
+    """The weights a fit of ``recipe`` starts from (fit seeds before building the model)."""
+    L.seed_everything(recipe.seed, workers=True, verbose=False)
+    return {name: value.clone() for name, value in VLMModule(recipe).state_dict().items()}
+
+
+def checkpoint_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_fit_writes_checkpoint_metrics_resolved_recipe_and_summary(demo_dir, tmp_path):
+    recipe = small_recipe(demo_dir, tmp_path / "run")
+    run_dir = fit(recipe)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert load_recipe(run_dir / "recipe.yaml") == recipe
+    assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    rows = list(csv.DictReader((run_dir / "metrics" / "metrics.csv").open()))
+    columns = set(rows[0])
+    assert {"train/loss", "val/loss@70", "val/loss@140", "val/loss@70/large", "val/loss@140/small"} <= columns
+    assert {"train/images_per_s@70", "train/visual_tokens_per_s@140"} & columns
+    trained = {int(float(r["budget"])) for r in rows if r.get("budget")}
+    assert trained == {70, 140}
+    summary = (run_dir / "summary.json").read_text()
+    assert '"val_rounds"' in summary and '"train_loss_last_quarter"' in summary
+    with pytest.raises(RecipeError, match="already holds checkpoints"):
+        fit(recipe)
+
+
+def test_frozen_parts_stay_exact_and_trainable_parts_change(demo_dir, tmp_path):
+    recipe = small_recipe(demo_dir, tmp_path / "frozen", "optim.vision.trainable=false", "optim.lm.trainable=false", "logger=none")
+    before = initial_state(recipe)
+    after = checkpoint_state(fit(recipe))
+    for name, value in before.items():
+        changed = not torch.equal(after[name], value)
+        if name.startswith(("model.backbone.", "model.lm.")):
+            assert not changed, f"frozen {name} changed"
+    assert any(not torch.equal(after[n], v) for n, v in before.items() if n.startswith("model.projector."))
+
+
+def test_each_part_gets_its_own_learning_rate(demo_dir, tmp_path):
+    recipe = small_recipe(demo_dir, tmp_path / "x", "optim.vision.lr=0.003", "optim.projector.lr=0.002", "optim.lm.lr=0.001", "optim.weight_decay=0.1")
+    module = VLMModule(recipe)
+    groups = {group["name"]: group for group in module.configure_optimizers()["optimizer"].param_groups}
+    assert {name: group["initial_lr"] for name, group in groups.items()} == {
+        "vision": 0.003, "vision/no_decay": 0.003, "projector": 0.002, "projector/no_decay": 0.002, "lm": 0.001, "lm/no_decay": 0.001,
+    }
+    warmup = lr_factor(0, recipe.optim.warmup_steps, recipe.trainer.max_steps, "cosine", recipe.optim.min_lr_ratio)
+    assert all(group["lr"] == pytest.approx(group["initial_lr"] * warmup) for group in groups.values())
+    assert groups["vision"]["weight_decay"] == 0.1 and groups["lm/no_decay"]["weight_decay"] == 0.0
+    optimized = {id(p) for group in groups.values() for p in group["params"]}
+    assert optimized == {id(p) for p in module.parameters() if p.requires_grad}
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    factors = [lr_factor(step, warmup=10, total=110, schedule="cosine", min_ratio=0.1) for step in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(500, 10, 110, "constant", 0.1) == 1.0
+
+
+def test_a_batch_with_the_wrong_budget_is_refused(demo_dir, tmp_path):
+    recipe = small_recipe(demo_dir, tmp_path / "x")
+    module = VLMModule(recipe)
+    step = next(s for s in range(100) if module.schedule.sample(s) == 70)
+
+    with pytest.raises(RuntimeError, match=f"batch at step {step} has budgets \\(140,\\), the schedule says \\(70,\\)"):
+        module.check_schedule([SimpleNamespace(budget=140, step=step)])
+
+
+def test_matryoshka_trains_every_budget_each_step(demo_dir, tmp_path):
+    recipe = small_recipe(demo_dir, tmp_path / "m", "budget.mode=matryoshka", "trainer.max_steps=2", "data.val=null")
+    rows = list(csv.DictReader((fit(recipe) / "metrics" / "metrics.csv").open()))
+    steps_with = {budget: {r["step"] for r in rows if r.get(f"train/loss@{budget}")} for budget in (70, 140)}
+    assert steps_with[70] == steps_with[140] and len(steps_with[70]) == 2
+
+
+def test_cli_fit_runs_the_tiny_recipe(demo_dir, tmp_path):
+    recipe = small_recipe(demo_dir, tmp_path / "cli")
+    overrides = [f"{key}={value}" for key, value in {
+        "run_dir": tmp_path / "cli",
+        "logger": "csv",
+        "model.vision.width": 32,
+        "model.vision.depth": 1,
+        "model.vision.heads": 2,
+        "model.lm.hf_config.hidden_size": 32,
+        "model.lm.hf_config.num_hidden_layers": 1,
+        "data.train": recipe.data.train,
+        "data.val": recipe.data.val,
+        "data.val_samples": 2,
+        "data.num_workers": 1,
+        "trainer.max_steps": 2,
+        "trainer.val_every": 2,
+    }.items()]
+    result = subprocess.run([sys.executable, "-m", "vlmtrain.cli", "fit", str(ROOT / "recipes" / "tiny.yaml"), *overrides], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"run finished: {tmp_path / 'cli'}" in result.stdout
+    assert (tmp_path / "cli" / "checkpoints" / "last.ckpt").is_file()

@@ -1,0 +1,93 @@
+"""The ``vlmtrain`` command: fit, validate, geometry, shards, demo-data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vlmtrain.config import load_recipe, recipe_to_yaml
+from vlmtrain.errors import UserError
+from vlmtrain.geometry import Geometry, geometry_table, parse_size
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    recipe = load_recipe(args.recipe, args.overrides)
+    from vlmtrain.train.run import fit  # heavy imports only once the recipe is known to be valid
+
+    run_dir = fit(recipe)
+    print(f"run finished: {run_dir}")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    print(recipe_to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+
+
+def cmd_geometry(args: argparse.Namespace) -> None:
+    height, width = parse_size(args.size)
+    print(geometry_table(Geometry(patch_size=args.patch, pool=args.pool), height, width))
+
+
+def cmd_shards(args: argparse.Namespace) -> None:
+    from vlmtrain.data.shards import read_annotations, write_shards
+
+    report = write_shards(read_annotations(args.annotations), args.images, args.out, args.prefix, args.samples_per_shard)
+    print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out}")
+    for key, reason in report.rejected:
+        print(f"rejected {key}: {reason}")
+
+
+def cmd_demo_data(args: argparse.Namespace) -> None:
+    from vlmtrain.data.demo import make_demo_shards
+
+    reports = make_demo_shards(args.out, args.train, args.val, args.seed, args.samples_per_shard)
+    for split, report in reports.items():
+        print(f"{split}: {report.samples} samples in {len(report.shards)} shards under {args.out}")
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="vlmtrain", description="Train mixed-budget vision encoders for VLMs.")
+    commands = main.add_subparsers(dest="command", required=True)
+
+    for name, handler, text in (("fit", cmd_fit, "train a recipe"), ("validate", cmd_validate, "check a recipe and print it resolved")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("recipe", type=Path)
+        sub.add_argument("overrides", nargs="*", help="key=value, e.g. trainer.max_steps=100")
+        sub.set_defaults(handler=handler)
+
+    sub = commands.add_parser("geometry", help="resize, patches and tokens of an image size at every budget")
+    sub.add_argument("size", help="WIDTHxHEIGHT, e.g. 1024x768")
+    sub.add_argument("--patch", type=int, default=16, help="patch size in pixels (Gemma 4: 16)")
+    sub.add_argument("--pool", type=int, default=3, help="pool×pool patches per token (Gemma 4: 3)")
+    sub.set_defaults(handler=cmd_geometry)
+
+    sub = commands.add_parser("shards", help="write WebDataset shards from images and a JSONL of annotations")
+    sub.add_argument("annotations", type=Path, help='JSONL: {"images": ["a.jpg", ...], "text": ..., ...} per line')
+    sub.add_argument("out", type=Path)
+    sub.add_argument("--images", type=Path, default=Path("."), help="folder the image paths are relative to")
+    sub.add_argument("--prefix", default="shard")
+    sub.add_argument("--samples-per-shard", type=int, default=1000)
+    sub.set_defaults(handler=cmd_shards)
+
+    sub = commands.add_parser("demo-data", help="render the demo task (words on real photos) into shards")
+    sub.add_argument("--out", type=Path, default=Path("data/generated/demo"))
+    sub.add_argument("--train", type=int, default=512)
+    sub.add_argument("--val", type=int, default=64)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--samples-per-shard", type=int, default=128)
+    sub.set_defaults(handler=cmd_demo_data)
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (UserError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Turning raw samples into a batch at one budget: decode, resize and patchify each image at the size the
+geometry gives, expand the prompt's image markers to the same token counts, and pad."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlmtrain.data.batch import Batch, ImageBatch, pad_text
+from vlmtrain.data.images import decode_image, patch_positions, patchify
+from vlmtrain.data.samples import RawSample, SampleError
+from vlmtrain.geometry import Geometry
+from vlmtrain.text import EncodedText, TextEncoder, TextError
+
+
+@dataclass(frozen=True)
+class SampleFormat:
+    """Which JSON fields hold the prompt, the target and (optionally) an evaluation group."""
+
+    prompt: str
+    target_field: str
+    prompt_field: str | None = None
+    group_field: str | None = None
+
+
+@dataclass
+class EncodedSample:
+    """One sample ready for collation: its text and, per image, (patches, positions, token grid)."""
+
+    key: str
+    text: EncodedText
+    images: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]
+    group: str
+
+
+class BatchBuilder:
+    """Encodes raw samples at a budget and collates them into a :class:`Batch`."""
+
+    def __init__(self, geometry: Geometry, text: TextEncoder, sample_format: SampleFormat, max_image_pixels: int) -> None:
+        self.geometry = geometry
+        self.text = text
+        self.format = sample_format
+        self.max_image_pixels = max_image_pixels
+
+    def visual_tokens(self, sample: RawSample, budget: int) -> int:
+        """Visual tokens the sample's images take at ``budget``, from the stored sizes (no decoding)."""
+        return sum(self.geometry.image(height, width, budget).tokens for height, width in sample.sizes)
+
+    def encode(self, sample: RawSample, budget: int) -> EncodedSample:
+        """Decode and encode one sample; raises :class:`SampleError` for anything unusable."""
+        prompt = sample.text(self.format.prompt_field) if self.format.prompt_field else self.format.prompt
+        target = sample.text(self.format.target_field)
+        images = []
+        for data, (height, width) in zip(sample.images, sample.sizes):
+            image = decode_image(data, self.max_image_pixels)
+            if (image.height, image.width) != (height, width):
+                raise SampleError(
+                    "size_mismatch",
+                    f"sample {sample.key!r}: image is {image.width}x{image.height}, JSON says {width}x{height}",
+                )
+            geometry = self.geometry.image(height, width, budget)
+            images.append((patchify(image, geometry, self.geometry.patch_size), patch_positions(geometry), geometry.token_grid))
+        try:
+            text = self.text.encode(prompt, target, [grid[0] * grid[1] for *_, grid in images])
+        except TextError as error:
+            raise SampleError("text", f"sample {sample.key!r}: {error}") from None
+        group = str(sample.record.get(self.format.group_field, "")) if self.format.group_field else ""
+        return EncodedSample(key=sample.key, text=text, images=images, group=group)
+
+    def collate(self, samples: list[EncodedSample], budget: int, step: int) -> Batch:
+        """Pad encoded samples (all at ``budget``) into one batch."""
+        input_ids, attention_mask, labels = pad_text(
+            [s.text.input_ids for s in samples], [s.text.labels for s in samples], self.text.pad_token_id
+        )
+        images = [(pixels, positions, grid, index) for index, s in enumerate(samples) for pixels, positions, grid in s.images]
+        return Batch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            images=ImageBatch.stack(images, patch_dim=3 * self.geometry.patch_size**2),
+            budget=budget,
+            step=step,
+            keys=[s.key for s in samples],
+            groups=[s.group for s in samples],
+        )

@@ -1,0 +1,68 @@
+"""One sample as stored in a shard: a JSON record plus its image files, still encoded.
+
+Shard layout (written by :mod:`vlmtrain.data.shards`): ``KEY.json`` holds the text fields and
+``"images": [{"name": "0.jpg", "width": W, "height": H}, ...]``; ``KEY.0.jpg`` holds the bytes.
+The sizes in the JSON let the pipeline compute geometry and batch sizes before decoding anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; ``kind`` says why (counted per kind by the pipeline)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class RawSample:
+    """A sample before decoding: its JSON record, image bytes in order, and (height, width) of each image."""
+
+    key: str
+    record: dict[str, Any]
+    images: list[bytes] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    source: str = ""
+
+    def text(self, name: str) -> str:
+        """The text field ``name``; :class:`SampleError` (kind ``missing_text``) when absent or not a string."""
+        value = self.record.get(name)
+        if not isinstance(value, str):
+            raise SampleError("missing_text", f"sample {self.key!r} has no text field {name!r}")
+        return value
+
+
+def parse_sample(files: dict[str, Any]) -> RawSample:
+    """Build a :class:`RawSample` from a webdataset file group (``{"__key__": ..., "json": b"...", "0.jpg": b"..."}``)."""
+    key = str(files.get("__key__", "?"))
+    source = str(files.get("__url__", ""))
+    if "json" not in files:
+        raise SampleError("missing_json", f"sample {key!r} has no .json record")
+    try:
+        record = json.loads(files["json"])
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SampleError("bad_json", f"sample {key!r}: malformed JSON: {error}") from None
+    if not isinstance(record, dict):
+        raise SampleError("bad_json", f"sample {key!r}: JSON record is not an object")
+    entries = record.get("images", [])
+    if not isinstance(entries, list):
+        raise SampleError("bad_json", f"sample {key!r}: 'images' must be a list")
+    images, sizes = [], []
+    for entry in entries:
+        try:
+            name, width, height = str(entry["name"]).lower(), int(entry["width"]), int(entry["height"])
+        except (KeyError, TypeError, ValueError):
+            raise SampleError("bad_json", f"sample {key!r}: image entry {entry!r} needs name, width, height") from None
+        if width < 1 or height < 1:
+            raise SampleError("bad_json", f"sample {key!r}: image {name!r} has size {width}x{height}")
+        if name not in files:
+            raise SampleError("missing_image", f"sample {key!r}: image file {name!r} is missing")
+        images.append(files[name])
+        sizes.append((height, width))
+    return RawSample(key=key, record=record, images=images, sizes=sizes, source=source)

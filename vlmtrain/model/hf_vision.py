@@ -1,0 +1,140 @@
+"""Hugging Face vision towers as backbones: SigLIP2 NaFlex and Gemma 4's vision encoder.
+
+Built from a config (random weights) or loaded from a local folder holding either the vision model
+alone or a whole vision-language checkpoint (only the tower's tensors are read). Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import Gemma4VisionConfig, Gemma4VisionModel, PreTrainedConfig, Siglip2VisionConfig, Siglip2VisionModel
+
+from vlmtrain.model.backbone import VisionBackbone, unit_pixels
+
+
+class Siglip2Backbone(VisionBackbone):
+    """SigLIP2 NaFlex: pixels normalised to [-1, 1], per-image ``spatial_shapes`` for its resized position table."""
+
+    def __init__(self, model: Siglip2VisionModel) -> None:
+        super().__init__()
+        self.model = model
+        self.patch_size = model.config.patch_size
+        self.width = model.config.hidden_size
+
+    def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.embeddings.patch_embedding.weight.dtype
+        output = self.model(
+            pixel_values=unit_pixels(pixels, dtype) * 2.0 - 1.0,
+            pixel_attention_mask=positions[..., 0] >= 0,
+            spatial_shapes=patch_grids,
+        )
+        return output.last_hidden_state
+
+
+class Gemma4Backbone(VisionBackbone):
+    """Gemma 4's vision encoder up to (not including) its pooler.
+
+    Features are scaled by sqrt(width) and standardized as Gemma 4 does after pooling; both are affine,
+    so average pooling of these features equals Gemma4VisionModel's output exactly.
+    """
+
+    def __init__(self, model: Gemma4VisionModel) -> None:
+        super().__init__()
+        self.model = model
+        self.patch_size = model.config.patch_size
+        self.width = model.config.hidden_size
+        self.native_pool = model.config.pooling_kernel_size
+
+    def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
+        padding = positions[..., 0] < 0
+        dtype = self.model.patch_embedder.input_proj.weight.dtype
+        embeds = self.model.patch_embedder(unit_pixels(pixels, dtype), positions, padding)
+        hidden = self.model.encoder(inputs_embeds=embeds, attention_mask=~padding, pixel_position_ids=positions).last_hidden_state
+        hidden = hidden.float() * self.width**0.5
+        if self.model.config.standardize:
+            hidden = (hidden - self.model.std_bias.float()) * self.model.std_scale.float()
+        return hidden
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """How to find one kind of vision tower: its classes, model_type and weight prefixes in full checkpoints."""
+
+    model_class: type[nn.Module]
+    config_class: type[PreTrainedConfig]
+    backbone_class: type[VisionBackbone]
+    model_type: str
+    prefixes: tuple[str, ...]
+    config_defaults: dict[str, Any]
+
+
+TOWERS: dict[str, TowerSpec] = {
+    "siglip2": TowerSpec(
+        Siglip2VisionModel, Siglip2VisionConfig, Siglip2Backbone, "siglip2_vision_model", ("vision_model.",), {"vision_use_head": False}
+    ),
+    "gemma4": TowerSpec(
+        Gemma4VisionModel, Gemma4VisionConfig, Gemma4Backbone, "gemma4_vision", ("model.vision_tower.", "vision_tower."), {}
+    ),
+}
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a local model folder."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a local Hugging Face model folder)")
+    return json.loads(config_file.read_text())
+
+
+def tower_config(kind: str, path: str | None, overrides: dict[str, Any]) -> PreTrainedConfig:
+    """The vision config of backbone ``kind``: from ``path`` (a vision or a full VLM folder) or from ``overrides``."""
+    spec = TOWERS[kind]
+    values: dict[str, Any] = {}
+    if path is not None:
+        stored = read_config(path)
+        values = stored if stored.get("model_type") == spec.model_type else stored.get("vision_config") or {}
+        if not values:
+            raise ValueError(f"{path}: config.json is neither a {spec.model_type} config nor has a vision_config")
+    values = {key: value for key, value in values.items() if key not in ("model_type", "architectures", "transformers_version")}
+    return spec.config_class(**{**values, **spec.config_defaults, **overrides})
+
+
+def _tower_tensors(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Tensors under the first of ``prefixes`` found in the folder's safetensors files, prefix removed."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors weights")
+    tensors: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in prefixes}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                for prefix in prefixes:
+                    if name.startswith(prefix):
+                        tensors[prefix][name[len(prefix):]] = handle.get_tensor(name)
+    found = [prefix for prefix in prefixes if tensors[prefix]]
+    if not found:
+        raise ValueError(f"{path}: no weights under {' or '.join(prefixes)}")
+    return tensors[found[0]]
+
+
+def load_tower(kind: str, path: str | None, overrides: dict[str, Any], attn_implementation: str = "sdpa") -> VisionBackbone:
+    """Build backbone ``kind`` with random weights (``path`` None) or load it from a local folder."""
+    spec = TOWERS[kind]
+    config = tower_config(kind, path, overrides)
+    config._attn_implementation = attn_implementation
+    model = spec.model_class(config)
+    if path is not None:
+        folder = Path(path)
+        stored_type = read_config(folder).get("model_type")
+        state = _tower_tensors(folder, ("",) if stored_type == spec.model_type else spec.prefixes)
+        missing, _ = model.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"{path}: {len(missing)} {kind} weights missing, e.g. {missing[:3]}")
+    return spec.backbone_class(model)

@@ -1,0 +1,133 @@
+"""The LightningModule: which parts train and at what learning rate, the loss per budget, validation per budget."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from vlmtrain.budget import BudgetSchedule
+from vlmtrain.config import OptimConfig, PartConfig, Recipe
+from vlmtrain.data.batch import Batch
+from vlmtrain.geometry import Geometry
+from vlmtrain.model.build import build_model
+from vlmtrain.model.vlm import VisionLanguageModel
+
+
+def budget_schedule(recipe: Recipe) -> BudgetSchedule:
+    """The recipe's budget schedule (uniform weights unless given)."""
+    levels = tuple(recipe.budget.levels)
+    weights = tuple(recipe.budget.weights) if recipe.budget.weights is not None else (1.0,) * len(levels)
+    return BudgetSchedule(levels=levels, weights=weights, seed=recipe.seed, mode=recipe.budget.mode)
+
+
+def as_batches(batch: Batch | list[Batch]) -> list[Batch]:
+    """A step's batches: one, or one per budget in matryoshka mode."""
+    return batch if isinstance(batch, list) else [batch]
+
+
+def part_settings(optim: OptimConfig) -> dict[str, PartConfig]:
+    return {"vision": optim.vision, "pooling": optim.pooling, "projector": optim.projector, "lm": optim.lm}
+
+
+def set_trainable(model: VisionLanguageModel, optim: OptimConfig) -> None:
+    """Freeze or unfreeze each part as the recipe says."""
+    for name, part in model.parts().items():
+        part.requires_grad_(part_settings(optim)[name].trainable)
+
+
+def trainable_report(model: VisionLanguageModel, optim: OptimConfig) -> str:
+    """A table of parameters per part: total, trainable, learning rate."""
+    rows = [f"{'part':<10} {'parameters':>12} {'trainable':>12} {'lr':>9}"]
+    for name, part in model.parts().items():
+        total = sum(p.numel() for p in part.parameters())
+        trainable = sum(p.numel() for p in part.parameters() if p.requires_grad)
+        lr = f"{part_settings(optim)[name].lr:.1e}" if trainable else ("frozen" if total else "-")
+        rows.append(f"{name:<10} {total:>12,} {trainable:>12,} {lr:>9}")
+    return "\n".join(rows)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of each group's learning rate at ``step``: linear warm-up, then cosine decay or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class VLMModule(L.LightningModule):
+    """Trains a :class:`VisionLanguageModel` on batches whose budget follows the recipe's schedule."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.model, self.tokenizer = build_model(recipe.model, tuple(recipe.budget.levels))
+        self.schedule = budget_schedule(recipe)
+        set_trainable(self.model, recipe.optim)
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.model.geometry
+
+    def on_fit_start(self) -> None:
+        rank_zero_info("trainable parameters:\n" + trainable_report(self.model, self.recipe.optim))
+
+    def check_schedule(self, batches: list[Batch]) -> None:
+        """Every batch must carry the budgets the schedule gives its step (catches a desynchronised loader)."""
+        expected = self.schedule.budgets(batches[0].step)
+        found = tuple(b.budget for b in batches)
+        if found != expected:
+            raise RuntimeError(f"batch at step {batches[0].step} has budgets {found}, the schedule says {expected}")
+
+    def training_step(self, batch: Batch | list[Batch], batch_idx: int) -> torch.Tensor:
+        batches = as_batches(batch)
+        self.check_schedule(batches)
+        losses = []
+        for b in batches:
+            loss = self.model.sample_losses(b).mean()
+            self.log(f"train/loss@{b.budget}", loss, on_step=True, on_epoch=False, batch_size=b.size)
+            losses.append(loss)
+        loss = torch.stack(losses).mean()
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batches[0].size)
+        if len(batches) == 1:
+            self.log("budget", float(batches[0].budget), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        losses = self.model.sample_losses(batch)
+        self.log_token_mean(f"val/loss@{batch.budget}", losses.loss_sum, losses.tokens)
+        for group in sorted(set(batch.groups) - {""}):
+            selected = torch.tensor([g == group for g in batch.groups], device=losses.tokens.device)
+            self.log_token_mean(f"val/loss@{batch.budget}/{group}", losses.loss_sum[selected], losses.tokens[selected])
+
+    def log_token_mean(self, name: str, loss_sum: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Log a loss averaged over target tokens across the whole validation pass."""
+        count = int(tokens.sum())
+        self.log(name, loss_sum.sum() / max(count, 1), on_epoch=True, batch_size=max(count, 1), add_dataloader_idx=False, sync_dist=True)
+
+    def parameter_groups(self) -> Iterator[dict]:
+        """One AdamW group per trainable part (and no weight decay on biases and norms)."""
+        for name, part in self.model.parts().items():
+            settings = part_settings(self.recipe.optim)[name]
+            params = [p for p in part.parameters() if p.requires_grad]
+            if not settings.trainable or not params:
+                continue
+            decayed = [p for p in params if p.ndim >= 2]
+            plain = [p for p in params if p.ndim < 2]
+            for group, decay in ((decayed, self.recipe.optim.weight_decay), (plain, 0.0)):
+                if group:
+                    yield {"params": group, "lr": settings.lr, "weight_decay": decay, "name": f"{name}{'' if decay else '/no_decay'}"}
+
+    def configure_optimizers(self):
+        optim = self.recipe.optim
+        optimizer = torch.optim.AdamW(list(self.parameter_groups()), betas=tuple(optim.betas))
+        total = self.recipe.trainer.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, optim.warmup_steps, total, optim.schedule, optim.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
