@@ -57,7 +57,7 @@ def small_recipe(demo_dir: Path, run_dir: Path, *overrides: str) -> Recipe:
             f"data.val={demo_dir}/val-000000.tar",
             "data.val_samples=4",
             "data.num_workers=0",
-            "data.batch_visual_tokens=560",
+            "data.batch_tokens=800",
             "trainer.max_steps=4",
             "trainer.val_every=2",
             "trainer.log_every=1",

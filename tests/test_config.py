@@ -60,7 +60,8 @@ def error_of(overrides: list[str]) -> str:
         ("logger=tensorboard", "logger: 'tensorboard' is not one of wandb, csv, none"),
         ("trainer.precision=bf16", "trainer.precision: 'bf16' is not one of"),
         ("data.prompt=Describe", "data.prompt: must contain the image marker '<image>'"),
-        ("data.batch_visual_tokens=500", "data.batch_visual_tokens: 500 cannot hold one image at budget 1120"),
+        ("data.batch_tokens=500", "data.batch_tokens: 500 cannot hold one image at the largest budget plus max_text_length (1184)"),
+        ("data.sources=[{spec: a.tar}]", "data.train: give either data.train (one shard spec) or data.sources"),
         ("optim.lm.lr=-1", "optim.lm.lr: must be > 0"),
     ],
 )

@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections import Counter
+from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -16,14 +18,17 @@ from conftest import IMAGES
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.data.builder import BatchBuilder, SampleFormat
 from vlmtrain.data.datamodule import _unbatched
-from vlmtrain.data.pipeline import EvalStream, SkipLog, TrainStream, expand_shards, read_samples
-from vlmtrain.data.samples import SampleError, parse_sample
+from vlmtrain.data.images import decode_image
+from vlmtrain.data.pipeline import EvalStream, SkipLog, StreamSettings, StreamState, TrainStream
+from vlmtrain.data.samples import RawSample, SampleError, parse_sample
 from vlmtrain.data.shards import read_annotations, write_shards
+from vlmtrain.data.sources import ShardSequence, Source, StreamId, expand_shards, read_shard
 from vlmtrain.errors import UserError
 from vlmtrain.geometry import LEVELS, Geometry
 from vlmtrain.text import IGNORE_INDEX, TextEncoder, build_byte_tokenizer
 
 GEOMETRY = Geometry(patch_size=16, pool=2)
+UNIFORM = BudgetSchedule(LEVELS, (1.0,) * 5, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +37,47 @@ def builder() -> BatchBuilder:
     return BatchBuilder(GEOMETRY, text, SampleFormat(prompt="<image>", target_field="text"), max_image_pixels=10**8)
 
 
+def good_samples(urls: list[str]) -> list[RawSample]:
+    return [s for url in urls for s in read_shard(url) if isinstance(s, RawSample)]
+
+
 def shard_files(path: Path) -> dict[str, bytes]:
     with tarfile.open(path) as tar:
         return {member.name: tar.extractfile(member).read() for member in tar.getmembers()}
+
+
+def write_tar(path: Path, files: list[tuple[str, bytes]]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def png(width: int, height: int, color=(200, 10, 10)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def record(text: str | None, *sizes: tuple[int, int]) -> bytes:
+    values = {"images": [{"name": f"{i}.png", "width": w, "height": h} for i, (w, h) in enumerate(sizes)]}
+    if text is not None:
+        values["text"] = text
+    return json.dumps(values).encode()
+
+
+def demo_sources(demo_dir: Path) -> list[Source]:
+    return [Source(tuple(expand_shards(f"{demo_dir}/train-{{000000..000003}}.tar")))]
+
+
+def settings(**overrides) -> StreamSettings:
+    values = {"batch_tokens": 2400, "max_batch_size": 8, "pool_size": 8, "max_wait": 8}
+    return StreamSettings(**{**values, **overrides})
+
+
+# ---------------------------------------------------------------- writing shards
 
 
 def test_shards_are_deterministic_and_indexed(tmp_path):
@@ -52,9 +95,9 @@ def test_shard_samples_hold_text_sizes_and_original_bytes(caption_dir):
     files = {}
     for shard in sorted(caption_dir.glob("*.tar")):
         files.update(shard_files(shard))
-    record = json.loads(files["pair.json"])
-    assert record["text"] == "A cat, then a cup of coffee."
-    assert record["images"] == [{"name": "0.png", "width": 451, "height": 300}, {"name": "1.png", "width": 600, "height": 400}]
+    stored = json.loads(files["pair.json"])
+    assert stored["text"] == "A cat, then a cup of coffee."
+    assert stored["images"] == [{"name": "0.png", "width": 451, "height": 300}, {"name": "1.png", "width": 600, "height": 400}]
     assert files["pair.0.png"] == (IMAGES / "chelsea.png").read_bytes()
     assert json.loads(files["no_image.json"])["images"] == []
     assert json.loads(files["logo2.json"])["images"][0] == {"name": "0.png", "width": 542, "height": 130}
@@ -73,11 +116,38 @@ def test_undecodable_and_missing_images_are_reported_not_written(tmp_path):
     assert {name.split(".")[0] for name in shard_files(tmp_path / "out" / "s-000000.tar")} == {"good"}
 
 
+def test_csv_annotations_give_the_same_shards_as_jsonl(tmp_path):
+    (tmp_path / "a.jsonl").write_text(
+        '{"key": "pair", "images": ["chelsea.png", "coffee.png"], "question": "What?", "answer": "A cat, then coffee."}\n'
+        '{"key": "none", "images": [], "question": "Hi?", "answer": "Hello."}\n'
+    )
+    (tmp_path / "a.csv").write_text('key,images,question,answer\npair,chelsea.png;coffee.png,What?,"A cat, then coffee."\nnone,,Hi?,Hello.\n')
+    from_jsonl = write_shards(read_annotations(tmp_path / "a.jsonl"), IMAGES, tmp_path / "j", "s", 10)
+    from_csv = write_shards(read_annotations(tmp_path / "a.csv"), IMAGES, tmp_path / "c", "s", 10)
+    assert from_jsonl.shards == from_csv.shards == {"s-000000.tar": 2}
+    assert (tmp_path / "j" / "s-000000.tar").read_bytes() == (tmp_path / "c" / "s-000000.tar").read_bytes()
+
+
+def test_shards_close_before_their_size_limit_and_workers_do_not_change_the_output(tmp_path):
+    records = list(read_annotations(IMAGES / "captions.jsonl"))
+    limit = 1_200_000
+    one = write_shards(records, IMAGES, tmp_path / "one", "s", samples_per_shard=100, max_shard_bytes=limit)
+    two = write_shards(records, IMAGES, tmp_path / "two", "s", samples_per_shard=100, max_shard_bytes=limit, workers=2)
+    assert one.shards == two.shards and len(one.shards) > 2 and one.samples == 16
+    for name in one.shards:
+        data = (tmp_path / "one" / name).read_bytes()
+        assert data == (tmp_path / "two" / name).read_bytes()
+        assert len(data) <= limit + 10240 or one.shards[name] == 1  # a single sample larger than the limit gets its own shard
+
+
 def test_bad_annotation_file_is_a_user_error(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text('{"images": ["a.png"], "text": "x"}\n{not json}\n')
     with pytest.raises(UserError, match="a.jsonl:2: not valid JSON"):
         list(read_annotations(path))
+
+
+# ---------------------------------------------------------------- reading samples
 
 
 @pytest.mark.parametrize(
@@ -96,18 +166,16 @@ def test_malformed_samples_raise_with_their_kind(files, kind):
     assert caught.value.kind == kind
 
 
-def test_a_truncated_shard_delivers_what_it_can_and_counts_the_break(caption_dir, tmp_path):
+def test_a_truncated_shard_delivers_what_it_can_and_says_it_broke(caption_dir, tmp_path):
     shard = caption_dir / "captions-000000.tar"
-    truncated = tmp_path / "truncated.tar"
     data = shard.read_bytes()
+    truncated = tmp_path / "truncated.tar"
     truncated.write_bytes(data[: len(data) * 2 // 3])
-    skips = SkipLog()
-    samples = list(read_samples([str(truncated), str(caption_dir / "captions-000001.tar")], skips))
-    assert skips.counts["bad_shard"] == 1
-    complete = [s.key for s in read_samples([str(shard)], SkipLog())]
-    keys = [s.key for s in samples]
-    assert keys[: len(keys) - 4] == complete[: len(keys) - 4] and len(keys) - 4 < len(complete)
-    assert keys[-4:] == [s.key for s in read_samples([str(caption_dir / "captions-000001.tar")], SkipLog())]
+    items = list(read_shard(str(truncated)))
+    assert isinstance(items[-1], SampleError) and items[-1].kind == "bad_shard"
+    complete = [s.key for s in good_samples([str(shard)])]
+    delivered = [s.key for s in items if isinstance(s, RawSample)]
+    assert delivered == complete[: len(delivered)] and 0 < len(delivered) < len(complete)
 
 
 def test_missing_shards_are_named():
@@ -115,9 +183,17 @@ def test_missing_shards_are_named():
         expand_shards("/nowhere/s-{000000..000001}.tar")
 
 
+def test_pipe_urls_are_read(caption_dir):
+    shard = caption_dir / "captions-000000.tar"
+    assert [s.key for s in good_samples([f"pipe:cat {shard}"])] == [s.key for s in good_samples([str(shard)])]
+
+
+# ---------------------------------------------------------------- decoding and encoding
+
+
 @pytest.mark.parametrize("budget", LEVELS)
 def test_real_images_encode_to_the_geometry_at_every_budget(builder, caption_dir, budget):
-    samples = list(read_samples(sorted(map(str, caption_dir.glob("*.tar"))), SkipLog()))
+    samples = good_samples(sorted(map(str, caption_dir.glob("*.tar"))))
     encoded = [builder.encode(sample, budget) for sample in samples]
     batch = builder.collate(encoded, budget, step=0)
     assert batch.size == 16 and batch.images.count == 16  # 14 single, one pair, one text-only
@@ -126,90 +202,187 @@ def test_real_images_encode_to_the_geometry_at_every_budget(builder, caption_dir
         assert [grid for *_, grid in item.images] == [g.token_grid for g in expected]
         assert [pixels.shape[0] for pixels, *_ in item.images] == [g.patches for g in expected]
         assert int((batch.input_ids[row] == builder.text.image_token_id).sum()) == sum(g.tokens for g in expected) <= budget * len(expected)
-        assert torch.equal(batch.labels[row][batch.labels[row] != IGNORE_INDEX][:-1], torch.tensor(builder.text._ids(sample.text("text"))))
+        target = batch.labels[row][batch.labels[row] != IGNORE_INDEX][:-1]
+        assert builder.text.tokenizer.decode(target) == sample.text("text")
     assert batch.images.patch_mask.sum(1).tolist() == (batch.images.token_counts * 4).tolist()
 
 
 def test_size_mismatch_between_json_and_image_is_caught(builder, caption_dir):
-    sample = next(read_samples([str(caption_dir / "captions-000000.tar")], SkipLog()))
+    sample = good_samples([str(caption_dir / "captions-000000.tar")])[0]
     sample.sizes = [(sample.sizes[0][0] + 1, sample.sizes[0][1])]
     with pytest.raises(SampleError) as caught:
         builder.encode(sample, 70)
     assert caught.value.kind == "size_mismatch"
 
 
-def demo_urls(demo_dir: Path) -> list[str]:
-    return expand_shards(f"{demo_dir}/train-{{000000..000003}}.tar")
+def test_jpeg_decodes_at_reduced_scale_close_to_a_full_decode():
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, size=(40, 60, 3)), np.ones((40, 40, 1))).astype(np.uint8)  # 1600x2400
+    buffer = io.BytesIO()
+    Image.fromarray(smooth).save(buffer, "JPEG", quality=95)
+    target = (300, 450)
+    reduced = decode_image(buffer.getvalue(), 10**8, (1600, 2400), target)
+    full = decode_image(buffer.getvalue(), 10**8, (1600, 2400))
+    assert full.size == (2400, 1600) and (450, 300) <= reduced.size < (1200, 800)
+    a = np.asarray(reduced.resize((450, 300), Image.Resampling.BICUBIC), dtype=float)
+    b = np.asarray(full.resize((450, 300), Image.Resampling.BICUBIC), dtype=float)
+    assert np.abs(a - b).mean() < 3.0
 
 
-def test_two_workers_follow_the_schedule_and_the_token_cap(builder, demo_dir):
-    schedule = BudgetSchedule(LEVELS, (1.0,) * 5, seed=3)
-    stream = TrainStream(demo_urls(demo_dir), builder, schedule, batch_visual_tokens=2240, max_batch_size=8, shuffle_buffer=4)
+# ---------------------------------------------------------------- training streams
+
+
+def test_two_workers_follow_the_schedule_buckets_and_the_token_cap(builder, demo_dir):
+    stream = TrainStream(demo_sources(demo_dir), builder, UNIFORM, settings())
     loader = DataLoader(stream, batch_size=None, collate_fn=_unbatched, num_workers=2)
-    batches = []
-    for batch in loader:
-        batches.append(batch)
-        if len(batches) == 24:
-            break
-    assert [b.step for b in batches] == list(range(24))
-    assert [b.budget for b in batches] == [schedule.sample(step) for step in range(24)]
-    assert len({b.budget for b in batches}) == 5
+    batches = list(islice(loader, 30))
+    assert [b.step for b in batches] == list(range(30))
+    assert [b.budget for b in batches] == [UNIFORM.sample(step) for step in range(30)]
+    assert [b.stream for b in batches] == [step % 2 for step in range(30)]
     for b in batches:
-        assert 1 <= b.size <= 8 and int(b.images.token_counts.sum()) <= 2240
+        lm_tokens = int(b.attention_mask.sum())
+        assert 1 <= b.size <= 8 and lm_tokens <= 2400
+        assert len({tuple(grid) for grid in b.images.token_grids.tolist()}) == 1  # one bucket
+        assert b.images.padding == 0.0
         assert all(int(t) <= b.budget for t in b.images.token_counts)
 
 
-def test_a_stream_can_start_at_any_step(builder, demo_dir):
-    schedule = BudgetSchedule(LEVELS, (1.0,) * 5, seed=3)
-    stream = TrainStream(demo_urls(demo_dir), builder, schedule, 2240, 8, 4, start_step=100)
-    first = [b for _, b in zip(range(3), iter(stream))]
-    assert [(b.step, b.budget) for b in first] == [(step, schedule.sample(step)) for step in (100, 101, 102)]
+def collect(stream: TrainStream, index: int, count: int, steps: int) -> list:
+    return list(islice(stream.batches(index, count, first_step=index), steps))
+
+
+def test_every_sample_once_per_epoch_across_two_ranks_and_two_workers(builder, demo_dir):
+    keys = [s.key for s in good_samples(list(demo_sources(demo_dir)[0].urls))]
+    seen: Counter = Counter()
+    for rank in (0, 1):
+        stream = TrainStream(demo_sources(demo_dir), builder, UNIFORM, settings(), rank=rank, world=2)
+        for index in (0, 1):
+            for batch in collect(stream, index, 2, steps=40):
+                seen.update(zip(batch.keys, batch.epochs))
+    for epoch in (0, 1):
+        assert sorted(key for (key, e), n in seen.items() for _ in range(n) if e == epoch) == sorted(keys), epoch
+
+
+def test_ranks_and_streams_read_disjoint_shards_in_an_epoch(demo_dir):
+    sources = demo_sources(demo_dir)
+    shards = [ShardSequence(sources, 3, StreamId(rank, 2, index, 2), resampled=False) for rank in (0, 1) for index in (0, 1)]
+    for epoch in (0, 1, 5):
+        firsts = [sequence.shard(epoch * sequence.per_epoch)[0] for sequence in shards]
+        assert sorted(firsts) == sorted(sources[0].urls)
+    assert shards[0].epoch_order(0) != shards[0].epoch_order(1)
+
+
+def test_resume_continues_exactly_where_the_batches_left_off(builder, demo_dir):
+    stream = TrainStream(demo_sources(demo_dir), builder, UNIFORM, settings(pool_size=6))
+    loader = DataLoader(stream, batch_size=None, collate_fn=_unbatched, num_workers=2)
+    uninterrupted = list(islice(loader, 25))
+    cut = 11
+    states = {b.stream: StreamState.from_dict(b.stream_state) for b in uninterrupted[:cut]}
+    resumed_stream = TrainStream(demo_sources(demo_dir), builder, UNIFORM, settings(pool_size=6), start_step=cut, states=states)
+    resumed = list(islice(DataLoader(resumed_stream, batch_size=None, collate_fn=_unbatched, num_workers=2), 25 - cut))
+    assert [(b.step, b.budget, b.keys, b.epochs) for b in resumed] == [(b.step, b.budget, b.keys, b.epochs) for b in uninterrupted[cut:]]
+    for ours, theirs in zip(resumed, uninterrupted[cut:]):
+        assert (ours.input_ids == theirs.input_ids).all() and (ours.images.pixels == theirs.images.pixels).all()
+
+
+def test_bad_input_is_skipped_and_counted_and_every_good_sample_delivered(builder, tmp_path):
+    good = [(f"g{i}.json", record(f"w{i}", (40, 30))) for i in range(6)]
+    good = [item for i, (name, data) in enumerate(good) for item in ((name, data), (f"g{i}.0.png", png(40, 30)))]
+    bad = [
+        ("corrupt.json", record("x", (40, 30))), ("corrupt.0.png", b"not a png"),
+        ("truncated.json", record("x", (40, 30))), ("truncated.0.png", png(40, 30)[:60]),
+        ("noimage.json", record("x", (40, 30))),
+        ("notext.json", record(None, (40, 30))), ("notext.0.png", png(40, 30)),
+        ("badjson.json", b"{broken"), ("badjson.0.png", png(40, 30)),
+        ("nojson.0.png", png(40, 30)),
+        ("wrongsize.json", record("x", (41, 30))), ("wrongsize.0.png", png(40, 30)),
+    ]
+    first = write_tar(tmp_path / "a.tar", good[:6] + bad + good[6:])
+    broken = write_tar(tmp_path / "b.tar", [("h.json", record("h", (40, 30))), ("h.0.png", png(40, 30)), ("i.json", record("i", (40, 30))), ("i.0.png", png(40, 30))])
+    Path(broken).write_bytes(Path(broken).read_bytes()[: 3 * 1024 + 200])  # h whole, i's JSON, then a cut header
+    stream = TrainStream([Source((first, broken))], builder, BudgetSchedule((70,), (1.0,), 0), settings(pool_size=4))
+    batches = collect(stream, 0, 1, steps=12)
+    epoch0 = sorted(key for b in batches for key, e in zip(b.keys, b.epochs) if e == 0)
+    assert epoch0 == ["g0", "g1", "g2", "g3", "g4", "g5", "h"]
+    skipped = batches[-1].stream_state["skipped"]
+    assert set(skipped) == {"image", "missing_image", "missing_text", "bad_json", "missing_json", "size_mismatch", "bad_shard"}
+    assert skipped["image"] >= 2 and skipped["missing_image"] >= 2  # corrupt + truncated image; no file + cut shard
+
+
+def test_a_stream_of_only_bad_samples_stops_with_an_error_naming_the_shard(builder, tmp_path):
+    shard = write_tar(tmp_path / "bad.tar", [(f"s{i}.json", b"{broken") for i in range(5)])
+    stream = TrainStream([Source((shard,))], builder, UNIFORM, settings(max_consecutive_failures=20))
+    with pytest.raises(RuntimeError, match="samples in a row were unusable.*bad.tar"):
+        next(stream.batches(0, 1, 0))
+
+
+def test_fewer_shards_than_ranks_times_workers_is_a_clear_error(demo_dir):
+    sources = [Source(demo_sources(demo_dir)[0].urls[:3])]
+    with pytest.raises(UserError, match="3 shards cannot feed 2 ranks x 2 data workers"):
+        ShardSequence(sources, 0, StreamId(1, 2, 1, 2), resampled=False)
+    ShardSequence(sources, 0, StreamId(1, 2, 1, 2), resampled=True)  # resampling never runs out
+
+
+def test_resampled_sources_follow_their_weights(demo_dir):
+    urls = demo_sources(demo_dir)[0].urls
+    sources = [Source(urls[:1], weight=3.0), Source(urls[1:], weight=1.0)]
+    sequence = ShardSequence(sources, 0, StreamId(0, 1, 0, 1), resampled=True)
+    draws = Counter(sequence.shard(k)[0] in urls[:1] for k in range(4000))
+    assert abs(draws[True] / 4000 - 0.75) < 0.03
+    other_rank = ShardSequence(sources, 0, StreamId(1, 2, 0, 1), resampled=True)
+    assert [sequence.shard(k) for k in range(20)] != [other_rank.shard(k) for k in range(20)]
+
+
+def test_buckets_remove_the_padding_that_mixed_shapes_cause(builder, tmp_path):
+    shapes = [(400, 400), (800, 40), (40, 800), (600, 200), (200, 600), (640, 480)]  # (width, height)
+    files = []
+    for i in range(36):
+        width, height = shapes[i % len(shapes)]
+        files += [(f"s{i:02d}.json", record(f"w{i}", (width, height))), (f"s{i:02d}.0.png", png(width, height))]
+    sources = [Source((write_tar(tmp_path / "shapes.tar", files),))]
+    schedule = BudgetSchedule((70,), (1.0,), 0)
+    padding = {}
+    for buckets in (True, False):
+        stream = TrainStream(sources, builder, schedule, settings(buckets=buckets, pool_size=18, max_wait=1000, batch_tokens=600))
+        batches = collect(stream, 0, 1, steps=24)
+        slots = sum(b.images.count * int(b.images.token_counts.max()) for b in batches)
+        padding[buckets] = 1 - sum(int(b.images.token_counts.sum()) for b in batches) / slots
+    assert padding[True] < 0.03 and padding[False] > 0.10, padding
 
 
 def test_matryoshka_batches_hold_the_same_samples_at_every_budget(builder, demo_dir):
     schedule = BudgetSchedule((70, 280), (1.0, 1.0), seed=0, mode="matryoshka")
-    batches = next(iter(TrainStream(demo_urls(demo_dir), builder, schedule, 2240, 8, 4)))
+    batches = next(TrainStream(demo_sources(demo_dir), builder, schedule, settings()).batches(0, 1, 0))
     assert [b.budget for b in batches] == [70, 280]
-    assert batches[0].keys == batches[1].keys and int(batches[0].images.token_counts.sum() + batches[1].images.token_counts.sum()) <= 2240
+    assert batches[0].keys == batches[1].keys
+    assert int(batches[0].attention_mask.sum() + batches[1].attention_mask.sum()) <= 2400
 
 
-def test_fewer_shards_than_workers_is_a_clear_error(builder, demo_dir):
-    stream = TrainStream(demo_urls(demo_dir)[:1], builder, BudgetSchedule((70,), (1.0,), 0), 2240, 8, 4)
-    with pytest.raises(ValueError, match="1 shards cannot feed 2 data workers"):
-        list(stream.samples(worker=0, workers=2))
+# ---------------------------------------------------------------- evaluation stream
 
 
 def test_eval_stream_yields_the_first_samples_in_order_at_one_budget(builder, demo_dir):
     urls = [str(demo_dir / "val-000000.tar")]
-    batches = list(EvalStream(urls, builder, budget=140, limit=5, batch_visual_tokens=280, max_batch_size=8))
+    batches = list(EvalStream(urls, builder, budget=140, limit=5, batch_tokens=320, max_batch_size=8))
     keys = [key for b in batches for key in b.keys]
-    assert keys == [s.key for s in read_samples(urls, SkipLog())][:5]
-    assert {b.budget for b in batches} == {140} and all(int(b.images.token_counts.sum()) <= 280 for b in batches)
+    assert keys == [s.key for s in good_samples(urls)][:5]
+    assert {b.budget for b in batches} == {140} and all(int(b.attention_mask.sum()) <= 320 for b in batches)
 
 
-def test_bad_samples_are_skipped_and_counted_and_the_rest_delivered(builder, tmp_path):
-    good = Image.new("RGB", (40, 30), (200, 10, 10))
-    buffer = io.BytesIO()
-    good.save(buffer, "PNG")
-    records = [(f"s{i}", {"text": f"w{i}", "images": [{"name": "0.png", "width": 40, "height": 30}]}, buffer.getvalue()) for i in range(6)]
-    records[1] = ("s1", records[1][1], b"garbage")
-    records[3] = ("s3", {"images": [{"name": "0.png", "width": 40, "height": 30}]}, buffer.getvalue())  # no text
-    shard = tmp_path / "mixed.tar"
-    with tarfile.open(shard, "w") as tar:
-        for key, record, image in records:
-            for name, data in ((f"{key}.json", json.dumps(record).encode()), (f"{key}.0.png", image)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    stream = EvalStream([str(shard)], builder, budget=70, limit=10, batch_visual_tokens=1120, max_batch_size=2)
-    keys = [key for batch in stream for key in batch.keys]
-    assert keys == ["s0", "s2", "s4", "s5"]
-    assert stream.skips.counts == {"image": 1, "missing_text": 1}
+def test_eval_stream_skips_bad_samples(builder, tmp_path):
+    shard = write_tar(tmp_path / "e.tar", [("a.json", record("a", (40, 30))), ("a.0.png", png(40, 30)), ("b.json", record("b", (40, 30))), ("b.0.png", b"x"), ("c.json", record("c", (40, 30))), ("c.0.png", png(40, 30))])
+    stream = EvalStream([shard], builder, budget=70, limit=10, batch_tokens=1120, max_batch_size=2)
+    assert [key for batch in stream for key in batch.keys] == ["a", "c"]
+    assert stream.skips.counts == {"image": 1}
 
 
-def test_a_stream_of_only_bad_samples_stops_with_an_error(builder):
+def test_skip_log_limits_consecutive_failures():
     skips = SkipLog(max_consecutive=3)
+    for _ in range(3):
+        skips.add("image", "bad")
+    skips.ok()
     for _ in range(3):
         skips.add("image", "bad")
     with pytest.raises(RuntimeError, match="4 samples in a row were unusable"):
         skips.add("image", "bad")
+    assert skips.counts["image"] == 7

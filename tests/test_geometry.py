@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil, get_aspect_ratio_preserving_size
 
-from vlmtrain.data.images import patch_positions, patchify
+from vlmtrain.data.images import patch_positions, patchify, to_rgb
 from vlmtrain.errors import UserError
 from vlmtrain.geometry import LEVELS, BudgetError, Geometry, geometry_table, parse_size
 
 GEMMA4 = Geometry(patch_size=16, pool=3)
+IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
 
 
 def random_sizes(count: int, seed: int) -> list[tuple[int, int]]:
@@ -41,15 +42,16 @@ def test_resize_equals_gemma4_for_thousands_of_sizes():
             assert GEMMA4.image(height, width, budget).resize == expected, (height, width, budget)
 
 
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(6))
 def test_whole_processor_agrees_on_size_tokens_positions_and_pixels(seed):
+    """A shipped photo stretched to a random size (1:20 to 20:1) through Gemma4ImageProcessorPil and through
+    our transform: sizes, token counts and positions exactly equal; pixels within rounding of the kernel."""
     rng = random.Random(seed)
     (height, width), budget = random_sizes(1, seed=100 + seed)[0], rng.choice(LEVELS)
     height, width = min(height, 1500), min(width, 1500)
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    image = Image.fromarray(pixels)
-    processor = Gemma4ImageProcessorPil(max_soft_tokens=budget)
-    out = processor(images=[image], return_tensors="pt")
+    photo = sorted(IMAGES.glob("*.jpg"))[seed % 4]
+    image = to_rgb(Image.open(photo)).resize((width, height), Image.Resampling.BICUBIC)
+    out = Gemma4ImageProcessorPil(max_soft_tokens=budget)(images=[image], return_tensors="pt")
 
     geometry = GEMMA4.image(height, width, budget)
     assert out["num_soft_tokens_per_image"][0] == geometry.tokens
@@ -57,8 +59,10 @@ def test_whole_processor_agrees_on_size_tokens_positions_and_pixels(seed):
     assert int(real.sum()) == geometry.patches
     assert out["pixel_values"].shape[1] == GEMMA4.max_patches(budget)
     assert torch.equal(out["image_position_ids"][0][real], patch_positions(geometry))
-    ours = patchify(image, geometry, 16).float() / 255.0
-    torch.testing.assert_close(ours, out["pixel_values"][0][real].float(), atol=1e-6, rtol=0)
+    # pixels: both are antialiased bicubic; torch's uint8 kernel rounds a few pixels differently from PIL's
+    grey_levels = (patchify(image, geometry, 16).float() - out["pixel_values"][0][real].float() * 255).abs()
+    assert float(grey_levels.max()) <= 2.0 + 1e-3
+    assert float(grey_levels.mean()) < 0.1  # bilinear instead of bicubic differs by ~0.66
 
 
 @settings(max_examples=400, deadline=None)

@@ -16,7 +16,8 @@ from vlmtrain.config import LMConfig, ModelConfig, PoolingConfig, VisionConfig
 from vlmtrain.data.batch import ImageBatch
 from vlmtrain.data.builder import BatchBuilder, SampleFormat
 from vlmtrain.data.images import patch_positions, patchify
-from vlmtrain.data.pipeline import SkipLog, read_samples
+from vlmtrain.data.samples import RawSample
+from vlmtrain.data.sources import read_shard
 from vlmtrain.geometry import LEVELS, Geometry
 from vlmtrain.model.backbone import NativeViT
 from vlmtrain.model.build import build_model
@@ -231,7 +232,7 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def real_samples(caption_dir):
-    return list(read_samples(sorted(map(str, caption_dir.glob("*.tar"))), SkipLog()))
+    return [s for url in sorted(map(str, caption_dir.glob("*.tar"))) for s in read_shard(url) if isinstance(s, RawSample)]
 
 
 def expected_visual_tokens(model, images: ImageBatch, index: int) -> torch.Tensor:

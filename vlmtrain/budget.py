@@ -11,22 +11,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from vlmtrain.geometry import check_budget
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(value: int) -> int:
-    """One round of SplitMix64: a well-mixed 64-bit hash, identical on every platform and process."""
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def unit_hash(seed: int, step: int) -> float:
-    """A number in [0, 1) that depends only on (seed, step)."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) / 2.0**64
-
+from vlmtrain.seeding import unit
 
 @dataclass(frozen=True)
 class BudgetSchedule:
@@ -60,5 +45,5 @@ class BudgetSchedule:
     def sample(self, step: int) -> int:
         """The one budget drawn for ``step`` (the weights' categorical distribution, hashed from seed and step)."""
         cumulative = list(accumulate(self.weights))
-        index = bisect_right(cumulative, unit_hash(self.seed, step) * cumulative[-1])
+        index = bisect_right(cumulative, unit(self.seed, step) * cumulative[-1])
         return self.levels[min(index, len(self.levels) - 1)]

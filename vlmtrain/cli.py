@@ -29,10 +29,15 @@ def cmd_geometry(args: argparse.Namespace) -> None:
 
 
 def cmd_shards(args: argparse.Namespace) -> None:
-    from vlmtrain.data.shards import read_annotations, write_shards
+    from vlmtrain.data.shards import parse_bytes, read_annotations, write_shards
 
-    report = write_shards(read_annotations(args.annotations), args.images, args.out, args.prefix, args.samples_per_shard)
-    print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out}")
+    if not args.annotations.is_file():
+        raise FileNotFoundError(f"annotations {str(args.annotations)!r} not found")
+    max_bytes = parse_bytes(args.shard_size) if args.shard_size else None
+    report = write_shards(
+        read_annotations(args.annotations), args.images, args.out, args.prefix, args.samples_per_shard, max_bytes, args.workers, progress=True
+    )
+    print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out} (index: {args.prefix}-index.json)")
     for key, reason in report.rejected:
         print(f"rejected {key}: {reason}")
 
@@ -61,12 +66,14 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--pool", type=int, default=3, help="pool×pool patches per token (Gemma 4: 3)")
     sub.set_defaults(handler=cmd_geometry)
 
-    sub = commands.add_parser("shards", help="write WebDataset shards from images and a JSONL of annotations")
-    sub.add_argument("annotations", type=Path, help='JSONL: {"images": ["a.jpg", ...], "text": ..., ...} per line')
+    sub = commands.add_parser("shards", help="write WebDataset shards from images and a JSONL or CSV of annotations")
+    sub.add_argument("annotations", type=Path, help='JSONL ({"images": ["a.jpg"], "text": "..."} per line) or CSV (images column: a.jpg;b.jpg)')
     sub.add_argument("out", type=Path)
     sub.add_argument("--images", type=Path, default=Path("."), help="folder the image paths are relative to")
     sub.add_argument("--prefix", default="shard")
-    sub.add_argument("--samples-per-shard", type=int, default=1000)
+    sub.add_argument("--samples-per-shard", type=int, default=10000)
+    sub.add_argument("--shard-size", help="close a shard before it passes this size, e.g. 512MB")
+    sub.add_argument("--workers", type=int, default=1, help="processes reading and checking images")
     sub.set_defaults(handler=cmd_shards)
 
     sub = commands.add_parser("demo-data", help="render the demo task (words on real photos) into shards")

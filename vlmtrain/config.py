@@ -119,22 +119,40 @@ class OptimConfig:
 
 
 @dataclass
+class SourceConfig:
+    """A set of shards (spec: paths, brace patterns, ``::`` lists, ``pipe:`` URLs) and its weight."""
+
+    spec: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    """Shards and how samples become text: the prompt template holds one ``<image>`` marker per image."""
+    """Shards, batching, and how samples become text (the prompt's ``<image>`` marks where images go).
+
+    ``train`` is a shorthand for one source; ``sources`` lists several with weights (weights need
+    ``resampled: true``). A batch holds at most ``batch_tokens`` LM tokens: visual plus text.
+    """
 
     train: str = ""
+    sources: list[SourceConfig] = field(default_factory=list)
+    resampled: bool = False
     val: str | None = None
     prompt: str = "<image>"
     prompt_field: str | None = None
     target_field: str = "text"
     group_field: str | None = None
     max_text_length: int = 64
-    batch_visual_tokens: int = 4480
+    batch_tokens: int = 4608
     max_batch_size: int = 32
+    buckets: bool = True
+    pool_size: int = 512
+    max_wait: int = 64
+    fast_decode: bool = True
     val_samples: int = 32
     num_workers: int = 2
-    shuffle_buffer: int = 256
     max_image_pixels: int = 64_000_000
+    max_consecutive_failures: int = 1000
 
 
 @dataclass
@@ -332,13 +350,22 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_positive(source, "optim.weight_decay", optim.weight_decay, allow_zero=True)
 
     data = recipe.data
-    if not data.train:
-        _fail(source, "data.train", "needs a shard spec, e.g. data/generated/demo/train-{000000..000003}.tar")
+    if bool(data.train) == bool(data.sources):
+        _fail(source, "data.train", "give either data.train (one shard spec) or data.sources (specs with weights), not both or neither")
+    for i, entry in enumerate(data.sources):
+        if not entry.spec:
+            _fail(source, f"data.sources[{i}].spec", "needs a shard spec")
+        _check_positive(source, f"data.sources[{i}].weight", entry.weight)
+    if not data.resampled and any(entry.weight != 1.0 for entry in data.sources):
+        _fail(source, "data.sources", "weights need data.resampled: true (in order, every shard is read once per epoch)")
     if data.prompt_field is None and data.prompt.count(lm.image_token) == 0:
         _fail(source, "data.prompt", f"must contain the image marker {lm.image_token!r}")
-    if data.batch_visual_tokens < max(budget.levels):
-        _fail(source, "data.batch_visual_tokens", f"{data.batch_visual_tokens} cannot hold one image at budget {max(budget.levels)}")
-    for key in ("max_text_length", "max_batch_size", "val_samples", "shuffle_buffer", "max_image_pixels"):
+    one_sample = (sum(budget.levels) if budget.mode == "matryoshka" else max(budget.levels)) + data.max_text_length * (
+        len(budget.levels) if budget.mode == "matryoshka" else 1
+    )
+    if data.batch_tokens < one_sample:
+        _fail(source, "data.batch_tokens", f"{data.batch_tokens} cannot hold one image at the largest budget plus max_text_length ({one_sample})")
+    for key in ("max_text_length", "max_batch_size", "val_samples", "pool_size", "max_wait", "max_image_pixels", "max_consecutive_failures"):
         _check_positive(source, f"data.{key}", getattr(data, key))
     _check_positive(source, "data.num_workers", data.num_workers, allow_zero=True)
 

@@ -7,6 +7,7 @@ that image; the model later replaces them with the image's visual tokens, one fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -65,13 +66,14 @@ class TextEncoder:
         self.max_text_length = max_text_length
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no id for the image token {image_token!r}")
+        self._ids = lru_cache(maxsize=16384)(self._tokenize)  # a sample's text is measured, then encoded
 
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    def _tokenize(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else ()
 
     def encode(self, prompt: str, target: str, image_tokens: list[int]) -> EncodedText:
         """Encode one sample; image ``i`` becomes ``image_tokens[i]`` placeholders.
@@ -90,9 +92,9 @@ class TextEncoder:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         input_ids = list(bos)
         for piece, count in zip(pieces, image_tokens + [0]):
-            input_ids += self._ids(piece) + [self.image_token_id] * count
+            input_ids += [*self._ids(piece), *[self.image_token_id] * count]
         prompt_length = len(input_ids)
-        target_ids = self._ids(target) + [self.tokenizer.eos_token_id]
+        target_ids = [*self._ids(target), self.tokenizer.eos_token_id]
         input_ids += target_ids
         text_length = len(input_ids) - sum(image_tokens)
         if text_length > self.max_text_length:

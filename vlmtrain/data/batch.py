@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -35,6 +35,14 @@ class ImageBatch:
     def token_counts(self) -> torch.Tensor:
         return self.token_grids[:, 0] * self.token_grids[:, 1]
 
+    @property
+    def padding(self) -> float:
+        """Padded visual-token slots ÷ all slots, when every image is padded to the batch's largest."""
+        if self.count == 0:
+            return 0.0
+        counts = self.token_counts
+        return 1.0 - float(counts.sum()) / float(counts.max() * self.count)
+
     @classmethod
     def stack(cls, images: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]], patch_dim: int) -> ImageBatch:
         """Pad and stack ``(pixels, positions, token_grid, sample_index)`` tuples into one batch."""
@@ -51,7 +59,11 @@ class ImageBatch:
 
 @dataclass
 class Batch:
-    """One training batch at one token budget; ``step`` is its position in the budget schedule."""
+    """One batch at one token budget; ``step`` is its position in the budget schedule (-1 in evaluation).
+
+    Training batches also say where they came from: the data epoch of each sample, the stream that made
+    the batch and its state after it (for resume, with the stream's skip counts so far).
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -61,10 +73,19 @@ class Batch:
     step: int
     keys: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
+    stream: int = 0
+    stream_state: dict = field(default_factory=dict)
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies of the tensors, for fast, asynchronous copies to the GPU."""
+        images = self.images
+        pinned = ImageBatch(images.pixels.pin_memory(), images.positions.pin_memory(), images.token_grids.pin_memory(), images.sample_index.pin_memory())
+        return replace(self, input_ids=self.input_ids.pin_memory(), attention_mask=self.attention_mask.pin_memory(), labels=self.labels.pin_memory(), images=pinned)
 
 
 def pad_text(sequences: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:

@@ -35,36 +35,53 @@ class EncodedSample:
 
 
 class BatchBuilder:
-    """Encodes raw samples at a budget and collates them into a :class:`Batch`."""
+    """Encodes raw samples at a budget and collates them into a :class:`Batch`.
 
-    def __init__(self, geometry: Geometry, text: TextEncoder, sample_format: SampleFormat, max_image_pixels: int) -> None:
+    ``fast_decode`` lets JPEGs decode at reduced scale when the budget needs far fewer pixels than stored.
+    """
+
+    def __init__(
+        self, geometry: Geometry, text: TextEncoder, sample_format: SampleFormat, max_image_pixels: int, fast_decode: bool = True
+    ) -> None:
         self.geometry = geometry
         self.text = text
         self.format = sample_format
         self.max_image_pixels = max_image_pixels
+        self.fast_decode = fast_decode
+
+    def token_grids(self, sample: RawSample, budget: int) -> tuple[tuple[int, int], ...]:
+        """The token grid of each image at ``budget``, from the stored sizes (no decoding): the sample's bucket."""
+        return tuple(self.geometry.image(height, width, budget).token_grid for height, width in sample.sizes)
 
     def visual_tokens(self, sample: RawSample, budget: int) -> int:
         """Visual tokens the sample's images take at ``budget``, from the stored sizes (no decoding)."""
         return sum(self.geometry.image(height, width, budget).tokens for height, width in sample.sizes)
 
-    def encode(self, sample: RawSample, budget: int) -> EncodedSample:
-        """Decode and encode one sample; raises :class:`SampleError` for anything unusable."""
+    def _prompt_and_target(self, sample: RawSample) -> tuple[str, str]:
         prompt = sample.text(self.format.prompt_field) if self.format.prompt_field else self.format.prompt
-        target = sample.text(self.format.target_field)
-        images = []
-        for data, (height, width) in zip(sample.images, sample.sizes):
-            image = decode_image(data, self.max_image_pixels)
-            if (image.height, image.width) != (height, width):
-                raise SampleError(
-                    "size_mismatch",
-                    f"sample {sample.key!r}: image is {image.width}x{image.height}, JSON says {width}x{height}",
-                )
-            geometry = self.geometry.image(height, width, budget)
-            images.append((patchify(image, geometry, self.geometry.patch_size), patch_positions(geometry), geometry.token_grid))
+        return prompt, sample.text(self.format.target_field)
+
+    def _encode_text(self, sample: RawSample, image_tokens: list[int]) -> EncodedText:
         try:
-            text = self.text.encode(prompt, target, [grid[0] * grid[1] for *_, grid in images])
+            return self.text.encode(*self._prompt_and_target(sample), image_tokens)
         except TextError as error:
             raise SampleError("text", f"sample {sample.key!r}: {error}") from None
+
+    def text_tokens(self, sample: RawSample) -> int:
+        """Tokens of the sample's text without its image placeholders; raises SampleError if unusable."""
+        return len(self._encode_text(sample, [0] * len(sample.images)).input_ids)
+
+    def encode(self, sample: RawSample, budget: int) -> EncodedSample:
+        """Decode and encode one sample; raises :class:`SampleError` for anything unusable."""
+        images = []
+        for data, (height, width) in zip(sample.images, sample.sizes):
+            geometry = self.geometry.image(height, width, budget)
+            try:
+                image = decode_image(data, self.max_image_pixels, (height, width), geometry.resize if self.fast_decode else None)
+            except SampleError as error:
+                raise SampleError(error.kind, f"sample {sample.key!r}: {error}") from None
+            images.append((patchify(image, geometry, self.geometry.patch_size), patch_positions(geometry), geometry.token_grid))
+        text = self._encode_text(sample, [grid[0] * grid[1] for *_, grid in images])
         group = str(sample.record.get(self.format.group_field, "")) if self.format.group_field else ""
         return EncodedSample(key=sample.key, text=text, images=images, group=group)
 

@@ -1,14 +1,22 @@
-"""The LightningDataModule: the training stream and one validation stream per budget, from the recipe."""
+"""The LightningDataModule: training streams of this rank, one validation stream per budget, and the data
+position that checkpoints save and resumed runs continue from."""
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.config import DataConfig
+from vlmtrain.data.batch import Batch
 from vlmtrain.data.builder import BatchBuilder
-from vlmtrain.data.pipeline import EvalStream, TrainStream, expand_shards
+from vlmtrain.data.pipeline import EvalStream, StreamSettings, StreamState, TrainStream
+from vlmtrain.data.sources import ShardSequence, Source, StreamId, expand_shards
+
+log = logging.getLogger(__name__)
 
 
 def _unbatched(item):
@@ -16,34 +24,91 @@ def _unbatched(item):
     return item
 
 
+def sources_of(data: DataConfig) -> list[Source]:
+    """The recipe's training sources, shard specs expanded (local shards must exist)."""
+    specs = [(entry.spec, entry.weight) for entry in data.sources] or [(data.train, 1.0)]
+    return [Source(tuple(expand_shards(spec)), weight) for spec, weight in specs]
+
+
 class ShardDataModule(L.LightningDataModule):
-    """Training batches from ``data.train`` on the budget schedule; validation on ``data.val`` at each budget."""
+    """Training batches from the recipe's sources on the budget schedule; validation at each budget."""
 
     def __init__(self, data: DataConfig, builder: BatchBuilder, schedule: BudgetSchedule) -> None:
         super().__init__()
         self.data = data
         self.builder = builder
         self.schedule = schedule
-        self.train_urls = expand_shards(data.train)
+        self.sources = sources_of(data)
         self.val_urls = expand_shards(data.val) if data.val else []
+        self.settings = StreamSettings(
+            batch_tokens=data.batch_tokens,
+            max_batch_size=data.max_batch_size,
+            pool_size=data.pool_size,
+            max_wait=data.max_wait,
+            buckets=data.buckets,
+            resampled=data.resampled,
+            max_consecutive_failures=data.max_consecutive_failures,
+        )
+        self.next_step = 0
+        self.streams: dict[int, StreamState] = {}
+
+    @property
+    def rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    @property
+    def stream_count(self) -> int:
+        return max(1, self.data.num_workers)
+
+    def setup(self, stage: str) -> None:
+        """Refuse, before any worker starts, a split that would leave a stream without shards."""
+        rank, world = self.rank_and_world
+        for index in range(self.stream_count):
+            ShardSequence(self.sources, self.schedule.seed, StreamId(rank, world, index, self.stream_count), self.data.resampled)
 
     def train_dataloader(self) -> DataLoader:
-        stream = TrainStream(
-            self.train_urls,
-            self.builder,
-            self.schedule,
-            batch_visual_tokens=self.data.batch_visual_tokens,
-            max_batch_size=self.data.max_batch_size,
-            shuffle_buffer=self.data.shuffle_buffer,
-        )
-        return DataLoader(stream, batch_size=None, collate_fn=_unbatched, num_workers=self.data.num_workers)
+        rank, world = self.rank_and_world
+        stream = TrainStream(self.sources, self.builder, self.schedule, self.settings, rank, world, self.next_step, self.streams)
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(stream, batch_size=None, collate_fn=_unbatched, num_workers=self.data.num_workers, pin_memory=on_gpu)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [
             DataLoader(
-                EvalStream(self.val_urls, self.builder, budget, self.data.val_samples, self.data.batch_visual_tokens, self.data.max_batch_size),
+                EvalStream(self.val_urls, self.builder, budget, self.data.val_samples, self.data.batch_tokens, self.data.max_batch_size),
                 batch_size=None,
                 collate_fn=_unbatched,
             )
             for budget in (self.schedule.levels if self.val_urls else ())
         ]
+
+    def record(self, batch: Batch) -> None:
+        """A batch was trained: the run continues after its step, its stream from its state."""
+        self.next_step = batch.step + 1
+        self.streams[batch.stream] = StreamState.from_dict(batch.stream_state)
+
+    def state_dict(self) -> dict:
+        """The data position of every rank (gathered to all ranks: any of them may write the checkpoint)."""
+        mine = {"next_step": self.next_step, "streams": {index: s.to_dict() for index, s in self.streams.items()}}
+        rank, world = self.rank_and_world
+        ranks = [mine]
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            ranks = [None] * world
+            dist.all_gather_object(ranks, mine)
+        return {"world": world, "stream_count": self.stream_count, "ranks": ranks}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's data position; with another world size or worker count the streams
+        differ, so training continues at the saved step with the streams starting their epochs afresh."""
+        rank, world = self.rank_and_world
+        mine = state["ranks"][rank if state["world"] == world else 0]
+        self.next_step = mine["next_step"]
+        if state["world"] == world and state["stream_count"] == self.stream_count:
+            self.streams = {int(index): StreamState.from_dict(s) for index, s in mine["streams"].items()}
+        else:
+            log.warning(
+                "data position saved with %d ranks x %d workers, resuming with %d x %d: streams restart from their first shard",
+                state["world"], state["stream_count"], world, self.stream_count,
+            )
+            self.streams = {}

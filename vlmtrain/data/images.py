@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import warnings
+from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from vlmtrain.data.samples import SampleError
@@ -28,10 +30,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
+
+
+def decode_image(
+    data: bytes, max_pixels: int, expected_size: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None
+) -> Image.Image:
     """Decode encoded image bytes to an RGB image, EXIF orientation applied, the first frame of an animation.
 
-    Raises :class:`SampleError` (kind ``image``) for undecodable data or more than ``max_pixels`` pixels.
+    ``expected_size`` (height, width, as displayed) is checked before any pixel is decoded. ``target_size``
+    is the size the caller will resize to: a JPEG at least twice as large is decoded at 1/2, 1/4 or 1/8
+    scale (never below the target), which is several times faster than a full decode. Raises
+    :class:`SampleError`: kind ``image`` for undecodable data or more than ``max_pixels`` pixels, kind
+    ``size_mismatch`` when the image is not ``expected_size``.
     """
     try:
         with warnings.catch_warnings():
@@ -39,34 +50,42 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > max_pixels:
                 raise SampleError("image", f"{image.width}x{image.height} exceeds max_image_pixels={max_pixels}")
+            swaps = image.getexif().get(0x0112, 1) in _SWAPS_AXES
+            displayed = (image.width, image.height) if swaps else (image.height, image.width)
+            if expected_size is not None and displayed != tuple(expected_size):
+                raise SampleError("size_mismatch", f"image is {displayed[1]}x{displayed[0]}, its record says {expected_size[1]}x{expected_size[0]}")
+            if target_size is not None and image.format == "JPEG":
+                height, width = target_size
+                image.draft(None, (height, width) if swaps else (width, height))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image))
     except SampleError:
         raise
     except Exception as error:  # PIL raises many types for corrupt data
         raise SampleError("image", f"cannot decode image: {type(error).__name__}: {error}") from None
 
 
-def resize_to(image: Image.Image, geometry: ImageGeometry) -> Image.Image:
-    """Resize to the geometry's pixel size (bicubic, as Gemma 4's processor does)."""
-    height, width = geometry.resize
-    if image.size == (width, height):
-        return image
-    return image.resize((width, height), Image.Resampling.BICUBIC)
+def resized_pixels(image: Image.Image, geometry: ImageGeometry) -> torch.Tensor:
+    """``(height, width, 3)`` uint8 pixels at the geometry's size: antialiased bicubic, as Gemma 4's processor
+    resizes (torch's uint8 kernel: within one grey level of PIL's, several times faster)."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    if tuple(pixels.shape[:2]) == geometry.resize:
+        return pixels
+    resized = F.interpolate(pixels.permute(2, 0, 1)[None], size=geometry.resize, mode="bicubic", antialias=True)
+    return resized[0].permute(1, 2, 0)
 
 
 def patchify(image: Image.Image, geometry: ImageGeometry, patch_size: int) -> torch.Tensor:
     """Resize and cut into patches: ``(rows*cols, patch*patch*3)`` uint8, row-major over the patch grid,
     each patch flattened as (row, col, channel) like Gemma 4 and SigLIP2."""
     rows, cols = geometry.patch_grid
-    pixels = torch.from_numpy(np.asarray(resize_to(image, geometry), dtype=np.uint8).copy())
-    patches = pixels.view(rows, patch_size, cols, patch_size, 3).permute(0, 2, 1, 3, 4)
+    patches = resized_pixels(image, geometry).reshape(rows, patch_size, cols, patch_size, 3).permute(0, 2, 1, 3, 4)
     return patches.reshape(rows * cols, patch_size * patch_size * 3)
 
 
+@lru_cache(maxsize=4096)
 def patch_positions(geometry: ImageGeometry) -> torch.Tensor:
-    """(x, y) of every patch in row-major order, shape ``(rows*cols, 2)``."""
+    """(x, y) of every patch in row-major order, shape ``(rows*cols, 2)`` (shared: do not modify)."""
     rows, cols = geometry.patch_grid
     y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     return torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)

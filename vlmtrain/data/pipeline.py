@@ -1,50 +1,41 @@
-"""Streaming batches from WebDataset shards.
+"""Streaming batches from WebDataset shards: buckets, token-capped batch sizes, the budget schedule, resume.
 
-A DataLoader asks its workers for batches in turn, so batch ``k`` of worker ``w`` (of ``W``) is batch
-``start + k*W + w`` of the run: each worker computes the budget of its batches from the schedule
-(seed, step) on its own, and every rank, whose loader runs the same schedule, agrees with it.
+A DataLoader asks its workers for batches in turn, so worker ``w`` of ``W`` produces the batches of
+steps ``start + w, start + w + W, ...``: each worker computes the budget of its batches from the
+schedule on its own, and every rank, running the same schedule, agrees with it. The samples of a step
+come from the stream ``step mod W`` of the rank (see :mod:`vlmtrain.data.sources`); every batch carries
+that stream's state, so a restart continues each stream exactly where the last trained batch left it.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from itertools import count
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import tarfile_samples
 
-from vlmtrain.budget import BudgetSchedule, unit_hash
+from vlmtrain.budget import BudgetSchedule
 from vlmtrain.data.batch import Batch
+from vlmtrain.data.buckets import BucketPool, Waiting
 from vlmtrain.data.builder import BatchBuilder, EncodedSample
-from vlmtrain.data.samples import RawSample, SampleError, parse_sample
+from vlmtrain.data.samples import RawSample, SampleError
+from vlmtrain.data.sources import Arrival, Position, ShardSequence, Source, StreamId, read_shard, stream_samples
+from vlmtrain.seeding import rng
 
 log = logging.getLogger(__name__)
-
-
-def expand_shards(spec: str) -> list[str]:
-    """Expand a shard spec (brace patterns, ``::``-separated lists, ``pipe:`` URLs); local files must exist."""
-    urls = expand_urls(spec)
-    local = [url for url in urls if "://" not in url and not url.startswith("pipe:")]
-    missing = [url for url in local if not Path(url).is_file()]
-    if not urls or missing:
-        raise FileNotFoundError(f"shard spec {spec!r}: {len(missing)} of {len(urls)} shards not found, e.g. {missing[:1]}")
-    return urls
 
 
 class SkipLog:
     """Counts skipped samples by kind and logs them at a limited rate (the 1st, 2nd, 4th, 8th... of each kind).
 
-    More than ``max_consecutive`` skips with no usable sample between them stop the run with an error,
-    so a stream of nothing but bad data fails loudly instead of spinning.
+    More than ``max_consecutive`` skips with no usable sample between them stop the run with an error
+    naming the last shard, so a stream of nothing but bad data fails loudly instead of spinning.
     """
 
-    def __init__(self, max_consecutive: int = 1000) -> None:
-        self.counts: Counter[str] = Counter()
+    def __init__(self, max_consecutive: int = 1000, counts: dict[str, int] | None = None) -> None:
+        self.counts: Counter[str] = Counter(counts or {})
         self.max_consecutive = max_consecutive
         self.consecutive = 0
 
@@ -62,173 +53,189 @@ class SkipLog:
         self.consecutive = 0
 
 
-def read_samples(urls: Iterable[str], skips: SkipLog) -> Iterator[RawSample]:
-    """Raw samples of the shards at ``urls`` in order; malformed samples are skipped, and a shard that breaks
-    off (truncated, unreadable) delivers the samples before the break and counts once as ``bad_shard``."""
-    for url in urls:
-        errors: list[Exception] = []
-        for files in tarfile_samples([{"url": url}], handler=lambda error: errors.append(error) is None):
-            try:
-                yield parse_sample(files)
-            except SampleError as error:
-                skips.add(error.kind, str(error))
-        if errors:
-            skips.add("bad_shard", f"{url}: {type(errors[0]).__name__}: {errors[0]}")
+@dataclass
+class StreamState:
+    """All a stream needs to go on exactly after a batch: the next position to read, the samples read
+    but not yet batched as (shard, item, step it arrived at), and the skip counts so far."""
+
+    read: Position = (0, 0)
+    pool: list[tuple[int, int, int]] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"read": list(self.read), "pool": [list(entry) for entry in self.pool], "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> StreamState:
+        return cls(read=tuple(values["read"]), pool=[tuple(entry) for entry in values["pool"]], skipped=dict(values.get("skipped", {})))
 
 
-def shuffled(samples: Iterable[RawSample], buffer: int, rng: random.Random) -> Iterator[RawSample]:
-    """Shuffle a stream through a buffer of ``buffer`` samples (raw bytes, so the buffer stays small)."""
-    pool: list[RawSample] = []
-    for sample in samples:
-        pool.append(sample)
-        if len(pool) >= buffer:
-            i = rng.randrange(len(pool))
-            pool[i], pool[-1] = pool[-1], pool[i]
-            yield pool.pop()
-    rng.shuffle(pool)
-    yield from pool
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-class _Lookahead:
-    """An iterator whose next item can be looked at before it is taken; ``None`` once it is exhausted."""
-
-    def __init__(self, items: Iterator[RawSample]) -> None:
-        self._items = items
-        self._next: RawSample | None = None
-
-    def peek(self) -> RawSample | None:
-        if self._next is None:
-            self._next = next(self._items, None)
-        return self._next
-
-    def take(self) -> RawSample:
-        item = self.peek()
-        assert item is not None, "take() past the end"
-        self._next = None
-        return item
-
-
-def take_batch(samples: _Lookahead, cost: Callable[[RawSample], int], cap: int, max_size: int, skips: SkipLog) -> list[RawSample]:
-    """Take samples while their visual tokens stay within ``cap`` (and at most ``max_size`` of them);
-    fewer, possibly none, when the stream ends."""
-    chosen: list[RawSample] = []
-    total = 0
-    while len(chosen) < max_size and samples.peek() is not None:
-        tokens = cost(samples.peek())
-        if tokens > cap:
-            skips.add("over_token_cap", f"sample {samples.take().key!r} needs {tokens} visual tokens, cap is {cap}")
-            continue
-        if chosen and total + tokens > cap:
-            break
-        chosen.append(samples.take())
-        total += tokens
-    return chosen
-
-
-def encode_all(builder: BatchBuilder, samples: list[RawSample], budget: int, skips: SkipLog) -> list[EncodedSample]:
-    """Encode samples at ``budget``, skipping (and counting) those that fail."""
-    encoded = []
+def encode_all(builder: BatchBuilder, samples: list[RawSample], budget: int, skips: SkipLog) -> list[EncodedSample | None]:
+    """Encode samples at ``budget``; a sample that fails is counted and gives None in its place."""
+    encoded: list[EncodedSample | None] = []
     for sample in samples:
         try:
             encoded.append(builder.encode(sample, budget))
-            skips.ok()
         except SampleError as error:
             skips.add(error.kind, f"{error} ({sample.source})")
+            encoded.append(None)
     return encoded
 
 
+@dataclass(frozen=True)
+class StreamSettings:
+    """How training streams batch: token cap, batch size cap, pool size and wait, buckets, shard mode."""
+
+    batch_tokens: int
+    max_batch_size: int
+    pool_size: int = 512
+    max_wait: int = 64
+    buckets: bool = True
+    resampled: bool = False
+    max_consecutive_failures: int = 1000
+
+
 class TrainStream(IterableDataset):
-    """Endless training batches: shards shuffled per epoch from the seed, split across workers, samples
-    shuffled through a buffer, batch sizes capped in visual tokens, budgets from the schedule."""
+    """Endless training batches of one rank: one bucket and one budget per batch, at most ``batch_tokens``
+    LM tokens (visual plus text) per batch, continuing from ``states`` at ``start_step``."""
 
     def __init__(
         self,
-        urls: list[str],
+        sources: list[Source],
         builder: BatchBuilder,
         schedule: BudgetSchedule,
-        batch_visual_tokens: int,
-        max_batch_size: int,
-        shuffle_buffer: int,
+        settings: StreamSettings,
+        rank: int = 0,
+        world: int = 1,
         start_step: int = 0,
+        states: dict[int, StreamState] | None = None,
     ) -> None:
-        self.urls = urls
+        self.sources = sources
         self.builder = builder
         self.schedule = schedule
-        self.batch_visual_tokens = batch_visual_tokens
-        self.max_batch_size = max_batch_size
-        self.shuffle_buffer = shuffle_buffer
+        self.settings = settings
+        self.rank = rank
+        self.world = world
         self.start_step = start_step
-        self.skips = SkipLog()
+        self.states = states or {}
 
-    def samples(self, worker: int, workers: int) -> Iterator[RawSample]:
-        """This worker's raw samples, epoch after epoch."""
-        if len(self.urls) < workers:
-            raise ValueError(f"{len(self.urls)} shards cannot feed {workers} data workers; write more shards or lower data.num_workers")
-        for epoch in count():
-            order = list(self.urls)
-            random.Random(unit_hash(self.schedule.seed, epoch)).shuffle(order)
-            rng = random.Random(unit_hash(self.schedule.seed, epoch * 1_000_003 + worker))
-            produced = 0
-            for sample in shuffled(read_samples(order[worker::workers], self.skips), self.shuffle_buffer, rng):
-                produced += 1
-                yield sample
-            if produced == 0:
-                raise RuntimeError(f"data worker {worker} read no usable sample from its shards {order[worker::workers]}")
+    def shards(self, index: int, count: int) -> ShardSequence:
+        return ShardSequence(self.sources, self.schedule.seed, StreamId(self.rank, self.world, index, count), self.settings.resampled)
 
     def __iter__(self) -> Iterator[Batch | list[Batch]]:
-        worker, workers = _worker()
-        samples = _Lookahead(self.samples(worker, workers))
-        for step in count(self.start_step + worker, workers):
-            yield self.batch_at(samples, step)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        index = (self.start_step + worker) % workers
+        yield from self.batches(index, workers, self.start_step + worker)
 
-    def batch_at(self, samples: _Lookahead, step: int) -> Batch | list[Batch]:
-        """The batch at schedule position ``step``: one Batch, or one per budget in matryoshka mode."""
-        budgets = self.schedule.budgets(step)
-
-        def cost(sample: RawSample) -> int:
-            return sum(self.builder.visual_tokens(sample, budget) for budget in budgets)
-
+    def batches(self, index: int, count: int, first_step: int) -> Iterator[Batch | list[Batch]]:
+        """Batches of stream ``index`` (of ``count``) for steps ``first_step``, ``first_step + count``, ..."""
+        state = self.states.get(index, StreamState())
+        returning = {(k, item): arrived for k, item, arrived in state.pool}
+        arrivals = stream_samples(self.shards(index, count), min([state.read, *returning]))
+        pool = BucketPool(self.settings.pool_size, self.settings.max_wait)
+        skips = SkipLog(self.settings.max_consecutive_failures, state.skipped)
+        read = state.read
+        step = first_step
         while True:
-            chosen = take_batch(samples, cost, self.batch_visual_tokens, self.max_batch_size, self.skips)
-            encoded = [encode_all(self.builder, chosen, budget, self.skips) for budget in budgets]
-            keys = set.intersection(*({s.key for s in per_budget} for per_budget in encoded))
-            batches = [
-                self.builder.collate([s for s in per_budget if s.key in keys], budget, step)
-                for budget, per_budget in zip(budgets, encoded)
-            ]
-            if keys:
-                return batches[0] if len(batches) == 1 else batches
+            while not pool.full:
+                arrival = next(arrivals)
+                if arrival.position < state.read:  # replaying up to where the saved state was
+                    if arrival.position in returning and isinstance(arrival.sample, RawSample):
+                        pool.add(self.waiting(arrival, returning[arrival.position]))
+                    continue
+                read = (arrival.position[0], arrival.position[1] + 1)
+                self.admit(arrival, step, pool, skips)
+            batches = self.take(pool, step, skips)
+            if not batches:  # every sample taken failed to decode: refill and try again
+                continue
+            after = StreamState(read, [(*entry.position, entry.arrived) for entry in pool.waiting], dict(skips.counts))
+            for batch in batches:
+                batch.stream, batch.stream_state = index, after.to_dict()
+            yield batches[0] if len(batches) == 1 else batches
+            step += count
+
+    def waiting(self, arrival: Arrival, step: int) -> Waiting:
+        """A pool entry for a usable sample (its text length is measured once, here)."""
+        return Waiting(arrival.position, arrival.epoch, arrival.sample, self.builder.text_tokens(arrival.sample), step)
+
+    def admit(self, arrival: Arrival, step: int, pool: BucketPool, skips: SkipLog) -> None:
+        """Put a freshly read sample in the pool, or count why it cannot be used."""
+        sample = arrival.sample
+        try:
+            if isinstance(sample, SampleError):
+                raise sample
+            entry = self.waiting(arrival, step)
+            tokens = max(self.builder.visual_tokens(sample, budget) for budget in self.schedule.levels) + entry.text_tokens
+            if tokens * len(self.schedule.budgets(step)) > self.settings.batch_tokens:
+                raise SampleError("over_token_cap", f"sample {sample.key!r} needs {tokens} tokens at the largest budget")
+        except SampleError as error:
+            skips.add(error.kind, f"{error} (shard {arrival.url})")
+            return
+        pool.add(entry)
+        skips.ok()
+
+    def take(self, pool: BucketPool, step: int, skips: SkipLog) -> list[Batch]:
+        """The batch(es) of ``step``: one bucket, one budget each (several budgets in matryoshka mode)."""
+        budgets = self.schedule.budgets(step)
+        builder = self.builder
+
+        def cost(entry: Waiting) -> int:
+            return sum(builder.visual_tokens(entry.sample, budget) + entry.text_tokens for budget in budgets)
+
+        def bucket(entry: Waiting) -> tuple | None:
+            return tuple(builder.token_grids(entry.sample, budget) for budget in budgets) if self.settings.buckets else None
+
+        chooser = rng(self.schedule.seed, self.rank, step)
+        chosen = pool.take(bucket, cost, self.settings.batch_tokens, self.settings.max_batch_size, step, chooser)
+        samples = [entry.sample for entry in chosen]
+        encoded = [encode_all(builder, samples, budget, skips) for budget in budgets]
+        kept = [i for i in range(len(chosen)) if all(per_budget[i] is not None for per_budget in encoded)]
+        if not kept:
+            return []
+        batches = []
+        for budget, per_budget in zip(budgets, encoded):
+            batch = builder.collate([per_budget[i] for i in kept], budget, step)
+            batch.epochs = [chosen[i].epoch for i in kept]
+            batches.append(batch)
+        return batches
 
 
 class EvalStream(IterableDataset):
     """The first ``limit`` usable samples of ``urls``, in order, batched at one fixed ``budget``."""
 
-    def __init__(self, urls: list[str], builder: BatchBuilder, budget: int, limit: int, batch_visual_tokens: int, max_batch_size: int) -> None:
+    def __init__(self, urls: list[str], builder: BatchBuilder, budget: int, limit: int, batch_tokens: int, max_batch_size: int) -> None:
         self.urls = urls
         self.builder = builder
         self.budget = budget
         self.limit = limit
-        self.batch_visual_tokens = batch_visual_tokens
+        self.batch_tokens = batch_tokens
         self.max_batch_size = max_batch_size
         self.skips = SkipLog()
 
+    def samples(self) -> Iterator[RawSample]:
+        for url in self.urls:
+            for sample in read_shard(url):
+                if isinstance(sample, SampleError):
+                    self.skips.add(sample.kind, f"{sample} (shard {url})")
+                else:
+                    yield sample
+
     def __iter__(self) -> Iterator[Batch]:
-        samples = _Lookahead(read_samples(self.urls, self.skips))
-        remaining = self.limit
-
-        def cost(sample: RawSample) -> int:
-            return self.builder.visual_tokens(sample, self.budget)
-
-        while remaining > 0:
-            chosen = take_batch(samples, cost, self.batch_visual_tokens, min(self.max_batch_size, remaining), self.skips)
-            if not chosen:
-                return
-            encoded = encode_all(self.builder, chosen, self.budget, self.skips)
-            if encoded:
-                remaining -= len(encoded)
-                yield self.builder.collate(encoded, self.budget, step=-1)
+        pending: list[EncodedSample] = []
+        used, total = 0, 0
+        for sample in self.samples():
+            if used >= self.limit:
+                break
+            encoded = encode_all(self.builder, [sample], self.budget, self.skips)[0]
+            if encoded is None:
+                continue
+            cost = len(encoded.text.input_ids)  # visual plus text tokens
+            if pending and (total + cost > self.batch_tokens or len(pending) == self.max_batch_size):
+                yield self.builder.collate(pending, self.budget, step=-1)
+                pending, total = [], 0
+            pending.append(encoded)
+            total += cost
+            used += 1
+        if pending:
+            yield self.builder.collate(pending, self.budget, step=-1)

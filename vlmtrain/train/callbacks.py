@@ -46,6 +46,39 @@ class BudgetThroughput(L.Callback):
         module.log(f"train/visual_tokens_per_s{suffix}", tokens / seconds, on_step=True, on_epoch=False, batch_size=1)
 
 
+class DataProgress(L.Callback):
+    """After each trained batch: tell the datamodule where the data stands (for checkpoints) and log the
+    batch's padding, bucket, data epoch and size, and the samples this rank skipped so far, by kind and
+    in total (the total is on the progress bar)."""
+
+    def __init__(self) -> None:
+        self.skipped: dict[int, dict[str, int]] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch: Batch | list[Batch], batch_idx: int) -> None:
+        batches = as_batches(batch)
+        first = batches[0]
+        if trainer.datamodule is not None and hasattr(trainer.datamodule, "record"):
+            trainer.datamodule.record(first)
+        self.skipped[first.stream] = first.stream_state.get("skipped", {})
+        totals: dict[str, int] = {}
+        for counts in self.skipped.values():
+            for kind, count in counts.items():
+                totals[kind] = totals.get(kind, 0) + count
+        values = {
+            "data/padding": sum(b.images.padding for b in batches) / len(batches),
+            "data/epoch": float(min(first.epochs, default=0)),
+            "data/samples": float(first.size),
+            "data/images": float(first.images.count),
+            "skipped": float(sum(totals.values())),
+            **{f"data/skipped_{kind}": float(count) for kind, count in totals.items()},
+        }
+        if first.images.count:
+            rows, cols = first.images.token_grids[0].tolist()
+            values["data/bucket_aspect"] = cols / rows
+        for name, value in values.items():
+            module.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "skipped", batch_size=1)
+
+
 class RunSummary(L.Callback):
     """Collects training loss per budget and each validation round; at the end writes ``summary.json``
     into the run directory and prints a table: does the loss fall at every budget?"""

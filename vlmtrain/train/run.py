@@ -16,7 +16,7 @@ from vlmtrain.config import Recipe, RecipeError, recipe_to_yaml
 from vlmtrain.data.builder import BatchBuilder, SampleFormat
 from vlmtrain.data.datamodule import ShardDataModule
 from vlmtrain.text import TextEncoder
-from vlmtrain.train.callbacks import BudgetThroughput, RunSummary
+from vlmtrain.train.callbacks import BudgetThroughput, DataProgress, RunSummary
 from vlmtrain.train.module import VLMModule
 
 RECIPE_FILE = "recipe.yaml"
@@ -77,6 +77,7 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, every_n_train_steps=trainer.checkpoint_every, save_last=True, save_top_k=0),
         BudgetThroughput(),
+        DataProgress(),
         RunSummary(run_dir),
     ]
     if loggers:
@@ -107,7 +108,7 @@ def build_datamodule(recipe: Recipe, module: VLMModule) -> ShardDataModule:
     data = recipe.data
     text = TextEncoder(module.tokenizer, recipe.model.lm.image_token, data.max_text_length)
     sample_format = SampleFormat(prompt=data.prompt, target_field=data.target_field, prompt_field=data.prompt_field, group_field=data.group_field)
-    builder = BatchBuilder(module.geometry, text, sample_format, data.max_image_pixels)
+    builder = BatchBuilder(module.geometry, text, sample_format, data.max_image_pixels, data.fast_decode)
     return ShardDataModule(data, builder, module.schedule)
 
 
