@@ -46,6 +46,38 @@ def test_fit_writes_checkpoint_metrics_resolved_recipe_and_summary(demo_dir, tmp
         fit(recipe)
 
 
+class BatchLog(L.Callback):
+    """Records (step, budget, sample keys) of every trained batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, list[str]]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.seen.append((batch.step, batch.budget, list(batch.keys)))
+
+
+def fit_logged(recipe) -> list[tuple[int, int, list[str]]]:
+    log = BatchLog()
+    fit(recipe, callbacks=[log])
+    return log.seen
+
+
+def test_a_resumed_run_sees_exactly_the_batches_of_an_uninterrupted_one(demo_dir, tmp_path):
+    common = ("data.num_workers=2", "data.val=null", "trainer.checkpoint_every=3", "logger=none")
+    whole = fit_logged(small_recipe(demo_dir, tmp_path / "whole", "trainer.max_steps=7", *common))
+    first = fit_logged(small_recipe(demo_dir, tmp_path / "cut", "trainer.max_steps=3", *common))
+    rest = fit_logged(small_recipe(demo_dir, tmp_path / "cut", "trainer.max_steps=7", "resume=auto", *common))
+    assert [step for step, *_ in whole] == list(range(7))
+    assert first + rest == whole
+
+
+def test_resume_needs_an_existing_checkpoint_and_never_overwrites(demo_dir, tmp_path):
+    with pytest.raises(RecipeError, match="checkpoint '/nope.ckpt' not found"):
+        fit(small_recipe(demo_dir, tmp_path / "r", "resume=/nope.ckpt"))
+    with pytest.raises(RecipeError, match="cannot resume and overwrite"):
+        small_recipe(demo_dir, tmp_path / "r", "resume=auto", "overwrite=true")
+
+
 def test_frozen_parts_stay_exact_and_trainable_parts_change(demo_dir, tmp_path):
     recipe = small_recipe(demo_dir, tmp_path / "frozen", "optim.vision.trainable=false", "optim.lm.trainable=false", "logger=none")
     before = initial_state(recipe)

@@ -187,6 +187,7 @@ class Recipe:
     seed: int = 0
     run_dir: str = "runs/${name}"
     overwrite: bool = False
+    resume: str | None = None
     logger: str = "wandb"
     wandb: WandbConfig = field(default_factory=WandbConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -374,5 +375,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         _check_positive(source, f"trainer.{key}", getattr(trainer, key))
     _check_choice(source, "trainer.precision", trainer.precision, PRECISIONS)
     _check_choice(source, "logger", recipe.logger, LOGGERS)
+    if recipe.resume is not None and recipe.overwrite:
+        _fail(source, "resume", "cannot resume and overwrite at once")
     if not recipe.name or "/" in recipe.name:
         _fail(source, "name", f"{recipe.name!r} must be a non-empty name without '/'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -36,13 +37,27 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
+def resume_checkpoint(recipe: Recipe) -> Path | None:
+    """The checkpoint to continue from: ``resume=auto`` takes the run directory's last one (none: start
+    afresh), ``resume=PATH`` that file."""
+    if recipe.resume is None:
+        return None
+    if recipe.resume == "auto":
+        last = Path(recipe.run_dir) / CHECKPOINT_DIR / "last.ckpt"
+        return last if last.is_file() else None
+    path = Path(recipe.resume)
+    if not path.is_file():
+        raise RecipeError(f"resume: checkpoint {str(path)!r} not found")
+    return path
+
+
 def prepare_run_dir(recipe: Recipe) -> Path:
     """Create the run directory and write the resolved recipe into it; refuse to overwrite a run unless asked."""
     run_dir = Path(recipe.run_dir)
     checkpoints = run_dir / CHECKPOINT_DIR
-    if checkpoints.exists() and any(checkpoints.iterdir()):
+    if recipe.resume is None and checkpoints.exists() and any(checkpoints.iterdir()):
         if not recipe.overwrite:
-            raise RecipeError(f"run_dir {str(run_dir)!r} already holds checkpoints; pass overwrite=true or another run_dir=...")
+            raise RecipeError(f"run_dir {str(run_dir)!r} already holds checkpoints; pass resume=auto, overwrite=true or another run_dir=...")
         shutil.rmtree(checkpoints)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
@@ -70,11 +85,12 @@ def build_loggers(recipe: Recipe, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
+def build_trainer(recipe: Recipe, run_dir: Path, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
     """The Lightning Trainer the recipe describes, with checkpoints, throughput and summary callbacks."""
     trainer = recipe.trainer
     loggers = build_loggers(recipe, run_dir)
     callbacks: list[L.Callback] = [
+        *extra_callbacks,
         ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, every_n_train_steps=trainer.checkpoint_every, save_last=True, save_top_k=0),
         BudgetThroughput(),
         DataProgress(),
@@ -112,14 +128,16 @@ def build_datamodule(recipe: Recipe, module: VLMModule) -> ShardDataModule:
     return ShardDataModule(data, builder, module.schedule)
 
 
-def fit(recipe: Recipe) -> Path:
-    """Train the recipe; returns the run directory (checkpoints, metrics, resolved recipe, summary)."""
+def fit(recipe: Recipe, callbacks: Sequence[L.Callback] = ()) -> Path:
+    """Train the recipe (with any extra Lightning ``callbacks``); returns the run directory (checkpoints,
+    metrics, resolved recipe, summary)."""
     quiet_lightning()
     L.seed_everything(recipe.seed, workers=True, verbose=False)
+    checkpoint = resume_checkpoint(recipe)
     run_dir = prepare_run_dir(recipe)
     module = VLMModule(recipe)
     datamodule = build_datamodule(recipe, module)
-    trainer = build_trainer(recipe, run_dir)
-    trainer.fit(module, datamodule=datamodule)
+    trainer = build_trainer(recipe, run_dir, callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
     module.tokenizer.save_pretrained(run_dir / "tokenizer")
     return run_dir
