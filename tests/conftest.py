@@ -36,32 +36,37 @@ def caption_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+TINY = ROOT / "recipes" / "tiny.yaml"
+
+
+def small_overrides(demo_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """Overrides that shrink the tiny recipe to seconds of CPU: a 1-layer ViT and LM of width 32, budgets 70 and 140."""
+    return [
+        f"run_dir={run_dir}",
+        "logger=csv",
+        "model.vision.width=32",
+        "model.vision.depth=1",
+        "model.vision.heads=2",
+        "model.lm.hf_config.hidden_size=32",
+        "model.lm.hf_config.intermediate_size=64",
+        "model.lm.hf_config.num_hidden_layers=1",
+        "model.lm.hf_config.num_attention_heads=2",
+        "model.lm.hf_config.num_key_value_heads=2",
+        "budget.levels=[70,140]",
+        "budget.default=70",
+        f"data.train={demo_dir}/train-{{000000..000003}}.tar",
+        f"data.val={demo_dir}/val-000000.tar",
+        "data.val_samples=4",
+        "data.num_workers=0",
+        "data.batch_tokens=800",
+        "trainer.max_steps=4",
+        "trainer.val_every=2",
+        "trainer.log_every=1",
+        "trainer.checkpoint_every=2",
+        *overrides,
+    ]
+
+
 def small_recipe(demo_dir: Path, run_dir: Path, *overrides: str) -> Recipe:
-    """The tiny recipe shrunk to a few seconds of CPU: a 1-layer ViT and LM of width 32, budgets 70 and 140."""
-    return load_recipe(
-        ROOT / "recipes" / "tiny.yaml",
-        [
-            f"run_dir={run_dir}",
-            "logger=csv",
-            "model.vision.width=32",
-            "model.vision.depth=1",
-            "model.vision.heads=2",
-            "model.lm.hf_config.hidden_size=32",
-            "model.lm.hf_config.intermediate_size=64",
-            "model.lm.hf_config.num_hidden_layers=1",
-            "model.lm.hf_config.num_attention_heads=2",
-            "model.lm.hf_config.num_key_value_heads=2",
-            "budget.levels=[70,140]",
-            "budget.default=70",
-            f"data.train={demo_dir}/train-{{000000..000003}}.tar",
-            f"data.val={demo_dir}/val-000000.tar",
-            "data.val_samples=4",
-            "data.num_workers=0",
-            "data.batch_tokens=800",
-            "trainer.max_steps=4",
-            "trainer.val_every=2",
-            "trainer.log_every=1",
-            "trainer.checkpoint_every=2",
-            *overrides,
-        ],
-    )
+    """The tiny recipe with :func:`small_overrides`."""
+    return load_recipe(TINY, small_overrides(demo_dir, run_dir, *overrides))

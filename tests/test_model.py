@@ -22,7 +22,7 @@ from vlmtrain.geometry import LEVELS, Geometry
 from vlmtrain.model.backbone import NativeViT
 from vlmtrain.model.build import build_model
 from vlmtrain.model.hf_vision import load_tower
-from vlmtrain.model.lm import build_lm
+from vlmtrain.model.lm import build_lm, lm_tokenizer
 from vlmtrain.model.pooling import AttentionPooling, AveragePooling, GeometryMismatch, gather_windows
 from vlmtrain.text import IGNORE_INDEX, TextEncoder, build_byte_tokenizer
 
@@ -207,14 +207,15 @@ def test_siglip2_backbone_loads_from_a_whole_siglip2_checkpoint_and_ignores_padd
 
 def test_lm_from_a_local_folder_gets_an_image_token_and_room_for_it(tmp_path):
     tokenizer = build_byte_tokenizer(image_token="<img>")
-    lm, _ = build_lm(LMConfig(hf_config=TINY_LLAMA))
+    lm = build_lm(LMConfig(hf_config=TINY_LLAMA), tokenizer)
     lm.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    loaded, loaded_tokenizer = build_lm(LMConfig(path=str(tmp_path)))
+    loaded_tokenizer = lm_tokenizer(LMConfig(path=str(tmp_path)))
+    loaded = build_lm(LMConfig(path=str(tmp_path)), loaded_tokenizer)
     assert "<image>" in loaded_tokenizer.get_vocab() and len(loaded_tokenizer) == len(tokenizer) + 1
     assert loaded.get_input_embeddings().num_embeddings >= len(loaded_tokenizer)
     with pytest.raises(FileNotFoundError, match="only local paths"):
-        build_lm(LMConfig(path=str(tmp_path / "missing")))
+        build_lm(LMConfig(path=str(tmp_path / "missing")), loaded_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +226,8 @@ def tiny_model():
         pooling=PoolingConfig(kind="average", size=2),
         lm=LMConfig(hf_config=TINY_LLAMA),
     )
-    model, tokenizer = build_model(config, LEVELS)
+    tokenizer = lm_tokenizer(config.lm)
+    model = build_model(config, LEVELS, tokenizer)
     text = TextEncoder(tokenizer, "<image>", max_text_length=96)
     return model, BatchBuilder(model.geometry, text, SampleFormat(prompt="Look: <image> says", target_field="text"), 10**8)
 

@@ -13,10 +13,13 @@ from vlmtrain.geometry import Geometry, geometry_table, parse_size
 
 def cmd_fit(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
+    from lightning.pytorch.utilities import rank_zero_only
+
     from vlmtrain.train.run import fit  # heavy imports only once the recipe is known to be valid
 
     run_dir = fit(recipe)
-    print(f"run finished: {run_dir}")
+    if rank_zero_only.rank == 0:
+        print(f"run finished: {run_dir}")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:

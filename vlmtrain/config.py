@@ -25,6 +25,7 @@ POOLINGS = ("average", "attention")
 LOGGERS = ("wandb", "csv", "none")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 LR_SCHEDULES = ("cosine", "constant")
+STRATEGIES = ("auto", "ddp", "deepspeed")
 
 
 class RecipeError(UserError, ValueError):
@@ -75,6 +76,16 @@ class ProjectorConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the LM (PEFT); ``rank`` 0 means none. With adapters, a trainable LM trains only them."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class LMConfig:
     """A Hugging Face causal LM: from a local ``path``, or random weights from ``hf_config`` (needs model_type)."""
 
@@ -84,6 +95,7 @@ class LMConfig:
     image_token: str = "<image>"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -156,17 +168,30 @@ class DataConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """ZeRO settings for ``trainer.strategy: deepspeed``; the DeepSpeed config is generated from these."""
+
+    stage: int = 2
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+
+
+@dataclass
 class TrainerConfig:
-    """What Lightning's Trainer is given."""
+    """What Lightning's Trainer is given. ``devices`` and ``num_nodes`` left at ``auto`` come from the
+    launcher's environment (torchrun, SLURM) or the machine."""
 
     max_steps: int = 1000
     val_every: int = 250
     log_every: int = 10
     checkpoint_every: int = 500
+    keep_checkpoints: int = 2
     precision: str = "32-true"
     accelerator: str = "auto"
-    devices: int = 1
-    num_nodes: int = 1
+    strategy: str = "auto"
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    devices: str = "auto"
+    num_nodes: str = "auto"
     accumulate_grad_batches: int = 1
     deterministic: bool = False
 
@@ -371,9 +396,23 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     _check_positive(source, "data.num_workers", data.num_workers, allow_zero=True)
 
     trainer = recipe.trainer
-    for key in ("max_steps", "val_every", "log_every", "checkpoint_every", "devices", "num_nodes", "accumulate_grad_batches"):
+    for key in ("max_steps", "val_every", "log_every", "checkpoint_every", "keep_checkpoints", "accumulate_grad_batches"):
         _check_positive(source, f"trainer.{key}", getattr(trainer, key))
+    for key in ("devices", "num_nodes"):
+        value = getattr(trainer, key)
+        if value != "auto" and not (value.isdigit() and int(value) > 0):
+            _fail(source, f"trainer.{key}", f"{value!r} must be auto or a positive number")
     _check_choice(source, "trainer.precision", trainer.precision, PRECISIONS)
+    _check_choice(source, "trainer.strategy", trainer.strategy, STRATEGIES)
+    if trainer.deepspeed.stage not in (2, 3):
+        _fail(source, "trainer.deepspeed.stage", f"{trainer.deepspeed.stage} is not a ZeRO stage this framework runs; choose 2 or 3")
+    if trainer.deepspeed.offload_parameters and trainer.deepspeed.stage != 3:
+        _fail(source, "trainer.deepspeed.offload_parameters", "needs ZeRO stage 3")
+    lora = lm.lora
+    if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1 or (lora.rank and not lora.target_modules):
+        _fail(source, "model.lm.lora", f"rank >= 0, alpha > 0, dropout in [0, 1) and target modules are needed, got {lora}")
+    if lora.rank and not optim.lm.trainable:
+        _fail(source, "model.lm.lora.rank", "LoRA adapters need optim.lm.trainable: true (only the adapters then train)")
     _check_choice(source, "logger", recipe.logger, LOGGERS)
     if recipe.resume is not None and recipe.overwrite:
         _fail(source, "resume", "cannot resume and overwrite at once")

@@ -43,6 +43,11 @@ class BucketPool:
     def full(self) -> bool:
         return len(self.waiting) >= self.capacity
 
+    @property
+    def oldest_epoch(self) -> int | None:
+        """The earliest epoch among the waiting samples (None when empty)."""
+        return min((entry.epoch for entry in self.waiting), default=None)
+
     def add(self, entry: Waiting) -> None:
         self.waiting.append(entry)
 

@@ -137,13 +137,17 @@ class TrainStream(IterableDataset):
         skips = SkipLog(self.settings.max_consecutive_failures, state.skipped)
         read = state.read
         step = first_step
+        held: Arrival | None = None  # the first sample of a new epoch waits until the old epoch is batched
         while True:
             while not pool.full:
-                arrival = next(arrivals)
+                arrival, held = held or next(arrivals), None
                 if arrival.position < state.read:  # replaying up to where the saved state was
                     if arrival.position in returning and isinstance(arrival.sample, RawSample):
                         pool.add(self.waiting(arrival, returning[arrival.position]))
                     continue
+                if len(pool) and arrival.epoch > pool.oldest_epoch:
+                    held = arrival
+                    break
                 read = (arrival.position[0], arrival.position[1] + 1)
                 self.admit(arrival, step, pool, skips)
             batches = self.take(pool, step, skips)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.config import ModelConfig, VisionConfig
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.backbone import NativeViT, VisionBackbone
-from vlmtrain.model.hf_vision import load_tower
+from vlmtrain.model.hf_vision import load_tower, tower_config
 from vlmtrain.model.lm import build_lm
 from vlmtrain.model.pooling import build_pooling
 from vlmtrain.model.projector import Projector
 from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.seeding import mix
 
 
 def build_backbone(config: VisionConfig) -> VisionBackbone:
@@ -28,21 +30,37 @@ def build_backbone(config: VisionConfig) -> VisionBackbone:
             gradient_checkpointing=config.gradient_checkpointing,
         )
     backbone = load_tower(config.backbone, config.path, config.hf_config)
-    if config.patch_size is not None and config.patch_size != backbone.patch_size:
-        raise ValueError(f"model.vision.patch_size={config.patch_size} but the {config.backbone} tower uses {backbone.patch_size}")
     if config.gradient_checkpointing:
         backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return backbone
 
 
-def build_model(config: ModelConfig, levels: tuple[int, ...]) -> tuple[VisionLanguageModel, PreTrainedTokenizerBase]:
-    """The whole model and its tokenizer; the geometry comes from the backbone's patch size and the pool."""
+def plan_geometry(config: ModelConfig, levels: tuple[int, ...]) -> Geometry:
+    """The geometry the model will have, from the recipe and the backbone's config alone (no weights):
+    the data pipeline is built from it before the model exists."""
+    vision = config.vision
+    if vision.backbone == "native":
+        patch_size, native_pool = vision.patch_size, None
+    else:
+        tower = tower_config(vision.backbone, vision.path, vision.hf_config)
+        patch_size, native_pool = tower.patch_size, getattr(tower, "pooling_kernel_size", None)
+    if vision.patch_size is not None and vision.patch_size != patch_size:
+        raise ValueError(f"model.vision.patch_size={vision.patch_size} but the {vision.backbone} tower uses {patch_size}")
+    return Geometry(patch_size=patch_size, pool=config.pooling.size or native_pool, levels=tuple(levels))
+
+
+def build_model(config: ModelConfig, levels: tuple[int, ...], tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> VisionLanguageModel:
+    """The whole model. Each part's random initialisation depends only on (seed, part): how another part is
+    built (loaded, partitioned by ZeRO-3, given adapters) cannot change it."""
+    geometry = plan_geometry(config, levels)
+    torch.manual_seed(mix(seed, 1))
     backbone = build_backbone(config.vision)
-    pool = config.pooling.size or backbone.native_pool
-    geometry = Geometry(patch_size=backbone.patch_size, pool=pool, levels=tuple(levels))
-    pooling = build_pooling(config.pooling.kind, pool, backbone.width, config.pooling.heads)
-    lm, tokenizer = build_lm(config.lm)
+    torch.manual_seed(mix(seed, 2))
+    pooling = build_pooling(config.pooling.kind, geometry.pool, backbone.width, config.pooling.heads)
+    torch.manual_seed(mix(seed, 3))
+    lm = build_lm(config.lm, tokenizer)
     lm_width = lm.get_input_embeddings().embedding_dim
+    torch.manual_seed(mix(seed, 4))
     projector = Projector(backbone.width, config.projector.hidden_size or lm_width, lm_width)
     image_token_id = tokenizer.convert_tokens_to_ids(config.lm.image_token)
-    return VisionLanguageModel(backbone, pooling, projector, lm, image_token_id, geometry), tokenizer
+    return VisionLanguageModel(backbone, pooling, projector, lm, image_token_id, geometry)

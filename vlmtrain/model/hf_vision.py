@@ -134,7 +134,21 @@ def load_tower(kind: str, path: str | None, overrides: dict[str, Any], attn_impl
         folder = Path(path)
         stored_type = read_config(folder).get("model_type")
         state = _tower_tensors(folder, ("",) if stored_type == spec.model_type else spec.prefixes)
-        missing, _ = model.load_state_dict(state, strict=False)
+        missing = [name for name in model.state_dict() if name not in state]
         if missing:
             raise ValueError(f"{path}: {len(missing)} {kind} weights missing, e.g. {missing[:3]}")
+        load_weights(model, state)
     return spec.backbone_class(model)
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state)``, also when DeepSpeed ZeRO-3 created its parameters partitioned:
+    they are gathered, filled (rank 0's values are kept) and partitioned again."""
+    parameters = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not parameters:
+        module.load_state_dict(state, strict=False)
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=0):
+        module.load_state_dict(state, strict=False)

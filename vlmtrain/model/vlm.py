@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from vlmtrain.data.batch import Batch, ImageBatch
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.backbone import VisionBackbone
+from vlmtrain.model.lm import base_model
 from vlmtrain.model.pooling import GeometryMismatch, Pooling
 from vlmtrain.model.projector import Projector
 from vlmtrain.text import IGNORE_INDEX
@@ -64,7 +65,7 @@ class VisionLanguageModel(nn.Module):
         self.lm = lm
         self.image_token_id = image_token_id
         self.geometry = geometry
-        self._lm_keeps_logits = "logits_to_keep" in inspect.signature(lm.forward).parameters
+        self._lm_keeps_logits = "logits_to_keep" in inspect.signature(base_model(lm).forward).parameters
 
     def parts(self) -> dict[str, nn.Module]:
         """The four parts, by the names recipes use for freezing and learning rates."""

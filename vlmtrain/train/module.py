@@ -7,14 +7,17 @@ from collections.abc import Iterator
 
 import lightning as L
 import torch
+from peft import PeftModel
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.config import OptimConfig, PartConfig, Recipe
 from vlmtrain.data.batch import Batch
 from vlmtrain.geometry import Geometry
-from vlmtrain.model.build import build_model
+from vlmtrain.model.build import build_model, plan_geometry
+from vlmtrain.model.lm import lm_tokenizer
 from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.seeding import mix
 
 
 def budget_schedule(recipe: Recipe) -> BudgetSchedule:
@@ -34,20 +37,37 @@ def part_settings(optim: OptimConfig) -> dict[str, PartConfig]:
 
 
 def set_trainable(model: VisionLanguageModel, optim: OptimConfig) -> None:
-    """Freeze or unfreeze each part as the recipe says."""
+    """Freeze or unfreeze each part as the recipe says; an LM with LoRA adapters trains only the adapters."""
     for name, part in model.parts().items():
         part.requires_grad_(part_settings(optim)[name].trainable)
+    if isinstance(model.lm, PeftModel):
+        for parameter_name, parameter in model.lm.named_parameters():
+            parameter.requires_grad_(optim.lm.trainable and "lora_" in parameter_name)
+
+
+def numel(parameter: torch.nn.Parameter) -> int:
+    """Elements of a parameter, also when ZeRO-3 keeps only a shard of it on this rank."""
+    return getattr(parameter, "ds_numel", parameter.numel())
 
 
 def trainable_report(model: VisionLanguageModel, optim: OptimConfig) -> str:
     """A table of parameters per part: total, trainable, learning rate."""
     rows = [f"{'part':<10} {'parameters':>12} {'trainable':>12} {'lr':>9}"]
     for name, part in model.parts().items():
-        total = sum(p.numel() for p in part.parameters())
-        trainable = sum(p.numel() for p in part.parameters() if p.requires_grad)
+        total = sum(numel(p) for p in part.parameters())
+        trainable = sum(numel(p) for p in part.parameters() if p.requires_grad)
         lr = f"{part_settings(optim)[name].lr:.1e}" if trainable else ("frozen" if total else "-")
         rows.append(f"{name:<10} {total:>12,} {trainable:>12,} {lr:>9}")
     return "\n".join(rows)
+
+
+def ranks_agree(values: list[int], device: torch.device) -> None:
+    """Raise on every rank unless all ranks of the process group passed the same ``values``."""
+    mine = torch.tensor(values, device=device)
+    everyone = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(everyone, mine)
+    if not all(torch.equal(other, mine) for other in everyone):
+        raise RuntimeError(f"ranks disagree on (step, budgets): {[other.tolist() for other in everyone]}")
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -61,18 +81,29 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 
 class VLMModule(L.LightningModule):
-    """Trains a :class:`VisionLanguageModel` on batches whose budget follows the recipe's schedule."""
+    """Trains a :class:`VisionLanguageModel` on batches whose budget follows the recipe's schedule.
+
+    The model itself is built in :meth:`configure_model`, which Lightning calls inside the strategy's
+    context: under DeepSpeed ZeRO-3 every weight is created (and loaded) already partitioned, so no rank
+    ever holds the whole LM. The tokenizer and the geometry are known before, for the data pipeline.
+    """
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
-        self.model, self.tokenizer = build_model(recipe.model, tuple(recipe.budget.levels))
         self.schedule = budget_schedule(recipe)
-        set_trainable(self.model, recipe.optim)
+        self.tokenizer = lm_tokenizer(recipe.model.lm)
+        self.geometry: Geometry = plan_geometry(recipe.model, tuple(recipe.budget.levels))
+        self.model: VisionLanguageModel | None = None
+        # checkpoints hold only what trains; frozen weights come back from the recipe on resume
+        self.strict_loading = False
 
-    @property
-    def geometry(self) -> Geometry:
-        return self.model.geometry
+    def configure_model(self) -> None:
+        """Build the model (once), seeded from the recipe: every rank and every launch builds the same one."""
+        if self.model is not None:
+            return
+        self.model = build_model(self.recipe.model, tuple(self.recipe.budget.levels), self.tokenizer, self.recipe.seed)
+        set_trainable(self.model, self.recipe.optim)
 
     def on_fit_start(self) -> None:
         rank_zero_info("trainable parameters:\n" + trainable_report(self.model, self.recipe.optim))
@@ -84,9 +115,20 @@ class VLMModule(L.LightningModule):
         if found != expected:
             raise RuntimeError(f"batch at step {batches[0].step} has budgets {found}, the schedule says {expected}")
 
+    def check_ranks_agree(self, batches: list[Batch]) -> None:
+        """All ranks must be at the same step with the same budgets, or sharded training (ZeRO-3) hangs."""
+        if self.trainer.world_size > 1:
+            ranks_agree([batches[0].step, *(b.budget for b in batches)], self.device)
+
+    def on_train_batch_start(self, batch: Batch | list[Batch], batch_idx: int) -> None:
+        # randomness inside the step (dropout) depends only on (seed, rank, step): a resumed run repeats it
+        step = as_batches(batch)[0].step
+        torch.manual_seed(mix(self.recipe.seed, self.global_rank, step) >> 1)
+
     def training_step(self, batch: Batch | list[Batch], batch_idx: int) -> torch.Tensor:
         batches = as_batches(batch)
         self.check_schedule(batches)
+        self.check_ranks_agree(batches)
         losses = []
         for b in batches:
             loss = self.model.sample_losses(b).mean()
@@ -109,6 +151,13 @@ class VLMModule(L.LightningModule):
         """Log a loss averaged over target tokens across the whole validation pass."""
         count = int(tokens.sum())
         self.log(name, loss_sum.sum() / max(count, 1), on_epoch=True, batch_size=max(count, 1), add_dataloader_idx=False, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave frozen weights out of the checkpoint (a frozen 30B LM need not be saved every time)."""
+        if "state_dict" in checkpoint:
+            named = self.model.named_parameters(remove_duplicate=False)  # tied weights appear under every name
+            frozen = {f"model.{name}" for name, p in named if not p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def parameter_groups(self) -> Iterator[dict]:
         """One AdamW group per trainable part (and no weight decay on biases and norms)."""

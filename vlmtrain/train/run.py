@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import logging
 import shutil
+import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from vlmtrain.config import Recipe, RecipeError, recipe_to_yaml
 from vlmtrain.data.builder import BatchBuilder, SampleFormat
 from vlmtrain.data.datamodule import ShardDataModule
 from vlmtrain.text import TextEncoder
+from vlmtrain.train.adapters import save_adapter
 from vlmtrain.train.callbacks import BudgetThroughput, DataProgress, RunSummary
+from vlmtrain.train.checkpoints import AtomicCheckpoint, latest_checkpoint
 from vlmtrain.train.module import VLMModule
+from vlmtrain.train.strategy import build_strategy, device_count, node_count
 
 RECIPE_FILE = "recipe.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -31,50 +36,69 @@ class _DropAdverts(logging.Filter):
         return "litlogger" not in record.getMessage()
 
 
-def quiet_lightning() -> None:
-    """Silence Lightning's advert and a deprecation warning raised inside Lightning itself."""
+def quiet_dependencies() -> None:
+    """Silence Lightning's advert and warnings that dependencies raise about their own internals."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated")  # inside DeepSpeed
+    warnings.filterwarnings("ignore", message=r"When saving the DeepSpeed Stage 3 checkpoint")  # export consolidates
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")  # inside PEFT
 
 
 def resume_checkpoint(recipe: Recipe) -> Path | None:
-    """The checkpoint to continue from: ``resume=auto`` takes the run directory's last one (none: start
-    afresh), ``resume=PATH`` that file."""
+    """The checkpoint to continue from: ``resume=auto`` takes the run directory's latest complete one (none:
+    start afresh), ``resume=PATH`` that checkpoint (a file, or a DeepSpeed directory)."""
     if recipe.resume is None:
         return None
     if recipe.resume == "auto":
-        last = Path(recipe.run_dir) / CHECKPOINT_DIR / "last.ckpt"
-        return last if last.is_file() else None
+        return latest_checkpoint(Path(recipe.run_dir) / CHECKPOINT_DIR)
     path = Path(recipe.resume)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"resume: checkpoint {str(path)!r} not found")
     return path
 
 
 def prepare_run_dir(recipe: Recipe) -> Path:
-    """Create the run directory and write the resolved recipe into it; refuse to overwrite a run unless asked."""
+    """Create the run directory and write the resolved recipe into it (rank 0); every rank refuses to
+    overwrite a run unless asked."""
     run_dir = Path(recipe.run_dir)
     checkpoints = run_dir / CHECKPOINT_DIR
-    if recipe.resume is None and checkpoints.exists() and any(checkpoints.iterdir()):
-        if not recipe.overwrite:
-            raise RecipeError(f"run_dir {str(run_dir)!r} already holds checkpoints; pass resume=auto, overwrite=true or another run_dir=...")
-        shutil.rmtree(checkpoints)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    fresh = recipe.resume is None and checkpoints.exists() and any(checkpoints.iterdir())
+    if fresh and not recipe.overwrite:
+        raise RecipeError(f"run_dir {str(run_dir)!r} already holds checkpoints; pass resume=auto, overwrite=true or another run_dir=...")
+    _write_run_dir(recipe, run_dir, clear=fresh)
     return run_dir
 
 
+@rank_zero_only
+def _write_run_dir(recipe: Recipe, run_dir: Path, clear: bool) -> None:
+    if clear:
+        shutil.rmtree(run_dir / CHECKPOINT_DIR)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run directory, created on first use: a resumed run continues the same W&B run."""
+    path = run_dir / "wandb-run-id"
+    if not path.is_file():
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
+
+
 def build_loggers(recipe: Recipe, run_dir: Path) -> list[Logger]:
-    """``csv``: metrics.csv in the run directory; ``wandb``: W&B (offline unless the recipe says not) and
-    metrics.csv; ``none``: no logger."""
+    """``csv``: ``metrics/version_N/metrics.csv`` in the run directory (one version per launch, so a resumed
+    run keeps what came before); ``wandb``: W&B (offline unless the recipe says not) and the CSV; ``none``."""
     if recipe.logger == "none":
         return []
-    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="", version="metrics")]
+    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="metrics")]
     if recipe.logger == "wandb":
         loggers.append(
             WandbLogger(
                 name=recipe.name,
                 save_dir=str(run_dir),
+                id=wandb_run_id(run_dir) if rank_zero_only.rank == 0 else None,
+                resume="allow",
                 project=recipe.wandb.project,
                 entity=recipe.wandb.entity,
                 offline=recipe.wandb.offline,
@@ -91,7 +115,7 @@ def build_trainer(recipe: Recipe, run_dir: Path, extra_callbacks: Sequence[L.Cal
     loggers = build_loggers(recipe, run_dir)
     callbacks: list[L.Callback] = [
         *extra_callbacks,
-        ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, every_n_train_steps=trainer.checkpoint_every, save_last=True, save_top_k=0),
+        AtomicCheckpoint(run_dir / CHECKPOINT_DIR, every=trainer.checkpoint_every, keep=trainer.keep_checkpoints),
         BudgetThroughput(),
         DataProgress(),
         RunSummary(run_dir),
@@ -102,8 +126,9 @@ def build_trainer(recipe: Recipe, run_dir: Path, extra_callbacks: Sequence[L.Cal
         default_root_dir=run_dir,
         max_steps=trainer.max_steps,
         accelerator=trainer.accelerator,
-        devices=trainer.devices,
-        num_nodes=trainer.num_nodes,
+        strategy=build_strategy(recipe),
+        devices=device_count(recipe),
+        num_nodes=node_count(recipe),
         precision=trainer.precision,
         accumulate_grad_batches=trainer.accumulate_grad_batches,
         gradient_clip_val=recipe.optim.grad_clip or None,
@@ -115,7 +140,7 @@ def build_trainer(recipe: Recipe, run_dir: Path, extra_callbacks: Sequence[L.Cal
         deterministic=trainer.deterministic,
         use_distributed_sampler=False,
         logger=loggers or False,
-        callbacks=callbacks,
+        callbacks=callbacks,  # AtomicCheckpoint is the checkpoint callback: Lightning adds no other
     )
 
 
@@ -131,13 +156,15 @@ def build_datamodule(recipe: Recipe, module: VLMModule) -> ShardDataModule:
 def fit(recipe: Recipe, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Train the recipe (with any extra Lightning ``callbacks``); returns the run directory (checkpoints,
     metrics, resolved recipe, summary)."""
-    quiet_lightning()
+    quiet_dependencies()
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     checkpoint = resume_checkpoint(recipe)
     run_dir = prepare_run_dir(recipe)
     module = VLMModule(recipe)
     datamodule = build_datamodule(recipe, module)
     trainer = build_trainer(recipe, run_dir, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
-    module.tokenizer.save_pretrained(run_dir / "tokenizer")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)  # no pickled objects
+    save_adapter(module.model.lm, trainer, run_dir / "adapter")
+    if trainer.is_global_zero:
+        module.tokenizer.save_pretrained(run_dir / "tokenizer")
     return run_dir

@@ -1,0 +1,196 @@
+"""Several processes on CPU: DDP and DeepSpeed ZeRO-2/3 with LoRA, ranks that must agree, resume after SIGKILL.
+
+Multi-process runs go through the CLI in a subprocess (Lightning re-executes the command for each rank),
+with a timeout, so that a hang fails the test instead of the CI job.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from conftest import IMAGES, TINY, small_overrides
+from vlmtrain.config import load_recipe
+from vlmtrain.data.shards import write_shards
+from vlmtrain.data.sources import ShardSequence, Source, StreamId
+from vlmtrain.train.checkpoints import latest_checkpoint
+from vlmtrain.train.module import VLMModule, ranks_agree
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+TWO_PROCESSES = ("trainer.accelerator=cpu", "trainer.devices=2", "data.val=null")
+LORA = ("model.lm.lora.rank=4", "model.lm.lora.dropout=0.1", "model.lm.lora.target_modules=[q_proj,v_proj]")
+
+
+def run_cli(overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "vlmtrain.cli", "fit", str(TINY), *overrides], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per step, from every launch's CSV metrics."""
+    found = {}
+    for path in sorted((run_dir / "metrics").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get("train/loss"):
+                found[int(row["step"])] = float(row["train/loss"])
+    return found
+
+
+def _agree(rank: int, port: int, outcome: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        ranks_agree([5, 70], torch.device("cpu"))
+        ranks_agree([6, 70 if rank == 0 else 140], torch.device("cpu"))
+        (outcome / f"{rank}").write_text("no error")
+    except RuntimeError as error:
+        (outcome / f"{rank}").write_text(str(error))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_stops_when_ranks_disagree_on_the_budget(tmp_path):
+    port = 29500 + os.getpid() % 1000
+    torch.multiprocessing.start_processes(_agree, args=(port, tmp_path), nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        assert (tmp_path / f"{rank}").read_text() == "ranks disagree on (step, budgets): [[6, 70], [6, 140]]"
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory, demo_dir) -> Path:
+    """Two shards: one of images, one of text-only samples. Two ranks always read different ones."""
+    out = tmp_path_factory.mktemp("mixed")
+    images = [{"key": f"i{i}", "images": [p.name], "text": f"photo {i}"} for i, p in enumerate(sorted(IMAGES.glob("*.jpg")) * 2)]
+    texts = [{"key": f"t{i}", "images": [], "text": f"only words {i}"} for i in range(8)]
+    write_shards(images, IMAGES, out, "images", samples_per_shard=100)
+    write_shards(texts, IMAGES, out, "texts", samples_per_shard=100)
+    return out
+
+
+@pytest.mark.parametrize("strategy", [("trainer.strategy=ddp",), ("trainer.strategy=deepspeed", "trainer.deepspeed.stage=3")], ids=["ddp", "zero3"])
+def test_steps_where_one_rank_has_only_text_complete_on_two_ranks(demo_dir, mixed_dir, tmp_path, strategy):
+    shards = f"data.train={mixed_dir}/images-000000.tar::{mixed_dir}/texts-000000.tar"
+    run_cli(small_overrides(demo_dir, tmp_path / "run", shards, *TWO_PROCESSES, *strategy, *LORA, "trainer.max_steps=4"))
+    recipe = load_recipe(TINY, small_overrides(demo_dir, tmp_path / "x", shards))
+    sources = [Source((f"{mixed_dir}/images-000000.tar", f"{mixed_dir}/texts-000000.tar"))]
+    read = {rank: ShardSequence(sources, recipe.seed, StreamId(rank, 2, 0, 1), False).shard(0)[0] for rank in (0, 1)}
+    assert {Path(url).name for url in read.values()} == {"images-000000.tar", "texts-000000.tar"}
+    assert len(losses(tmp_path / "run")) == 4
+
+
+def initial_lora(overrides: list[str]) -> dict[str, torch.Tensor]:
+    """LoRA weights a run starts from (the module seeds itself before building the model)."""
+    module = VLMModule(load_recipe(TINY, overrides))
+    module.configure_model()
+    return {name: p.detach().clone() for name, p in module.model.lm.named_parameters() if "lora_" in name}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_saves_the_gathered_trained_adapter_and_it_reloads(demo_dir, tmp_path, stage):
+    overrides = small_overrides(
+        demo_dir, tmp_path / "run", *TWO_PROCESSES, "trainer.strategy=deepspeed", f"trainer.deepspeed.stage={stage}", *LORA, "optim.lm.lr=0.01"
+    )
+    run_cli(overrides)
+    run_dir = tmp_path / "run"
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    start = initial_lora(overrides)
+    assert len(saved) == len(start) == 4
+    for name, initial in start.items():
+        key = name.replace(".default", "")
+        assert saved[key].shape == initial.shape  # whole, not a ZeRO-3 shard
+        assert not torch.equal(saved[key], initial), f"{name} did not train"
+
+    # the consolidated checkpoint holds the same adapter, and only what trained
+    consolidated = convert_zero_checkpoint_to_fp32_state_dict(latest_checkpoint(run_dir / "checkpoints"), tmp_path / "full.pt")["state_dict"]
+    assert not any(name.startswith("model.lm.") and "lora_" not in name for name in consolidated)
+    for name in start:
+        torch.testing.assert_close(consolidated[f"model.lm.{name}"], saved[name.replace(".default", "")])
+
+    # a fresh base LM with the saved adapter gives the logits of the trained LM
+    trained = VLMModule(load_recipe(TINY, overrides))
+    trained.configure_model()
+    trained.load_state_dict(consolidated, strict=False)
+    plain = VLMModule(load_recipe(TINY, [*overrides, "model.lm.lora.rank=0", "optim.lm.trainable=false"]))
+    plain.configure_model()
+    base = plain.model.lm
+    reloaded = PeftModel.from_pretrained(base, run_dir / "adapter")
+    tokens = torch.randint(0, 250, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(input_ids=tokens).logits, trained.model.lm.eval()(input_ids=tokens).logits)
+
+
+def test_zero3_resume_continues_with_the_losses_of_an_uninterrupted_run(demo_dir, tmp_path):
+    common = (*TWO_PROCESSES, "trainer.strategy=deepspeed", "trainer.deepspeed.stage=3", *LORA, "data.num_workers=1", "trainer.checkpoint_every=3")
+    run_cli(small_overrides(demo_dir, tmp_path / "whole", *common, "trainer.max_steps=6"))
+    run_cli(small_overrides(demo_dir, tmp_path / "cut", *common, "trainer.max_steps=3"))
+    run_cli(small_overrides(demo_dir, tmp_path / "cut", *common, "trainer.max_steps=6", "resume=auto"))
+    whole, cut = losses(tmp_path / "whole"), losses(tmp_path / "cut")
+    assert sorted(whole) == sorted(cut) == list(range(6))
+    assert [cut[step] for step in range(6)] == [whole[step] for step in range(6)]
+
+
+def test_sigkill_mid_run_then_resume_gives_the_losses_of_an_uninterrupted_run(demo_dir, tmp_path):
+    # a constant learning rate: the killed run's max_steps (1000, so it is surely killed mid-way) changes nothing
+    common = (*LORA, "data.num_workers=2", "data.val=null", "trainer.max_steps=12", "trainer.checkpoint_every=2", "optim.schedule=constant")
+    run_cli(small_overrides(demo_dir, tmp_path / "whole", *common))
+    command = [sys.executable, "-m", "vlmtrain.cli", "fit", str(TINY), *small_overrides(demo_dir, tmp_path / "killed", *common, "trainer.max_steps=1000")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while (latest_checkpoint(checkpoints) is None or latest_checkpoint(checkpoints).name < "step-000000006") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = int(latest_checkpoint(checkpoints).name[5:14])
+    assert 6 <= killed_at < 12
+    run_cli(small_overrides(demo_dir, tmp_path / "killed", *common, "resume=auto"))
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "killed")
+    assert sorted(whole) == list(range(12))
+    assert [resumed[step] for step in range(killed_at, 12)] == [whole[step] for step in range(killed_at, 12)]
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory) -> Path:
+    """A tiny Llama with its tokenizer, and a tiny Gemma 4 vision tower inside a whole-VLM checkpoint."""
+    from test_model import GEMMA4_TOWER, TINY_LLAMA, save_as_full_checkpoint
+    from transformers import Gemma4VisionConfig, Gemma4VisionModel
+
+    from vlmtrain.config import LMConfig
+    from vlmtrain.model.lm import build_lm
+    from vlmtrain.text import build_byte_tokenizer
+
+    out = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(1)
+    tokenizer = build_byte_tokenizer()
+    build_lm(LMConfig(hf_config=TINY_LLAMA), tokenizer).save_pretrained(out / "llama")
+    tokenizer.save_pretrained(out / "llama")
+    tower = Gemma4VisionModel(Gemma4VisionConfig(**GEMMA4_TOWER))
+    save_as_full_checkpoint(tower, out / "gemma4", "gemma4", "model.vision_tower.", {**GEMMA4_TOWER, "model_type": "gemma4_vision"})
+    return out
+
+
+def test_zero3_loads_local_pretrained_weights_exactly(demo_dir, pretrained_dir, tmp_path):
+    common = (
+        f"model.vision.backbone=gemma4", f"model.vision.path={pretrained_dir}/gemma4", "model.pooling.size=null",
+        f"model.lm.path={pretrained_dir}/llama", "model.lm.hf_config={}", "optim.vision.trainable=false",
+        "data.pool_size=2", "data.max_batch_size=2", "data.val=null", "trainer.max_steps=1", "budget.levels=[70]",
+    )
+    run_cli(small_overrides(demo_dir, tmp_path / "zero3", *common, *TWO_PROCESSES, "trainer.strategy=deepspeed", "trainer.deepspeed.stage=3"))
+    run_cli(small_overrides(demo_dir, tmp_path / "single", *common))
+    zero3, single = losses(tmp_path / "zero3"), losses(tmp_path / "single")
+    assert zero3.keys() == single.keys() == {0}
+    assert zero3[0] == pytest.approx(single[0], rel=1e-5)

@@ -1,0 +1,97 @@
+"""Choosing how training is distributed: one place turns the recipe into a Lightning strategy.
+
+``auto`` (one device), ``ddp``, or ``deepspeed`` with ZeRO stage 2 or 3; the DeepSpeed config is
+generated from the recipe, never hand-written per run. On CPU (tests, CI) DeepSpeed runs on gloo through
+a strategy that skips Lightning's CUDA-only check.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
+
+from vlmtrain.config import Recipe
+
+
+def on_gpu(recipe: Recipe) -> bool:
+    """Whether the run uses CUDA devices."""
+    accelerator = recipe.trainer.accelerator
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def device_count(recipe: Recipe) -> int:
+    """Devices of this node: the recipe's number, or those the launcher (torchrun, SLURM) or the machine gives."""
+    if recipe.trainer.devices != "auto":
+        return int(recipe.trainer.devices)
+    for variable in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    return torch.cuda.device_count() if on_gpu(recipe) else 1
+
+
+def node_count(recipe: Recipe) -> int:
+    """Nodes: the recipe's number, or SLURM's, or torchrun's world size divided by the local one."""
+    if recipe.trainer.num_nodes != "auto":
+        return int(recipe.trainer.num_nodes)
+    if os.environ.get("SLURM_NNODES", "").isdigit():
+        return int(os.environ["SLURM_NNODES"])
+    world, local = os.environ.get("WORLD_SIZE", ""), os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(world) // int(local) if world.isdigit() and local.isdigit() and int(local) else 1
+
+
+def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
+    """The DeepSpeed config of a recipe. Batch sizes vary per step (token-capped batches): DeepSpeed's
+    micro-batch size only feeds its throughput log, so it is set to 1."""
+    settings = recipe.trainer.deepspeed
+    zero: dict[str, Any] = {
+        "stage": settings.stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 5e7,
+        "allgather_bucket_size": 5e7,
+    }
+    if settings.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu(recipe)}
+    if settings.offload_parameters:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu(recipe)}
+    return {
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_clipping": recipe.optim.grad_clip,
+        "steps_per_print": 10**9,
+    }
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeed on CPU processes (gloo): Lightning refuses anything but CUDA, DeepSpeed itself does not."""
+
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)
+
+
+def build_strategy(recipe: Recipe) -> Strategy | str:
+    """The Lightning strategy for ``recipe.trainer.strategy``."""
+    name = recipe.trainer.strategy
+    if name == "auto":
+        return "auto"
+    gpu = on_gpu(recipe)
+    if name == "ddp":
+        return DDPStrategy(process_group_backend="nccl" if gpu else "gloo", find_unused_parameters=False)
+    config = deepspeed_config(recipe)
+    if gpu:
+        strategy = DeepSpeedStrategy(config=config, exclude_frozen_parameters=True)
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        devices = [torch.device("cpu", index) for index in range(device_count(recipe))]
+        strategy = CPUDeepSpeedStrategy(config=config, parallel_devices=devices, process_group_backend="gloo", exclude_frozen_parameters=True)
+    if recipe.trainer.deepspeed.stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # transformers then creates and loads pretrained weights partitioned (it keeps only a weak
+        # reference: the strategy holds the object for the run)
+        strategy.hf_deepspeed_config = HfDeepSpeedConfig(dict(config))
+    return strategy
