@@ -194,3 +194,14 @@ def test_zero3_loads_local_pretrained_weights_exactly(demo_dir, pretrained_dir, 
     zero3, single = losses(tmp_path / "zero3"), losses(tmp_path / "single")
     assert zero3.keys() == single.keys() == {0}
     assert zero3[0] == pytest.approx(single[0], rel=1e-5)
+
+
+def test_torchrun_launch_takes_devices_and_nodes_from_its_environment(demo_dir, tmp_path):
+    overrides = small_overrides(demo_dir, tmp_path / "run", "trainer.accelerator=cpu", "trainer.strategy=ddp", "data.val=null", "trainer.max_steps=3")
+    port = str(29600 + os.getpid() % 1000)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}", "-m", "vlmtrain.cli", "fit", str(TINY), *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run finished") == 1  # printed by rank 0 only
+    assert "distributed_backend=gloo" in result.stderr and "All distributed processes registered. Starting with 2 processes" in result.stderr
+    assert sorted(losses(tmp_path / "run")) == [0, 1, 2]
