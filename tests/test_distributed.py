@@ -25,7 +25,7 @@ from conftest import IMAGES, TINY, small_overrides
 from vlmtrain.config import load_recipe
 from vlmtrain.data.shards import write_shards
 from vlmtrain.data.sources import ShardSequence, Source, StreamId
-from vlmtrain.train.checkpoints import latest_checkpoint
+from vlmtrain.train.layout import latest_checkpoint
 from vlmtrain.train.module import VLMModule, ranks_agree
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -115,10 +115,15 @@ def test_deepspeed_saves_the_gathered_trained_adapter_and_it_reloads(demo_dir, t
         assert not torch.equal(saved[key], initial), f"{name} did not train"
 
     # the consolidated checkpoint holds the same adapter, and only what trained
-    consolidated = convert_zero_checkpoint_to_fp32_state_dict(latest_checkpoint(run_dir / "checkpoints"), tmp_path / "full.pt")["state_dict"]
+    consolidated = convert_zero_checkpoint_to_fp32_state_dict(latest_checkpoint(run_dir / "checkpoints") / "state", tmp_path / "full.pt")["state_dict"]
     assert not any(name.startswith("model.lm.") and "lora_" not in name for name in consolidated)
     for name in start:
         torch.testing.assert_close(consolidated[f"model.lm.{name}"], saved[name.replace(".default", "")])
+    # what export reads, gathered by vlmtrain itself, equals DeepSpeed's own consolidation
+    trained = load_file(latest_checkpoint(run_dir / "checkpoints") / "trained.safetensors")
+    assert set(trained) == set(consolidated)
+    for name, tensor in trained.items():
+        torch.testing.assert_close(tensor, consolidated[name], rtol=0, atol=0)
 
     # a fresh base LM with the saved adapter gives the logits of the trained LM
     trained = VLMModule(load_recipe(TINY, overrides))

@@ -11,11 +11,12 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import TINY, small_overrides, small_recipe
 from vlmtrain.config import RecipeError, load_recipe
 from vlmtrain.train.module import VLMModule, lr_factor
-from vlmtrain.train.checkpoints import latest_checkpoint
+from vlmtrain.train.layout import latest_checkpoint
 from vlmtrain.train.run import fit
 
 
@@ -32,14 +33,17 @@ def initial_state(recipe) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(latest_checkpoint(run_dir / "checkpoints"), map_location="cpu", weights_only=True)["state_dict"]
+    return torch.load(latest_checkpoint(run_dir / "checkpoints") / "state", map_location="cpu", weights_only=True)["state_dict"]
 
 
 def test_fit_writes_checkpoint_metrics_resolved_recipe_and_summary(demo_dir, tmp_path):
     recipe = small_recipe(demo_dir, tmp_path / "run")
     run_dir = fit(recipe)
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-000000002.ckpt", "step-000000004.ckpt"]
-    assert latest_checkpoint(run_dir / "checkpoints").name == "step-000000004.ckpt"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-000000002", "step-000000004"]
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    assert latest.name == "step-000000004" and sorted(p.name for p in latest.iterdir()) == ["state", "trained.safetensors"]
+    trained = load_file(latest / "trained.safetensors")
+    assert set(trained) == {name for name, p in built(recipe).named_parameters() if p.requires_grad}
     assert load_recipe(run_dir / "recipe.yaml") == recipe
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     rows = list(csv.DictReader((run_dir / "metrics" / "version_0" / "metrics.csv").open()))
@@ -80,8 +84,8 @@ def test_a_resumed_run_sees_exactly_the_batches_of_an_uninterrupted_one(demo_dir
 
 
 def test_resume_needs_an_existing_checkpoint_and_never_overwrites(demo_dir, tmp_path):
-    with pytest.raises(RecipeError, match="checkpoint '/nope.ckpt' not found"):
-        fit(small_recipe(demo_dir, tmp_path / "r", "resume=/nope.ckpt"))
+    with pytest.raises(RecipeError, match="'/nope' is not a checkpoint directory"):
+        fit(small_recipe(demo_dir, tmp_path / "r", "resume=/nope"))
     with pytest.raises(RecipeError, match="cannot resume and overwrite"):
         small_recipe(demo_dir, tmp_path / "r", "resume=auto", "overwrite=true")
 

@@ -45,6 +45,13 @@ def cmd_shards(args: argparse.Namespace) -> None:
         print(f"rejected {key}: {reason}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from vlmtrain.export import export
+
+    out = export(args.source, args.out, keep_adapter=args.keep_adapter, evaluation=args.eval)
+    print(f"exported to {out}: lm/ (Hugging Face), vision/ (safetensors + config), recipe.yaml, README.md")
+
+
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from vlmtrain.data.demo import make_demo_shards
 
@@ -78,6 +85,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--shard-size", help="close a shard before it passes this size, e.g. 512MB")
     sub.add_argument("--workers", type=int, default=1, help="processes reading and checking images")
     sub.set_defaults(handler=cmd_shards)
+
+    sub = commands.add_parser("export", help="write a run's checkpoint as a folder that loads without the training stack")
+    sub.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a checkpoint directory")
+    sub.add_argument("out", type=Path)
+    sub.add_argument("--keep-adapter", action="store_true", help="keep LoRA adapters separate instead of merging them")
+    sub.add_argument("--eval", type=Path, help="an eval.json whose per-budget table goes into the model card")
+    sub.set_defaults(handler=cmd_export)
 
     sub = commands.add_parser("demo-data", help="render the demo task (words on real photos) into shards")
     sub.add_argument("--out", type=Path, default=Path("data/generated/demo"))

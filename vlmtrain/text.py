@@ -75,13 +75,13 @@ class TextEncoder:
     def _tokenize(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else ()
 
-    def encode(self, prompt: str, target: str, image_tokens: list[int]) -> EncodedText:
-        """Encode one sample; image ``i`` becomes ``image_tokens[i]`` placeholders.
+    def encode_prompt(self, prompt: str, image_tokens: list[int]) -> list[int]:
+        """The prompt's token ids (after a BOS token when the tokenizer has one); image ``i`` becomes
+        ``image_tokens[i]`` placeholders.
 
         Several markers in ``prompt`` place the images one for one; a single marker (or none: the front)
         stands for all of the sample's images in order, so one template serves samples with 0, 1 or many.
-        Raises :class:`TextError` when markers and images cannot be matched or the text (without image
-        tokens) exceeds ``max_text_length``.
+        Raises :class:`TextError` when markers and images cannot be matched.
         """
         pieces = prompt.split(self.image_token)
         if len(pieces) - 1 != len(image_tokens):
@@ -89,10 +89,16 @@ class TextEncoder:
                 raise TextError(f"prompt has {len(pieces) - 1} image markers for {len(image_tokens)} images")
             before, after = pieces if len(pieces) == 2 else ("", pieces[0])
             pieces = [before] + [""] * (len(image_tokens) - 1) + [after] if image_tokens else [before + after]
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        input_ids = list(bos)
+        input_ids = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         for piece, count in zip(pieces, image_tokens + [0]):
             input_ids += [*self._ids(piece), *[self.image_token_id] * count]
+        return input_ids
+
+    def encode(self, prompt: str, target: str, image_tokens: list[int]) -> EncodedText:
+        """Encode one training sample: the prompt (see :meth:`encode_prompt`), then the target and EOS, which
+        alone carry labels. Raises :class:`TextError` when markers and images cannot be matched or the text
+        (without image tokens) exceeds ``max_text_length``."""
+        input_ids = self.encode_prompt(prompt, image_tokens)
         prompt_length = len(input_ids)
         target_ids = [*self._ids(target), self.tokenizer.eos_token_id]
         input_ids += target_ids

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from vlmtrain.config import ModelConfig, VisionConfig
+from vlmtrain.config import ModelConfig, OptimConfig, PartConfig, VisionConfig
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.backbone import NativeViT, VisionBackbone
 from vlmtrain.model.hf_vision import load_tower, tower_config
@@ -14,6 +15,19 @@ from vlmtrain.model.pooling import build_pooling
 from vlmtrain.model.projector import Projector
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.seeding import mix
+
+
+def part_settings(optim: OptimConfig) -> dict[str, PartConfig]:
+    return {"vision": optim.vision, "pooling": optim.pooling, "projector": optim.projector, "lm": optim.lm}
+
+
+def set_trainable(model: VisionLanguageModel, optim: OptimConfig) -> None:
+    """Freeze or unfreeze each part as the recipe says; an LM with LoRA adapters trains only the adapters."""
+    for name, part in model.parts().items():
+        part.requires_grad_(part_settings(optim)[name].trainable)
+    if isinstance(model.lm, PeftModel):
+        for parameter_name, parameter in model.lm.named_parameters():
+            parameter.requires_grad_(optim.lm.trainable and "lora_" in parameter_name)
 
 
 def build_backbone(config: VisionConfig) -> VisionBackbone:

@@ -93,6 +93,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return json.loads(config_file.read_text())
 
 
+_BOOKKEEPING = ("model_type", "architectures", "transformers_version")
+
+
 def tower_config(kind: str, path: str | None, overrides: dict[str, Any]) -> PreTrainedConfig:
     """The vision config of backbone ``kind``: from ``path`` (a vision or a full VLM folder) or from ``overrides``."""
     spec = TOWERS[kind]
@@ -102,8 +105,8 @@ def tower_config(kind: str, path: str | None, overrides: dict[str, Any]) -> PreT
         values = stored if stored.get("model_type") == spec.model_type else stored.get("vision_config") or {}
         if not values:
             raise ValueError(f"{path}: config.json is neither a {spec.model_type} config nor has a vision_config")
-    values = {key: value for key, value in values.items() if key not in ("model_type", "architectures", "transformers_version")}
-    return spec.config_class(**{**values, **spec.config_defaults, **overrides})
+    merged = {**values, **spec.config_defaults, **overrides}
+    return spec.config_class(**{key: value for key, value in merged.items() if key not in _BOOKKEEPING})
 
 
 def _tower_tensors(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:

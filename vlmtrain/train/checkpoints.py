@@ -1,8 +1,8 @@
-"""Checkpoints that are either complete or absent: written under a temporary name, renamed when done,
-with ``latest`` pointing at the newest complete one and only the last K kept.
+"""Checkpoints that are either complete or absent (layout: :mod:`vlmtrain.train.layout`).
 
-A checkpoint is a file (one device, DDP) or a directory of shards (DeepSpeed). A run killed while
-saving leaves a ``.partial`` entry that nothing reads and the next save removes.
+A checkpoint is written under ``.partial`` and renamed when complete; ``latest`` is replaced atomically;
+the last K are kept. A run killed while saving leaves a ``.partial`` entry that nothing reads and the
+next save removes.
 """
 
 from __future__ import annotations
@@ -12,31 +12,30 @@ import shutil
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_only
+from safetensors.torch import save_file
 
-LATEST = "latest"
-PARTIAL = ".partial"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:09d}.ckpt"
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint in ``directory``, from its ``latest`` pointer."""
-    pointer = directory / LATEST
-    if not pointer.is_file():
-        return None
-    path = directory / pointer.read_text().strip()
-    return path if path.exists() else None
-
+from vlmtrain.train.adapters import gathered
+from vlmtrain.train.layout import LATEST, PARTIAL, STATE, TRAINED, checkpoint_name
 
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def trained_weights(module: L.LightningModule, strategy: L.pytorch.strategies.Strategy) -> dict[str, torch.Tensor]:
+    """Every trained parameter of ``module`` by its state-dict name, on CPU (gathered one at a time under
+    ZeRO-3; tied parameters once). Collective: every rank calls it, rank 0 gets the values."""
+    weights = {}
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            with gathered([parameter], strategy):
+                weights[name] = parameter.detach().to("cpu", copy=True).contiguous()
+    return weights
 
 
 @rank_zero_only
@@ -47,7 +46,7 @@ def _publish(directory: Path, partial: Path, final: Path, keep: int) -> None:
     pointer = directory / (LATEST + PARTIAL)
     pointer.write_text(final.name)
     os.replace(pointer, directory / LATEST)
-    complete = sorted(p for p in directory.glob("step-*.ckpt"))
+    complete = sorted(p for p in directory.glob("step-*") if not p.name.endswith(PARTIAL))
     for old in complete[:-keep]:
         _remove(old)
     for stale in directory.glob(f"*{PARTIAL}"):
@@ -67,17 +66,20 @@ class AtomicCheckpoint(Checkpoint):
         self.keep = keep
         self.saved_step = -1
 
-    def save(self, trainer: L.Trainer) -> None:
+    def save(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
         if step == self.saved_step or step == 0:
             return
         final = self.directory / checkpoint_name(step)
         partial = final.with_name(final.name + PARTIAL)
         if trainer.is_global_zero:
-            self.directory.mkdir(parents=True, exist_ok=True)
             _remove(partial)
+            partial.mkdir(parents=True)
         trainer.strategy.barrier("checkpoint-start")
-        trainer.save_checkpoint(partial, weights_only=False)  # every rank: DeepSpeed writes shards; else rank 0
+        trainer.save_checkpoint(partial / STATE, weights_only=False)  # every rank: DeepSpeed writes its shards
+        weights = trained_weights(module, trainer.strategy)
+        if trainer.is_global_zero:
+            save_file(weights, str(partial / TRAINED))
         trainer.strategy.barrier("checkpoint-written")
         _publish(self.directory, partial, final, self.keep)
         trainer.strategy.barrier("checkpoint-published")
@@ -85,7 +87,7 @@ class AtomicCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step % self.every == 0:
-            self.save(trainer)
+            self.save(trainer, module)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.save(trainer)
+        self.save(trainer, module)

@@ -7,14 +7,13 @@ from collections.abc import Iterator
 
 import lightning as L
 import torch
-from peft import PeftModel
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlmtrain.budget import BudgetSchedule
-from vlmtrain.config import OptimConfig, PartConfig, Recipe
+from vlmtrain.config import OptimConfig, Recipe
 from vlmtrain.data.batch import Batch
 from vlmtrain.geometry import Geometry
-from vlmtrain.model.build import build_model, plan_geometry
+from vlmtrain.model.build import build_model, part_settings, plan_geometry, set_trainable
 from vlmtrain.model.lm import lm_tokenizer
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.seeding import mix
@@ -30,19 +29,6 @@ def budget_schedule(recipe: Recipe) -> BudgetSchedule:
 def as_batches(batch: Batch | list[Batch]) -> list[Batch]:
     """A step's batches: one, or one per budget in matryoshka mode."""
     return batch if isinstance(batch, list) else [batch]
-
-
-def part_settings(optim: OptimConfig) -> dict[str, PartConfig]:
-    return {"vision": optim.vision, "pooling": optim.pooling, "projector": optim.projector, "lm": optim.lm}
-
-
-def set_trainable(model: VisionLanguageModel, optim: OptimConfig) -> None:
-    """Freeze or unfreeze each part as the recipe says; an LM with LoRA adapters trains only the adapters."""
-    for name, part in model.parts().items():
-        part.requires_grad_(part_settings(optim)[name].trainable)
-    if isinstance(model.lm, PeftModel):
-        for parameter_name, parameter in model.lm.named_parameters():
-            parameter.requires_grad_(optim.lm.trainable and "lora_" in parameter_name)
 
 
 def numel(parameter: torch.nn.Parameter) -> int:

@@ -21,12 +21,12 @@ from vlmtrain.data.datamodule import ShardDataModule
 from vlmtrain.text import TextEncoder
 from vlmtrain.train.adapters import save_adapter
 from vlmtrain.train.callbacks import BudgetThroughput, DataProgress, RunSummary
-from vlmtrain.train.checkpoints import AtomicCheckpoint, latest_checkpoint
+from vlmtrain.train.checkpoints import AtomicCheckpoint
+from vlmtrain.train.layout import CHECKPOINTS, STATE, latest_checkpoint
 from vlmtrain.train.module import VLMModule
 from vlmtrain.train.strategy import build_strategy, device_count, node_count
 
 RECIPE_FILE = "recipe.yaml"
-CHECKPOINT_DIR = "checkpoints"
 
 
 class _DropAdverts(logging.Filter):
@@ -46,23 +46,24 @@ def quiet_dependencies() -> None:
 
 
 def resume_checkpoint(recipe: Recipe) -> Path | None:
-    """The checkpoint to continue from: ``resume=auto`` takes the run directory's latest complete one (none:
-    start afresh), ``resume=PATH`` that checkpoint (a file, or a DeepSpeed directory)."""
+    """The Lightning state to continue from: ``resume=auto`` takes the run directory's latest complete
+    checkpoint (none: start afresh), ``resume=PATH`` that checkpoint directory."""
     if recipe.resume is None:
         return None
     if recipe.resume == "auto":
-        return latest_checkpoint(Path(recipe.run_dir) / CHECKPOINT_DIR)
+        checkpoint = latest_checkpoint(Path(recipe.run_dir) / CHECKPOINTS)
+        return checkpoint / STATE if checkpoint is not None else None
     path = Path(recipe.resume)
-    if not path.exists():
-        raise RecipeError(f"resume: checkpoint {str(path)!r} not found")
-    return path
+    if not (path / STATE).exists():
+        raise RecipeError(f"resume: {str(path)!r} is not a checkpoint directory (with a {STATE!r} inside)")
+    return path / STATE
 
 
 def prepare_run_dir(recipe: Recipe) -> Path:
     """Create the run directory and write the resolved recipe into it (rank 0); every rank refuses to
     overwrite a run unless asked."""
     run_dir = Path(recipe.run_dir)
-    checkpoints = run_dir / CHECKPOINT_DIR
+    checkpoints = run_dir / CHECKPOINTS
     fresh = recipe.resume is None and checkpoints.exists() and any(checkpoints.iterdir())
     if fresh and not recipe.overwrite:
         raise RecipeError(f"run_dir {str(run_dir)!r} already holds checkpoints; pass resume=auto, overwrite=true or another run_dir=...")
@@ -73,7 +74,7 @@ def prepare_run_dir(recipe: Recipe) -> Path:
 @rank_zero_only
 def _write_run_dir(recipe: Recipe, run_dir: Path, clear: bool) -> None:
     if clear:
-        shutil.rmtree(run_dir / CHECKPOINT_DIR)
+        shutil.rmtree(run_dir / CHECKPOINTS)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
 
@@ -115,7 +116,7 @@ def build_trainer(recipe: Recipe, run_dir: Path, extra_callbacks: Sequence[L.Cal
     loggers = build_loggers(recipe, run_dir)
     callbacks: list[L.Callback] = [
         *extra_callbacks,
-        AtomicCheckpoint(run_dir / CHECKPOINT_DIR, every=trainer.checkpoint_every, keep=trainer.keep_checkpoints),
+        AtomicCheckpoint(run_dir / CHECKPOINTS, every=trainer.checkpoint_every, keep=trainer.keep_checkpoints),
         BudgetThroughput(),
         DataProgress(),
         RunSummary(run_dir),

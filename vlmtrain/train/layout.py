@@ -1,0 +1,29 @@
+"""Where a run keeps its checkpoints: names shared by training (writes), resume and export (read).
+
+Each checkpoint is a directory ``step-000000500/`` holding ``state`` (Lightning's checkpoint: a file, or
+a directory of shards under DeepSpeed; what resume reads) and ``trained.safetensors`` (every trained
+parameter, whole even under ZeRO-3: what export reads). ``latest`` names the newest complete one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+PARTIAL = ".partial"
+STATE = "state"
+TRAINED = "trained.safetensors"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint directory in ``directory``, from its ``latest`` pointer."""
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        return None
+    path = directory / pointer.read_text().strip()
+    return path if path.is_dir() else None
