@@ -52,6 +52,22 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported to {out}: lm/ (Hugging Face), vision/ (safetensors + config), recipe.yaml, README.md")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from vlmtrain.evaluate import evaluate, log_to_wandb
+    from vlmtrain.export import results_table
+
+    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+    names = args.names.split(",") if args.names else None
+    out = args.out or args.models[0] / "eval"
+    results = evaluate(args.models, args.data, budgets, args.limit, out, names, generate=not args.no_generate, max_new_tokens=args.max_new_tokens)
+    for model in results["models"]:
+        print(f"{model['name']} ({model['path']}):")
+        print(results_table(model))
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
+    if args.wandb:
+        log_to_wandb(results, out, args.wandb_project, offline=not args.wandb_online)
+
+
 def cmd_demo_data(args: argparse.Namespace) -> None:
     from vlmtrain.data.demo import make_demo_shards
 
@@ -92,6 +108,20 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--keep-adapter", action="store_true", help="keep LoRA adapters separate instead of merging them")
     sub.add_argument("--eval", type=Path, help="an eval.json whose per-budget table goes into the model card")
     sub.set_defaults(handler=cmd_export)
+
+    sub = commands.add_parser("eval", help="quality and cost of one or several models at each budget, on the same shards")
+    sub.add_argument("models", type=Path, nargs="+", help="export folders or run directories")
+    sub.add_argument("--data", required=True, help="shard spec, e.g. data/generated/demo/val-000000.tar")
+    sub.add_argument("--budgets", help="comma-separated, e.g. 70,280,1120 (default: every level the model serves)")
+    sub.add_argument("--limit", type=int, default=64, help="samples per budget")
+    sub.add_argument("--names", help="comma-separated names for the models (default: folder names)")
+    sub.add_argument("--out", type=Path, help="folder for eval.json and eval.png (default: FIRST_MODEL/eval)")
+    sub.add_argument("--no-generate", action="store_true", help="skip generation: no exact match or word recall, faster")
+    sub.add_argument("--max-new-tokens", type=int, default=16)
+    sub.add_argument("--wandb", action="store_true", help="also log the table and plot to W&B")
+    sub.add_argument("--wandb-project", default="vlmtrain")
+    sub.add_argument("--wandb-online", action="store_true", help="log online (default: offline)")
+    sub.set_defaults(handler=cmd_eval)
 
     sub = commands.add_parser("demo-data", help="render the demo task (words on real photos) into shards")
     sub.add_argument("--out", type=Path, default=Path("data/generated/demo"))

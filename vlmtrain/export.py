@@ -84,6 +84,8 @@ def vision_config(model: VisionLanguageModel, recipe: Recipe) -> dict[str, Any]:
         "image_token": recipe.model.lm.image_token,
         "image_token_id": model.image_token_id,
         "prompt": recipe.data.prompt,
+        "prompt_field": recipe.data.prompt_field,
+        "target_field": recipe.data.target_field,
     }
 
 

@@ -23,10 +23,12 @@ PARTS = ("vision", "pooling", "projector", "lm")
 
 @dataclass
 class SampleLosses:
-    """Summed target-token loss and number of target tokens, per sample."""
+    """Per sample: summed target-token loss, number of target tokens, and how many of them the model's
+    most likely next token got right (teacher forcing)."""
 
     loss_sum: torch.Tensor
     tokens: torch.Tensor
+    correct: torch.Tensor
 
     def mean(self) -> torch.Tensor:
         """Mean loss over all target tokens of the batch."""
@@ -115,4 +117,5 @@ class VisionLanguageModel(nn.Module):
         labels = targets[:, predicted]
         losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
         counted = labels != IGNORE_INDEX
-        return SampleLosses(loss_sum=(losses * counted).sum(dim=1), tokens=counted.sum(dim=1))
+        correct = (logits.argmax(dim=-1) == labels) & counted
+        return SampleLosses(loss_sum=(losses * counted).sum(dim=1), tokens=counted.sum(dim=1), correct=correct.sum(dim=1))

@@ -1,0 +1,205 @@
+"""``vlmtrain eval``: quality and cost of one or several models at each budget, on the same shards.
+
+Per budget: loss and token accuracy over target tokens (teacher forcing), exact match and word recall of
+greedy generations, visual tokens per image, images per second (batched) and latency per image (one at
+a time). Writes ``eval.json`` and ``eval.png`` (quality and latency against budget, a line per model).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from vlmtrain.data.batch import Batch, ImageBatch
+from vlmtrain.data.builder import BatchBuilder, SampleFormat
+from vlmtrain.data.pipeline import EvalStream
+from vlmtrain.data.sources import expand_shards
+from vlmtrain.errors import UserError
+from vlmtrain.inference import ExportedModel
+from vlmtrain.text import IGNORE_INDEX
+
+
+@dataclass
+class BudgetResult:
+    """One model at one budget."""
+
+    budget: int
+    samples: int
+    images: int
+    loss: float
+    token_accuracy: float
+    exact_match: float | None
+    word_recall: float | None
+    visual_tokens_per_image: float
+    images_per_s: float
+    latency_ms: float
+
+
+def open_model(path: Path) -> ExportedModel:
+    """An export folder, or a run directory (its latest checkpoint), ready for evaluation."""
+    from vlmtrain.export import trained_model, vision_config
+    from vlmtrain.inference import load
+
+    if (path / "vision" / "config.json").is_file():
+        return load(path)
+    if (path / "recipe.yaml").is_file():
+        model, tokenizer, recipe, _ = trained_model(path)
+        return ExportedModel(model, tokenizer, vision_config(model, recipe))
+    raise UserError(f"{path}: neither an export folder (vision/config.json) nor a run directory (recipe.yaml)")
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def word_recall(target: str, generated: str) -> float:
+    """Share of the target's words that the generation contains (1.0 for an empty target)."""
+    expected = words(target)
+    found = set(words(generated))
+    return sum(word in found for word in expected) / len(expected) if expected else 1.0
+
+
+def sample_images(images: ImageBatch, row: int) -> ImageBatch:
+    """The images of one sample of a batch, as a batch of their own."""
+    chosen = images.sample_index == row
+    return ImageBatch(images.pixels[chosen], images.positions[chosen], images.token_grids[chosen], torch.zeros(int(chosen.sum()), dtype=torch.long))
+
+
+@torch.no_grad()
+def prefill(model: ExportedModel, batch: Batch, row: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One sample's prompt alone through encoder and LM: (prompt ids, input embeddings, seconds taken)."""
+    start = int(torch.nonzero(batch.labels[row] != IGNORE_INDEX)[0, 0])
+    prompt = batch.input_ids[row : row + 1, :start]
+    began = time.perf_counter()
+    embeds = model.model.embed(prompt, sample_images(batch.images, row))
+    model.model.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), use_cache=False)
+    return prompt, embeds, time.perf_counter() - began
+
+
+@torch.no_grad()
+def generate_row(model: ExportedModel, batch: Batch, row: int, prompt: torch.Tensor, embeds: torch.Tensor, max_new_tokens: int) -> tuple[str, str]:
+    """(target, greedy generation) of one sample."""
+    start = prompt.shape[1]
+    target = model.tokenizer.decode(batch.input_ids[row, start : int(batch.attention_mask[row].sum())], skip_special_tokens=True)
+    output = model.model.lm.generate(
+        inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=model.tokenizer.pad_token_id, eos_token_id=model.tokenizer.eos_token_id,
+    )
+    return target, model.tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+LATENCY_SAMPLES = 8
+
+
+@torch.no_grad()
+def evaluate_budget(model: ExportedModel, urls: list[str], budget: int, limit: int, batch_tokens: int, generate: bool, max_new_tokens: int) -> BudgetResult:
+    """One model at one budget over the first ``limit`` samples of ``urls`` (latency: the first few, alone)."""
+    config = model.config
+    sample_format = SampleFormat(prompt=config["prompt"], target_field=config["target_field"], prompt_field=config.get("prompt_field"))
+    builder = BatchBuilder(model.geometry, model.text, sample_format, max_image_pixels=10**9)
+    loss_sum = correct = tokens = samples = images = visual = 0
+    seconds = 0.0
+    exact, recall, latencies = [], [], []
+    for batch in EvalStream(urls, builder, budget, limit, batch_tokens, max_batch_size=64):
+        began = time.perf_counter()
+        losses = model.model.sample_losses(batch)
+        seconds += time.perf_counter() - began
+        loss_sum += float(losses.loss_sum.sum())
+        correct += int(losses.correct.sum())
+        tokens += int(losses.tokens.sum())
+        samples += batch.size
+        images += batch.images.count
+        visual += int(batch.images.token_counts.sum())
+        for row in range(batch.size):
+            if not generate and len(latencies) >= LATENCY_SAMPLES:
+                break
+            prompt, embeds, latency = prefill(model, batch, row)
+            latencies.append(latency)
+            if generate:
+                target, generated = generate_row(model, batch, row, prompt, embeds, max_new_tokens)
+                exact.append(generated.strip() == target.strip())
+                recall.append(word_recall(target, generated))
+    if samples == 0:
+        raise UserError(f"no usable sample in {urls[:1]}... for this model's prompt and target field")
+    return BudgetResult(
+        budget=budget,
+        samples=samples,
+        images=images,
+        loss=loss_sum / max(tokens, 1),
+        token_accuracy=correct / max(tokens, 1),
+        exact_match=sum(exact) / len(exact) if exact else None,
+        word_recall=sum(recall) / len(recall) if recall else None,
+        visual_tokens_per_image=visual / max(images, 1),
+        images_per_s=images / seconds if seconds else 0.0,
+        latency_ms=1000 * sum(latencies) / len(latencies),
+    )
+
+
+def evaluate(
+    models: list[Path], data: str, budgets: list[int] | None, limit: int, out: Path, names: list[str] | None = None,
+    batch_tokens: int = 8192, generate: bool = True, max_new_tokens: int = 16,
+) -> dict:
+    """Evaluate every model at every budget; write ``out/eval.json`` and ``out/eval.png``; return the results."""
+    urls = expand_shards(data)
+    names = names or [path.name for path in models]
+    if len(names) != len(models):
+        raise UserError(f"{len(names)} names for {len(models)} models")
+    results = {"data": data, "limit": limit, "models": []}
+    for name, path in zip(names, models):
+        model = open_model(path)
+        levels = budgets or list(model.geometry.levels)
+        rows = [evaluate_budget(model, urls, budget, limit, batch_tokens, generate, max_new_tokens) for budget in levels]
+        results["models"].append({"name": name, "path": str(path), "budgets": [asdict(row) for row in rows]})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "eval.png")
+    return results
+
+
+def plot(results: dict, path: Path) -> None:
+    """Two panels: quality (token accuracy, and exact match when generated) and latency, against budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (quality, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for model in results["models"]:
+        rows = model["budgets"]
+        budgets = [row["budget"] for row in rows]
+        line = quality.plot(budgets, [row["token_accuracy"] for row in rows], marker="o", label=f"{model['name']}: token accuracy")[0]
+        if rows[0]["exact_match"] is not None:
+            quality.plot(budgets, [row["exact_match"] for row in rows], marker="s", linestyle="--", color=line.get_color(), label=f"{model['name']}: exact match")
+        latency.plot(budgets, [row["latency_ms"] for row in rows], marker="o", color=line.get_color(), label=model["name"])
+    for axis, title, label in ((quality, "quality vs budget", "share of targets right"), (latency, "latency vs budget", "ms per image (prefill)")):
+        axis.set_xscale("log")
+        axis.set_xticks(sorted({row["budget"] for m in results["models"] for row in m["budgets"]}))
+        axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_xlabel("visual-token budget")
+        axis.set_ylabel(label)
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    quality.set_ylim(-0.02, 1.02)
+    latency.set_ylim(bottom=0)
+    quality.legend(fontsize=7)
+    latency.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def log_to_wandb(results: dict, out: Path, project: str, offline: bool) -> None:
+    """Log the results table and the plot to a W&B run (offline unless asked)."""
+    import wandb
+
+    run = wandb.init(project=project, job_type="eval", mode="offline" if offline else "online", dir=str(out))
+    columns = ["model", *BudgetResult.__dataclass_fields__]
+    table = wandb.Table(columns=columns, data=[[m["name"], *row.values()] for m in results["models"] for row in m["budgets"]])
+    run.log({"eval/table": table, "eval/plot": wandb.Image(str(out / "eval.png"))})
+    run.finish()
