@@ -56,7 +56,7 @@ def error_of(overrides: list[str]) -> str:
         ("budget.default=100", "budget.default: 100 is not in budget.levels"),
         ("budget.mode=random", "budget.mode: 'random' is not one of sample, matryoshka"),
         ("model.pooling.kind=avg", "model.pooling.kind: 'avg' is not one of average, attention"),
-        ("model.vision.backbone=siglip", "model.vision.backbone: 'siglip' is not one of native, siglip2, gemma4; did you mean 'siglip2'?"),
+        ("model.vision.backbone=siglip", "model.vision.backbone: 'siglip' is not one of native, siglip2, gemma4, dinov2; did you mean 'siglip2'?"),
         ("logger=tensorboard", "logger: 'tensorboard' is not one of wandb, csv, none"),
         ("trainer.precision=bf16", "trainer.precision: 'bf16' is not one of"),
         ("data.prompt=Describe", "data.prompt: must contain the image marker '<image>'"),

@@ -368,6 +368,13 @@ def test_eval_stream_yields_the_first_samples_in_order_at_one_budget(builder, de
     assert {b.budget for b in batches} == {140} and all(int(b.attention_mask.sum()) <= 320 for b in batches)
 
 
+def test_eval_stream_keeps_only_the_samples_asked_for(builder, demo_dir):
+    urls = [str(demo_dir / "val-000000.tar")]
+    small = [key for b in EvalStream(urls, builder, 70, 100, 2000, 8, where={"size": "small"}) for key in b.keys]
+    expected = [s.key for s in good_samples(urls) if s.record["size"] == "small"]
+    assert small == expected and 0 < len(small) < len(good_samples(urls))
+
+
 def test_eval_stream_skips_bad_samples(builder, tmp_path):
     shard = write_tar(tmp_path / "e.tar", [("a.json", record("a", (40, 30))), ("a.0.png", png(40, 30)), ("b.json", record("b", (40, 30))), ("b.0.png", b"x"), ("c.json", record("c", (40, 30))), ("c.0.png", png(40, 30))])
     stream = EvalStream([shard], builder, budget=70, limit=10, batch_tokens=1120, max_batch_size=2)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import Gemma4VisionConfig, Gemma4VisionModel, Siglip2VisionConfig, Siglip2VisionModel
+from transformers import Dinov2Config, Dinov2Model, Gemma4VisionConfig, Gemma4VisionModel, Siglip2VisionConfig, Siglip2VisionModel
 
 from vlmtrain.config import LMConfig, ModelConfig, PoolingConfig, VisionConfig
 from vlmtrain.data.batch import ImageBatch
@@ -166,7 +166,7 @@ def save_as_full_checkpoint(model: torch.nn.Module, folder, model_type: str, pre
     (folder / "config.json").write_text(json.dumps({"model_type": model_type, "vision_config": vision_config, "text_config": {}}))
     tensors = {prefix + name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     tensors["model.language_model.embed_tokens.weight"] = torch.zeros(4, 4)
-    save_file(tensors, str(folder / "model-00001-of-00001.safetensors"))
+    save_file(tensors, str(folder / "model.safetensors"))
 
 
 def test_gemma4_tower_loads_from_a_whole_gemma4_checkpoint(tmp_path):
@@ -203,6 +203,25 @@ def test_siglip2_backbone_loads_from_a_whole_siglip2_checkpoint_and_ignores_padd
                 pixel_values=alone.pixels.float() / 127.5 - 1, pixel_attention_mask=torch.ones(alone.pixels.shape[:2]), spatial_shapes=grids[index : index + 1]
             ).last_hidden_state[0]
             torch.testing.assert_close(batched[index, : expected.shape[0]], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_dinov2_backbone_equals_dinov2_on_each_image_alone(tmp_path):
+    torch.manual_seed(0)
+    reference = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=112)).eval()
+    reference.save_pretrained(tmp_path)
+    backbone = load_tower("dinov2", str(tmp_path), {}).eval()
+    assert (backbone.patch_size, backbone.width) == (14, 32)
+    geometry = Geometry(patch_size=14, pool=2)
+    images = image_batch(geometry, [(100, 300), (300, 100), (110, 290)], budget=70)  # two share a grid
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        batched = backbone(images.pixels, images.positions, images.token_grids * 2)
+        for index in range(3):
+            rows, cols = (images.token_grids[index] * 2).tolist()
+            count = rows * cols
+            canvas = images.pixels[index, :count].float().view(rows, cols, 14, 14, 3).permute(4, 0, 2, 1, 3).reshape(3, rows * 14, cols * 14) / 255
+            expected = reference(pixel_values=((canvas - mean) / std)[None]).last_hidden_state[0, 1:]
+            torch.testing.assert_close(batched[index, :count], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_lm_from_a_local_folder_gets_an_image_token_and_room_for_it(tmp_path):

@@ -64,6 +64,11 @@ def test_one_marker_stands_for_all_images_of_the_sample(encoder):
     assert image not in without and encoder.tokenizer.decode(without, skip_special_tokens=True) == "Look:  nowx"
 
 
+def test_a_prompt_that_starts_with_the_bos_token_gets_no_second_one(encoder):
+    ids = encoder.encode_prompt("<bos>chat <image>", [2])
+    assert ids.count(encoder.tokenizer.bos_token_id) == 1 and ids[0] == encoder.tokenizer.bos_token_id
+
+
 def test_text_only_sample(encoder):
     encoded = encoder.encode("Say hi:", "hi", [])
     assert encoder.image_token_id not in encoded.input_ids

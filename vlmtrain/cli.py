@@ -59,7 +59,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
     names = args.names.split(",") if args.names else None
     out = args.out or args.models[0] / "eval"
-    results = evaluate(args.models, args.data, budgets, args.limit, out, names, generate=not args.no_generate, max_new_tokens=args.max_new_tokens)
+    if any("=" not in condition for condition in args.where):
+        raise UserError(f"--where takes FIELD=VALUE, got {args.where}")
+    where = dict(condition.split("=", 1) for condition in args.where)
+    results = evaluate(
+        args.models, args.data, budgets, args.limit, out, names, generate=not args.no_generate, max_new_tokens=args.max_new_tokens, where=where
+    )
     for model in results["models"]:
         print(f"{model['name']} ({model['path']}):")
         print(results_table(model))
@@ -118,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", type=Path, help="folder for eval.json and eval.png (default: FIRST_MODEL/eval)")
     sub.add_argument("--no-generate", action="store_true", help="skip generation: no exact match or word recall, faster")
     sub.add_argument("--max-new-tokens", type=int, default=16)
+    sub.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE", help="only samples whose record has FIELD=VALUE (repeatable)")
     sub.add_argument("--wandb", action="store_true", help="also log the table and plot to W&B")
     sub.add_argument("--wandb-project", default="vlmtrain")
     sub.add_argument("--wandb-online", action="store_true", help="log online (default: offline)")

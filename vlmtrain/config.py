@@ -19,7 +19,7 @@ from omegaconf import errors as oc_errors
 from vlmtrain.errors import UserError
 from vlmtrain.geometry import DEFAULT_BUDGET, LEVELS
 
-BACKBONES = ("native", "siglip2", "gemma4")
+BACKBONES = ("native", "siglip2", "gemma4", "dinov2")
 STEMS = ("conv", "linear")
 POOLINGS = ("average", "attention")
 LOGGERS = ("wandb", "csv", "none")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from vlmtrain.data.builder import BatchBuilder, SampleFormat
 from vlmtrain.data.pipeline import EvalStream
 from vlmtrain.data.sources import expand_shards
 from vlmtrain.errors import UserError
+from vlmtrain.geometry import LEVELS
 from vlmtrain.inference import ExportedModel
 from vlmtrain.text import IGNORE_INDEX
 
@@ -97,15 +98,20 @@ LATENCY_SAMPLES = 8
 
 
 @torch.no_grad()
-def evaluate_budget(model: ExportedModel, urls: list[str], budget: int, limit: int, batch_tokens: int, generate: bool, max_new_tokens: int) -> BudgetResult:
+def evaluate_budget(
+    model: ExportedModel, urls: list[str], budget: int, limit: int, batch_tokens: int, generate: bool, max_new_tokens: int,
+    where: dict[str, str] | None = None,
+) -> BudgetResult:
     """One model at one budget over the first ``limit`` samples of ``urls`` (latency: the first few, alone)."""
     config = model.config
     sample_format = SampleFormat(prompt=config["prompt"], target_field=config["target_field"], prompt_field=config.get("prompt_field"))
-    builder = BatchBuilder(model.geometry, model.text, sample_format, max_image_pixels=10**9)
+    # any of the five levels, also those the model was not trained at: how it fares there is the question
+    geometry = replace(model.geometry, levels=LEVELS)
+    builder = BatchBuilder(geometry, model.text, sample_format, max_image_pixels=10**9)
     loss_sum = correct = tokens = samples = images = visual = 0
     seconds = 0.0
     exact, recall, latencies = [], [], []
-    for batch in EvalStream(urls, builder, budget, limit, batch_tokens, max_batch_size=64):
+    for batch in EvalStream(urls, builder, budget, limit, batch_tokens, max_batch_size=64, where=where):
         began = time.perf_counter()
         losses = model.model.sample_losses(batch)
         seconds += time.perf_counter() - began
@@ -142,18 +148,19 @@ def evaluate_budget(model: ExportedModel, urls: list[str], budget: int, limit: i
 
 def evaluate(
     models: list[Path], data: str, budgets: list[int] | None, limit: int, out: Path, names: list[str] | None = None,
-    batch_tokens: int = 8192, generate: bool = True, max_new_tokens: int = 16,
+    batch_tokens: int = 8192, generate: bool = True, max_new_tokens: int = 16, where: dict[str, str] | None = None,
 ) -> dict:
-    """Evaluate every model at every budget; write ``out/eval.json`` and ``out/eval.png``; return the results."""
+    """Evaluate every model at every budget (on the samples whose record matches ``where``); write
+    ``out/eval.json`` and ``out/eval.png``; return the results."""
     urls = expand_shards(data)
     names = names or [path.name for path in models]
     if len(names) != len(models):
         raise UserError(f"{len(names)} names for {len(models)} models")
-    results = {"data": data, "limit": limit, "models": []}
+    results = {"data": data, "limit": limit, "where": where or {}, "models": []}
     for name, path in zip(names, models):
         model = open_model(path)
         levels = budgets or list(model.geometry.levels)
-        rows = [evaluate_budget(model, urls, budget, limit, batch_tokens, generate, max_new_tokens) for budget in levels]
+        rows = [evaluate_budget(model, urls, budget, limit, batch_tokens, generate, max_new_tokens, where) for budget in levels]
         results["models"].append({"name": name, "path": str(path), "budgets": [asdict(row) for row in rows]})
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=1))

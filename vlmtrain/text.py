@@ -76,8 +76,8 @@ class TextEncoder:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else ()
 
     def encode_prompt(self, prompt: str, image_tokens: list[int]) -> list[int]:
-        """The prompt's token ids (after a BOS token when the tokenizer has one); image ``i`` becomes
-        ``image_tokens[i]`` placeholders.
+        """The prompt's token ids (after a BOS token when the tokenizer has one and the prompt does not start
+        with it, as chat templates do); image ``i`` becomes ``image_tokens[i]`` placeholders.
 
         Several markers in ``prompt`` place the images one for one; a single marker (or none: the front)
         stands for all of the sample's images in order, so one template serves samples with 0, 1 or many.
@@ -89,7 +89,8 @@ class TextEncoder:
                 raise TextError(f"prompt has {len(pieces) - 1} image markers for {len(image_tokens)} images")
             before, after = pieces if len(pieces) == 2 else ("", pieces[0])
             pieces = [before] + [""] * (len(image_tokens) - 1) + [after] if image_tokens else [before + after]
-        input_ids = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        bos = self.tokenizer.bos_token
+        input_ids = [self.tokenizer.bos_token_id] if bos is not None and not prompt.startswith(bos) else []
         for piece, count in zip(pieces, image_tokens + [0]):
             input_ids += [*self._ids(piece), *[self.image_token_id] * count]
         return input_ids

@@ -206,15 +206,20 @@ class TrainStream(IterableDataset):
 
 
 class EvalStream(IterableDataset):
-    """The first ``limit`` usable samples of ``urls``, in order, batched at one fixed ``budget``."""
+    """The first ``limit`` usable samples of ``urls`` (those whose record matches ``where``), in order,
+    batched at one fixed ``budget``."""
 
-    def __init__(self, urls: list[str], builder: BatchBuilder, budget: int, limit: int, batch_tokens: int, max_batch_size: int) -> None:
+    def __init__(
+        self, urls: list[str], builder: BatchBuilder, budget: int, limit: int, batch_tokens: int, max_batch_size: int,
+        where: dict[str, str] | None = None,
+    ) -> None:
         self.urls = urls
         self.builder = builder
         self.budget = budget
         self.limit = limit
         self.batch_tokens = batch_tokens
         self.max_batch_size = max_batch_size
+        self.where = where or {}
         self.skips = SkipLog()
 
     def samples(self) -> Iterator[RawSample]:
@@ -222,7 +227,7 @@ class EvalStream(IterableDataset):
             for sample in read_shard(url):
                 if isinstance(sample, SampleError):
                     self.skips.add(sample.kind, f"{sample} (shard {url})")
-                else:
+                elif all(str(sample.record.get(field)) == value for field, value in self.where.items()):
                     yield sample
 
     def __iter__(self) -> Iterator[Batch]:

@@ -6,6 +6,7 @@ Every backbone exposes ``patch_size`` and ``width``; the geometry and the projec
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,18 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def image_canvases(pixels: torch.Tensor, patch_grids: torch.Tensor, patch_size: int, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The images of a batch re-assembled from their patches, one group per patch grid: yields the group's
+    indices and its images ``(n, 3, rows*patch, cols*patch)`` in [0, 1]. Each image's patches come first
+    in its row, row-major (the :class:`~vlmtrain.data.batch.ImageBatch` layout)."""
+    for grid in torch.unique(patch_grids, dim=0):
+        rows, cols = int(grid[0]), int(grid[1])
+        members = torch.nonzero((patch_grids == grid).all(dim=1)).squeeze(1)
+        canvas = unit_pixels(pixels[members, : rows * cols], dtype)
+        canvas = canvas.view(-1, rows, cols, patch_size, patch_size, 3).permute(0, 5, 1, 3, 2, 4)
+        yield members, canvas.reshape(-1, 3, rows * patch_size, cols * patch_size)
+
+
 class LinearStem(nn.Module):
     """The classic ViT patch embedding: one linear map of each patch's pixels."""
 
@@ -123,17 +136,11 @@ class ConvStem(nn.Module):
         self.width = width
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
-        patch, images = self.patch_size, pixels.shape[0]
         dtype = self.convs[0].weight.dtype
-        out = pixels.new_zeros(images, pixels.shape[1], self.width, dtype=dtype)
-        for grid in torch.unique(patch_grids, dim=0):
-            rows, cols = int(grid[0]), int(grid[1])
-            members = torch.nonzero((patch_grids == grid).all(dim=1)).squeeze(1)
-            count = rows * cols  # each image's patches come first, row-major (ImageBatch layout)
-            canvas = unit_pixels(pixels[members, :count], dtype) * 2.0 - 1.0
-            canvas = canvas.view(-1, rows, cols, patch, patch, 3).permute(0, 5, 1, 3, 2, 4).reshape(-1, 3, rows * patch, cols * patch)
-            features = self.convs(canvas).permute(0, 2, 3, 1).reshape(-1, count, self.width)
-            out[members, :count] = features
+        out = pixels.new_zeros(pixels.shape[0], pixels.shape[1], self.width, dtype=dtype)
+        for members, canvas in image_canvases(pixels, patch_grids, self.patch_size, dtype):
+            features = self.convs(canvas * 2.0 - 1.0).flatten(2).transpose(1, 2)
+            out[members, : features.shape[1]] = features
         return self.norm(out)
 
 

@@ -14,9 +14,17 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import Gemma4VisionConfig, Gemma4VisionModel, PreTrainedConfig, Siglip2VisionConfig, Siglip2VisionModel
+from transformers import (
+    Dinov2Config,
+    Dinov2Model,
+    Gemma4VisionConfig,
+    Gemma4VisionModel,
+    PreTrainedConfig,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
+)
 
-from vlmtrain.model.backbone import VisionBackbone, unit_pixels
+from vlmtrain.model.backbone import VisionBackbone, image_canvases, unit_pixels
 
 
 class Siglip2Backbone(VisionBackbone):
@@ -63,9 +71,33 @@ class Gemma4Backbone(VisionBackbone):
         return hidden
 
 
+class Dinov2Backbone(VisionBackbone):
+    """DINOv2 (ImageNet-normalised pixels; its position table is interpolated to each grid). It takes whole
+    images without a padding mask, so images run in groups of equal patch grid; the class and register
+    tokens are dropped, the patch tokens kept."""
+
+    def __init__(self, model: Dinov2Model) -> None:
+        super().__init__()
+        self.model = model
+        self.patch_size = model.config.patch_size
+        self.width = model.config.hidden_size
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.embeddings.patch_embeddings.projection.weight.dtype
+        out = pixels.new_zeros(pixels.shape[0], pixels.shape[1], self.width, dtype=dtype)
+        skip = 1 + getattr(self.model.config, "num_register_tokens", 0)
+        for members, canvas in image_canvases(pixels, patch_grids, self.patch_size, dtype):
+            hidden = self.model(pixel_values=(canvas - self.mean.to(dtype)) / self.std.to(dtype)).last_hidden_state[:, skip:]
+            out[members, : hidden.shape[1]] = hidden
+        return out
+
+
 @dataclass(frozen=True)
 class TowerSpec:
-    """How to find one kind of vision tower: its classes, model_type and weight prefixes in full checkpoints."""
+    """How to find one kind of vision tower: its classes, model_type, and the weight prefixes to read in a
+    whole-model checkpoint that transformers cannot load the tower from (empty: it can)."""
 
     model_class: type[nn.Module]
     config_class: type[PreTrainedConfig]
@@ -76,12 +108,11 @@ class TowerSpec:
 
 
 TOWERS: dict[str, TowerSpec] = {
-    "siglip2": TowerSpec(
-        Siglip2VisionModel, Siglip2VisionConfig, Siglip2Backbone, "siglip2_vision_model", ("vision_model.",), {"vision_use_head": False}
-    ),
+    "siglip2": TowerSpec(Siglip2VisionModel, Siglip2VisionConfig, Siglip2Backbone, "siglip2_vision_model", (), {"vision_use_head": False}),
     "gemma4": TowerSpec(
         Gemma4VisionModel, Gemma4VisionConfig, Gemma4Backbone, "gemma4_vision", ("model.vision_tower.", "vision_tower."), {}
     ),
+    "dinov2": TowerSpec(Dinov2Model, Dinov2Config, Dinov2Backbone, "dinov2", (), {}),
 }
 
 
@@ -128,19 +159,28 @@ def _tower_tensors(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Ten
 
 
 def load_tower(kind: str, path: str | None, overrides: dict[str, Any], attn_implementation: str = "sdpa") -> VisionBackbone:
-    """Build backbone ``kind`` with random weights (``path`` None) or load it from a local folder."""
+    """Build backbone ``kind`` with random weights (``path`` None) or load it from a local folder.
+
+    transformers loads the folder when it can (it renames legacy weight names, and under DeepSpeed ZeRO-3
+    loads them partitioned); a whole-model checkpoint it cannot take the tower from is read by prefix."""
     spec = TOWERS[kind]
     config = tower_config(kind, path, overrides)
     config._attn_implementation = attn_implementation
-    model = spec.model_class(config)
-    if path is not None:
-        folder = Path(path)
-        stored_type = read_config(folder).get("model_type")
-        state = _tower_tensors(folder, ("",) if stored_type == spec.model_type else spec.prefixes)
+    if path is None:
+        return spec.backbone_class(spec.model_class(config))
+    if read_config(path).get("model_type") == spec.model_type or not spec.prefixes:
+        model, info = spec.model_class.from_pretrained(
+            path, config=config, local_files_only=True, dtype=torch.get_default_dtype(), output_loading_info=True
+        )
+        missing = info["missing_keys"]
+    else:
+        model = spec.model_class(config)
+        state = _tower_tensors(Path(path), spec.prefixes)
         missing = [name for name in model.state_dict() if name not in state]
-        if missing:
-            raise ValueError(f"{path}: {len(missing)} {kind} weights missing, e.g. {missing[:3]}")
-        load_weights(model, state)
+        if not missing:
+            load_weights(model, state)
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} {kind} weights missing, e.g. {sorted(missing)[:3]}")
     return spec.backbone_class(model)
 
 

@@ -90,6 +90,11 @@ class VLMModule(L.LightningModule):
             return
         self.model = build_model(self.recipe.model, tuple(self.recipe.budget.levels), self.tokenizer, self.recipe.seed)
         set_trainable(self.model, self.recipe.optim)
+        # from_pretrained leaves models in eval mode: what trains must train (dropout on); frozen parts stay in eval
+        self.model.train()
+        for part in self.model.parts().values():
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
 
     def on_fit_start(self) -> None:
         rank_zero_info("trainable parameters:\n" + trainable_report(self.model, self.recipe.optim))
