@@ -30,16 +30,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vlmtrain.budget import BudgetSchedule  # noqa: E402
-from vlmtrain.data.builder import BatchBuilder, SampleFormat  # noqa: E402
-from vlmtrain.data.datamodule import _unbatched  # noqa: E402
-from vlmtrain.data.demo import PHOTOS, _photo  # noqa: E402
-from vlmtrain.data.pipeline import StreamSettings, TrainStream  # noqa: E402
-from vlmtrain.data.samples import RawSample  # noqa: E402
-from vlmtrain.data.shards import write_shards  # noqa: E402
-from vlmtrain.data.sources import Source, read_shard  # noqa: E402
-from vlmtrain.geometry import LEVELS, Geometry  # noqa: E402
-from vlmtrain.text import TextEncoder, build_byte_tokenizer  # noqa: E402
+from vlmtrain.budget import BudgetSchedule
+from vlmtrain.data.builder import BatchBuilder, SampleFormat
+from vlmtrain.data.datamodule import _unbatched
+from vlmtrain.data.demo import PHOTOS, _photo
+from vlmtrain.data.pipeline import StreamSettings, TrainStream
+from vlmtrain.data.samples import RawSample
+from vlmtrain.data.shards import write_shards
+from vlmtrain.data.sources import Source, read_shard
+from vlmtrain.geometry import LEVELS, Geometry
+from vlmtrain.text import TextEncoder, build_byte_tokenizer
 
 ASPECTS = [(4, 3), (3, 2), (16, 9), (1, 1), (3, 4), (2, 3), (9, 16), (3, 1), (1, 3), (21, 9)]
 GEOMETRY = Geometry(patch_size=16, pool=3)  # Gemma 4's

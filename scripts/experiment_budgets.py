@@ -8,7 +8,7 @@ fixed-budget model at that model's own budget and much better than a fixed-budge
 budget; detail (small text) needs a high budget while coarse content (large text) does not.
 Every run sees the same 8 images per step (so "same data and steps" holds whatever the budget), drawn
 from 4096 rendered samples (written to data/generated/budgets when missing). Runs that already finished
-are not trained again. Writes OUT/eval{,-small,-large}/ with eval.json, eval.png and results.md.
+are not trained again. Writes OUT/eval-small/ and OUT/eval-large/ with eval.json, eval.png and results.md.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "budgets-dinov2.yaml"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "budgets")
-    parser.add_argument("--limit", type=int, default=64, help="evaluation samples per budget and text size")
+    parser.add_argument("--limit", type=int, default=64, help="evaluation samples per text size")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if not (DATA / "val-index.json").is_file():
@@ -62,18 +62,16 @@ def main() -> None:
     runs = {"mixed": LEVELS, **{f"fixed-{b}": [b] for b in LEVELS}}
     for name, levels in runs.items():
         train(args.recipe, args.out / name, levels, args.steps, args.overrides)
-    for group in ("", "small", "large"):
-        out = args.out / ("eval" if not group else f"eval-{group}")
+    for group in ("small", "large"):
+        out = args.out / f"eval-{group}"
         command = [sys.executable, "-m", "vlmtrain.cli", "eval", *(str(args.out / n) for n in runs), "--names", ",".join(runs),
                    "--data", str(DATA / "val-000000.tar"), "--budgets", ",".join(map(str, LEVELS)),
-                   "--limit", str(args.limit * (2 if not group else 1)), "--out", str(out)]
-        if group:
-            command += ["--where", f"size={group}"]
+                   "--limit", str(args.limit), "--where", f"size={group}", "--out", str(out)]
         print(" ".join(command), flush=True)
         subprocess.run(command, check=True, cwd=ROOT)
         results = json.loads((out / "eval.json").read_text())
         (out / "results.md").write_text(results_markdown(results) + "\n")
-        print(f"\n{group or 'all'} samples:\n{results_markdown(results)}\n", flush=True)
+        print(f"\n{group} text:\n{results_markdown(results)}\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import IMAGES
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from conftest import IMAGES
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.data.builder import BatchBuilder, SampleFormat
 from vlmtrain.data.datamodule import _unbatched
@@ -84,7 +84,7 @@ def test_shards_are_deterministic_and_indexed(tmp_path):
     records = list(read_annotations(IMAGES / "captions.jsonl"))
     first = write_shards(records, IMAGES, tmp_path / "a", "s", samples_per_shard=5)
     second = write_shards(records, IMAGES, tmp_path / "b", "s", samples_per_shard=5)
-    assert first.shards == {"s-000000.tar": 5, "s-000001.tar": 5, "s-000002.tar": 5, "s-000003.tar": 1}
+    assert first.shards == second.shards == {"s-000000.tar": 5, "s-000001.tar": 5, "s-000002.tar": 5, "s-000003.tar": 1}
     for name in first.shards:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     index = json.loads((tmp_path / "a" / "s-index.json").read_text())

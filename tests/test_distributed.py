@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import IMAGES, TINY, small_overrides
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import IMAGES, TINY, small_overrides
 from vlmtrain.config import load_recipe
 from vlmtrain.data.shards import write_shards
 from vlmtrain.data.sources import ShardSequence, Source, StreamId
@@ -190,7 +190,7 @@ def pretrained_dir(tmp_path_factory) -> Path:
 
 def test_zero3_loads_local_pretrained_weights_exactly(demo_dir, pretrained_dir, tmp_path):
     common = (
-        f"model.vision.backbone=gemma4", f"model.vision.path={pretrained_dir}/gemma4", "model.pooling.size=null",
+        "model.vision.backbone=gemma4", f"model.vision.path={pretrained_dir}/gemma4", "model.pooling.size=null",
         f"model.lm.path={pretrained_dir}/llama", "model.lm.hf_config={}", "optim.vision.trainable=false",
         "data.pool_size=2", "data.max_batch_size=2", "data.val=null", "trainer.max_steps=1", "budget.levels=[70]",
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import small_recipe
 from PIL import Image
 
-from conftest import small_recipe
 from vlmtrain.evaluate import evaluate, word_recall
 from vlmtrain.export import export
 from vlmtrain.train.run import fit
@@ -54,3 +54,14 @@ def test_word_recall():
     assert word_recall("a red Cat", "the cat is red") == pytest.approx(2 / 3)
     assert word_recall("", "anything") == 1.0
     assert word_recall("moon", "mo on") == 0.0
+
+
+def test_results_reach_wandb_offline(trained_run, demo_dir, tmp_path):
+    from vlmtrain.evaluate import log_to_wandb
+
+    results = evaluate([trained_run], f"{demo_dir}/val-000000.tar", budgets=[70], limit=2, out=tmp_path, generate=False)
+    log_to_wandb(results, tmp_path, project="vlmtrain-test", offline=True)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = {p.name for p in runs[0].rglob("*")}
+    assert any(name.endswith(".wandb") for name in files) and any(name.endswith(".png") for name in files)

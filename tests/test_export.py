@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import IMAGES, TINY, small_overrides
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 from safetensors.torch import load_file
-
-from conftest import IMAGES, TINY, small_overrides
 from test_distributed import ENV, LORA, TWO_PROCESSES, run_cli
+
 from vlmtrain.config import load_recipe
 from vlmtrain.export import export, trained_model, vision_config
 from vlmtrain.inference import ExportedModel

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import TINY, small_overrides, small_recipe
 from safetensors.torch import load_file
 
-from conftest import TINY, small_overrides, small_recipe
 from vlmtrain.config import RecipeError, load_recipe
-from vlmtrain.train.module import VLMModule, lr_factor
 from vlmtrain.train.layout import latest_checkpoint
+from vlmtrain.train.module import VLMModule, lr_factor
 from vlmtrain.train.run import fit
 
 
@@ -110,6 +110,9 @@ def test_each_part_gets_its_own_learning_rate(demo_dir, tmp_path):
     warmup = lr_factor(0, recipe.optim.warmup_steps, recipe.trainer.max_steps, "cosine", recipe.optim.min_lr_ratio)
     assert all(group["lr"] == pytest.approx(group["initial_lr"] * warmup) for group in groups.values())
     assert groups["vision"]["weight_decay"] == 0.1 and groups["lm/no_decay"]["weight_decay"] == 0.0
+    without_decay = built(small_recipe(demo_dir, tmp_path / "y", "optim.weight_decay=0"))
+    names = [group["name"] for group in without_decay.configure_optimizers()["optimizer"].param_groups]
+    assert len(names) == len(set(names)) == 6
     optimized = {id(p) for group in groups.values() for p in group["params"]}
     assert optimized == {id(p) for p in module.parameters() if p.requires_grad}
 

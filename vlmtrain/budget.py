@@ -13,6 +13,7 @@ from itertools import accumulate
 from vlmtrain.geometry import check_budget
 from vlmtrain.seeding import unit
 
+
 @dataclass(frozen=True)
 class BudgetSchedule:
     """Draws the budget of each batch from ``levels`` with ``weights``.

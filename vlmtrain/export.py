@@ -127,7 +127,7 @@ def model_card(recipe: Recipe, vision: dict[str, Any], evaluation: Path | None) 
         f"default {geometry['default_budget']}).",
         "",
         f"- vision encoder: {vision['backbone']['kind']}, pooling: {vision['pooling']['kind']}",
-        f"- language model: `lm/` (loads with `transformers.AutoModelForCausalLM.from_pretrained`)",
+        "- language model: `lm/` (loads with `transformers.AutoModelForCausalLM.from_pretrained`)",
         f"- image token: `{vision['image_token']}`; prompt template: `{vision['prompt']!r}`",
         "",
         "```python",

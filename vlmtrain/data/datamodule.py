@@ -91,7 +91,7 @@ class ShardDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         """The data position of every rank (gathered to all ranks: any of them may write the checkpoint)."""
         mine = {"next_step": self.next_step, "streams": {index: s.to_dict() for index, s in self.streams.items()}}
-        rank, world = self.rank_and_world
+        _, world = self.rank_and_world
         ranks = [mine]
         if world > 1 and dist.is_available() and dist.is_initialized():
             ranks = [None] * world

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ SMALL_TEXT_PX = (11, 14)
 LARGE_TEXT_FRACTION = (0.16, 0.22)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo(name: str) -> Image.Image:
     with Image.open(DATA_DIR / "images" / name) as image:
         image.load()

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from vlmtrain.train.adapters import gathered
 from vlmtrain.train.layout import LATEST, PARTIAL, STATE, TRAINED, checkpoint_name
 
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)

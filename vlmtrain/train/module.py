@@ -151,19 +151,19 @@ class VLMModule(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def parameter_groups(self) -> Iterator[dict]:
-        """One AdamW group per trainable part (and no weight decay on biases and norms)."""
+        """One AdamW group per trainable part, and one without weight decay for its biases and norms."""
         for name, part in self.model.parts().items():
             settings = part_settings(self.recipe.optim)[name]
             params = [p for p in part.parameters() if p.requires_grad]
             if not settings.trainable or not params:
                 continue
-            decayed = [p for p in params if p.ndim >= 2]
-            plain = [p for p in params if p.ndim < 2]
-            for group, decay in ((decayed, self.recipe.optim.weight_decay), (plain, 0.0)):
+            matrices = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]  # ZeRO-3 shards are flat
+            vectors = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+            for group, suffix, decay in ((matrices, "", self.recipe.optim.weight_decay), (vectors, "/no_decay", 0.0)):
                 if group:
-                    yield {"params": group, "lr": settings.lr, "weight_decay": decay, "name": f"{name}{'' if decay else '/no_decay'}"}
+                    yield {"params": group, "lr": settings.lr, "weight_decay": decay, "name": name + suffix}
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict:
         optim = self.recipe.optim
         optimizer = torch.optim.AdamW(list(self.parameter_groups()), betas=tuple(optim.betas))
         total = self.recipe.trainer.max_steps
