@@ -6,6 +6,8 @@ budget, same data and steps, each evaluated at all five budgets.
 The claim tested (Matryoshka Multimodal Models, 2024): the mixed-budget model is close to each
 fixed-budget model at that model's own budget and much better than a fixed-budget model away from its
 budget; detail (small text) needs a high budget while coarse content (large text) does not.
+The target is the recipe's (the word); `data.target_field=photo` trains on the coarse target instead
+(which of 12 photos is under the text), which a CPU-sized run learns where the word is not learned.
 Every run sees the same 8 images per step (so "same data and steps" holds whatever the budget), drawn
 from 4096 rendered samples (written to data/generated/budgets when missing). Runs that already finished
 are not trained again. Writes OUT/eval-small/ and OUT/eval-large/ with eval.json, eval.png and results.md.

@@ -392,3 +392,15 @@ def test_skip_log_limits_consecutive_failures():
     with pytest.raises(RuntimeError, match="4 samples in a row were unusable"):
         skips.add("image", "bad")
     assert skips.counts["image"] == 7
+
+
+def test_demo_samples_are_deterministic_and_record_what_they_show():
+    from vlmtrain.data.demo import PHOTOS, SMALL_TEXT_PX, WORDS, render_sample
+
+    image, record = render_sample(5, seed=3)
+    again, same = render_sample(5, seed=3)
+    assert record == same and image.tobytes() == again.tobytes()
+    records = [render_sample(index, seed=3)[1] for index in range(16)]
+    assert {r["photo"] for r in records} <= {name.rsplit(".", 1)[0] for name in PHOTOS}
+    assert {r["text"] for r in records} <= set(WORDS) and {r["size"] for r in records} == {"small", "large"}
+    assert all((SMALL_TEXT_PX[0] <= r["text_px"] <= SMALL_TEXT_PX[1]) == (r["size"] == "small") for r in records)

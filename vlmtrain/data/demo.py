@@ -1,5 +1,5 @@
 """The demo task: a word written over a crop of a real photo, in rows like a watermark, large or small;
-the target is the word.
+the target is the word (detail). Each record also names the photo, a coarse target legible at any budget.
 
 Large words stay legible at 70 tokens, small ones (11-14 px) need a high budget, so the per-budget loss
 shows what the budget buys. Repeating the word over the whole image, like text on a page, gives every
@@ -54,9 +54,11 @@ def _crop(photo: Image.Image, aspect: tuple[int, int], long_side: int, rng: rand
 
 
 def render_sample(index: int, seed: int) -> tuple[Image.Image, dict[str, Any]]:
-    """Sample ``index`` of the demo set: the image and its record (word, size class, text height)."""
+    """Sample ``index`` of the demo set: the image and its record (word, size class, text height, and the
+    photo under the text: a coarse target, legible at any budget)."""
     rng = random.Random(f"demo:{seed}:{index}")
-    image = _crop(_photo(rng.choice(PHOTOS)), rng.choice(ASPECTS), rng.choice(LONG_SIDES), rng)
+    photo = rng.choice(PHOTOS)
+    image = _crop(_photo(photo), rng.choice(ASPECTS), rng.choice(LONG_SIDES), rng)
     word, size = rng.choice(WORDS), rng.choice(("small", "large"))
     if size == "small":
         text_px = rng.randint(*SMALL_TEXT_PX)
@@ -71,7 +73,7 @@ def render_sample(index: int, seed: int) -> tuple[Image.Image, dict[str, Any]]:
     for row, y in enumerate(range(start_y, image.height, step_y)):
         for x in range(start_x + (row % 2) * step_x // 2, image.width, step_x):
             draw.text((x - left, y - top), word, font=font, fill=fill, stroke_width=max(1, text_px // 12), stroke_fill=stroke)
-    return image, {"key": f"demo{seed}_{index:06d}", "text": word, "size": size, "text_px": text_px}
+    return image, {"key": f"demo{seed}_{index:06d}", "text": word, "size": size, "text_px": text_px, "photo": photo.rsplit(".", 1)[0]}
 
 
 def make_demo_shards(out_dir: Path, train_samples: int, val_samples: int, seed: int, samples_per_shard: int) -> dict[str, ShardReport]:
