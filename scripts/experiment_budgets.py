@@ -1,7 +1,7 @@
 """The budget experiment: one model trained with budgets sampled per batch against one model per fixed
 budget, same data and steps, each evaluated at all five budgets.
 
-    python scripts/experiment_budgets.py [--recipe recipes/budgets-dinov2.yaml] [--steps 300] [--out runs/budgets]
+    python scripts/experiment_budgets.py [--recipe recipes/budgets-dinov2.yaml] [--steps 300] [--fixed 70,...] [--out runs/budgets]
 
 The claim tested (Matryoshka Multimodal Models, 2024): the mixed-budget model is close to each
 fixed-budget model at that model's own budget and much better than a fixed-budget model away from its
@@ -55,13 +55,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "budgets-dinov2.yaml"))
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--fixed", default=",".join(map(str, LEVELS)), help="the budgets that get a fixed-budget model")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "budgets")
     parser.add_argument("--limit", type=int, default=64, help="evaluation samples per text size")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if not (DATA / "val-index.json").is_file():
         subprocess.run([sys.executable, "-m", "vlmtrain.cli", "demo-data", "--out", str(DATA), "--train", "4096", "--val", "128", "--seed", "1"], check=True)
-    runs = {"mixed": LEVELS, **{f"fixed-{b}": [b] for b in LEVELS}}
+    runs = {"mixed": LEVELS, **{f"fixed-{b}": [b] for b in map(int, args.fixed.split(","))}}
     for name, levels in runs.items():
         train(args.recipe, args.out / name, levels, args.steps, args.overrides)
     for group in ("small", "large"):
