@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-[ -f data/generated/demo/val-index.json ] || vlmtrain demo-data --out data/generated/demo
+vlmtrain demo-data --out data/generated/demo   # renders only when missing or stale
 vlmtrain fit recipes/tiny.yaml "$@"

@@ -9,7 +9,7 @@ budget; detail (small text) needs a high budget while coarse content (large text
 The target is the recipe's (the word); `data.target_field=photo` trains on the coarse target instead
 (which of 12 photos is under the text), which a CPU-sized run learns where the word is not learned.
 Every run sees the same 8 images per step (so "same data and steps" holds whatever the budget), drawn
-from 4096 rendered samples (written to data/generated/budgets when missing). Runs that already finished
+from 4096 rendered samples (written to data/generated/budgets when missing or stale). Runs that already finished
 are not trained again. Writes OUT/eval-small/ and OUT/eval-large/ with eval.json, eval.png and results.md.
 """
 
@@ -60,8 +60,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=64, help="evaluation samples per text size")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    if not (DATA / "val-index.json").is_file():
-        subprocess.run([sys.executable, "-m", "vlmtrain.cli", "demo-data", "--out", str(DATA), "--train", "4096", "--val", "128", "--seed", "1"], check=True)
+    subprocess.run([sys.executable, "-m", "vlmtrain.cli", "demo-data", "--out", str(DATA), "--train", "4096", "--val", "128", "--seed", "1"], check=True)
     runs = {"mixed": LEVELS, **{f"fixed-{b}": [b] for b in map(int, args.fixed.split(","))}}
     for name, levels in runs.items():
         train(args.recipe, args.out / name, levels, args.steps, args.overrides)

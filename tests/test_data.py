@@ -404,3 +404,23 @@ def test_demo_samples_are_deterministic_and_record_what_they_show():
     assert {r["photo"] for r in records} <= {name.rsplit(".", 1)[0] for name in PHOTOS}
     assert {r["text"] for r in records} <= set(WORDS) and {r["size"] for r in records} == {"small", "large"}
     assert all((SMALL_TEXT_PX[0] <= r["text_px"] <= SMALL_TEXT_PX[1]) == (r["size"] == "small") for r in records)
+
+
+def test_demo_set_is_rendered_again_only_when_missing_or_stale(tmp_path, capsys):
+    from vlmtrain.cli import main
+    from vlmtrain.data.demo import MANIFEST
+
+    def command(train: int) -> list[str]:
+        return ["demo-data", "--out", str(tmp_path), "--train", str(train), "--val", "2", "--samples-per-shard", "2"]
+
+    assert main(command(3)) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    shard = tmp_path / "train-000000.tar"
+    written = shard.stat().st_mtime_ns
+    assert main(command(3)) == 0 and "already holds" in capsys.readouterr().out
+    assert shard.stat().st_mtime_ns == written
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "renderer": "an older renderer"}))
+    assert main(command(1)) == 0  # stale and smaller: rendered again, the old shards gone
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+    assert json.loads((tmp_path / MANIFEST).read_text())["train"] == 1

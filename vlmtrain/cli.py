@@ -74,8 +74,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
-    from vlmtrain.data.demo import make_demo_shards
+    from vlmtrain.data.demo import demo_is_current, demo_manifest, make_demo_shards
 
+    if not args.force and demo_is_current(args.out, demo_manifest(args.train, args.val, args.seed, args.samples_per_shard)):
+        print(f"{args.out} already holds this demo set (--force renders it again)")
+        return
     reports = make_demo_shards(args.out, args.train, args.val, args.seed, args.samples_per_shard)
     for split, report in reports.items():
         print(f"{split}: {report.samples} samples in {len(report.shards)} shards under {args.out}")
@@ -135,6 +138,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--val", type=int, default=64)
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--samples-per-shard", type=int, default=128)
+    sub.add_argument("--force", action="store_true", help="render even when OUT already holds this set")
     sub.set_defaults(handler=cmd_demo_data)
     return main
 

@@ -9,6 +9,7 @@ a corner. Deterministic for a seed; writes images, annotations and shards.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from functools import cache, lru_cache
@@ -28,6 +29,7 @@ ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (2, 1), (1, 2), (3, 1))
 LONG_SIDES = (384, 448, 512)
 SMALL_TEXT_PX = (11, 14)
 LARGE_TEXT_FRACTION = (0.16, 0.22)
+MANIFEST = "demo.json"
 
 
 @cache
@@ -76,11 +78,28 @@ def render_sample(index: int, seed: int) -> tuple[Image.Image, dict[str, Any]]:
     return image, {"key": f"demo{seed}_{index:06d}", "text": word, "size": size, "text_px": text_px, "photo": photo.rsplit(".", 1)[0]}
 
 
+def demo_manifest(train_samples: int, val_samples: int, seed: int, samples_per_shard: int) -> dict[str, Any]:
+    """What a rendered demo set is made from, down to the renderer's source: a set whose manifest differs
+    (an older renderer, other sizes) is stale and must be rendered again."""
+    renderer = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return {"renderer": renderer, "train": train_samples, "val": val_samples, "seed": seed, "samples_per_shard": samples_per_shard}
+
+
+def demo_is_current(out_dir: Path, manifest: dict[str, Any]) -> bool:
+    """Whether ``out_dir`` holds a complete demo set rendered from ``manifest``."""
+    path = out_dir / MANIFEST
+    return path.is_file() and json.loads(path.read_text()) == manifest
+
+
 def make_demo_shards(out_dir: Path, train_samples: int, val_samples: int, seed: int, samples_per_shard: int) -> dict[str, ShardReport]:
-    """Render the demo set into ``out_dir/images`` and write ``train-*.tar`` and ``val-*.tar`` shards."""
+    """Render the demo set into ``out_dir/images`` and write ``train-*.tar`` and ``val-*.tar`` shards, replacing
+    any earlier set there; the manifest is written last, so an interrupted run never looks complete."""
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     splits = {"train": range(train_samples), "val": range(train_samples, train_samples + val_samples)}
+    for stale in (path for split in splits for path in out_dir.glob(f"{split}-*.tar")):
+        stale.unlink()
     reports = {}
     for split, indices in splits.items():
         records = []
@@ -91,4 +110,6 @@ def make_demo_shards(out_dir: Path, train_samples: int, val_samples: int, seed: 
             records.append({**record, "images": [name]})
         (out_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         reports[split] = write_shards(records, image_dir, out_dir, split, samples_per_shard)
+    manifest = demo_manifest(train_samples, val_samples, seed, samples_per_shard)
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return reports
