@@ -23,13 +23,12 @@ from safetensors.torch import load_file, save_file
 
 from vlmtrain.config import Recipe, load_recipe
 from vlmtrain.errors import UserError
+from vlmtrain.inference import VISION_FORMAT, VISION_PARTS
 from vlmtrain.model.backbone import NativeViT
 from vlmtrain.model.build import build_model, set_trainable
 from vlmtrain.model.lm import lm_tokenizer
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.train.layout import CHECKPOINTS, TRAINED, latest_checkpoint
-
-VISION_FORMAT = "vlmtrain-vision/1"
 
 
 def locate(source: Path) -> tuple[Path, Path]:
@@ -95,10 +94,11 @@ def export(source: Path, out: Path, keep_adapter: bool = False, evaluation: Path
     if out.exists():
         raise UserError(f"{out} already exists; choose another folder")
     (out / "vision").mkdir(parents=True)
-    vision = {f"{part}.{name}": tensor.contiguous() for part in ("backbone", "pooling", "projector")
+    vision = {f"{part}.{name}": tensor.contiguous() for part in VISION_PARTS
               for name, tensor in getattr(model, part).state_dict().items()}
     save_file(vision, str(out / "vision" / "model.safetensors"))
-    (out / "vision" / "config.json").write_text(json.dumps(vision_config(model, recipe), indent=1))
+    config = vision_config(model, recipe)
+    (out / "vision" / "config.json").write_text(json.dumps(config, indent=1))
     lm = model.lm
     if isinstance(lm, PeftModel):
         if keep_adapter:
@@ -110,7 +110,7 @@ def export(source: Path, out: Path, keep_adapter: bool = False, evaluation: Path
     tokenizer.save_pretrained(out / "lm")
     shutil.copy(run_dir / "recipe.yaml", out / "recipe.yaml")
     evaluation = evaluation or (run_dir / "eval" / "eval.json")
-    (out / "README.md").write_text(model_card(recipe, vision_config(model, recipe), evaluation if evaluation.is_file() else None))
+    (out / "README.md").write_text(model_card(recipe, config, evaluation if evaluation.is_file() else None))
     return out
 
 
@@ -122,9 +122,9 @@ def model_card(recipe: Recipe, vision: dict[str, Any], evaluation: Path | None) 
         "",
         "A vision-language model with a mixed-budget vision encoder, trained with vlmtrain. One image is",
         f"represented by at most {', '.join(map(str, geometry['levels']))} visual tokens, chosen per image",
-        f"(patch {geometry['patch_size']}, pool {geometry['pool']}: one token per "
-        f"{geometry['patch_size'] * geometry['pool']}x{geometry['patch_size'] * geometry['pool']} pixels; "
-        f"default {geometry['default_budget']}).",
+        (f"(patch {geometry['patch_size']}, pool {geometry['pool']}: one token per "
+         f"{geometry['patch_size'] * geometry['pool']}x{geometry['patch_size'] * geometry['pool']} pixels; "
+         f"default {geometry['default_budget']})."),
         "",
         f"- vision encoder: {vision['backbone']['kind']}, pooling: {vision['pooling']['kind']}",
         "- language model: `lm/` (loads with `transformers.AutoModelForCausalLM.from_pretrained`)",

@@ -24,6 +24,7 @@ from vlmtrain.model.projector import Projector
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.text import TextEncoder
 
+VISION_FORMAT = "vlmtrain-vision/1"
 VISION_PARTS = ("backbone", "pooling", "projector")
 
 
@@ -94,7 +95,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     """Load an export folder for inference (no Lightning, no DeepSpeed, no pickle)."""
     path = Path(path)
     config = json.loads((path / "vision" / "config.json").read_text())
-    if config.get("format") != "vlmtrain-vision/1":
+    if config.get("format") != VISION_FORMAT:
         raise ValueError(f"{path}: not a vlmtrain export (vision/config.json format {config.get('format')!r})")
     geometry_settings = config["geometry"]
     geometry = Geometry(geometry_settings["patch_size"], geometry_settings["pool"], tuple(geometry_settings["levels"]))
