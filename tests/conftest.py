@@ -44,6 +44,7 @@ def small_overrides(demo_dir: Path, run_dir: Path, *overrides: str) -> list[str]
     return [
         f"run_dir={run_dir}",
         "logger=csv",
+        "model.vision.path=null",
         "model.vision.width=32",
         "model.vision.depth=1",
         "model.vision.heads=2",

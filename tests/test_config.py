@@ -63,6 +63,7 @@ def error_of(overrides: list[str]) -> str:
         ("data.batch_tokens=500", "data.batch_tokens: 500 cannot hold one image at the largest budget plus max_text_length (1184)"),
         ("data.sources=[{spec: a.tar}]", "data.train: give either data.train (one shard spec) or data.sources"),
         ("optim.lm.lr=-1", "optim.lm.lr: must be > 0"),
+        ("model.vision.path=weights.pt", "model.vision.path: 'weights.pt': the native backbone loads a .safetensors file"),
     ],
 )
 def test_bad_recipes_give_one_clear_line(override, expected):

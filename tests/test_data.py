@@ -395,15 +395,21 @@ def test_skip_log_limits_consecutive_failures():
 
 
 def test_demo_samples_are_deterministic_and_record_what_they_show():
-    from vlmtrain.data.demo import PHOTOS, SMALL_TEXT_PX, WORDS, render_sample
+    from vlmtrain.data.demo import DEMO_GEOMETRY, PHOTOS, TEXT_SIZES, WORDS, render_sample
 
     image, record = render_sample(5, seed=3)
     again, same = render_sample(5, seed=3)
     assert record == same and image.tobytes() == again.tobytes()
-    records = [render_sample(index, seed=3)[1] for index in range(16)]
+    samples = [render_sample(index, seed=3) for index in range(16)]
+    records = [record for _, record in samples]
     assert {r["photo"] for r in records} <= {name.rsplit(".", 1)[0] for name in PHOTOS}
     assert {r["text"] for r in records} <= set(WORDS) and {r["size"] for r in records} == {"small", "large"}
-    assert all((SMALL_TEXT_PX[0] <= r["text_px"] <= SMALL_TEXT_PX[1]) == (r["size"] == "small") for r in records)
+    for image, record in samples:  # each size looks as large as promised once resized for its budget
+        budget, (low, high) = TEXT_SIZES[record["size"]]
+        resized_px = record["text_px"] * DEMO_GEOMETRY.image(image.height, image.width, budget).resize[0] / image.height
+        assert low - 0.5 <= resized_px <= high + 0.5
+    small_at_70 = [r["text_px"] * DEMO_GEOMETRY.image(i.height, i.width, 70).resize[0] / i.height for i, r in samples if r["size"] == "small"]
+    assert max(small_at_70) < 6  # a grey blur at the lowest budget: the budget matters
 
 
 def test_demo_set_is_rendered_again_only_when_missing_or_stale(tmp_path, capsys):

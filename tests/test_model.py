@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -327,3 +328,22 @@ def test_losses_from_trimmed_logits_equal_full_cross_entropy(tiny_model, real_sa
     full = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     torch.testing.assert_close(losses.loss_sum, full.sum(1), atol=1e-4, rtol=1e-5)
     assert losses.tokens.tolist() == (targets != IGNORE_INDEX).sum(1).tolist()
+
+
+def test_native_backbone_starts_from_weights_in_a_safetensors_file(tmp_path):
+    from vlmtrain.model.build import build_backbone
+
+    vision = VisionConfig(backbone="native", patch_size=16, width=64, depth=1, heads=4)
+    torch.manual_seed(5)
+    source = build_backbone(vision)
+    save_file(source.state_dict(), tmp_path / "vit.safetensors")
+    torch.manual_seed(6)
+    loaded = build_backbone(replace(vision, path=str(tmp_path / "vit.safetensors")))
+    images = image_batch(Geometry(16, 1), [(40, 70)], 70)
+    with torch.no_grad():
+        expected = source(images.pixels, images.positions, images.token_grids)
+        assert torch.equal(loaded(images.pixels, images.positions, images.token_grids), expected)
+    with pytest.raises(ValueError, match="does not fit the recipe's native backbone: .*check width"):
+        build_backbone(replace(vision, path=str(tmp_path / "vit.safetensors"), width=128))
+    with pytest.raises(FileNotFoundError, match="model.vision.path"):
+        build_backbone(replace(vision, path=str(tmp_path / "missing.safetensors")))

@@ -147,3 +147,16 @@ def test_cli_fit_runs_the_tiny_recipe(demo_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"run finished: {tmp_path / 'cli'}" in result.stdout
     assert latest_checkpoint(tmp_path / "cli" / "checkpoints") is not None
+
+
+def test_summary_table_shows_each_groups_last_validation_loss_per_budget():
+    from vlmtrain.train.callbacks import format_summary
+
+    row = {"steps": 3, "train_loss_first_quarter": 2.0, "train_loss_last_quarter": 1.0, "images_per_s": 5.0}
+    rounds = [{"step": 1, "val/loss@70": 0.9, "val/loss@1120": 0.8},
+              {"step": 2, "val/loss@70": 0.5, "val/loss@70/large": 0.1, "val/loss@70/small": 0.9,
+               "val/loss@1120": 0.4, "val/loss@1120/large": 0.3}]
+    lines = format_summary({"budgets": {70: row, 1120: row}, "val_rounds": rounds}).splitlines()
+    assert lines[0].endswith("last val: large  last val: small")
+    assert lines[1].split()[-3:] == ["5.0", "0.100", "0.900"] and "0.900 → 0.500" in lines[1]
+    assert lines[2].split()[-3:] == ["5.0", "0.300", "-"]

@@ -134,7 +134,7 @@ def parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("demo-data", help="render the demo task (words on real photos) into shards")
     sub.add_argument("--out", type=Path, default=Path("data/generated/demo"))
-    sub.add_argument("--train", type=int, default=512)
+    sub.add_argument("--train", type=int, default=2048)
     sub.add_argument("--val", type=int, default=64)
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--samples-per-shard", type=int, default=128)

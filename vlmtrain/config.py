@@ -44,7 +44,8 @@ class BudgetConfig:
 
 @dataclass
 class VisionConfig:
-    """The vision encoder. ``native`` is built from the fields below; HF backbones from ``path`` or ``hf_config``."""
+    """The vision encoder. ``native`` is built from the fields below (starting from the weights in ``path``, a
+    .safetensors file, when given); HF backbones from a local ``path`` or from ``hf_config``."""
 
     backbone: str = "native"
     path: str | None = None
@@ -335,8 +336,10 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     vision = recipe.model.vision
     _check_choice(source, "model.vision.backbone", vision.backbone, BACKBONES)
     if vision.backbone == "native":
-        if vision.path is not None or vision.hf_config:
-            _fail(source, "model.vision.path", "the native backbone is built from the recipe; path/hf_config are for HF backbones")
+        if vision.hf_config:
+            _fail(source, "model.vision.hf_config", "the native backbone is built from the recipe; hf_config is for HF backbones")
+        if vision.path is not None and not vision.path.endswith(".safetensors"):
+            _fail(source, "model.vision.path", f"{vision.path!r}: the native backbone loads a .safetensors file of its weights")
         if vision.patch_size is None:
             _fail(source, "model.vision.patch_size", "the native backbone needs a patch size")
         _check_choice(source, "model.vision.stem", vision.stem, STEMS)

@@ -1,10 +1,10 @@
 """The demo task: a word written over a crop of a real photo, in rows like a watermark, large or small;
 the target is the word (detail). Each record also names the photo, a coarse target legible at any budget.
 
-Large words stay legible at 70 tokens, small ones (11-14 px) need a high budget, so the per-budget loss
-shows what the budget buys. Repeating the word over the whole image, like text on a page, gives every
-visual token something to read, which a model trained from scratch learns far faster than one word in
-a corner. Deterministic for a seed; writes images, annotations and shards.
+Word sizes are set through the geometry: large words stay legible at 70 tokens, small ones only at the
+highest budgets, so the per-budget loss shows what the budget buys. Repeating the word over the whole
+image, like text on a page, gives every visual token something to read. Deterministic for a seed; writes
+images, annotations and shards.
 """
 
 from __future__ import annotations
@@ -20,15 +20,19 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vlmtrain.data.images import to_rgb
 from vlmtrain.data.shards import ShardReport, write_shards
+from vlmtrain.geometry import Geometry
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg",
           "camera.png", "brick.png", "coins.png", "china.jpg", "flower.jpg", "grace_hopper.jpg")
 WORDS = ("cat", "dog", "sun", "moon", "tree", "fish", "bird", "leaf")  # distinct first letters
 ASPECTS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (2, 1), (1, 2), (3, 1))
-LONG_SIDES = (384, 448, 512)
-SMALL_TEXT_PX = (11, 14)
-LARGE_TEXT_FRACTION = (0.16, 0.22)
+LONG_SIDES = (512, 640, 768)
+# Font sizes are set by how large a word looks once the image is resized for a budget (with the tiny
+# recipe's 16-px tokens): large words look 16-24 px at 70 tokens (64-96 px at 1120), small ones
+# 14-20 px at 1120 tokens and 3-5 px at 70, a grey blur.
+DEMO_GEOMETRY = Geometry(patch_size=16, pool=1)
+TEXT_SIZES = {"large": (70, (16, 24)), "small": (1120, (14, 20))}  # size: (budget, font px after its resize)
 MANIFEST = "demo.json"
 
 
@@ -61,11 +65,10 @@ def render_sample(index: int, seed: int) -> tuple[Image.Image, dict[str, Any]]:
     rng = random.Random(f"demo:{seed}:{index}")
     photo = rng.choice(PHOTOS)
     image = _crop(_photo(photo), rng.choice(ASPECTS), rng.choice(LONG_SIDES), rng)
-    word, size = rng.choice(WORDS), rng.choice(("small", "large"))
-    if size == "small":
-        text_px = rng.randint(*SMALL_TEXT_PX)
-    else:
-        text_px = max(SMALL_TEXT_PX[1] + 1, int(min(image.width, image.height) * rng.uniform(*LARGE_TEXT_FRACTION)))
+    word, size = rng.choice(WORDS), rng.choice(tuple(TEXT_SIZES))
+    budget, resized_px = TEXT_SIZES[size]
+    resized_height = DEMO_GEOMETRY.image(image.height, image.width, budget).resize[0]
+    text_px = round(rng.uniform(*resized_px) * image.height / resized_height)
     font = _font(text_px)
     left, top, right, bottom = font.getbbox(word)
     step_x, step_y = (right - left) * 3 // 2 + 4, (bottom - top) * 9 // 5 + 2

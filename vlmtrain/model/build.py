@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.config import ModelConfig, OptimConfig, PartConfig, VisionConfig
@@ -30,10 +33,26 @@ def set_trainable(model: VisionLanguageModel, optim: OptimConfig) -> None:
             parameter.requires_grad_(optim.lm.trainable and "lora_" in parameter_name)
 
 
+def load_native_weights(backbone: NativeViT, path: str) -> None:
+    """Load a native backbone's weights from the .safetensors file at ``path``; weights that do not fit the
+    recipe's backbone (another width, depth, patch size or stem) are refused, naming the first misfit."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.vision.path: {path!r} not found (only local files are read)")
+    weights = load_file(path)
+    expected = backbone.state_dict()
+    for name, tensor in expected.items():
+        found = weights.get(name)
+        if found is None or found.shape != tensor.shape:
+            shape = "missing" if found is None else f"shape {tuple(found.shape)}"
+            raise ValueError(f"model.vision.path: {path} does not fit the recipe's native backbone: {name} is {shape}, "
+                             f"the recipe builds {tuple(tensor.shape)} (check width, depth, heads, patch_size, stem)")
+    backbone.load_state_dict(weights, strict=True)
+
+
 def build_backbone(config: VisionConfig) -> VisionBackbone:
     """The vision backbone the recipe names; HF towers read their patch size from their own config."""
     if config.backbone == "native":
-        return NativeViT(
+        backbone = NativeViT(
             patch_size=config.patch_size,
             width=config.width,
             depth=config.depth,
@@ -43,6 +62,9 @@ def build_backbone(config: VisionConfig) -> VisionBackbone:
             stem=config.stem,
             gradient_checkpointing=config.gradient_checkpointing,
         )
+        if config.path is not None:
+            load_native_weights(backbone, config.path)
+        return backbone
     backbone = load_tower(config.backbone, config.path, config.hf_config)
     if config.gradient_checkpointing:
         backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

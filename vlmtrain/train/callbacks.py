@@ -124,14 +124,18 @@ class RunSummary(L.Callback):
 
 
 def format_summary(summary: dict) -> str:
-    """The summary as a table, one row per budget."""
+    """The summary as a table, one row per budget; the last round's validation loss of each group (e.g.
+    small and large words) in a column of its own."""
     first = summary["val_rounds"][0] if summary["val_rounds"] else {}
     last = summary["val_rounds"][-1] if summary["val_rounds"] else {}
-    lines = [f"{'budget':>6} {'steps':>6} {'train loss: first quarter → last':>34} {'val loss: first → last round':>30} {'images/s':>9}"]
+    groups = sorted({name.split("/")[2] for name in last if name.startswith("val/loss@") and name.count("/") == 2})
+    lines = [f"{'budget':>6} {'steps':>6} {'train loss: first quarter → last':>34} {'val loss: first → last round':>30} {'images/s':>9}"
+             + "".join(f" {'last val: ' + group:>16}" for group in groups)]
     for budget, row in summary["budgets"].items():
         key = f"val/loss@{budget}"
         val = f"{first[key]:.3f} → {last[key]:.3f}" if key in first and key in last else "-"
         train = f"{row['train_loss_first_quarter']:.3f} → {row['train_loss_last_quarter']:.3f}"
         speed = f"{row['images_per_s']:.1f}" if row["images_per_s"] is not None else "-"
-        lines.append(f"{budget:>6} {row['steps']:>6} {train:>34} {val:>30} {speed:>9}")
+        by_group = "".join(f" {last[f'{key}/{group}']:>16.3f}" if f"{key}/{group}" in last else f" {'-':>16}" for group in groups)
+        lines.append(f"{budget:>6} {row['steps']:>6} {train:>34} {val:>30} {speed:>9}{by_group}")
     return "\n".join(lines)
