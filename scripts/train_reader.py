@@ -26,9 +26,9 @@ from vlmtrain.config import load_recipe
 from vlmtrain.data.batch import ImageBatch
 from vlmtrain.data.demo import WORDS, render_sample
 from vlmtrain.data.images import patch_positions, patchify
-from vlmtrain.geometry import LEVELS, Geometry
+from vlmtrain.geometry import Geometry
 from vlmtrain.model.backbone import NativeViT
-from vlmtrain.model.build import build_backbone
+from vlmtrain.model.build import build_backbone, plan_geometry
 
 TRAIN_SEED, VAL_SEED = 11, 12
 BATCH_PATCHES, MAX_BATCH = 2560, 32
@@ -49,7 +49,8 @@ class Reader(nn.Module):
 
 
 def image_batch(samples: list, geometry: Geometry, budget: int) -> tuple[ImageBatch, torch.Tensor]:
-    """The samples' images at ``budget`` (patch grids from the geometry) and their word indices."""
+    """The samples' images at ``budget`` and their word indices; the batch's grids are patch grids (the
+    reader averages patch features, no pooling)."""
     images = []
     for index, (image, _) in enumerate(samples):
         shape = geometry.image(image.height, image.width, budget)
@@ -58,9 +59,9 @@ def image_batch(samples: list, geometry: Geometry, budget: int) -> tuple[ImageBa
     return ImageBatch.stack(images, 3 * geometry.patch_size**2), words
 
 
-def legible(record: dict, budget: int) -> bool:
+def legible(record: dict, budget: int, levels: tuple[int, ...]) -> bool:
     """Large words are read at every budget, small ones only at the highest."""
-    return record["size"] == "large" or budget == LEVELS[-1]
+    return record["size"] == "large" or budget == levels[-1]
 
 
 @torch.no_grad()
@@ -71,7 +72,7 @@ def accuracy(reader: Reader, samples: list, geometry: Geometry) -> dict[str, dic
     for size in ("small", "large"):
         chosen = [s for s in samples if s[1]["size"] == size]
         table[size] = {}
-        for budget in LEVELS:
+        for budget in geometry.levels:
             right = 0
             for start in range(0, len(chosen), 8):
                 images, words = image_batch(chosen[start : start + 8], geometry, budget)
@@ -89,19 +90,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data/weights/tiny-reader.safetensors"))
     args = parser.parse_args()
 
-    vision = load_recipe(args.recipe, ["model.vision.path=null"]).model.vision
+    recipe = load_recipe(args.recipe, ["model.vision.path=null"])
     torch.manual_seed(0)
-    reader = Reader(build_backbone(vision))
-    geometry = Geometry(patch_size=vision.patch_size, pool=1)
+    reader = Reader(build_backbone(recipe.model.vision))
+    geometry = plan_geometry(recipe.model, tuple(recipe.budget.levels))
+    levels = geometry.levels
     train = [render_sample(index, TRAIN_SEED) for index in range(args.train)]
     val = [render_sample(index, VAL_SEED) for index in range(128)]
     optimizer = torch.optim.AdamW(reader.parameters(), lr=1e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20))
     rng, start, losses = random.Random(0), time.time(), []
     for step in range(1, args.steps + 1):
-        budget = rng.choice(LEVELS if step > args.steps // 2 else LEVELS[:3])
-        pool = [s for s in train if legible(s[1], budget)]
-        images, words = image_batch(rng.sample(pool, min(MAX_BATCH, max(1, BATCH_PATCHES // budget))), geometry, budget)
+        budget = rng.choice(levels if step > args.steps // 2 else levels[:3])
+        pool = [s for s in train if legible(s[1], budget, levels)]
+        batch_size = min(MAX_BATCH, len(pool), max(1, BATCH_PATCHES // (budget * geometry.pool**2)))
+        images, words = image_batch(rng.sample(pool, batch_size), geometry, budget)
         loss = nn.functional.cross_entropy(reader(images), words)
         optimizer.zero_grad()
         loss.backward()
@@ -112,9 +115,9 @@ def main() -> None:
             print(f"step {step}: loss {sum(losses[-100:]) / 100:.3f} ({time.time() - start:.0f} s)", flush=True)
     table = accuracy(reader, val, geometry)
     print("words read right on 128 held-out images (chance 12.5%)")
-    print("size   " + "".join(f"{budget:>7}" for budget in LEVELS))
+    print("size   " + "".join(f"{budget:>7}" for budget in levels))
     for size, row in table.items():
-        print(f"{size:<7}" + "".join(f"{row[budget]:>7.0%}" for budget in LEVELS))
+        print(f"{size:<7}" + "".join(f"{row[budget]:>7.0%}" for budget in levels))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({name: tensor.contiguous() for name, tensor in reader.backbone.state_dict().items()}, args.out)
     card = {"recipe": args.recipe, "steps": args.steps, "train_images": args.train, "seconds": round(time.time() - start),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import Dinov2Config, Dinov2Model, Gemma4VisionConfig, Gemma4VisionModel, Siglip2VisionConfig, Siglip2VisionModel
 
 from vlmtrain.config import LMConfig, ModelConfig, PoolingConfig, VisionConfig
@@ -347,3 +348,13 @@ def test_native_backbone_starts_from_weights_in_a_safetensors_file(tmp_path):
         build_backbone(replace(vision, path=str(tmp_path / "vit.safetensors"), width=128))
     with pytest.raises(FileNotFoundError, match="model.vision.path"):
         build_backbone(replace(vision, path=str(tmp_path / "missing.safetensors")))
+
+
+def test_the_shipped_reader_weights_fit_the_demo_recipe():
+    from vlmtrain.config import load_recipe
+    from vlmtrain.model.build import build_backbone
+
+    root = Path(__file__).resolve().parents[1]
+    vision = load_recipe(root / "recipes" / "tiny.yaml").model.vision
+    backbone = build_backbone(replace(vision, path=str(root / vision.path)))
+    assert torch.equal(backbone.stem.norm.weight, load_file(root / vision.path)["stem.norm.weight"])
