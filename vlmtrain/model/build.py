@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.config import ModelConfig, OptimConfig, PartConfig, VisionConfig
+from vlmtrain.errors import UserError
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.backbone import NativeViT, VisionBackbone
 from vlmtrain.model.hf_vision import load_tower, tower_config
@@ -33,6 +34,10 @@ def set_trainable(model: VisionLanguageModel, optim: OptimConfig) -> None:
             parameter.requires_grad_(optim.lm.trainable and "lora_" in parameter_name)
 
 
+class WeightsMismatch(UserError, ValueError):
+    """Weights that do not fit the backbone the recipe builds."""
+
+
 def load_native_weights(backbone: NativeViT, path: str) -> None:
     """Load a native backbone's weights from the .safetensors file at ``path``; weights that do not fit the
     recipe's backbone (another width, depth, patch size or stem) are refused, naming the first misfit."""
@@ -44,7 +49,7 @@ def load_native_weights(backbone: NativeViT, path: str) -> None:
         found = weights.get(name)
         if found is None or found.shape != tensor.shape:
             shape = "missing" if found is None else f"shape {tuple(found.shape)}"
-            raise ValueError(f"model.vision.path: {path} does not fit the recipe's native backbone: {name} is {shape}, "
+            raise WeightsMismatch(f"model.vision.path: {path} does not fit the recipe's native backbone: {name} is {shape}, "
                              f"the recipe builds {tuple(tensor.shape)} (check width, depth, heads, patch_size, stem)")
     backbone.load_state_dict(weights, strict=True)
 
