@@ -20,11 +20,12 @@ import torch.distributed as dist
 from conftest import IMAGES, TINY, small_overrides
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from vlmtrain.config import load_recipe
 from vlmtrain.data.shards import write_shards
 from vlmtrain.data.sources import ShardSequence, Source, StreamId
+from vlmtrain.model.backbone import NativeViT
 from vlmtrain.train.layout import latest_checkpoint
 from vlmtrain.train.module import VLMModule, ranks_agree
 
@@ -185,12 +186,20 @@ def pretrained_dir(tmp_path_factory) -> Path:
     tokenizer.save_pretrained(out / "llama")
     tower = Gemma4VisionModel(Gemma4VisionConfig(**GEMMA4_TOWER))
     save_as_full_checkpoint(tower, out / "gemma4", "gemma4", "model.vision_tower.", {**GEMMA4_TOWER, "model_type": "gemma4_vision"})
+    save_file(NativeViT(patch_size=16, width=32, depth=1, heads=2).state_dict(), out / "native.safetensors")  # small_overrides' ViT
     return out
 
 
-def test_zero3_loads_local_pretrained_weights_exactly(demo_dir, pretrained_dir, tmp_path):
+VISION_FROM_FILES = {
+    "gemma4": ("model.vision.backbone=gemma4", "model.vision.path={}/gemma4", "model.pooling.size=null"),
+    "native": ("model.vision.path={}/native.safetensors",),
+}
+
+
+@pytest.mark.parametrize("vision", sorted(VISION_FROM_FILES))
+def test_zero3_loads_local_pretrained_weights_exactly(demo_dir, pretrained_dir, tmp_path, vision):
     common = (
-        "model.vision.backbone=gemma4", f"model.vision.path={pretrained_dir}/gemma4", "model.pooling.size=null",
+        *(override.format(pretrained_dir) for override in VISION_FROM_FILES[vision]),
         f"model.lm.path={pretrained_dir}/llama", "model.lm.hf_config={}", "optim.vision.trainable=false",
         "data.pool_size=2", "data.max_batch_size=2", "data.val=null", "trainer.max_steps=1", "budget.levels=[70]",
     )

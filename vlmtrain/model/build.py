@@ -13,7 +13,7 @@ from vlmtrain.config import ModelConfig, OptimConfig, PartConfig, VisionConfig
 from vlmtrain.errors import UserError
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.backbone import NativeViT, VisionBackbone
-from vlmtrain.model.hf_vision import load_tower, tower_config
+from vlmtrain.model.hf_vision import load_tower, load_weights, tower_config
 from vlmtrain.model.lm import build_lm
 from vlmtrain.model.pooling import build_pooling
 from vlmtrain.model.projector import Projector
@@ -39,19 +39,20 @@ class WeightsMismatch(UserError, ValueError):
 
 
 def load_native_weights(backbone: NativeViT, path: str) -> None:
-    """Load a native backbone's weights from the .safetensors file at ``path``; weights that do not fit the
-    recipe's backbone (another width, depth, patch size or stem) are refused, naming the first misfit."""
+    """Load a native backbone's weights from the .safetensors file at ``path`` (also into ZeRO-3 partitioned
+    parameters); weights that do not fit the recipe's backbone (another width, depth, patch size or stem)
+    are refused, naming the first misfit."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"model.vision.path: {path!r} not found (only local files are read)")
     weights = load_file(path)
-    expected = backbone.state_dict()
-    for name, tensor in expected.items():
-        found = weights.get(name)
-        if found is None or found.shape != tensor.shape:
-            shape = "missing" if found is None else f"shape {tuple(found.shape)}"
-            raise WeightsMismatch(f"model.vision.path: {path} does not fit the recipe's native backbone: {name} is {shape}, "
-                             f"the recipe builds {tuple(tensor.shape)} (check width, depth, heads, patch_size, stem)")
-    backbone.load_state_dict(weights, strict=True)
+    expected = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in backbone.named_parameters()}
+    for name in sorted(expected.keys() | weights.keys()):
+        found = f"shape {tuple(weights[name].shape)}" if name in weights else "missing"
+        built = str(expected[name]) if name in expected else "no such weight"
+        if found != f"shape {built}":
+            raise WeightsMismatch(f"model.vision.path: {path} does not fit the recipe's native backbone: {name} is {found}, "
+                                  f"the recipe builds {built} (check width, depth, heads, patch_size, stem)")
+    load_weights(backbone, weights)
 
 
 def build_backbone(config: VisionConfig) -> VisionBackbone:
