@@ -47,11 +47,12 @@ def load_native_weights(backbone: NativeViT, path: str) -> None:
     weights = load_file(path)
     expected = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in backbone.named_parameters()}
     for name in sorted(expected.keys() | weights.keys()):
-        found = f"shape {tuple(weights[name].shape)}" if name in weights else "missing"
-        built = str(expected[name]) if name in expected else "no such weight"
-        if found != f"shape {built}":
-            raise WeightsMismatch(f"model.vision.path: {path} does not fit the recipe's native backbone: {name} is {found}, "
-                                  f"the recipe builds {built} (check width, depth, heads, patch_size, stem)")
+        found = tuple(weights[name].shape) if name in weights else None
+        if found != expected.get(name):
+            found_text = "missing" if found is None else f"shape {found}"
+            built_text = str(expected[name]) if name in expected else "no such weight"
+            raise WeightsMismatch(f"model.vision.path: {path} does not fit the recipe's native backbone: {name} is {found_text}, "
+                                  f"the recipe builds {built_text} (check width, depth, heads, patch_size, stem)")
     load_weights(backbone, weights)
 
 
