@@ -31,10 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vlmtrain.budget import BudgetSchedule
-from vlmtrain.data.builder import BatchBuilder, SampleFormat
+from vlmtrain.config import BatchingConfig, DataConfig, DecodingConfig, TextConfig
+from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.datamodule import _unbatched
 from vlmtrain.data.demo import PHOTOS, _photo
-from vlmtrain.data.pipeline import StreamSettings, TrainStream
+from vlmtrain.data.pipeline import TrainStream
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.shards import write_shards
 from vlmtrain.data.sources import Source, read_shard
@@ -62,7 +63,9 @@ def build_corpus(out: Path, count: int, seed: int = 0) -> list[str]:
         left, top = rng.randint(0, photo.width - w), rng.randint(0, photo.height - h)
         long_side = int(math.exp(rng.uniform(math.log(256), math.log(2048))))
         factor = long_side / max(w, h)
-        crop = photo.crop((left, top, left + w, top + h)).resize((max(8, round(w * factor)), max(8, round(h * factor))), Image.Resampling.BICUBIC)
+        crop = photo.crop((left, top, left + w, top + h)).resize(
+            (max(8, round(w * factor)), max(8, round(h * factor))), Image.Resampling.BICUBIC
+        )
         crop.save(image_dir / f"{i:05d}.jpg", quality=90)
         records.append({"key": f"b{i:05d}", "images": [f"{i:05d}.jpg"], "text": f"crop {i} of a photo"})
     write_shards(records, image_dir, out, "bench", samples_per_shard=50)
@@ -127,22 +130,31 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     urls = build_corpus(args.out, args.images)
-    text = TextEncoder(build_byte_tokenizer(), "<image>", max_text_length=64)
-    builder = BatchBuilder(GEOMETRY, text, SampleFormat(prompt="<image>", target_field="text"), max_image_pixels=10**8)
-    print(f"{len(urls)} shards, {args.images} JPEG images (long side 256-2048 px), {args.workers} workers, geometry patch 16 / pool 3")
-    print(f"{'budget':>6} {'ours img/s':>11} {'naive img/s':>12} {'speed-up':>9} {'images/batch':>13} {'padding: buckets':>17} {'no buckets':>11} {'naive 2-D':>10}")
+    text = TextEncoder(build_byte_tokenizer(), "<image>")
+    builder = BatchBuilder(
+        GEOMETRY, text, TextConfig(prompt="<image>", target_field="text"), DecodingConfig(max_image_pixels=10**8)
+    )
+    print(
+        f"{len(urls)} shards, {args.images} JPEG images (long side 256-2048 px), {args.workers} workers, "
+        "geometry patch 16 / pool 3"
+    )
+    print(
+        f"{'budget':>6} {'ours img/s':>11} {'naive img/s':>12} {'speed-up':>9} {'images/batch':>13} "
+        f"{'padding: buckets':>17} {'no buckets':>11} {'naive 2-D':>10}"
+    )
     rows = []
     for budget in LEVELS:
         schedule = BudgetSchedule((budget,), (1.0,), seed=0)
         results = {}
         for buckets in (True, False):
-            settings = StreamSettings(batch_tokens=BATCH_TOKENS, max_batch_size=256, pool_size=256, max_wait=64, buckets=buckets)
-            stream = TrainStream([Source(tuple(urls))], builder, schedule, settings)
+            batching = BatchingConfig(batch_tokens=BATCH_TOKENS, max_batch_size=256, lookahead=256, max_wait=64, buckets=buckets)
+            stream = TrainStream([Source(tuple(urls))], builder, schedule, DataConfig(batching=batching))
             loader = DataLoader(stream, batch_size=None, collate_fn=_unbatched, num_workers=args.workers)
-            speed, batches = measure(loader, args.measure, lambda b: b.images.count)
-            slots = sum(b.images.count * int(b.images.token_counts.max()) for b in batches)
-            padding = 1 - sum(int(b.images.token_counts.sum()) for b in batches) / slots
-            results[buckets] = (speed, padding, sum(b.images.count for b in batches) / len(batches))
+            speed, steps = measure(loader, args.measure, lambda step: step.batches[0].inputs.images.count)
+            images = [step.batches[0].inputs.images for step in steps]
+            slots = sum(batch.count * int(batch.token_counts.max()) for batch in images)
+            padding = 1 - sum(int(batch.token_counts.sum()) for batch in images) / slots
+            results[buckets] = (speed, padding, sum(batch.count for batch in images) / len(images))
         per_batch = max(1, round(results[True][2]))
         naive = DataLoader(NaiveLoader(urls, budget, per_batch, text), batch_size=None, num_workers=args.workers)
         naive_speed, naive_batches = measure(naive, args.measure, lambda b: b[0].shape[0])
@@ -160,7 +172,8 @@ def main() -> None:
         rows.append(row)
         print(
             f"{budget:>6} {row['ours_images_per_s']:>11.1f} {row['naive_images_per_s']:>12.1f} {row['speedup']:>8.2f}x "
-            f"{row['images_per_batch']:>13.1f} {row['padding_buckets']:>17.1%} {row['padding_no_buckets']:>11.1%} {row['padding_naive']:>10.1%}",
+            f"{row['images_per_batch']:>13.1f} {row['padding_buckets']:>17.1%} {row['padding_no_buckets']:>11.1%} "
+            f"{row['padding_naive']:>10.1%}",
             flush=True,
         )
     (args.out / "bench_data.json").write_text(json.dumps(rows, indent=1))

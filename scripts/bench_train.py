@@ -29,18 +29,18 @@ def measure(recipe_path: str, overrides: list[str], levels: list[int], steps: in
     import torch
 
     from vlmtrain.config import load_recipe
-    from vlmtrain.data.datamodule import ShardDataModule
-    from vlmtrain.train.module import VLMModule, budget_schedule
+    from vlmtrain.model.build import build_model, set_trainable
+    from vlmtrain.plan import plan_run
     from vlmtrain.train.run import build_datamodule
 
-    recipe = load_recipe(recipe_path, [*overrides, f"budget.levels={levels}", f"budget.default={levels[0]}", "budget.weights=null"])
+    recipe = load_recipe(recipe_path, [*overrides, f"budget.levels={levels}", "budget.default=null", "budget.weights=null"])
+    plan = plan_run(recipe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = VLMModule(recipe)
-    module.configure_model()
-    model = module.model.to(device).train()
-    datamodule: ShardDataModule = build_datamodule(recipe, module)
-    stream = datamodule.train_dataloader().dataset
-    batches = list(islice(stream.batches(0, 1, 0), steps + 1))
+    model = build_model(plan.model, plan.tokenizer, recipe.seed)
+    set_trainable(model, recipe.optim)
+    model = model.to(device).train()
+    stream = build_datamodule(plan).train_dataloader().dataset
+    batches = [step.batches[0] for step in islice(stream.steps(0, 1, 0), steps + 1)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     if device.type == "cuda":
@@ -48,10 +48,10 @@ def measure(recipe_path: str, overrides: list[str], levels: list[int], steps: in
     images = tokens = 0
     elapsed = 0.0
     for index, batch in enumerate(batches):
-        batch = _to(batch, device)
+        inputs = _to(batch.inputs, device)
         began = time.perf_counter()
         with autocast:
-            loss = model.sample_losses(batch).mean()
+            loss = model.sample_losses(inputs).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -59,9 +59,13 @@ def measure(recipe_path: str, overrides: list[str], levels: list[int], steps: in
             torch.cuda.synchronize(device)
         if index:  # the first step warms up
             elapsed += time.perf_counter() - began
-            images += batch.images.count
-            tokens += int(batch.images.token_counts.sum())
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            images += inputs.images.count
+            tokens += int(inputs.images.token_counts.sum())
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {
         "levels": levels,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -70,7 +74,7 @@ def measure(recipe_path: str, overrides: list[str], levels: list[int], steps: in
         "images_per_s": images / elapsed,
         "visual_tokens_per_s": tokens / elapsed,
         "peak_memory_gb": peak / 2**30,
-        "schedule": budget_schedule(recipe).levels,
+        "schedule": plan.schedule.levels,
     }
 
 
@@ -94,21 +98,43 @@ def main() -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     configurations = [[level] for level in recipe.budget.levels] + [list(recipe.budget.levels)]
-    print(f"recipe {args.recipe} {' '.join(args.overrides)}: batch_tokens {recipe.data.batch_tokens}, {args.steps} timed steps each")
-    print(f"{'configuration':>22} {'images/batch':>13} {'step s':>8} {'images/s':>9} {'vis. tokens/s':>14} {'peak memory GB':>15}")
+    print(
+        f"recipe {args.recipe} {' '.join(args.overrides)}: batch_tokens {recipe.data.batching.batch_tokens}, "
+        f"{args.steps} timed steps each"
+    )
+    print(
+        f"{'configuration':>22} {'images/batch':>13} {'step s':>8} {'images/s':>9} {'vis. tokens/s':>14} {'peak memory GB':>15}"
+    )
     rows = []
     for levels in configurations:
-        command = [sys.executable, __file__, "--recipe", args.recipe, "--steps", str(args.steps), "--one", json.dumps(levels), *args.overrides]
+        command = [
+            sys.executable,
+            __file__,
+            "--recipe",
+            args.recipe,
+            "--steps",
+            str(args.steps),
+            "--one",
+            json.dumps(levels),
+            *args.overrides,
+        ]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         row = json.loads(result.stdout.strip().splitlines()[-1])
         rows.append(row)
         name = f"budget {levels[0]}" if len(levels) == 1 else "mixed (schedule)"
         if levels == [1120]:
             name = "budget 1120 = fixed"
-        print(f"{name:>22} {row['images_per_batch']:>13.1f} {row['step_s']:>8.3f} {row['images_per_s']:>9.1f} {row['visual_tokens_per_s']:>14.0f} {row['peak_memory_gb']:>15.2f}", flush=True)
+        print(
+            f"{name:>22} {row['images_per_batch']:>13.1f} {row['step_s']:>8.3f} {row['images_per_s']:>9.1f} "
+            f"{row['visual_tokens_per_s']:>14.0f} {row['peak_memory_gb']:>15.2f}",
+            flush=True,
+        )
     fixed = next(row for row in rows if row["levels"] == [1120])
     mixed = rows[-1]
-    print(f"mixed-budget training runs {mixed['images_per_s'] / fixed['images_per_s']:.1f}x the images/s of training at a fixed 1120 budget")
+    print(
+        f"mixed-budget training runs {mixed['images_per_s'] / fixed['images_per_s']:.1f}x the images/s "
+        "of training at a fixed 1120 budget"
+    )
     print(json.dumps(rows))
 
 

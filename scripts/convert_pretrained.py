@@ -38,7 +38,9 @@ def dinov2_state(graph) -> dict[str, torch.Tensor]:
     from onnx import numpy_helper
 
     arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    state = {name.removeprefix("backbone."): torch.from_numpy(a.copy()) for name, a in arrays.items() if name.startswith("backbone.")}
+    state = {
+        name.removeprefix("backbone."): torch.from_numpy(a.copy()) for name, a in arrays.items() if name.startswith("backbone.")
+    }
     for node in graph.node:
         output = node.output[0] if node.output else ""
         if node.op_type == "MatMul" and node.input[1] in arrays and output.startswith("/backbone/encoder/"):
@@ -61,7 +63,9 @@ def convert_dinov2(out: Path) -> None:
     graph = onnx.load(str(path))
     state = dinov2_state(graph.graph)
     grid = int(round((state["embeddings.position_embeddings"].shape[1] - 1) ** 0.5))
-    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14, image_size=grid * 14)
+    config = Dinov2Config(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14, image_size=grid * 14
+    )
     with tempfile.TemporaryDirectory() as staging:
         # the graph has the weight names of its day; from_pretrained renames them to today's
         config.save_pretrained(staging)

@@ -7,7 +7,7 @@ The claim tested (Matryoshka Multimodal Models, 2024): the mixed-budget model is
 fixed-budget model at that model's own budget and much better than a fixed-budget model away from its
 budget; detail (small text) needs a high budget while coarse content (large text) does not.
 The target is the recipe's (the word), which the demo's ViT learns from its shipped reader weights;
-`data.target_field=photo` trains on a coarse target instead (which of 12 photos is under the text), which
+`data.text.target_field=photo` trains on a coarse target instead (which of 12 photos is under the text), which
 encoders that do not read (frozen DINOv2: recipes/budgets-dinov2.yaml) learn on CPU.
 Every run sees the same 8 images per step (so "same data and steps" holds whatever the budget), drawn
 from 4096 rendered samples (written to data/generated/budgets when missing or stale). Runs that already finished
@@ -25,16 +25,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = [70, 140, 280, 560, 1120]
 DATA = ROOT / "data" / "generated" / "budgets"
-SAME_BATCHES = ["data.max_batch_size=8", "data.batch_tokens=9600", f"data.train={DATA}/train-{{000000..000031}}.tar", f"data.val={DATA}/val-000000.tar"]
+SAME_BATCHES = [
+    "data.batching.max_batch_size=8",
+    "data.batching.batch_tokens=9600",
+    f"data.train={DATA}/train-{{000000..000031}}.tar",
+    f"data.val={DATA}/val-000000.tar",
+]
 
 
 def train(recipe: str, run_dir: Path, levels: list[int], steps: int, overrides: list[str]) -> None:
     if (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "summary.json").is_file():
         print(f"{run_dir} already trained")
         return
-    command = [sys.executable, "-m", "vlmtrain.cli", "fit", recipe, f"run_dir={run_dir}", "overwrite=true", f"budget.levels={levels}",
-               f"budget.default={levels[0]}", "budget.weights=null", f"trainer.max_steps={steps}", f"trainer.checkpoint_every={steps}",
-               f"trainer.val_every={steps}", *SAME_BATCHES, *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "vlmtrain.cli",
+        "fit",
+        recipe,
+        f"run_dir={run_dir}",
+        "overwrite=true",
+        f"budget.levels={levels}",
+        "budget.weights=null",
+        f"trainer.max_steps={steps}",
+        f"trainer.checkpoint_every={steps}",
+        f"trainer.val_every={steps}",
+        *SAME_BATCHES,
+        *overrides,
+    ]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True, cwd=ROOT)
 
@@ -61,15 +79,34 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=64, help="evaluation samples per text size")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    subprocess.run([sys.executable, "-m", "vlmtrain.cli", "demo-data", "--out", str(DATA), "--train", "4096", "--val", "128", "--seed", "1"], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "vlmtrain.cli", "demo-data", "--out", str(DATA), "--train", "4096", "--val", "128", "--seed", "1"],
+        check=True,
+    )
     runs = {"mixed": LEVELS, **{f"fixed-{b}": [b] for b in map(int, args.fixed.split(","))}}
     for name, levels in runs.items():
         train(args.recipe, args.out / name, levels, args.steps, args.overrides)
     for group in ("small", "large"):
         out = args.out / f"eval-{group}"
-        command = [sys.executable, "-m", "vlmtrain.cli", "eval", *(str(args.out / n) for n in runs), "--names", ",".join(runs),
-                   "--data", str(DATA / "val-000000.tar"), "--budgets", ",".join(map(str, LEVELS)),
-                   "--limit", str(args.limit), "--where", f"size={group}", "--out", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "vlmtrain.cli",
+            "eval",
+            *(str(args.out / n) for n in runs),
+            "--names",
+            ",".join(runs),
+            "--data",
+            str(DATA / "val-000000.tar"),
+            "--budgets",
+            ",".join(map(str, LEVELS)),
+            "--limit",
+            str(args.limit),
+            "--where",
+            f"size={group}",
+            "--out",
+            str(out),
+        ]
         print(" ".join(command), flush=True)
         subprocess.run(command, check=True, cwd=ROOT)
         results = json.loads((out / "eval.json").read_text())

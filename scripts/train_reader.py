@@ -23,12 +23,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vlmtrain.config import load_recipe
-from vlmtrain.data.batch import ImageBatch
 from vlmtrain.data.demo import WORDS, render_sample
-from vlmtrain.data.images import patch_positions, patchify
+from vlmtrain.data.images import image_patches
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.backbone import NativeViT
-from vlmtrain.model.build import build_backbone, plan_geometry
+from vlmtrain.model.backbones import BACKBONES
+from vlmtrain.model.description import describe_model
+from vlmtrain.model.inputs import ImageBatch
 
 TRAIN_SEED, VAL_SEED = 11, 12
 BATCH_PATCHES, MAX_BATCH = 2560, 32
@@ -54,7 +55,7 @@ def image_batch(samples: list, geometry: Geometry, budget: int) -> tuple[ImageBa
     images = []
     for index, (image, _) in enumerate(samples):
         shape = geometry.image(image.height, image.width, budget)
-        images.append((patchify(image, shape, geometry.patch_size), patch_positions(shape), shape.patch_grid, index))
+        images.append((*image_patches(image, shape, geometry.patch_size), shape.patch_grid, index))
     words = torch.tensor([WORDS.index(record["text"]) for _, record in samples])
     return ImageBatch.stack(images, 3 * geometry.patch_size**2), words
 
@@ -91,9 +92,10 @@ def main() -> None:
     args = parser.parse_args()
 
     recipe = load_recipe(args.recipe, ["model.vision.path=null"])
+    description = describe_model(recipe.model, recipe.budget)
     torch.manual_seed(0)
-    reader = Reader(build_backbone(recipe.model.vision))
-    geometry = plan_geometry(recipe.model, tuple(recipe.budget.levels))
+    reader = Reader(BACKBONES[description.vision.kind].build(description.vision.settings, None))
+    geometry = description.geometry()
     levels = geometry.levels
     train = [render_sample(index, TRAIN_SEED) for index in range(args.train)]
     val = [render_sample(index, VAL_SEED) for index in range(128)]

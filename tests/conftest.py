@@ -1,4 +1,5 @@
-"""Shared fixtures: shards written by the tests themselves, and a very small recipe for CPU runs."""
+"""Shared fixtures: shards written by the tests themselves, and the two-process runs that several test
+modules read (helpers shared by the modules live in helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import IMAGES, LORA, TWO_PROCESSES, run_cli, small_overrides
 
-from vlmtrain.config import Recipe, load_recipe
 from vlmtrain.data.demo import make_demo_shards
 from vlmtrain.data.shards import read_annotations, write_shards
-
-ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT / "data" / "images"
 
 torch.set_num_threads(2)
 logging.getLogger("vlmtrain").setLevel(logging.ERROR)
@@ -36,38 +34,46 @@ def caption_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-TINY = ROOT / "recipes" / "tiny.yaml"
+@pytest.fixture(scope="session")
+def mixed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two shards: one of images, one of text-only samples. Two ranks always read different ones."""
+    out = tmp_path_factory.mktemp("mixed")
+    images = [{"key": f"i{i}", "images": [p.name], "text": f"photo {i}"} for i, p in enumerate(sorted(IMAGES.glob("*.jpg")) * 2)]
+    texts = [{"key": f"t{i}", "images": [], "text": f"only words {i}"} for i in range(8)]
+    write_shards(images, IMAGES, out, "images", samples_per_shard=100)
+    write_shards(texts, IMAGES, out, "texts", samples_per_shard=100)
+    return out
 
 
-def small_overrides(demo_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
-    """Overrides that shrink the tiny recipe to seconds of CPU: a 1-layer ViT and LM of width 32, budgets 70 and 140."""
-    return [
-        f"run_dir={run_dir}",
-        "logger=csv",
-        "model.vision.path=null",
-        "model.vision.width=32",
-        "model.vision.depth=1",
-        "model.vision.heads=2",
-        "model.lm.hf_config.hidden_size=32",
-        "model.lm.hf_config.intermediate_size=64",
-        "model.lm.hf_config.num_hidden_layers=1",
-        "model.lm.hf_config.num_attention_heads=2",
-        "model.lm.hf_config.num_key_value_heads=2",
-        "budget.levels=[70,140]",
-        "budget.default=70",
-        f"data.train={demo_dir}/train-{{000000..000003}}.tar",
-        f"data.val={demo_dir}/val-000000.tar",
-        "data.val_samples=4",
-        "data.num_workers=0",
-        "data.batch_tokens=800",
-        "trainer.max_steps=4",
-        "trainer.val_every=2",
-        "trainer.log_every=1",
-        "trainer.checkpoint_every=2",
-        *overrides,
-    ]
+def two_process_run(demo_dir: Path, mixed_dir: Path, run_dir: Path, *strategy: str) -> list[str]:
+    """A 4-step LoRA run on two CPU processes over the mixed shards (one rank reads only text); returns its
+    overrides (the run is in ``run_dir``)."""
+    shards = f"data.train={mixed_dir}/images-000000.tar::{mixed_dir}/texts-000000.tar"
+    overrides = small_overrides(demo_dir, run_dir, shards, *TWO_PROCESSES, *strategy, *LORA, "optim.lm.lr=0.01")
+    run_cli(overrides)
+    return overrides
 
 
-def small_recipe(demo_dir: Path, run_dir: Path, *overrides: str) -> Recipe:
-    """The tiny recipe with :func:`small_overrides`."""
-    return load_recipe(TINY, small_overrides(demo_dir, run_dir, *overrides))
+@pytest.fixture(scope="session")
+def zero3_lora_run(demo_dir, mixed_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """DeepSpeed ZeRO-3 + LoRA on two processes: (run directory, its overrides). Read by the distributed,
+    adapter, consolidation and export tests."""
+    run_dir = tmp_path_factory.mktemp("zero3") / "run"
+    return run_dir, two_process_run(demo_dir, mixed_dir, run_dir, "trainer.strategy=deepspeed", "trainer.deepspeed.stage=3")
+
+
+@pytest.fixture(scope="session")
+def ddp_lora_run(demo_dir, mixed_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """DDP + LoRA on two processes: (run directory, its overrides)."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    return run_dir, two_process_run(demo_dir, mixed_dir, run_dir, "trainer.strategy=ddp")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip themselves where CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -32,9 +32,14 @@ def test_a_resumed_run_continues_the_schedule():
 
 
 def test_other_processes_with_other_hash_seeds_agree():
-    code = "from vlmtrain.budget import BudgetSchedule; print([BudgetSchedule((70,140,280,560,1120),(1,)*5,seed=11).sample(s) for s in range(200)])"
+    code = (
+        "from vlmtrain.budget import BudgetSchedule; "
+        "print([BudgetSchedule((70,140,280,560,1120),(1,)*5,seed=11).sample(s) for s in range(200)])"
+    )
     outputs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": seed}
+        ).stdout
         for seed in ("0", "1", "12345")
     }
     assert len(outputs) == 1
@@ -42,14 +47,16 @@ def test_other_processes_with_other_hash_seeds_agree():
 
 
 def test_seeds_give_different_schedules():
-    assert draws(BudgetSchedule(LEVELS, UNIFORM, seed=0), range(200)) != draws(BudgetSchedule(LEVELS, UNIFORM, seed=1), range(200))
+    assert draws(BudgetSchedule(LEVELS, UNIFORM, seed=0), range(200)) != draws(
+        BudgetSchedule(LEVELS, UNIFORM, seed=1), range(200)
+    )
 
 
 def test_frequencies_follow_the_weights():
     weights = (4.0, 3.0, 2.0, 1.0, 0.0)
     counts = Counter(draws(BudgetSchedule(LEVELS, weights, seed=5), range(50000)))
     assert counts[1120] == 0
-    for level, weight in zip(LEVELS[:4], weights[:4]):
+    for level, weight in zip(LEVELS[:4], weights[:4], strict=True):
         assert abs(counts[level] / 50000 - weight / 10) < 0.01, (level, counts)
 
 
@@ -60,7 +67,12 @@ def test_matryoshka_trains_every_level_at_every_step():
 
 @pytest.mark.parametrize(
     "levels, weights, mode",
-    [((70, 100), (1.0, 1.0), "sample"), ((70, 140), (1.0,), "sample"), ((70, 140), (0.0, 0.0), "sample"), ((70,), (1.0,), "random")],
+    [
+        ((70, 100), (1.0, 1.0), "sample"),
+        ((70, 140), (1.0,), "sample"),
+        ((70, 140), (0.0, 0.0), "sample"),
+        ((70,), (1.0,), "random"),
+    ],
 )
 def test_invalid_schedules_are_refused(levels, weights, mode):
     with pytest.raises(ValueError):

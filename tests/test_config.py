@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import RECIPES, ROOT, TINY
 from omegaconf import OmegaConf
 
 from vlmtrain.config import Recipe, RecipeError, load_recipe, recipe_from_configs, recipe_to_yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-TINY = ROOT / "recipes" / "tiny.yaml"
 
 
 def test_there_are_recipes():
@@ -36,6 +32,14 @@ def test_overrides_apply_and_interpolate():
     assert recipe.budget.levels == [70, 140]
 
 
+@pytest.mark.parametrize("levels, default", [([70, 140], 140), ([560, 1120], 560), ([70, 280, 1120], 280), ([1120], 1120)])
+def test_a_narrowed_level_list_needs_no_default_of_its_own(levels, default):
+    from vlmtrain.budget import default_budget
+
+    recipe = load_recipe(TINY, [f"budget.levels={levels}"])
+    assert recipe.budget.default is None and default_budget(recipe.budget.levels, recipe.budget.default) == default
+
+
 def error_of(overrides: list[str]) -> str:
     with pytest.raises(RecipeError) as caught:
         load_recipe(TINY, overrides)
@@ -50,24 +54,102 @@ def error_of(overrides: list[str]) -> str:
         ("model.vison.width=3", "model.vison: unknown key; did you mean 'vision'?"),
         ("model.vision.widht=3", "model.vision.widht: unknown key; did you mean 'width'?"),
         ("trainer.max_step=3", "trainer.max_step: unknown key; did you mean 'max_steps'?"),
+        ("data.pool_size=8", "data.pool_size: renamed to data.batching.lookahead"),
+        ("data.batch_tokens=8", "data.batch_tokens: renamed to data.batching.batch_tokens"),
+        ("data.text.max_lenght=8", "data.text.max_lenght: unknown key; did you mean 'max_length'?"),
         ("optim.vision.lr=fast", "optim.vision.lr: Value 'fast' of type 'str' could not be converted to Float"),
         ("trainer.max_steps=ten", "trainer.max_steps: Value 'ten' of type 'str' could not be converted to Integer"),
         ("budget.levels=[70,100]", "budget.levels[1]: 100 is not a token level; allowed: 70, 140, 280, 560, 1120 (nearest: 140)"),
+        ("budget.levels=[]", "budget.levels: must list at least one of 70, 140, 280, 560, 1120"),
+        ("budget.levels=[70,70]", "budget.levels: lists a level twice: [70, 70]"),
         ("budget.default=100", "budget.default: 100 is not in budget.levels"),
+        ("budget.weights=[1,2]", "budget.weights: has 2 entries for 5 levels"),
+        ("budget.weights=[0,0,0,0,0]", "budget.weights: must be finite, >= 0, with a positive sum"),
+        ("budget.weights=[1,1,-1,1,1]", "budget.weights: must be finite, >= 0, with a positive sum"),
+        ("budget.weights=[.nan,1,1,1,1]", "budget.weights[0]: nan is not a finite number"),
+        ("optim.lm.lr=.nan", "optim.lm.lr: nan is not a finite number"),
+        ("optim.projector.lr=.inf", "optim.projector.lr: inf is not a finite number"),
         ("budget.mode=random", "budget.mode: 'random' is not one of sample, matryoshka"),
         ("model.pooling.kind=avg", "model.pooling.kind: 'avg' is not one of average, attention"),
-        ("model.vision.backbone=siglip", "model.vision.backbone: 'siglip' is not one of native, siglip2, gemma4, dinov2; did you mean 'siglip2'?"),
+        ("model.pooling.size=0", "model.pooling.size: must be > 0, got 0"),
+        (
+            "model.vision.backbone=siglip",
+            "model.vision.backbone: 'siglip' is not one of native, siglip2, gemma4, dinov2; did you mean 'siglip2'?",
+        ),
+        ("model.vision.hf_config={hidden_size: 8}", "model.vision.hf_config: the native backbone is built from the recipe"),
+        ("model.vision.patch_size=null", "model.vision.patch_size: the native backbone needs a patch size"),
+        ("model.vision.patch_size=12", "model.vision.patch_size: 12: the conv stem needs a power of two"),
+        ("model.vision.heads=3", "model.vision.width: 128 must split into 3 heads of a size divisible by 4"),
+        ("model.vision.depth=0", "model.vision.depth: must be > 0, got 0"),
+        ("model.vision.stem=patch", "model.vision.stem: 'patch' is not one of conv, linear"),
+        ("model.lm.hf_config.model_type=null", "model.lm.hf_config: without model.lm.path it must hold a model_type"),
+        ("model.lm.image_token=''", "model.lm.image_token: must not be empty"),
+        ("model.lm.lora.rank=-1", "model.lm.lora.rank: must be >= 0, got -1"),
+        ("model.lm.lora.dropout=1.0", "model.lm.lora.dropout: must be in [0, 1), got 1.0"),
         ("logger=tensorboard", "logger: 'tensorboard' is not one of wandb, csv, none"),
+        ("name=a/b", "name: 'a/b' must be a non-empty name without '/'"),
         ("trainer.precision=bf16", "trainer.precision: 'bf16' is not one of"),
-        ("data.prompt=Describe", "data.prompt: must contain the image marker '<image>'"),
-        ("data.batch_tokens=500", "data.batch_tokens: 500 cannot hold one image at the largest budget plus max_text_length (1184)"),
+        ("trainer.strategy=fsdp", "trainer.strategy: 'fsdp' is not one of auto, ddp, deepspeed"),
+        ("trainer.devices=two", "trainer.devices: 'two' must be auto or a positive number"),
+        ("trainer.deepspeed.stage=1", "trainer.deepspeed.stage: 1 is not a ZeRO stage this framework runs; choose 2 or 3"),
+        ("trainer.deepspeed.offload_parameters=true", "trainer.deepspeed.offload_parameters: needs ZeRO stage 3"),
+        ("trainer.deepspeed.offload_optimizer=true", "trainer.deepspeed.offload_optimizer: needs trainer.strategy: deepspeed"),
+        ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints: must be > 0, got 0"),
+        ("data.text.prompt=Describe", "data.text.prompt: must contain the image marker '<image>'"),
+        (
+            "data.batching.batch_tokens=500",
+            "data.batching.batch_tokens: 500 cannot hold one image at the largest budget plus data.text.max_length (1184)",
+        ),
+        ("data.batching.lookahead=0", "data.batching.lookahead: must be > 0, got 0"),
+        ("data.num_workers=-1", "data.num_workers: must be >= 0, got -1"),
         ("data.sources=[{spec: a.tar}]", "data.train: give either data.train (one shard spec) or data.sources"),
         ("optim.lm.lr=-1", "optim.lm.lr: must be > 0"),
+        ("optim.betas=[0.9]", "optim.betas: must be two numbers in [0, 1), got [0.9]"),
+        ("optim.schedule=linear", "optim.schedule: 'linear' is not one of cosine, constant"),
+        ("optim.min_lr_ratio=2", "optim.min_lr_ratio: must be in [0, 1], got 2.0"),
         ("model.vision.path=weights.pt", "model.vision.path: 'weights.pt': the native backbone loads a .safetensors file"),
     ],
 )
 def test_bad_recipes_give_one_clear_line(override, expected):
     assert expected in error_of([override])
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["budget.mode=matryoshka", "data.batching.batch_tokens=2400"],
+            "data.batching.batch_tokens: 2400 cannot hold one image at the largest budget plus data.text.max_length (2490)",
+        ),
+        (["model.lm.lora.rank=4", "optim.lm.trainable=false"], "model.lm.lora.rank: LoRA adapters need optim.lm.trainable: true"),
+        (["model.lm.lora.rank=4", "model.lm.adapter=/some/adapter"], "model.lm.adapter: give either new LoRA adapters"),
+        (
+            ["data.train=''", "data.sources=[{spec: a.tar, weight: 2}, {spec: b.tar}]"],
+            "data.sources: weights need data.resampled: true",
+        ),
+        (["data.train=''", "data.sources=[{spec: '', weight: 1}]"], "data.sources[0].spec: needs a shard spec"),
+        (
+            ["model.vision.backbone=dinov2", "model.vision.hf_config={hidden_size: 8}", "model.pooling.size=null"],
+            "model.pooling.size: backbone 'dinov2' has no pool size of its own; set one",
+        ),
+        (
+            ["model.lm.lora.rank=4", "model.lm.lora.target_modules=[]"],
+            "model.lm.lora.target_modules: LoRA needs at least one target module",
+        ),
+        (["resume=auto", "overwrite=true"], "resume: cannot resume and overwrite at once"),
+        (
+            ["model.vision.backbone=siglip2", "model.vision.path=null"],
+            "model.vision.path: backbone 'siglip2' needs a local path or an hf_config",
+        ),
+        (["data.text.prompt_field=question", "data.text.prompt=none"], None),  # the prompt comes from the records
+        (["model.vision.stem=linear", "model.vision.patch_size=12", "model.vision.width=96"], None),
+    ],
+)
+def test_rules_across_sections(overrides, expected):
+    if expected is None:
+        load_recipe(TINY, overrides)
+    else:
+        assert expected in error_of(overrides)
 
 
 def test_every_part_frozen_is_refused():

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IMAGES
+from helpers import IMAGES
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from vlmtrain.budget import BudgetSchedule
-from vlmtrain.data.builder import BatchBuilder, SampleFormat
+from vlmtrain.config import BatchingConfig, DataConfig, DecodingConfig, TextConfig
+from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.datamodule import _unbatched
 from vlmtrain.data.images import decode_image
-from vlmtrain.data.pipeline import EvalStream, SkipLog, StreamSettings, StreamState, TrainStream
+from vlmtrain.data.pipeline import EvalStream, SkipLog, StreamState, TrainStream
 from vlmtrain.data.samples import RawSample, SampleError, parse_sample
 from vlmtrain.data.shards import read_annotations, write_shards
 from vlmtrain.data.sources import ShardSequence, Source, StreamId, expand_shards, read_shard
@@ -33,8 +34,10 @@ UNIFORM = BudgetSchedule(LEVELS, (1.0,) * 5, seed=3)
 
 @pytest.fixture(scope="module")
 def builder() -> BatchBuilder:
-    text = TextEncoder(build_byte_tokenizer(), "<image>", max_text_length=96)
-    return BatchBuilder(GEOMETRY, text, SampleFormat(prompt="<image>", target_field="text"), max_image_pixels=10**8)
+    text = TextEncoder(build_byte_tokenizer(), "<image>")
+    return BatchBuilder(
+        GEOMETRY, text, TextConfig(prompt="<image>", target_field="text", max_length=96), DecodingConfig(max_image_pixels=10**8)
+    )
 
 
 def good_samples(urls: list[str]) -> list[RawSample]:
@@ -72,9 +75,10 @@ def demo_sources(demo_dir: Path) -> list[Source]:
     return [Source(tuple(expand_shards(f"{demo_dir}/train-{{000000..000003}}.tar")))]
 
 
-def settings(**overrides) -> StreamSettings:
-    values = {"batch_tokens": 2400, "max_batch_size": 8, "pool_size": 8, "max_wait": 8}
-    return StreamSettings(**{**values, **overrides})
+def settings(max_consecutive_failures: int = 1000, **batching) -> DataConfig:
+    """Data settings of the stream tests: small batches from a small lookahead."""
+    values = {"batch_tokens": 2400, "max_batch_size": 8, "lookahead": 8, "max_wait": 8}
+    return DataConfig(max_consecutive_failures=max_consecutive_failures, batching=BatchingConfig(**{**values, **batching}))
 
 
 # ---------------------------------------------------------------- writing shards
@@ -121,7 +125,9 @@ def test_csv_annotations_give_the_same_shards_as_jsonl(tmp_path):
         '{"key": "pair", "images": ["chelsea.png", "coffee.png"], "question": "What?", "answer": "A cat, then coffee."}\n'
         '{"key": "none", "images": [], "question": "Hi?", "answer": "Hello."}\n'
     )
-    (tmp_path / "a.csv").write_text('key,images,question,answer\npair,chelsea.png;coffee.png,What?,"A cat, then coffee."\nnone,,Hi?,Hello.\n')
+    (tmp_path / "a.csv").write_text(
+        'key,images,question,answer\npair,chelsea.png;coffee.png,What?,"A cat, then coffee."\nnone,,Hi?,Hello.\n'
+    )
     from_jsonl = write_shards(read_annotations(tmp_path / "a.jsonl"), IMAGES, tmp_path / "j", "s", 10)
     from_csv = write_shards(read_annotations(tmp_path / "a.csv"), IMAGES, tmp_path / "c", "s", 10)
     assert from_jsonl.shards == from_csv.shards == {"s-000000.tar": 2}
@@ -195,13 +201,17 @@ def test_pipe_urls_are_read(caption_dir):
 def test_real_images_encode_to_the_geometry_at_every_budget(builder, caption_dir, budget):
     samples = good_samples(sorted(map(str, caption_dir.glob("*.tar"))))
     encoded = [builder.encode(sample, budget) for sample in samples]
-    batch = builder.collate(encoded, budget, step=0)
+    batch = builder.collate(encoded, budget).inputs
     assert batch.size == 16 and batch.images.count == 16  # 14 single, one pair, one text-only
-    for row, (sample, item) in enumerate(zip(samples, encoded)):
+    for row, (sample, item) in enumerate(zip(samples, encoded, strict=True)):
         expected = [GEOMETRY.image(h, w, budget) for h, w in sample.sizes]
         assert [grid for *_, grid in item.images] == [g.token_grid for g in expected]
         assert [pixels.shape[0] for pixels, *_ in item.images] == [g.patches for g in expected]
-        assert int((batch.input_ids[row] == builder.text.image_token_id).sum()) == sum(g.tokens for g in expected) <= budget * len(expected)
+        assert (
+            int((batch.input_ids[row] == builder.text.image_token_id).sum())
+            == sum(g.tokens for g in expected)
+            <= budget * len(expected)
+        )
         target = batch.labels[row][batch.labels[row] != IGNORE_INDEX][:-1]
         assert builder.text.tokenizer.decode(target) == sample.text("text")
     assert batch.images.patch_mask.sum(1).tolist() == (batch.images.token_counts * 4).tolist()
@@ -235,20 +245,23 @@ def test_jpeg_decodes_at_reduced_scale_close_to_a_full_decode():
 def test_two_workers_follow_the_schedule_buckets_and_the_token_cap(builder, demo_dir):
     stream = TrainStream(demo_sources(demo_dir), builder, UNIFORM, settings())
     loader = DataLoader(stream, batch_size=None, collate_fn=_unbatched, num_workers=2)
-    batches = list(islice(loader, 30))
-    assert [b.step for b in batches] == list(range(30))
-    assert [b.budget for b in batches] == [UNIFORM.sample(step) for step in range(30)]
-    assert [b.stream for b in batches] == [step % 2 for step in range(30)]
-    for b in batches:
-        lm_tokens = int(b.attention_mask.sum())
-        assert 1 <= b.size <= 8 and lm_tokens <= 2400
-        assert len({tuple(grid) for grid in b.images.token_grids.tolist()}) == 1  # one bucket
-        assert b.images.padding == 0.0
-        assert all(int(t) <= b.budget for t in b.images.token_counts)
+    steps = list(islice(loader, 30))
+    assert [step.index for step in steps] == list(range(30))
+    assert [step.budgets for step in steps] == [(UNIFORM.sample(index),) for index in range(30)]
+    assert [step.position.stream for step in steps] == [index % 2 for index in range(30)]
+    for step in steps:
+        (batch,) = step.batches
+        images = batch.inputs.images
+        lm_tokens = int(batch.inputs.attention_mask.sum())
+        assert 1 <= batch.size <= 8 and lm_tokens <= 2400
+        assert len({tuple(grid) for grid in images.token_grids.tolist()}) == 1  # one bucket
+        assert images.padding == 0.0
+        assert all(int(t) <= batch.budget for t in images.token_counts)
 
 
 def collect(stream: TrainStream, index: int, count: int, steps: int) -> list:
-    return list(islice(stream.batches(index, count, first_step=index), steps))
+    """The one batch of each of the stream's first ``steps`` steps (one budget per step)."""
+    return [step.batches[0] for step in islice(stream.steps(index, count, first_step=index), steps)]
 
 
 def test_every_sample_once_per_epoch_across_two_ranks_and_two_workers(builder, demo_dir):
@@ -256,8 +269,8 @@ def test_every_sample_once_per_epoch_across_two_ranks_and_two_workers(builder, d
     seen: Counter = Counter()
     for rank in (0, 1):
         stream = TrainStream(demo_sources(demo_dir), builder, UNIFORM, settings(), rank=rank, world=2)
-        for batch in islice(DataLoader(stream, batch_size=None, collate_fn=_unbatched, num_workers=2), 80):
-            seen.update(zip(batch.keys, batch.epochs))
+        for step in islice(DataLoader(stream, batch_size=None, collate_fn=_unbatched, num_workers=2), 80):
+            seen.update(zip(step.batches[0].keys, step.batches[0].epochs, strict=True))
     for epoch in (0, 1):
         assert sorted(key for (key, e), n in seen.items() for _ in range(n) if e == epoch) == sorted(keys), epoch
 
@@ -272,15 +285,20 @@ def test_ranks_and_streams_read_disjoint_shards_in_an_epoch(demo_dir):
 
 
 def test_resume_continues_exactly_where_the_batches_left_off(builder, demo_dir):
-    stream = TrainStream(demo_sources(demo_dir), builder, UNIFORM, settings(pool_size=6))
+    stream = TrainStream(demo_sources(demo_dir), builder, UNIFORM, settings(lookahead=6))
     loader = DataLoader(stream, batch_size=None, collate_fn=_unbatched, num_workers=2)
     uninterrupted = list(islice(loader, 25))
     cut = 11
-    states = {b.stream: StreamState.from_dict(b.stream_state) for b in uninterrupted[:cut]}
-    resumed_stream = TrainStream(demo_sources(demo_dir), builder, UNIFORM, settings(pool_size=6), start_step=cut, states=states)
+    states = {step.position.stream: StreamState.from_dict(step.position.state) for step in uninterrupted[:cut]}
+    resumed_stream = TrainStream(demo_sources(demo_dir), builder, UNIFORM, settings(lookahead=6), start_step=cut, states=states)
     resumed = list(islice(DataLoader(resumed_stream, batch_size=None, collate_fn=_unbatched, num_workers=2), 25 - cut))
-    assert [(b.step, b.budget, b.keys, b.epochs) for b in resumed] == [(b.step, b.budget, b.keys, b.epochs) for b in uninterrupted[cut:]]
-    for ours, theirs in zip(resumed, uninterrupted[cut:]):
+
+    def summary(step):
+        return step.index, step.budgets, step.batches[0].keys, step.batches[0].epochs
+
+    assert [summary(step) for step in resumed] == [summary(step) for step in uninterrupted[cut:]]
+    for ours, theirs in zip(resumed, uninterrupted[cut:], strict=True):
+        ours, theirs = ours.batches[0].inputs, theirs.batches[0].inputs
         assert (ours.input_ids == theirs.input_ids).all() and (ours.images.pixels == theirs.images.pixels).all()
 
 
@@ -288,22 +306,35 @@ def test_bad_input_is_skipped_and_counted_and_every_good_sample_delivered(builde
     good = [(f"g{i}.json", record(f"w{i}", (40, 30))) for i in range(6)]
     good = [item for i, (name, data) in enumerate(good) for item in ((name, data), (f"g{i}.0.png", png(40, 30)))]
     bad = [
-        ("corrupt.json", record("x", (40, 30))), ("corrupt.0.png", b"not a png"),
-        ("truncated.json", record("x", (40, 30))), ("truncated.0.png", png(40, 30)[:60]),
+        ("corrupt.json", record("x", (40, 30))),
+        ("corrupt.0.png", b"not a png"),
+        ("truncated.json", record("x", (40, 30))),
+        ("truncated.0.png", png(40, 30)[:60]),
         ("noimage.json", record("x", (40, 30))),
-        ("notext.json", record(None, (40, 30))), ("notext.0.png", png(40, 30)),
-        ("badjson.json", b"{broken"), ("badjson.0.png", png(40, 30)),
+        ("notext.json", record(None, (40, 30))),
+        ("notext.0.png", png(40, 30)),
+        ("badjson.json", b"{broken"),
+        ("badjson.0.png", png(40, 30)),
         ("nojson.0.png", png(40, 30)),
-        ("wrongsize.json", record("x", (41, 30))), ("wrongsize.0.png", png(40, 30)),
+        ("wrongsize.json", record("x", (41, 30))),
+        ("wrongsize.0.png", png(40, 30)),
     ]
     first = write_tar(tmp_path / "a.tar", good[:6] + bad + good[6:])
-    broken = write_tar(tmp_path / "b.tar", [("h.json", record("h", (40, 30))), ("h.0.png", png(40, 30)), ("i.json", record("i", (40, 30))), ("i.0.png", png(40, 30))])
+    broken = write_tar(
+        tmp_path / "b.tar",
+        [
+            ("h.json", record("h", (40, 30))),
+            ("h.0.png", png(40, 30)),
+            ("i.json", record("i", (40, 30))),
+            ("i.0.png", png(40, 30)),
+        ],
+    )
     Path(broken).write_bytes(Path(broken).read_bytes()[: 3 * 1024 + 200])  # h whole, i's JSON, then a cut header
-    stream = TrainStream([Source((first, broken))], builder, BudgetSchedule((70,), (1.0,), 0), settings(pool_size=4))
-    batches = collect(stream, 0, 1, steps=12)
-    epoch0 = sorted(key for b in batches for key, e in zip(b.keys, b.epochs) if e == 0)
+    stream = TrainStream([Source((first, broken))], builder, BudgetSchedule((70,), (1.0,), 0), settings(lookahead=4))
+    steps = list(islice(stream.steps(0, 1, first_step=0), 12))
+    epoch0 = sorted(key for step in steps for key, e in zip(step.batches[0].keys, step.batches[0].epochs, strict=True) if e == 0)
     assert epoch0 == ["g0", "g1", "g2", "g3", "g4", "g5", "h"]
-    skipped = batches[-1].stream_state["skipped"]
+    skipped = steps[-1].position.state["skipped"]
     assert set(skipped) == {"image", "missing_image", "missing_text", "bad_json", "missing_json", "size_mismatch", "bad_shard"}
     assert skipped["image"] >= 2 and skipped["missing_image"] >= 2  # corrupt + truncated image; no file + cut shard
 
@@ -312,7 +343,7 @@ def test_a_stream_of_only_bad_samples_stops_with_an_error_naming_the_shard(build
     shard = write_tar(tmp_path / "bad.tar", [(f"s{i}.json", b"{broken") for i in range(5)])
     stream = TrainStream([Source((shard,))], builder, UNIFORM, settings(max_consecutive_failures=20))
     with pytest.raises(RuntimeError, match="samples in a row were unusable.*bad.tar"):
-        next(stream.batches(0, 1, 0))
+        next(stream.steps(0, 1, 0))
 
 
 def test_fewer_shards_than_ranks_times_workers_is_a_clear_error(demo_dir):
@@ -342,19 +373,19 @@ def test_buckets_remove_the_padding_that_mixed_shapes_cause(builder, tmp_path):
     schedule = BudgetSchedule((70,), (1.0,), 0)
     padding = {}
     for buckets in (True, False):
-        stream = TrainStream(sources, builder, schedule, settings(buckets=buckets, pool_size=18, max_wait=1000, batch_tokens=600))
-        batches = collect(stream, 0, 1, steps=24)
-        slots = sum(b.images.count * int(b.images.token_counts.max()) for b in batches)
-        padding[buckets] = 1 - sum(int(b.images.token_counts.sum()) for b in batches) / slots
+        stream = TrainStream(sources, builder, schedule, settings(buckets=buckets, lookahead=18, max_wait=1000, batch_tokens=600))
+        images = [batch.inputs.images for batch in collect(stream, 0, 1, steps=24)]
+        slots = sum(batch.count * int(batch.token_counts.max()) for batch in images)
+        padding[buckets] = 1 - sum(int(batch.token_counts.sum()) for batch in images) / slots
     assert padding[True] < 0.03 and padding[False] > 0.10, padding
 
 
 def test_matryoshka_batches_hold_the_same_samples_at_every_budget(builder, demo_dir):
     schedule = BudgetSchedule((70, 280), (1.0, 1.0), seed=0, mode="matryoshka")
-    batches = next(TrainStream(demo_sources(demo_dir), builder, schedule, settings()).batches(0, 1, 0))
+    batches = next(TrainStream(demo_sources(demo_dir), builder, schedule, settings()).steps(0, 1, 0)).batches
     assert [b.budget for b in batches] == [70, 280]
     assert batches[0].keys == batches[1].keys
-    assert int(batches[0].attention_mask.sum() + batches[1].attention_mask.sum()) <= 2400
+    assert int(batches[0].inputs.attention_mask.sum() + batches[1].inputs.attention_mask.sum()) <= 2400
 
 
 # ---------------------------------------------------------------- evaluation stream
@@ -365,7 +396,7 @@ def test_eval_stream_yields_the_first_samples_in_order_at_one_budget(builder, de
     batches = list(EvalStream(urls, builder, budget=140, limit=5, batch_tokens=320, max_batch_size=8))
     keys = [key for b in batches for key in b.keys]
     assert keys == [s.key for s in good_samples(urls)][:5]
-    assert {b.budget for b in batches} == {140} and all(int(b.attention_mask.sum()) <= 320 for b in batches)
+    assert {b.budget for b in batches} == {140} and all(int(b.inputs.attention_mask.sum()) <= 320 for b in batches)
 
 
 def test_eval_stream_keeps_only_the_samples_asked_for(builder, demo_dir):
@@ -376,7 +407,17 @@ def test_eval_stream_keeps_only_the_samples_asked_for(builder, demo_dir):
 
 
 def test_eval_stream_skips_bad_samples(builder, tmp_path):
-    shard = write_tar(tmp_path / "e.tar", [("a.json", record("a", (40, 30))), ("a.0.png", png(40, 30)), ("b.json", record("b", (40, 30))), ("b.0.png", b"x"), ("c.json", record("c", (40, 30))), ("c.0.png", png(40, 30))])
+    shard = write_tar(
+        tmp_path / "e.tar",
+        [
+            ("a.json", record("a", (40, 30))),
+            ("a.0.png", png(40, 30)),
+            ("b.json", record("b", (40, 30))),
+            ("b.0.png", b"x"),
+            ("c.json", record("c", (40, 30))),
+            ("c.0.png", png(40, 30)),
+        ],
+    )
     stream = EvalStream([shard], builder, budget=70, limit=10, batch_tokens=1120, max_batch_size=2)
     assert [key for batch in stream for key in batch.keys] == ["a", "c"]
     assert stream.skips.counts == {"image": 1}
@@ -408,7 +449,9 @@ def test_demo_samples_are_deterministic_and_record_what_they_show():
         budget, (low, high) = TEXT_SIZES[record["size"]]
         resized_px = record["text_px"] * DEMO_GEOMETRY.image(image.height, image.width, budget).resize[0] / image.height
         assert low - 0.5 <= resized_px <= high + 0.5
-    small_at_70 = [r["text_px"] * DEMO_GEOMETRY.image(i.height, i.width, 70).resize[0] / i.height for i, r in samples if r["size"] == "small"]
+    small_at_70 = [
+        r["text_px"] * DEMO_GEOMETRY.image(i.height, i.width, 70).resize[0] / i.height for i, r in samples if r["size"] == "small"
+    ]
     assert max(small_at_70) < 6  # a grey blur at the lowest budget: the budget matters
 
 
@@ -430,3 +473,53 @@ def test_demo_set_is_rendered_again_only_when_missing_or_stale(tmp_path, capsys)
     assert main(command(1)) == 0  # stale and smaller: rendered again, the old shards gone
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
     assert json.loads((tmp_path / MANIFEST).read_text())["train"] == 1
+
+
+# ---------------------------------------------------------------- the bucket pool and resuming elsewhere
+
+
+def test_a_sample_of_a_rare_bucket_waits_at_most_max_wait_steps():
+    from vlmtrain.data.buckets import BucketPool, Waiting
+
+    pool = BucketPool(capacity=100, max_wait=5)
+    rare = Waiting((0, 0), 0, RawSample("rare", {}), text_tokens=1, arrived=0)
+    pool.add(rare)
+    taken_at = None
+    for step in range(20):
+        while len(pool) < 10:  # keep the common bucket fuller than the rare one
+            pool.add(Waiting((1, step), 0, RawSample(f"c{step}-{len(pool)}", {}), text_tokens=1, arrived=step))
+        chosen = pool.take(
+            lambda e: e.sample.key == "rare", lambda e: 10, cap=30, max_size=3, step=step, rng=__import__("random").Random(step)
+        )
+        if rare in chosen:
+            taken_at = step
+            break
+        assert len(chosen) == 3  # the common bucket fills the cap
+    assert taken_at == 5
+
+
+def test_resuming_with_another_worker_count_keeps_the_step_and_restarts_the_streams(builder, demo_dir, caplog):
+    from vlmtrain.budget import BudgetSchedule
+    from vlmtrain.data.datamodule import ShardDataModule
+
+    def datamodule(workers: int) -> ShardDataModule:
+        data = DataConfig(train=f"{demo_dir}/train-{{000000..000003}}.tar", num_workers=workers)
+        return ShardDataModule(data, builder, BudgetSchedule.uniform(seed=3))
+
+    two = datamodule(2)
+    steps = list(islice(two.train_dataloader(), 6))
+    for step in steps:
+        two.record(step)
+    state = two.state_dict()
+    assert state["world"] == 1 and state["stream_count"] == 2 and state["ranks"][0]["next_step"] == 6
+
+    same = datamodule(2)
+    same.load_state_dict(state)
+    assert same.next_step == 6 and set(same.streams) == {0, 1}
+    one = datamodule(1)
+    with caplog.at_level("WARNING", logger="vlmtrain.data.datamodule"):
+        one.load_state_dict(state)
+    assert one.next_step == 6 and one.streams == {}
+    assert "saved with 1 ranks x 2 workers, resuming with 1 x 1" in caplog.text
+    resumed = next(iter(one.train_dataloader()))
+    assert resumed.index == 6 and resumed.budgets == (UNIFORM.sample(6),)

@@ -1,12 +1,8 @@
-"""Several processes on CPU: DDP and DeepSpeed ZeRO-2/3 with LoRA, ranks that must agree, resume after SIGKILL.
-
-Multi-process runs go through the CLI in a subprocess (Lightning re-executes the command for each rank),
-with a timeout, so that a hang fails the test instead of the CI job.
-"""
+"""Several processes on CPU (gloo): DDP and DeepSpeed ZeRO-2/3 with LoRA, ranks that must agree, resume after
+SIGKILL, torchrun. Every test here starts processes: all are marked slow."""
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -17,39 +13,30 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import IMAGES, TINY, small_overrides
+from helpers import (
+    ENV,
+    GEMMA4_TOWER,
+    LORA,
+    TINY,
+    TINY_LLAMA,
+    TWO_PROCESSES,
+    built,
+    losses,
+    run_cli,
+    save_as_full_checkpoint,
+    small_overrides,
+)
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from vlmtrain.config import load_recipe
-from vlmtrain.data.shards import write_shards
 from vlmtrain.data.sources import ShardSequence, Source, StreamId
 from vlmtrain.model.backbone import NativeViT
 from vlmtrain.train.layout import latest_checkpoint
-from vlmtrain.train.module import VLMModule, ranks_agree
+from vlmtrain.train.module import ranks_agree
 
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-TWO_PROCESSES = ("trainer.accelerator=cpu", "trainer.devices=2", "data.val=null")
-LORA = ("model.lm.lora.rank=4", "model.lm.lora.dropout=0.1", "model.lm.lora.target_modules=[q_proj,v_proj]")
-
-
-def run_cli(overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "vlmtrain.cli", "fit", str(TINY), *overrides], capture_output=True, text=True, env=ENV, timeout=timeout
-    )
-    assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-3000:]
-    return result
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Training loss per step, from every launch's CSV metrics."""
-    found = {}
-    for path in sorted((run_dir / "metrics").glob("version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get("train/loss"):
-                found[int(row["step"])] = float(row["train/loss"])
-    return found
+pytestmark = pytest.mark.slow
 
 
 def _agree(rank: int, port: int, outcome: Path) -> None:
@@ -71,42 +58,26 @@ def test_every_rank_stops_when_ranks_disagree_on_the_budget(tmp_path):
         assert (tmp_path / f"{rank}").read_text() == "ranks disagree on (step, budgets): [[6, 70], [6, 140]]"
 
 
-@pytest.fixture(scope="module")
-def mixed_dir(tmp_path_factory, demo_dir) -> Path:
-    """Two shards: one of images, one of text-only samples. Two ranks always read different ones."""
-    out = tmp_path_factory.mktemp("mixed")
-    images = [{"key": f"i{i}", "images": [p.name], "text": f"photo {i}"} for i, p in enumerate(sorted(IMAGES.glob("*.jpg")) * 2)]
-    texts = [{"key": f"t{i}", "images": [], "text": f"only words {i}"} for i in range(8)]
-    write_shards(images, IMAGES, out, "images", samples_per_shard=100)
-    write_shards(texts, IMAGES, out, "texts", samples_per_shard=100)
-    return out
-
-
-@pytest.mark.parametrize("strategy", [("trainer.strategy=ddp",), ("trainer.strategy=deepspeed", "trainer.deepspeed.stage=3")], ids=["ddp", "zero3"])
-def test_steps_where_one_rank_has_only_text_complete_on_two_ranks(demo_dir, mixed_dir, tmp_path, strategy):
-    shards = f"data.train={mixed_dir}/images-000000.tar::{mixed_dir}/texts-000000.tar"
-    run_cli(small_overrides(demo_dir, tmp_path / "run", shards, *TWO_PROCESSES, *strategy, *LORA, "trainer.max_steps=4"))
-    recipe = load_recipe(TINY, small_overrides(demo_dir, tmp_path / "x", shards))
+@pytest.mark.parametrize("run", ["ddp_lora_run", "zero3_lora_run"])
+def test_steps_where_one_rank_has_only_text_complete_on_two_ranks(mixed_dir, run, request):
+    run_dir, overrides = request.getfixturevalue(run)
+    recipe = load_recipe(TINY, overrides)
     sources = [Source((f"{mixed_dir}/images-000000.tar", f"{mixed_dir}/texts-000000.tar"))]
     read = {rank: ShardSequence(sources, recipe.seed, StreamId(rank, 2, 0, 1), False).shard(0)[0] for rank in (0, 1)}
     assert {Path(url).name for url in read.values()} == {"images-000000.tar", "texts-000000.tar"}
-    assert len(losses(tmp_path / "run")) == 4
+    assert sorted(losses(run_dir)) == [0, 1, 2, 3]
 
 
 def initial_lora(overrides: list[str]) -> dict[str, torch.Tensor]:
     """LoRA weights a run starts from (the module seeds itself before building the model)."""
-    module = VLMModule(load_recipe(TINY, overrides))
-    module.configure_model()
-    return {name: p.detach().clone() for name, p in module.model.lm.named_parameters() if "lora_" in name}
+    return {
+        name: p.detach().clone() for name, p in built(load_recipe(TINY, overrides)).model.lm.named_parameters() if "lora_" in name
+    }
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_saves_the_gathered_trained_adapter_and_it_reloads(demo_dir, tmp_path, stage):
-    overrides = small_overrides(
-        demo_dir, tmp_path / "run", *TWO_PROCESSES, "trainer.strategy=deepspeed", f"trainer.deepspeed.stage={stage}", *LORA, "optim.lm.lr=0.01"
-    )
-    run_cli(overrides)
-    run_dir = tmp_path / "run"
+def check_saved_adapter(run_dir: Path, overrides: list[str], tmp_path: Path) -> None:
+    """The run's adapter folder holds the whole trained adapter, equal to DeepSpeed's own consolidation
+    and to what export reads, and it reloads onto a fresh base LM to the trained LM's logits."""
     saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     start = initial_lora(overrides)
     assert len(saved) == len(start) == 4
@@ -116,7 +87,9 @@ def test_deepspeed_saves_the_gathered_trained_adapter_and_it_reloads(demo_dir, t
         assert not torch.equal(saved[key], initial), f"{name} did not train"
 
     # the consolidated checkpoint holds the same adapter, and only what trained
-    consolidated = convert_zero_checkpoint_to_fp32_state_dict(latest_checkpoint(run_dir / "checkpoints") / "state", tmp_path / "full.pt")["state_dict"]
+    consolidated = convert_zero_checkpoint_to_fp32_state_dict(
+        latest_checkpoint(run_dir / "checkpoints") / "state", tmp_path / "full.pt"
+    )["state_dict"]
     assert not any(name.startswith("model.lm.") and "lora_" not in name for name in consolidated)
     for name in start:
         torch.testing.assert_close(consolidated[f"model.lm.{name}"], saved[name.replace(".default", "")])
@@ -127,20 +100,42 @@ def test_deepspeed_saves_the_gathered_trained_adapter_and_it_reloads(demo_dir, t
         torch.testing.assert_close(tensor, consolidated[name], rtol=0, atol=0)
 
     # a fresh base LM with the saved adapter gives the logits of the trained LM
-    trained = VLMModule(load_recipe(TINY, overrides))
-    trained.configure_model()
-    trained.load_state_dict(consolidated, strict=False)
-    plain = VLMModule(load_recipe(TINY, [*overrides, "model.lm.lora.rank=0", "optim.lm.trainable=false"]))
-    plain.configure_model()
-    base = plain.model.lm
+    module = built(load_recipe(TINY, overrides))
+    module.load_state_dict(consolidated, strict=False)
+    base = built(load_recipe(TINY, [*overrides, "model.lm.lora.rank=0", "optim.lm.trainable=false"])).model.lm
     reloaded = PeftModel.from_pretrained(base, run_dir / "adapter")
     tokens = torch.randint(0, 250, (2, 12))
     with torch.no_grad():
-        torch.testing.assert_close(reloaded.eval()(input_ids=tokens).logits, trained.model.lm.eval()(input_ids=tokens).logits)
+        torch.testing.assert_close(reloaded.eval()(input_ids=tokens).logits, module.model.lm.eval()(input_ids=tokens).logits)
+
+
+def test_zero3_saves_the_gathered_trained_adapter_and_it_reloads(zero3_lora_run, tmp_path):
+    check_saved_adapter(*zero3_lora_run, tmp_path)
+
+
+def test_zero2_saves_the_gathered_trained_adapter_and_it_reloads(demo_dir, tmp_path):
+    overrides = small_overrides(
+        demo_dir,
+        tmp_path / "run",
+        *TWO_PROCESSES,
+        "trainer.strategy=deepspeed",
+        "trainer.deepspeed.stage=2",
+        *LORA,
+        "optim.lm.lr=0.01",
+    )
+    run_cli(overrides)
+    check_saved_adapter(tmp_path / "run", overrides, tmp_path)
 
 
 def test_zero3_resume_continues_with_the_losses_of_an_uninterrupted_run(demo_dir, tmp_path):
-    common = (*TWO_PROCESSES, "trainer.strategy=deepspeed", "trainer.deepspeed.stage=3", *LORA, "data.num_workers=1", "trainer.checkpoint_every=3")
+    common = (
+        *TWO_PROCESSES,
+        "trainer.strategy=deepspeed",
+        "trainer.deepspeed.stage=3",
+        *LORA,
+        "data.num_workers=1",
+        "trainer.checkpoint_every=3",
+    )
     run_cli(small_overrides(demo_dir, tmp_path / "whole", *common, "trainer.max_steps=6"))
     run_cli(small_overrides(demo_dir, tmp_path / "cut", *common, "trainer.max_steps=3"))
     run_cli(small_overrides(demo_dir, tmp_path / "cut", *common, "trainer.max_steps=6", "resume=auto"))
@@ -151,13 +146,29 @@ def test_zero3_resume_continues_with_the_losses_of_an_uninterrupted_run(demo_dir
 
 def test_sigkill_mid_run_then_resume_gives_the_losses_of_an_uninterrupted_run(demo_dir, tmp_path):
     # a constant learning rate: the killed run's max_steps (1000, so it is surely killed mid-way) changes nothing
-    common = (*LORA, "data.num_workers=2", "data.val=null", "trainer.max_steps=12", "trainer.checkpoint_every=2", "optim.schedule=constant")
+    common = (
+        *LORA,
+        "data.num_workers=2",
+        "data.val=null",
+        "trainer.max_steps=12",
+        "trainer.checkpoint_every=2",
+        "optim.schedule=constant",
+    )
     run_cli(small_overrides(demo_dir, tmp_path / "whole", *common))
-    command = [sys.executable, "-m", "vlmtrain.cli", "fit", str(TINY), *small_overrides(demo_dir, tmp_path / "killed", *common, "trainer.max_steps=1000")]
+    command = [
+        sys.executable,
+        "-m",
+        "vlmtrain.cli",
+        "fit",
+        str(TINY),
+        *small_overrides(demo_dir, tmp_path / "killed", *common, "trainer.max_steps=1000"),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 240
-    while (latest_checkpoint(checkpoints) is None or latest_checkpoint(checkpoints).name < "step-000000006") and time.monotonic() < deadline:
+    while (
+        latest_checkpoint(checkpoints) is None or latest_checkpoint(checkpoints).name < "step-000000006"
+    ) and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -172,7 +183,6 @@ def test_sigkill_mid_run_then_resume_gives_the_losses_of_an_uninterrupted_run(de
 @pytest.fixture(scope="module")
 def pretrained_dir(tmp_path_factory) -> Path:
     """A tiny Llama with its tokenizer, and a tiny Gemma 4 vision tower inside a whole-VLM checkpoint."""
-    from test_model import GEMMA4_TOWER, TINY_LLAMA, save_as_full_checkpoint
     from transformers import Gemma4VisionConfig, Gemma4VisionModel
 
     from vlmtrain.config import LMConfig
@@ -185,8 +195,12 @@ def pretrained_dir(tmp_path_factory) -> Path:
     build_lm(LMConfig(hf_config=TINY_LLAMA), tokenizer).save_pretrained(out / "llama")
     tokenizer.save_pretrained(out / "llama")
     tower = Gemma4VisionModel(Gemma4VisionConfig(**GEMMA4_TOWER))
-    save_as_full_checkpoint(tower, out / "gemma4", "gemma4", "model.vision_tower.", {**GEMMA4_TOWER, "model_type": "gemma4_vision"})
-    save_file(NativeViT(patch_size=16, width=32, depth=1, heads=2).state_dict(), out / "native.safetensors")  # small_overrides' ViT
+    save_as_full_checkpoint(
+        tower, out / "gemma4", "gemma4", "model.vision_tower.", {**GEMMA4_TOWER, "model_type": "gemma4_vision"}
+    )
+    save_file(
+        NativeViT(patch_size=16, width=32, depth=1, heads=2).state_dict(), out / "native.safetensors"
+    )  # small_overrides' ViT
     return out
 
 
@@ -200,10 +214,20 @@ VISION_FROM_FILES = {
 def test_zero3_loads_local_pretrained_weights_exactly(demo_dir, pretrained_dir, tmp_path, vision):
     common = (
         *(override.format(pretrained_dir) for override in VISION_FROM_FILES[vision]),
-        f"model.lm.path={pretrained_dir}/llama", "model.lm.hf_config={}", "optim.vision.trainable=false",
-        "data.pool_size=2", "data.max_batch_size=2", "data.val=null", "trainer.max_steps=1", "budget.levels=[70]",
+        f"model.lm.path={pretrained_dir}/llama",
+        "model.lm.hf_config={}",
+        "optim.vision.trainable=false",
+        "data.batching.lookahead=2",
+        "data.batching.max_batch_size=2",
+        "data.val=null",
+        "trainer.max_steps=1",
+        "budget.levels=[70]",
     )
-    run_cli(small_overrides(demo_dir, tmp_path / "zero3", *common, *TWO_PROCESSES, "trainer.strategy=deepspeed", "trainer.deepspeed.stage=3"))
+    run_cli(
+        small_overrides(
+            demo_dir, tmp_path / "zero3", *common, *TWO_PROCESSES, "trainer.strategy=deepspeed", "trainer.deepspeed.stage=3"
+        )
+    )
     run_cli(small_overrides(demo_dir, tmp_path / "single", *common))
     zero3, single = losses(tmp_path / "zero3"), losses(tmp_path / "single")
     assert zero3.keys() == single.keys() == {0}
@@ -211,11 +235,27 @@ def test_zero3_loads_local_pretrained_weights_exactly(demo_dir, pretrained_dir, 
 
 
 def test_torchrun_launch_takes_devices_and_nodes_from_its_environment(demo_dir, tmp_path):
-    overrides = small_overrides(demo_dir, tmp_path / "run", "trainer.accelerator=cpu", "trainer.strategy=ddp", "data.val=null", "trainer.max_steps=3")
+    overrides = small_overrides(
+        demo_dir, tmp_path / "run", "trainer.accelerator=cpu", "trainer.strategy=ddp", "data.val=null", "trainer.max_steps=3"
+    )
     port = str(29600 + os.getpid() % 1000)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}", "-m", "vlmtrain.cli", "fit", str(TINY), *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--master-port={port}",
+        "-m",
+        "vlmtrain.cli",
+        "fit",
+        str(TINY),
+        *overrides,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run finished") == 1  # printed by rank 0 only
-    assert "distributed_backend=gloo" in result.stderr and "All distributed processes registered. Starting with 2 processes" in result.stderr
+    assert (
+        "distributed_backend=gloo" in result.stderr
+        and "All distributed processes registered. Starting with 2 processes" in result.stderr
+    )
     assert sorted(losses(tmp_path / "run")) == [0, 1, 2]

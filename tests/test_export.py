@@ -1,5 +1,6 @@
-"""Export → load → generate: the exported model gives the training module's logits at every budget, loads
-without Lightning or DeepSpeed, and its LM folder loads with transformers alone."""
+"""Export → load → generate: the exported model gives the training model's logits at every budget, for every
+backbone kind and both poolings; it loads without Lightning or DeepSpeed; an edited or damaged export is
+refused with one line naming the file and key."""
 
 from __future__ import annotations
 
@@ -10,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGES, TINY, small_overrides
+from helpers import DINOV2_TOWER, ENV, GEMMA4_TOWER, IMAGES, SIGLIP2_TOWER, TINY, built, small_recipe
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+from PIL import Image
 from safetensors.torch import load_file
-from test_distributed import ENV, LORA, TWO_PROCESSES, run_cli
 
 from vlmtrain.config import load_recipe
-from vlmtrain.export import export, trained_model, vision_config
-from vlmtrain.inference import ExportedModel
+from vlmtrain.errors import UserError
+from vlmtrain.export import export, trained_model, write_export
+from vlmtrain.inference import ExportedModel, load
 from vlmtrain.train.layout import latest_checkpoint
-from vlmtrain.train.module import VLMModule
 
 CASES = {"70": [70], "140": [140], "70+140": [70, 140]}  # the last: one budget per image
 PROMPT = "Look <image> and <image>: "
@@ -60,18 +61,27 @@ def exported_logits(export_dir: Path, tmp_path: Path) -> tuple[dict[str, torch.T
     """Load ``export_dir`` in a fresh Python process and return its logits per case and what it saw."""
     out = tmp_path / f"{export_dir.name}-logits.safetensors"
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(export_dir), str(out), json.dumps([str(p) for p in pictures()]), PROMPT, json.dumps(CASES)],
-        capture_output=True, text=True, env=ENV, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            LOAD_IN_A_FRESH_PROCESS,
+            str(export_dir),
+            str(out),
+            json.dumps([str(p) for p in pictures()]),
+            PROMPT,
+            json.dumps(CASES),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(out), json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def reference_logits(model, tokenizer, config) -> dict[str, torch.Tensor]:
+def reference_logits(reference: ExportedModel) -> dict[str, torch.Tensor]:
     """The same cases through the trained model, in this process."""
-    from PIL import Image
-
-    reference = ExportedModel(model, tokenizer, config)
     images = [Image.open(path) for path in pictures()]
     logits = {}
     for name, budgets in CASES.items():
@@ -89,36 +99,149 @@ def check_export(export_dir: Path, expected: dict[str, torch.Tensor], tmp_path: 
         torch.testing.assert_close(found[name], expected[name], atol=1e-5, rtol=1e-5)
 
 
-def test_export_of_a_ddp_run_gives_the_training_logits_at_every_budget(demo_dir, tmp_path):
-    run_cli(small_overrides(demo_dir, tmp_path / "run", *TWO_PROCESSES, "trainer.strategy=ddp", *LORA, "optim.lm.lr=0.01"))
-    model, tokenizer, recipe, _ = trained_model(tmp_path / "run")
-    expected = reference_logits(model, tokenizer, vision_config(model, recipe))
-    out = export(tmp_path / "run", tmp_path / "export")
+@pytest.mark.slow
+def test_export_of_a_ddp_run_gives_the_training_logits_at_every_budget(ddp_lora_run, tmp_path):
+    run_dir, _ = ddp_lora_run
+    expected = reference_logits(trained_model(run_dir)[0])
+    out = export(run_dir, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "lm", "recipe.yaml", "vision"]
     check_export(out, expected, tmp_path)
-    assert "# " + recipe.name in (out / "README.md").read_text()
+    assert "# " + load_recipe(run_dir / "recipe.yaml").name in (out / "README.md").read_text()
 
 
-def test_export_of_a_zero3_lora_run_matches_deepspeeds_own_consolidation(demo_dir, tmp_path):
-    overrides = small_overrides(demo_dir, tmp_path / "run", *TWO_PROCESSES, "trainer.strategy=deepspeed", "trainer.deepspeed.stage=3", *LORA, "optim.lm.lr=0.01")
-    run_cli(overrides)
-    state = latest_checkpoint(tmp_path / "run" / "checkpoints") / "state"
+@pytest.mark.slow
+def test_export_of_a_zero3_lora_run_matches_deepspeeds_own_consolidation(zero3_lora_run, tmp_path):
+    run_dir, overrides = zero3_lora_run
+    state = latest_checkpoint(run_dir / "checkpoints") / "state"
     consolidated = convert_zero_checkpoint_to_fp32_state_dict(state, tmp_path / "consolidated.pt")["state_dict"]
-    module = VLMModule(load_recipe(TINY, overrides))
-    module.configure_model()
+    module = built(load_recipe(TINY, overrides))
     module.load_state_dict(consolidated, strict=False)
-    expected = reference_logits(module.model.eval(), module.tokenizer, vision_config(module.model, module.recipe))
-    check_export(export(tmp_path / "run", tmp_path / "merged"), expected, tmp_path)
-    check_export(export(tmp_path / "run", tmp_path / "adapter", keep_adapter=True), expected, tmp_path)
+    expected = reference_logits(ExportedModel(module.model, module.plan.tokenizer, module.plan.model, module.recipe.data.text))
+    check_export(export(run_dir, tmp_path / "merged"), expected, tmp_path)
+    check_export(export(run_dir, tmp_path / "adapter", keep_adapter=True), expected, tmp_path)
     assert (tmp_path / "adapter" / "lm-adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_export_refuses_what_is_not_a_run_and_an_existing_folder(demo_dir, tmp_path):
-    from vlmtrain.errors import UserError
+BACKBONES = {  # the small recipe's native ViT, or a tiny HF tower with random weights
+    "native": (),
+    "siglip2": (
+        "model.vision.backbone=siglip2",
+        f"model.vision.hf_config={json.dumps(SIGLIP2_TOWER)}",
+        "model.vision.patch_size=null",
+    ),
+    "gemma4": (
+        "model.vision.backbone=gemma4",
+        f"model.vision.hf_config={json.dumps(GEMMA4_TOWER)}",
+        "model.vision.patch_size=null",
+        "model.pooling.size=null",
+    ),
+    "dinov2": (
+        "model.vision.backbone=dinov2",
+        f"model.vision.hf_config={json.dumps(DINOV2_TOWER)}",
+        "model.vision.patch_size=null",
+    ),
+}
 
+
+def untrained_export(demo_dir: Path, tmp_path: Path, *overrides: str) -> tuple[ExportedModel, Path]:
+    """A model of the small recipe with random weights everywhere (pooling and projector included), and its export."""
+    recipe = small_recipe(demo_dir, tmp_path / "run", *overrides)
+    module = built(recipe)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in module.model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    model = ExportedModel(module.model, module.plan.tokenizer, module.plan.model, recipe.data.text)
+    write_export(model, recipe, tmp_path / "export")
+    return model, tmp_path / "export"
+
+
+@pytest.mark.parametrize("pooling", ["average", "attention"])
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_every_backbone_and_pooling_exports_and_loads_to_the_same_logits_at_every_budget(demo_dir, tmp_path, backbone, pooling):
+    model, out = untrained_export(
+        demo_dir, tmp_path, *BACKBONES[backbone], f"model.pooling.kind={pooling}", "model.pooling.heads=2"
+    )
+    loaded = load(out)
+    assert type(loaded.model.backbone) is type(model.model.backbone) and type(loaded.model.pooling) is type(model.model.pooling)
+    images = [Image.open(path) for path in pictures()]
+    for budget in model.geometry.levels:
+        torch.testing.assert_close(
+            loaded.logits(images, PROMPT, budget=budget), model.logits(images, PROMPT, budget=budget), atol=1e-5, rtol=1e-5
+        )
+    torch.testing.assert_close(
+        loaded.logits(images, PROMPT, budget=[140, 70]), model.logits(images, PROMPT, budget=[140, 70]), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.fixture(scope="module")
+def native_export(demo_dir, tmp_path_factory) -> Path:
+    return untrained_export(demo_dir, tmp_path_factory.mktemp("native"))[1]
+
+
+def edited(export_dir: Path, tmp_path: Path, edit) -> Path:
+    """A copy of ``export_dir`` with ``edit`` applied to its vision/config.json values."""
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(export_dir, copy)
+    config_file = copy / "vision" / "config.json"
+    config = json.loads(config_file.read_text())
+    edit(config)
+    config_file.write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda c: c["model"]["pooling"].update(size=3), "model.pooling.size is 3, but the weights were exported with 1"),
+        (
+            lambda c: c["model"]["vision"]["settings"].update(width=64),
+            "model.vision.settings.width is 64, but the weights were exported with 32",
+        ),
+        (lambda c: c["model"].update(levels=[70, 140, 280]), "model.levels"),
+        (lambda c: c["model"]["vision"].update(kind="dinov2"), "model.vision.kind is 'dinov2'"),
+    ],
+)
+def test_a_config_edited_after_export_is_refused_naming_the_key(native_export, tmp_path, edit, key):
+    with pytest.raises(UserError) as caught:
+        load(edited(native_export, tmp_path, edit))
+    assert key in str(caught.value) and "\n" not in str(caught.value) and "edited after export" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda folder: (folder / "vision" / "config.json").unlink(), "vision/config.json: missing"),
+        (lambda folder: (folder / "vision" / "config.json").write_text("{not json"), "vision/config.json: not valid JSON"),
+        (lambda folder: (folder / "vision" / "model.safetensors").unlink(), "vision/model.safetensors: missing"),
+        (lambda folder: __import__("shutil").rmtree(folder / "lm"), "/lm: missing"),
+    ],
+)
+def test_a_damaged_export_is_one_line_naming_the_file(native_export, tmp_path, damage, message):
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(native_export, copy)
+    damage(copy)
+    with pytest.raises(UserError, match=message):
+        load(copy)
+
+
+def test_a_config_missing_a_key_or_with_an_unknown_one_is_refused(native_export, tmp_path):
+    with pytest.raises(UserError, match=r"config.json: model.pooling.heads: missing"):
+        load(edited(native_export, tmp_path / "a", lambda c: c["model"]["pooling"].pop("heads")))
+    with pytest.raises(UserError, match=r"model.pooling.sise: unknown key; did you mean 'size'"):
+        load(edited(native_export, tmp_path / "b", lambda c: c["model"]["pooling"].update(sise=1)))
+
+
+def test_export_refuses_what_is_not_a_run_and_an_existing_folder(demo_dir, tmp_path):
     with pytest.raises(UserError, match="neither a run directory"):
         export(tmp_path, tmp_path / "out")
     with pytest.raises(UserError, match="no complete checkpoint"):
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "recipe.yaml").write_text("name: x\n")
         export(tmp_path / "run", tmp_path / "out")
+    with pytest.raises(UserError, match="already exists"):
+        export(tmp_path / "run", tmp_path)

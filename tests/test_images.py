@@ -72,4 +72,6 @@ def test_patch_layout_matches_gemma4_and_positions_are_row_major():
     assert torch.equal(patchify(image, geometry, 4), torch.from_numpy(expected))
     positions = patch_positions(geometry)
     rows, cols = geometry.patch_grid
-    assert positions[1].tolist() == [1, 0] and positions[cols].tolist() == [0, 1] and positions[-1].tolist() == [cols - 1, rows - 1]
+    assert (
+        positions[1].tolist() == [1, 0] and positions[cols].tolist() == [0, 1] and positions[-1].tolist() == [cols - 1, rows - 1]
+    )

@@ -3,72 +3,37 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from helpers import GEMMA4_TOWER, SIGLIP2_TOWER, TINY_LLAMA, image_batch, save_as_full_checkpoint, single
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Config, Dinov2Model, Gemma4VisionConfig, Gemma4VisionModel, Siglip2VisionConfig, Siglip2VisionModel
 
-from vlmtrain.config import LMConfig, ModelConfig, PoolingConfig, VisionConfig
-from vlmtrain.data.batch import ImageBatch
-from vlmtrain.data.builder import BatchBuilder, SampleFormat
-from vlmtrain.data.images import patch_positions, patchify
+from vlmtrain.config import BudgetConfig, DecodingConfig, LMConfig, ModelConfig, PoolingConfig, TextConfig, VisionConfig
+from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import read_shard
-from vlmtrain.geometry import LEVELS, Geometry
+from vlmtrain.errors import UserError
+from vlmtrain.geometry import Geometry
 from vlmtrain.model.backbone import NativeViT
+from vlmtrain.model.backbones import BACKBONES, TowerKind
 from vlmtrain.model.build import build_model
-from vlmtrain.model.hf_vision import load_tower
+from vlmtrain.model.description import describe_model
+from vlmtrain.model.hf_vision import TOWERS
+from vlmtrain.model.inputs import ImageBatch
 from vlmtrain.model.lm import build_lm, lm_tokenizer
 from vlmtrain.model.pooling import AttentionPooling, AveragePooling, GeometryMismatch, gather_windows
 from vlmtrain.text import IGNORE_INDEX, TextEncoder, build_byte_tokenizer
 
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 4096,
-}
-GEMMA4_TOWER = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "position_embedding_size": 256,
-}
-SIGLIP2_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_patches": 64}
 
-
-def image_batch(geometry: Geometry, sizes: list[tuple[int, int]], budget: int, seed: int = 0) -> ImageBatch:
-    """Random-pixel images of the given (height, width) sizes, laid out as the pipeline does."""
-    rng = np.random.default_rng(seed)
-    items = []
-    for index, (height, width) in enumerate(sizes):
-        g = geometry.image(height, width, budget)
-        image = Image.fromarray(rng.integers(0, 256, size=(*g.resize, 3), dtype=np.uint8))
-        items.append((patchify(image, g, geometry.patch_size), patch_positions(g), g.token_grid, index))
-    return ImageBatch.stack(items, patch_dim=3 * geometry.patch_size**2)
-
-
-def single(images: ImageBatch, index: int) -> ImageBatch:
-    """Image ``index`` alone, without the padding the batch gave it."""
-    count = int(images.patch_mask[index].sum())
-    return ImageBatch(
-        images.pixels[index : index + 1, :count],
-        images.positions[index : index + 1, :count],
-        images.token_grids[index : index + 1],
-        torch.zeros(1, dtype=torch.long),
-    )
+def load_tower(kind: str, path: str | None, hf_config: dict) -> torch.nn.Module:
+    """The registry's backbone ``kind`` as a recipe with this path and hf_config would build it."""
+    vision = VisionConfig(backbone=kind, path=path, hf_config=hf_config, patch_size=None)
+    registry = BACKBONES[kind]
+    return registry.build(registry.settings(vision), path)
 
 
 @pytest.mark.parametrize("stem", ["conv", "linear"])
@@ -91,7 +56,9 @@ def test_conv_stem_sees_the_image_as_a_whole():
     images = image_batch(geometry, [(12, 20)], budget=70)
     g = geometry.image(12, 20, 70)
     rows, cols = g.patch_grid
-    canvas = images.pixels[0].float().view(rows, cols, 4, 4, 3).permute(4, 0, 2, 1, 3).reshape(1, 3, rows * 4, cols * 4) / 127.5 - 1
+    canvas = (
+        images.pixels[0].float().view(rows, cols, 4, 4, 3).permute(4, 0, 2, 1, 3).reshape(1, 3, rows * 4, cols * 4) / 127.5 - 1
+    )
     expected = vit.stem.norm(vit.stem.convs(canvas).permute(0, 2, 3, 1).reshape(rows * cols, 16))
     torch.testing.assert_close(vit.stem(images.pixels, images.positions, images.token_grids)[0], expected)
 
@@ -152,7 +119,8 @@ def test_gemma4_backbone_with_average_pooling_equals_gemma4_vision_model(tmp_pat
     reference.std_scale.uniform_(0.5, 1.5)
     reference.save_pretrained(tmp_path)
     backbone = load_tower("gemma4", str(tmp_path), {}).eval()
-    assert (backbone.patch_size, backbone.width, backbone.native_pool) == (16, 32, 3)
+    settings = BACKBONES["gemma4"].settings(VisionConfig(backbone="gemma4", path=str(tmp_path), patch_size=None))
+    assert (backbone.patch_size, backbone.width, BACKBONES["gemma4"].own_pool(settings)) == (16, 32, 3)
     geometry = Geometry(patch_size=16, pool=3)
     images = image_batch(geometry, [(100, 300), (250, 120)], budget=70)
     with torch.no_grad():
@@ -162,19 +130,12 @@ def test_gemma4_backbone_with_average_pooling_equals_gemma4_vision_model(tmp_pat
     torch.testing.assert_close(tokens[mask], expected, atol=1e-4, rtol=1e-4)
 
 
-def save_as_full_checkpoint(model: torch.nn.Module, folder, model_type: str, prefix: str, vision_config: dict) -> None:
-    """Write ``model`` as the vision tower inside a whole VLM checkpoint (config + prefixed safetensors)."""
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": model_type, "vision_config": vision_config, "text_config": {}}))
-    tensors = {prefix + name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-    tensors["model.language_model.embed_tokens.weight"] = torch.zeros(4, 4)
-    save_file(tensors, str(folder / "model.safetensors"))
-
-
 def test_gemma4_tower_loads_from_a_whole_gemma4_checkpoint(tmp_path):
     torch.manual_seed(0)
     reference = Gemma4VisionModel(Gemma4VisionConfig(**GEMMA4_TOWER)).eval()
-    save_as_full_checkpoint(reference, tmp_path / "gemma4", "gemma4", "model.vision_tower.", {**GEMMA4_TOWER, "model_type": "gemma4_vision"})
+    save_as_full_checkpoint(
+        reference, tmp_path / "gemma4", "gemma4", "model.vision_tower.", {**GEMMA4_TOWER, "model_type": "gemma4_vision"}
+    )
     loaded = load_tower("gemma4", str(tmp_path / "gemma4"), {}).model.eval()
     for name, tensor in reference.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
@@ -192,7 +153,9 @@ def test_a_checkpoint_without_the_tower_is_a_clear_error(tmp_path):
 def test_siglip2_backbone_loads_from_a_whole_siglip2_checkpoint_and_ignores_padding(tmp_path):
     torch.manual_seed(0)
     reference = Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP2_TOWER, vision_use_head=False)).eval()
-    save_as_full_checkpoint(reference, tmp_path / "siglip2", "siglip2", "vision_model.", {**SIGLIP2_TOWER, "model_type": "siglip2_vision_model"})
+    save_as_full_checkpoint(
+        reference, tmp_path / "siglip2", "siglip2", "vision_model.", {**SIGLIP2_TOWER, "model_type": "siglip2_vision_model"}
+    )
     backbone = load_tower("siglip2", str(tmp_path / "siglip2"), {}).eval()
     geometry = Geometry(patch_size=16, pool=2)
     images = image_batch(geometry, [(120, 300), (300, 100)], budget=70)
@@ -202,14 +165,18 @@ def test_siglip2_backbone_loads_from_a_whole_siglip2_checkpoint_and_ignores_padd
         for index in range(2):
             alone = single(images, index)
             expected = reference(
-                pixel_values=alone.pixels.float() / 127.5 - 1, pixel_attention_mask=torch.ones(alone.pixels.shape[:2]), spatial_shapes=grids[index : index + 1]
+                pixel_values=alone.pixels.float() / 127.5 - 1,
+                pixel_attention_mask=torch.ones(alone.pixels.shape[:2]),
+                spatial_shapes=grids[index : index + 1],
             ).last_hidden_state[0]
             torch.testing.assert_close(batched[index, : expected.shape[0]], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_dinov2_backbone_equals_dinov2_on_each_image_alone(tmp_path):
     torch.manual_seed(0)
-    reference = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=112)).eval()
+    reference = Dinov2Model(
+        Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, image_size=112)
+    ).eval()
     reference.save_pretrained(tmp_path)
     backbone = load_tower("dinov2", str(tmp_path), {}).eval()
     assert (backbone.patch_size, backbone.width) == (14, 32)
@@ -221,7 +188,14 @@ def test_dinov2_backbone_equals_dinov2_on_each_image_alone(tmp_path):
         for index in range(3):
             rows, cols = (images.token_grids[index] * 2).tolist()
             count = rows * cols
-            canvas = images.pixels[index, :count].float().view(rows, cols, 14, 14, 3).permute(4, 0, 2, 1, 3).reshape(3, rows * 14, cols * 14) / 255
+            canvas = (
+                images.pixels[index, :count]
+                .float()
+                .view(rows, cols, 14, 14, 3)
+                .permute(4, 0, 2, 1, 3)
+                .reshape(3, rows * 14, cols * 14)
+                / 255
+            )
             expected = reference(pixel_values=((canvas - mean) / std)[None]).last_hidden_state[0, 1:]
             torch.testing.assert_close(batched[index, :count], expected, atol=1e-5, rtol=1e-4)
 
@@ -248,9 +222,9 @@ def tiny_model():
         lm=LMConfig(hf_config=TINY_LLAMA),
     )
     tokenizer = lm_tokenizer(config.lm)
-    model = build_model(config, LEVELS, tokenizer)
-    text = TextEncoder(tokenizer, "<image>", max_text_length=96)
-    return model, BatchBuilder(model.geometry, text, SampleFormat(prompt="Look: <image> says", target_field="text"), 10**8)
+    model = build_model(describe_model(config, BudgetConfig()), tokenizer)
+    fields = TextConfig(prompt="Look: <image> says", target_field="text", max_length=96)
+    return model, BatchBuilder(model.geometry, TextEncoder(tokenizer, "<image>"), fields, DecodingConfig())
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +245,7 @@ def expected_visual_tokens(model, images: ImageBatch, index: int) -> torch.Tenso
 @pytest.mark.parametrize("budget", [70, 140, 280])
 def test_each_image_fills_exactly_its_own_placeholders_in_order(tiny_model, real_samples, budget):
     model, builder = tiny_model
-    batch = builder.collate([builder.encode(s, budget) for s in real_samples], budget, step=0)
+    batch = builder.collate([builder.encode(s, budget) for s in real_samples], budget).inputs
     with torch.no_grad():
         embeds = model.embed(batch.input_ids, batch.images)
         placeholders = batch.input_ids == model.image_token_id
@@ -287,7 +261,7 @@ def test_each_image_fills_exactly_its_own_placeholders_in_order(tiny_model, real
 
 def test_a_placeholder_mismatch_is_refused(tiny_model, real_samples):
     model, builder = tiny_model
-    batch = builder.collate([builder.encode(s, 70) for s in real_samples[:2]], 70, step=0)
+    batch = builder.collate([builder.encode(s, 70) for s in real_samples[:2]], 70).inputs
     first = int(torch.nonzero(batch.input_ids[0] == model.image_token_id)[0, 0])
     batch.input_ids[0, first] = builder.text.tokenizer.convert_tokens_to_ids("a")
     with pytest.raises(GeometryMismatch, match="image placeholders per sample"):
@@ -297,7 +271,7 @@ def test_a_placeholder_mismatch_is_refused(tiny_model, real_samples):
 def test_text_only_batches_still_run_and_reach_every_vision_parameter(tiny_model, real_samples):
     model, builder = tiny_model
     text_only = [s for s in real_samples if not s.images]
-    batch = builder.collate([builder.encode(s, 70) for s in text_only], 70, step=0)
+    batch = builder.collate([builder.encode(s, 70) for s in text_only], 70).inputs
     assert batch.images.count == 0
     model.zero_grad()
     model.sample_losses(batch).mean().backward()
@@ -309,19 +283,19 @@ def test_text_only_batches_still_run_and_reach_every_vision_parameter(tiny_model
 def test_a_mixed_batch_gives_a_text_only_sample_no_visual_tokens(tiny_model, real_samples):
     model, builder = tiny_model
     chosen = [s for s in real_samples if s.key in ("no_image", "pair", "logo2")]
-    batch = builder.collate([builder.encode(s, 70) for s in chosen], 70, step=0)
+    batch = builder.collate([builder.encode(s, 70) for s in chosen], 70).inputs
     row = [s.key for s in chosen].index("no_image")
     assert row not in batch.images.sample_index.tolist() and batch.images.count == 3
     assert not (batch.input_ids[row] == model.image_token_id).any()
     with torch.no_grad():
         losses = model.sample_losses(batch)
-        alone = model.sample_losses(builder.collate([builder.encode(chosen[row], 70)], 70, step=0))
+        alone = model.sample_losses(builder.collate([builder.encode(chosen[row], 70)], 70).inputs)
     torch.testing.assert_close(losses.loss_sum[row], alone.loss_sum[0], atol=1e-4, rtol=1e-4)
 
 
 def test_losses_from_trimmed_logits_equal_full_cross_entropy(tiny_model, real_samples):
     model, builder = tiny_model
-    batch = builder.collate([builder.encode(s, 70) for s in real_samples[:4]], 70, step=0)
+    batch = builder.collate([builder.encode(s, 70) for s in real_samples[:4]], 70).inputs
     with torch.no_grad():
         losses = model.sample_losses(batch)
         logits = model(batch)
@@ -332,29 +306,49 @@ def test_losses_from_trimmed_logits_equal_full_cross_entropy(tiny_model, real_sa
 
 
 def test_native_backbone_starts_from_weights_in_a_safetensors_file(tmp_path):
-    from vlmtrain.model.build import build_backbone
-
-    vision = VisionConfig(backbone="native", patch_size=16, width=64, depth=1, heads=4)
+    native = BACKBONES["native"]
+    settings = native.settings(VisionConfig(backbone="native", patch_size=16, width=64, depth=1, heads=4))
     torch.manual_seed(5)
-    source = build_backbone(vision)
+    source = native.build(settings, None)
     save_file(source.state_dict(), tmp_path / "vit.safetensors")
     torch.manual_seed(6)
-    loaded = build_backbone(replace(vision, path=str(tmp_path / "vit.safetensors")))
+    loaded = native.build(settings, str(tmp_path / "vit.safetensors"))
     images = image_batch(Geometry(16, 1), [(40, 70)], 70)
     with torch.no_grad():
         expected = source(images.pixels, images.positions, images.token_grids)
         assert torch.equal(loaded(images.pixels, images.positions, images.token_grids), expected)
     with pytest.raises(ValueError, match="does not fit the recipe's native backbone: .*check width"):
-        build_backbone(replace(vision, path=str(tmp_path / "vit.safetensors"), width=128))
+        native.build({**settings, "width": 128}, str(tmp_path / "vit.safetensors"))
     with pytest.raises(FileNotFoundError, match="model.vision.path"):
-        build_backbone(replace(vision, path=str(tmp_path / "missing.safetensors")))
+        native.build(settings, str(tmp_path / "missing.safetensors"))
 
 
 def test_the_shipped_reader_weights_fit_the_demo_recipe():
     from vlmtrain.config import load_recipe
-    from vlmtrain.model.build import build_backbone
 
     root = Path(__file__).resolve().parents[1]
-    vision = load_recipe(root / "recipes" / "tiny.yaml").model.vision
-    backbone = build_backbone(replace(vision, path=str(root / vision.path)))
-    assert torch.equal(backbone.stem.norm.weight, load_file(root / vision.path)["stem.norm.weight"])
+    description = describe_model(load_recipe(root / "recipes" / "tiny.yaml").model, BudgetConfig())
+    backbone = BACKBONES["native"].build(description.vision.settings, str(root / description.vision.weights))
+    assert torch.equal(backbone.stem.norm.weight, load_file(root / description.vision.weights)["stem.norm.weight"])
+
+
+def test_the_registry_holds_every_backbone_the_recipe_names():
+    from vlmtrain.config import BACKBONES as NAMES
+
+    assert sorted(BACKBONES) == sorted(NAMES)
+    assert all(isinstance(BACKBONES[name], TowerKind) and BACKBONES[name].spec is TOWERS[name] for name in TOWERS)
+
+
+def test_a_tower_description_holds_its_config_and_a_pool_size_from_the_tower(tmp_path):
+    reference = Gemma4VisionModel(Gemma4VisionConfig(**GEMMA4_TOWER, pooling_kernel_size=2))
+    reference.save_pretrained(tmp_path)
+    model = ModelConfig(
+        vision=VisionConfig(backbone="gemma4", path=str(tmp_path), patch_size=None), pooling=PoolingConfig(size=None)
+    )
+    description = describe_model(model, BudgetConfig(levels=[70, 140]))
+    assert description.vision.settings["hidden_size"] == 32 and description.vision.settings["pooling_kernel_size"] == 2
+    assert "model_type" not in description.vision.settings and "transformers_version" not in description.vision.settings
+    assert (description.pooling.size, description.geometry().pool, description.geometry().patch_size) == (2, 2, 16)
+    assert description.default_budget == 140  # 280 is not trained: the level nearest to it
+    with pytest.raises(UserError, match="model.vision.patch_size: 14, but the gemma4 tower uses 16"):
+        describe_model(ModelConfig(vision=VisionConfig(backbone="gemma4", path=str(tmp_path), patch_size=14)), BudgetConfig())

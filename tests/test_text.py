@@ -9,7 +9,7 @@ from vlmtrain.text import IGNORE_INDEX, TextEncoder, TextError, build_byte_token
 
 @pytest.fixture(scope="module")
 def encoder() -> TextEncoder:
-    return TextEncoder(build_byte_tokenizer(), "<image>", max_text_length=40)
+    return TextEncoder(build_byte_tokenizer(), "<image>")
 
 
 def test_byte_tokenizer_round_trips_any_text(tmp_path):
@@ -80,7 +80,6 @@ def test_text_only_sample(encoder):
     [
         ("<image><image>", "x", [3], "2 image markers for 1 images"),
         ("<image> and <image>", "x", [3, 4, 5], "2 image markers for 3 images"),
-        ("<image>", "x" * 60, [3], "more than max_text_length=40"),
         ("<image>", "look: <image>", [3], "image token"),
     ],
 )
@@ -89,5 +88,17 @@ def test_unusable_text_is_refused(encoder, prompt, target, tokens, message):
         encoder.encode(prompt, target, tokens)
 
 
-def test_image_tokens_do_not_count_towards_the_text_length(encoder):
+def test_the_text_length_limit_counts_text_not_image_tokens(encoder, tmp_path):
+    """A sample's text (prompt, target, BOS and EOS; not its image placeholders) may be data.text.max_length
+    tokens long; a longer one is skipped as text_too_long."""
+    from vlmtrain.config import DecodingConfig, TextConfig
+    from vlmtrain.data.builder import BatchBuilder
+    from vlmtrain.data.samples import RawSample, SampleError
+    from vlmtrain.geometry import Geometry
+
+    builder = BatchBuilder(Geometry(16, 1), encoder, TextConfig(prompt="<image>", max_length=6), DecodingConfig())
+    assert builder.text_tokens(RawSample("a", {"text": "word"})) == 6  # bos + 4 bytes + eos
     assert len(encoder.encode("<image>", "word", [1000]).input_ids) == 1 + 1000 + 4 + 1
+    with pytest.raises(SampleError, match="text is 7 tokens, more than data.text.max_length=6") as caught:
+        builder.text_tokens(RawSample("b", {"text": "words"}))
+    assert caught.value.kind == "text_too_long"

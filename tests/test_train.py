@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, small_overrides, small_recipe
+from helpers import TINY, built, small_overrides, small_recipe
 from safetensors.torch import load_file
 
 from vlmtrain.config import RecipeError, load_recipe
+from vlmtrain.plan import plan_run
 from vlmtrain.train.layout import latest_checkpoint
 from vlmtrain.train.module import VLMModule, lr_factor
 from vlmtrain.train.run import fit
-
-
-def built(recipe) -> VLMModule:
-    """The module of ``recipe`` with its model built, as a fit starts it."""
-    module = VLMModule(recipe)
-    module.configure_model()
-    return module
 
 
 def initial_state(recipe) -> dict[str, torch.Tensor]:
@@ -36,6 +32,7 @@ def checkpoint_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(latest_checkpoint(run_dir / "checkpoints") / "state", map_location="cpu", weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_fit_writes_checkpoint_metrics_resolved_recipe_and_summary(demo_dir, tmp_path):
     recipe = small_recipe(demo_dir, tmp_path / "run")
     run_dir = fit(recipe)
@@ -47,13 +44,27 @@ def test_fit_writes_checkpoint_metrics_resolved_recipe_and_summary(demo_dir, tmp
     assert load_recipe(run_dir / "recipe.yaml") == recipe
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()
     rows = list(csv.DictReader((run_dir / "metrics" / "version_0" / "metrics.csv").open()))
-    columns = set(rows[0])
-    assert {"train/loss", "val/loss@70", "val/loss@140", "val/loss@70/large", "val/loss@140/small"} <= columns
-    assert {"train/images_per_s@70", "train/visual_tokens_per_s@140"} & columns
     trained = {int(float(r["budget"])) for r in rows if r.get("budget")}
     assert trained == {70, 140}
-    summary = (run_dir / "summary.json").read_text()
-    assert '"val_rounds"' in summary and '"train_loss_last_quarter"' in summary
+    for name in (
+        "train/loss",
+        "train/data_wait_s",
+        "data/padding",
+        "data/samples",
+        "skipped",
+        *(f"{kind}@{budget}" for kind in ("train/loss", "train/images_per_s", "train/visual_tokens_per_s") for budget in trained),
+        *(f"val/loss@{budget}{group}" for budget in (70, 140) for group in ("", "/large", "/small")),
+    ):
+        assert any(row.get(name) for row in rows), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(summary["budgets"]) == ["140", "70"] and [r["step"] for r in summary["val_rounds"]] == [2, 4]
+    steps = {budget: sum(1 for r in rows if r.get(f"train/loss@{budget}")) for budget in (70, 140)}
+    assert {int(b): row["steps"] for b, row in summary["budgets"].items()} == steps
+    last = {(b, g): float(rows[-1][f"val/loss@{b}{g}"]) for b in (70, 140) for g in ("", "/large", "/small")}
+    for budget in (70, 140):
+        found = summary["val_rounds"][-1]["budgets"][str(budget)]
+        assert found["loss"] == pytest.approx(last[(budget, "")])
+        assert found["groups"] == pytest.approx({"large": last[(budget, "/large")], "small": last[(budget, "/small")]})
     with pytest.raises(RecipeError, match="already holds checkpoints"):
         fit(recipe)
 
@@ -64,8 +75,8 @@ class BatchLog(L.Callback):
     def __init__(self) -> None:
         self.seen: list[tuple[int, int, list[str]]] = []
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.seen.append((batch.step, batch.budget, list(batch.keys)))
+    def on_train_batch_end(self, trainer, module, outputs, step, batch_idx) -> None:
+        self.seen.append((step.index, step.budgets[0], list(step.batches[0].keys)))
 
 
 def fit_logged(recipe) -> list[tuple[int, int, list[str]]]:
@@ -74,6 +85,7 @@ def fit_logged(recipe) -> list[tuple[int, int, list[str]]]:
     return log.seen
 
 
+@pytest.mark.slow
 def test_a_resumed_run_sees_exactly_the_batches_of_an_uninterrupted_one(demo_dir, tmp_path):
     common = ("data.num_workers=2", "data.val=null", "trainer.checkpoint_every=3", "logger=none")
     whole = fit_logged(small_recipe(demo_dir, tmp_path / "whole", "trainer.max_steps=7", *common))
@@ -90,8 +102,11 @@ def test_resume_needs_an_existing_checkpoint_and_never_overwrites(demo_dir, tmp_
         small_recipe(demo_dir, tmp_path / "r", "resume=auto", "overwrite=true")
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_only_what_trained_and_it_changed(demo_dir, tmp_path):
-    recipe = small_recipe(demo_dir, tmp_path / "frozen", "optim.vision.trainable=false", "optim.lm.trainable=false", "logger=none")
+    recipe = small_recipe(
+        demo_dir, tmp_path / "frozen", "optim.vision.trainable=false", "optim.lm.trainable=false", "logger=none"
+    )
     before = initial_state(recipe)
     after = checkpoint_state(fit(recipe))
     assert not any(name.startswith(("model.backbone.", "model.lm.")) for name in after)  # frozen: not saved
@@ -101,11 +116,23 @@ def test_checkpoints_hold_only_what_trained_and_it_changed(demo_dir, tmp_path):
 
 
 def test_each_part_gets_its_own_learning_rate(demo_dir, tmp_path):
-    recipe = small_recipe(demo_dir, tmp_path / "x", "optim.vision.lr=0.003", "optim.projector.lr=0.002", "optim.lm.lr=0.001", "optim.weight_decay=0.1")
+    recipe = small_recipe(
+        demo_dir,
+        tmp_path / "x",
+        "optim.vision.lr=0.003",
+        "optim.projector.lr=0.002",
+        "optim.lm.lr=0.001",
+        "optim.weight_decay=0.1",
+    )
     module = built(recipe)
     groups = {group["name"]: group for group in module.configure_optimizers()["optimizer"].param_groups}
     assert {name: group["initial_lr"] for name, group in groups.items()} == {
-        "vision": 0.003, "vision/no_decay": 0.003, "projector": 0.002, "projector/no_decay": 0.002, "lm": 0.001, "lm/no_decay": 0.001,
+        "vision": 0.003,
+        "vision/no_decay": 0.003,
+        "projector": 0.002,
+        "projector/no_decay": 0.002,
+        "lm": 0.001,
+        "lm/no_decay": 0.001,
     }
     warmup = lr_factor(0, recipe.optim.warmup_steps, recipe.trainer.max_steps, "cosine", recipe.optim.min_lr_ratio)
     assert all(group["lr"] == pytest.approx(group["initial_lr"] * warmup) for group in groups.values())
@@ -121,19 +148,19 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     factors = [lr_factor(step, warmup=10, total=110, schedule="cosine", min_ratio=0.1) for step in range(111)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[110] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a >= b for a, b in pairwise(factors[10:]))
     assert lr_factor(500, 10, 110, "constant", 0.1) == 1.0
 
 
 def test_a_batch_with_the_wrong_budget_is_refused(demo_dir, tmp_path):
-    recipe = small_recipe(demo_dir, tmp_path / "x")
-    module = VLMModule(recipe)
-    step = next(s for s in range(100) if module.schedule.sample(s) == 70)
+    module = VLMModule(plan_run(small_recipe(demo_dir, tmp_path / "x")))
+    index = next(s for s in range(100) if module.plan.schedule.sample(s) == 70)
 
-    with pytest.raises(RuntimeError, match=f"batch at step {step} has budgets \\(140,\\), the schedule says \\(70,\\)"):
-        module.check_schedule([SimpleNamespace(budget=140, step=step)])
+    with pytest.raises(RuntimeError, match=f"batch at step {index} has budgets \\(140,\\), the schedule says \\(70,\\)"):
+        module.check_schedule(SimpleNamespace(budgets=(140,), index=index))
 
 
+@pytest.mark.slow
 def test_matryoshka_trains_every_budget_each_step(demo_dir, tmp_path):
     recipe = small_recipe(demo_dir, tmp_path / "m", "budget.mode=matryoshka", "trainer.max_steps=2", "data.val=null")
     rows = list(csv.DictReader((fit(recipe) / "metrics" / "version_0" / "metrics.csv").open()))
@@ -141,6 +168,7 @@ def test_matryoshka_trains_every_budget_each_step(demo_dir, tmp_path):
     assert steps_with[70] == steps_with[140] and len(steps_with[70]) == 2
 
 
+@pytest.mark.slow
 def test_cli_fit_runs_the_tiny_recipe(demo_dir, tmp_path):
     overrides = small_overrides(demo_dir, tmp_path / "cli", "data.num_workers=1", "trainer.max_steps=2")
     result = subprocess.run([sys.executable, "-m", "vlmtrain.cli", "fit", str(TINY), *overrides], capture_output=True, text=True)
@@ -153,9 +181,13 @@ def test_summary_table_shows_each_groups_last_validation_loss_per_budget():
     from vlmtrain.train.callbacks import format_summary
 
     row = {"steps": 3, "train_loss_first_quarter": 2.0, "train_loss_last_quarter": 1.0, "images_per_s": 5.0}
-    rounds = [{"step": 1, "val/loss@70": 0.9, "val/loss@1120": 0.8},
-              {"step": 2, "val/loss@70": 0.5, "val/loss@70/large": 0.1, "val/loss@70/small": 0.9,
-               "val/loss@1120": 0.4, "val/loss@1120/large": 0.3}]
+    rounds = [
+        {"step": 1, "budgets": {70: {"loss": 0.9, "groups": {}}, 1120: {"loss": 0.8, "groups": {}}}},
+        {
+            "step": 2,
+            "budgets": {70: {"loss": 0.5, "groups": {"large": 0.1, "small": 0.9}}, 1120: {"loss": 0.4, "groups": {"large": 0.3}}},
+        },
+    ]
     lines = format_summary({"budgets": {70: row, 1120: row}, "val_rounds": rounds}).splitlines()
     assert lines[0].endswith("last val: large  last val: small")
     assert lines[1].split()[-3:] == ["5.0", "0.100", "0.900"] and "0.900 → 0.500" in lines[1]

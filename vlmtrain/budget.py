@@ -1,17 +1,53 @@
-"""The budget schedule: which token budget(s) the batch at position ``step`` is trained at.
+"""The budget schedule, and the two rules about budgets that the rest of the system calls: whether budget
+settings are valid (:func:`check_budget_settings`) and how many LM tokens a sample costs in a step
+(:func:`step_cost`).
 
-A pure function of (seed, step), so every rank and every data worker agree without talking and a
-resumed run continues the same schedule.
+The schedule is a pure function of (seed, step), so every rank and every data worker agree without
+talking and a resumed run continues the same schedule.
 """
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
-from vlmtrain.geometry import check_budget
+from vlmtrain.geometry import DEFAULT_BUDGET, LEVELS, BudgetError, check_levels
 from vlmtrain.seeding import unit
+
+MODES = ("sample", "matryoshka")
+
+
+def check_budget_settings(levels: Sequence[int], weights: Sequence[float] | None, mode: str, default: int | None = None) -> None:
+    """The one rule for budget settings; raises :class:`BudgetError` whose key names the setting."""
+    check_levels(tuple(levels))
+    if weights is not None:
+        if len(weights) != len(levels):
+            raise BudgetError(f"has {len(weights)} entries for {len(levels)} levels", "weights")
+        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise BudgetError(f"must be finite, >= 0, with a positive sum, got {list(weights)}", "weights")
+    if mode not in MODES:
+        raise BudgetError(f"{mode!r} is not one of {', '.join(MODES)}", "mode")
+    if default is not None and default not in levels:
+        raise BudgetError(f"{default} is not in budget.levels {list(levels)}", "default")
+
+
+def default_budget(levels: Sequence[int], default: int | None) -> int:
+    """The budget used when none is given: ``default``, or Gemma 4's 280 when the levels hold it, else the
+    level nearest to it (a narrowed level list needs no default of its own)."""
+    if default is not None:
+        return default
+    if DEFAULT_BUDGET in levels:
+        return DEFAULT_BUDGET
+    return min(levels, key=lambda level: (abs(math.log(level / DEFAULT_BUDGET)), -level))
+
+
+def step_cost(visual_tokens: Callable[[int], int], text_tokens: int, budgets: Sequence[int]) -> int:
+    """LM tokens one sample takes in a step trained at ``budgets``: its visual tokens at each budget (as
+    ``visual_tokens(budget)`` gives them) plus its text, once per budget. Token caps are sums of this."""
+    return sum(visual_tokens(budget) + text_tokens for budget in budgets)
 
 
 @dataclass(frozen=True)
@@ -28,20 +64,25 @@ class BudgetSchedule:
     mode: str = "sample"
 
     def __post_init__(self) -> None:
-        for level in self.levels:
-            check_budget(level)
-        if len(self.weights) != len(self.levels):
-            raise ValueError(f"{len(self.weights)} weights given for {len(self.levels)} budget levels")
-        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-            raise ValueError(f"budget weights must be >= 0 with a positive sum, got {list(self.weights)}")
-        if self.mode not in ("sample", "matryoshka"):
-            raise ValueError(f"budget mode must be 'sample' or 'matryoshka', got {self.mode!r}")
+        check_budget_settings(self.levels, self.weights, self.mode)
+
+    @classmethod
+    def uniform(cls, levels: Sequence[int] = LEVELS, seed: int = 0, mode: str = "sample") -> BudgetSchedule:
+        return cls(tuple(levels), (1.0,) * len(levels), seed, mode)
 
     def budgets(self, step: int) -> tuple[int, ...]:
         """Budgets that the batch at position ``step`` is trained at."""
         if self.mode == "matryoshka":
             return self.levels
         return (self.sample(step),)
+
+    def possible_budgets(self) -> list[tuple[int, ...]]:
+        """Every value :meth:`budgets` can take."""
+        return [self.levels] if self.mode == "matryoshka" else [(level,) for level in self.levels]
+
+    def largest_cost(self, visual_tokens: Callable[[int], int], text_tokens: int) -> int:
+        """The most LM tokens a sample can take in any step of this schedule (see :func:`step_cost`)."""
+        return max(step_cost(visual_tokens, text_tokens, budgets) for budgets in self.possible_budgets())
 
     def sample(self, step: int) -> int:
         """The one budget drawn for ``step`` (the weights' categorical distribution, hashed from seed and step)."""

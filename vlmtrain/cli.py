@@ -38,7 +38,14 @@ def cmd_shards(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"annotations {str(args.annotations)!r} not found")
     max_bytes = parse_bytes(args.shard_size) if args.shard_size else None
     report = write_shards(
-        read_annotations(args.annotations), args.images, args.out, args.prefix, args.samples_per_shard, max_bytes, args.workers, progress=True
+        read_annotations(args.annotations),
+        args.images,
+        args.out,
+        args.prefix,
+        args.samples_per_shard,
+        max_bytes,
+        args.workers,
+        progress=True,
     )
     print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out} (index: {args.prefix}-index.json)")
     for key, reason in report.rejected:
@@ -63,7 +70,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UserError(f"--where takes FIELD=VALUE, got {args.where}")
     where = dict(condition.split("=", 1) for condition in args.where)
     results = evaluate(
-        args.models, args.data, budgets, args.limit, out, names, generate=not args.no_generate, max_new_tokens=args.max_new_tokens, where=where
+        args.models,
+        args.data,
+        budgets,
+        args.limit,
+        out,
+        names,
+        generate=not args.no_generate,
+        max_new_tokens=args.max_new_tokens,
+        where=where,
     )
     for model in results["models"]:
         print(f"{model['name']} ({model['path']}):")
@@ -88,7 +103,10 @@ def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="vlmtrain", description="Train mixed-budget vision encoders for VLMs.")
     commands = main.add_subparsers(dest="command", required=True)
 
-    for name, handler, text in (("fit", cmd_fit, "train a recipe"), ("validate", cmd_validate, "check a recipe and print it resolved")):
+    for name, handler, text in (
+        ("fit", cmd_fit, "train a recipe"),
+        ("validate", cmd_validate, "check a recipe and print it resolved"),
+    ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("recipe", type=Path)
         sub.add_argument("overrides", nargs="*", help="key=value, e.g. trainer.max_steps=100")
@@ -101,7 +119,9 @@ def parser() -> argparse.ArgumentParser:
     sub.set_defaults(handler=cmd_geometry)
 
     sub = commands.add_parser("shards", help="write WebDataset shards from images and a JSONL or CSV of annotations")
-    sub.add_argument("annotations", type=Path, help='JSONL ({"images": ["a.jpg"], "text": "..."} per line) or CSV (images column: a.jpg;b.jpg)')
+    sub.add_argument(
+        "annotations", type=Path, help='JSONL ({"images": ["a.jpg"], "text": "..."} per line) or CSV (images column: a.jpg;b.jpg)'
+    )
     sub.add_argument("out", type=Path)
     sub.add_argument("--images", type=Path, default=Path("."), help="folder the image paths are relative to")
     sub.add_argument("--prefix", default="shard")
@@ -126,7 +146,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", type=Path, help="folder for eval.json and eval.png (default: FIRST_MODEL/eval)")
     sub.add_argument("--no-generate", action="store_true", help="skip generation: no exact match or word recall, faster")
     sub.add_argument("--max-new-tokens", type=int, default=16)
-    sub.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE", help="only samples whose record has FIELD=VALUE (repeatable)")
+    sub.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="only samples whose record has FIELD=VALUE (repeatable)",
+    )
     sub.add_argument("--wandb", action="store_true", help="also log the table and plot to W&B")
     sub.add_argument("--wandb-project", default="vlmtrain")
     sub.add_argument("--wandb-online", action="store_true", help="log online (default: offline)")

@@ -1,23 +1,29 @@
 """Recipes: YAML files read by OmegaConf over a typed dataclass tree, validated before any heavy work.
 
 ``load_recipe(path, overrides)`` merges schema defaults, the YAML file and ``key=value`` overrides,
-converts the result back into :class:`Recipe` objects and checks cross-field rules in :func:`validate`.
-Every problem raises :class:`RecipeError` whose message is one line naming the key.
+converts the result back into :class:`Recipe` objects (:func:`structured`, which also reads other typed
+JSON such as an export's model description) and checks the rules of each section, then the rules across
+sections, in :func:`validate`. Every problem raises :class:`RecipeError` whose message is one line naming
+the key.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import types
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from vlmtrain.budget import BudgetSchedule, check_budget_settings
 from vlmtrain.errors import UserError
-from vlmtrain.geometry import DEFAULT_BUDGET, LEVELS
+from vlmtrain.geometry import LEVELS, BudgetError
 
 BACKBONES = ("native", "siglip2", "gemma4", "dinov2")
 STEMS = ("conv", "linear")
@@ -34,12 +40,13 @@ class RecipeError(UserError, ValueError):
 
 @dataclass
 class BudgetConfig:
-    """Token budgets trained, their sampling weights, and the budget used when none is given."""
+    """Token budgets trained, their sampling weights, and the budget used when none is given (``default``
+    null: 280, or the level nearest to it when the levels leave 280 out)."""
 
     levels: list[int] = field(default_factory=lambda: list(LEVELS))
     weights: list[float] | None = None
     mode: str = "sample"
-    default: int = DEFAULT_BUDGET
+    default: int | None = None
 
 
 @dataclass
@@ -88,7 +95,8 @@ class LoraConfig:
 
 @dataclass
 class LMConfig:
-    """A Hugging Face causal LM: from a local ``path``, or random weights from ``hf_config`` (needs model_type)."""
+    """A Hugging Face causal LM: from a local ``path``, or random weights from ``hf_config`` (needs model_type);
+    new LoRA adapters (``lora``) or the PEFT adapter folder ``adapter`` on top."""
 
     path: str | None = None
     hf_config: dict[str, Any] = field(default_factory=dict)
@@ -97,6 +105,7 @@ class LMConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    adapter: str | None = None
 
 
 @dataclass
@@ -140,32 +149,58 @@ class SourceConfig:
 
 
 @dataclass
+class TextConfig:
+    """How a sample becomes text: the prompt (its ``<image>`` markers place the images) or the record field
+    holding it, the record field holding the target, an optional field that groups validation results, and
+    the longest text (without image tokens) a sample may have."""
+
+    prompt: str = "<image>"
+    prompt_field: str | None = None
+    target_field: str = "text"
+    group_field: str | None = None
+    max_length: int = 64
+
+
+@dataclass
+class BatchingConfig:
+    """A batch holds at most ``batch_tokens`` LM tokens (visual plus text) and ``max_batch_size`` samples,
+    chosen among ``lookahead`` samples read ahead (one aspect bucket per batch when ``buckets``); a sample
+    waits at most ``max_wait`` steps."""
+
+    batch_tokens: int = 4608
+    max_batch_size: int = 32
+    buckets: bool = True
+    lookahead: int = 512
+    max_wait: int = 64
+
+
+@dataclass
+class DecodingConfig:
+    """``fast``: JPEGs decode at reduced scale when the budget needs far fewer pixels; larger images than
+    ``max_image_pixels`` are skipped."""
+
+    fast: bool = True
+    max_image_pixels: int = 64_000_000
+
+
+@dataclass
 class DataConfig:
-    """Shards, batching, and how samples become text (the prompt's ``<image>`` marks where images go).
+    """Where samples come from and how they become batches.
 
     ``train`` is a shorthand for one source; ``sources`` lists several with weights (weights need
-    ``resampled: true``). A batch holds at most ``batch_tokens`` LM tokens: visual plus text.
+    ``resampled: true``). More than ``max_consecutive_failures`` unusable samples in a row stop the run.
     """
 
     train: str = ""
     sources: list[SourceConfig] = field(default_factory=list)
     resampled: bool = False
     val: str | None = None
-    prompt: str = "<image>"
-    prompt_field: str | None = None
-    target_field: str = "text"
-    group_field: str | None = None
-    max_text_length: int = 64
-    batch_tokens: int = 4608
-    max_batch_size: int = 32
-    buckets: bool = True
-    pool_size: int = 512
-    max_wait: int = 64
-    fast_decode: bool = True
     val_samples: int = 32
     num_workers: int = 2
-    max_image_pixels: int = 64_000_000
     max_consecutive_failures: int = 1000
+    text: TextConfig = field(default_factory=TextConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
 
 @dataclass
@@ -223,6 +258,24 @@ class Recipe:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+RENAMED = {
+    "data.prompt": "data.text.prompt",
+    "data.prompt_field": "data.text.prompt_field",
+    "data.target_field": "data.text.target_field",
+    "data.group_field": "data.text.group_field",
+    "data.max_text_length": "data.text.max_length",
+    "data.batch_tokens": "data.batching.batch_tokens",
+    "data.max_batch_size": "data.batching.max_batch_size",
+    "data.buckets": "data.batching.buckets",
+    "data.pool_size": "data.batching.lookahead",
+    "data.max_wait": "data.batching.max_wait",
+    "data.fast_decode": "data.decoding.fast",
+    "data.max_image_pixels": "data.decoding.max_image_pixels",
+}
+
+Schema = TypeVar("Schema")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, merge and validate a recipe; raise :class:`RecipeError` on the first problem."""
     path = Path(path)
@@ -239,17 +292,24 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def recipe_from_configs(configs: list[DictConfig], source: str = "recipe") -> Recipe:
     """Merge ``configs`` over the schema defaults, resolve interpolations and validate."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Recipe), *configs)
-        OmegaConf.resolve(merged)
-        recipe = OmegaConf.to_object(merged)
-    except oc_errors.ConfigKeyError as error:
-        raise RecipeError(f"{source}: {_unknown_key_message(error)}") from None
-    except (oc_errors.ValidationError, oc_errors.InterpolationResolutionError) as error:
-        key = getattr(error, "full_key", None) or "?"
-        raise RecipeError(f"{source}: {key}: {_first_line(error)}") from None
+    recipe = structured(Recipe, configs, source)
     validate(recipe, source)
     return recipe
+
+
+def structured(schema: type[Schema], configs: list[Any], source: str, prefix: str = "") -> Schema:
+    """``configs`` (mappings) merged over the dataclass ``schema``'s defaults, interpolations resolved, as
+    ``schema`` objects; an unknown, renamed, missing or mistyped key raises :class:`RecipeError` naming it
+    (after ``prefix``, where the values sit inside a larger file)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *configs)
+        OmegaConf.resolve(merged)
+        return OmegaConf.to_object(merged)
+    except oc_errors.ConfigKeyError as error:
+        raise RecipeError(f"{source}: {prefix}{_unknown_key_message(schema, error)}") from None
+    except (oc_errors.ValidationError, oc_errors.InterpolationResolutionError, oc_errors.MissingMandatoryValue) as error:
+        key = getattr(error, "full_key", None) or "?"
+        raise RecipeError(f"{source}: {prefix}{key}: {_first_line(error)}") from None
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
@@ -271,153 +331,262 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def _unknown_key_message(error: oc_errors.ConfigKeyError) -> str:
-    full_key = getattr(error, "full_key", None) or getattr(error, "key", "?")
-    parent, _, leaf = str(full_key).rpartition(".")
-    valid = _schema_keys(parent)
+def _unknown_key_message(schema: type, error: oc_errors.ConfigKeyError) -> str:
+    full_key = str(getattr(error, "full_key", None) or getattr(error, "key", "?"))
+    if schema is Recipe and full_key in RENAMED:
+        return f"{full_key}: renamed to {RENAMED[full_key]}"
+    parent, _, leaf = full_key.rpartition(".")
+    valid = _schema_keys(schema, parent)
     close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(valid)}" if valid else "")
     return f"{full_key}: unknown key{hint}"
 
 
-def _schema_keys(dotted: str) -> list[str]:
+def _schema_keys(schema: type, dotted: str) -> list[str]:
     """Field names of the schema node at ``dotted`` ('' is the root)."""
-    node: Any = Recipe
+    node: Any = schema
     for part in filter(None, dotted.split(".")):
-        matches = [f for f in fields(node) if f.name == part] if is_dataclass(node) else []
-        if not matches:
-            return []
-        node = _dataclass_of(node, matches[0].name)
+        node = _field_type(node, part) if is_dataclass(node) else None
     return [f.name for f in fields(node)] if is_dataclass(node) else []
 
 
-def _dataclass_of(parent: Any, name: str) -> Any:
-    value = getattr(parent(), name)
-    return type(value) if is_dataclass(value) else None
+def _field_type(cls: type, name: str) -> Any:
+    """The dataclass type of field ``name`` of ``cls`` (``X | None`` unwrapped), or None."""
+    hint = typing.get_type_hints(cls).get(name)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next((arg for arg in typing.get_args(hint) if arg is not type(None)), None)
+    return hint if is_dataclass(hint) else None
 
 
-def _fail(source: str, key: str, message: str) -> None:
-    raise RecipeError(f"{source}: {key}: {message}")
+class _Invalid(Exception):
+    """A rule broken at ``key``; :func:`validate` turns it into a :class:`RecipeError`."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
 
 
-def _check_choice(source: str, key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        _fail(source, key, f"{value!r} is not one of {', '.join(choices)}{hint}")
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise _Invalid(key, message)
 
 
-def _check_positive(source: str, key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        _fail(source, key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    _require(value in choices, key, f"{value!r} is not one of {', '.join(choices)}{hint}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    _require(value > 0 or (allow_zero and value == 0), key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _numbers(node: Any, key: str = "") -> Iterator[tuple[str, float]]:
+    """Every float in a recipe tree, with its dotted key."""
+    if is_dataclass(node):
+        for entry in fields(node):
+            yield from _numbers(getattr(node, entry.name), f"{key}.{entry.name}" if key else entry.name)
+    elif isinstance(node, dict):
+        for name, value in node.items():
+            yield from _numbers(value, f"{key}.{name}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _numbers(value, f"{key}[{index}]")
+    elif isinstance(node, float):
+        yield key, node
 
 
 def validate(recipe: Recipe, source: str = "recipe") -> None:
-    """Cross-field checks of a recipe; all rules live here."""
-    allowed = ", ".join(str(level) for level in LEVELS)
+    """Every rule of a recipe: those of each section, then those across sections."""
+    checks = (_check_numbers, _check_budget, _check_vision, _check_pooling, _check_lm, _check_optim, _check_data, _check_trainer,
+              _check_run, _check_across)
+    try:
+        for check in checks:
+            check(recipe)
+    except _Invalid as problem:
+        raise RecipeError(f"{source}: {problem.key}: {problem.message}") from None
+
+
+def _check_numbers(recipe: Recipe) -> None:
+    for key, value in _numbers(recipe):
+        _require(math.isfinite(value), key, f"{value} is not a finite number")
+
+
+def _check_budget(recipe: Recipe) -> None:
     budget = recipe.budget
-    if not budget.levels:
-        _fail(source, "budget.levels", f"must list at least one of {allowed}")
-    for i, level in enumerate(budget.levels):
-        if level not in LEVELS:
-            nearest = min(LEVELS, key=lambda allowed_level: abs(math.log(allowed_level / max(level, 1))))  # levels double
-            _fail(source, f"budget.levels[{i}]", f"{level} is not a token level; allowed: {allowed} (nearest: {nearest})")
-    if len(set(budget.levels)) != len(budget.levels):
-        _fail(source, "budget.levels", f"lists a level twice: {budget.levels}")
-    if budget.weights is not None:
-        if len(budget.weights) != len(budget.levels):
-            _fail(source, "budget.weights", f"has {len(budget.weights)} entries for {len(budget.levels)} levels")
-        if any(w < 0 for w in budget.weights) or sum(budget.weights) <= 0:
-            _fail(source, "budget.weights", f"must be >= 0 with a positive sum, got {budget.weights}")
-    _check_choice(source, "budget.mode", budget.mode, ("sample", "matryoshka"))
-    if budget.default not in budget.levels:
-        _fail(source, "budget.default", f"{budget.default} is not in budget.levels {budget.levels}")
+    try:
+        check_budget_settings(budget.levels, budget.weights, budget.mode, budget.default)
+    except BudgetError as error:
+        raise _Invalid(f"budget.{error.key}", error.message) from None
 
+
+def _check_vision(recipe: Recipe) -> None:
     vision = recipe.model.vision
-    _check_choice(source, "model.vision.backbone", vision.backbone, BACKBONES)
-    if vision.backbone == "native":
-        if vision.hf_config:
-            _fail(source, "model.vision.hf_config", "the native backbone is built from the recipe; hf_config is for HF backbones")
-        if vision.path is not None and not vision.path.endswith(".safetensors"):
-            _fail(source, "model.vision.path", f"{vision.path!r}: the native backbone loads a .safetensors file of its weights")
-        if vision.patch_size is None:
-            _fail(source, "model.vision.patch_size", "the native backbone needs a patch size")
-        _check_choice(source, "model.vision.stem", vision.stem, STEMS)
-        if vision.stem == "conv" and vision.patch_size & (vision.patch_size - 1):
-            _fail(source, "model.vision.patch_size", f"{vision.patch_size}: the conv stem needs a power of two (or stem: linear)")
-        if vision.width % vision.heads or (vision.width // vision.heads) % 4:
-            _fail(source, "model.vision.width", f"{vision.width} must split into {vision.heads} heads of a size divisible by 4 (2-D RoPE)")
-    elif vision.path is None and not vision.hf_config:
-        _fail(source, "model.vision.path", f"backbone {vision.backbone!r} needs a local path or an hf_config")
+    _choice("model.vision.backbone", vision.backbone, BACKBONES)
     if vision.patch_size is not None:
-        _check_positive(source, "model.vision.patch_size", vision.patch_size)
+        _positive("model.vision.patch_size", vision.patch_size)
+    if vision.backbone != "native":
+        needs = f"backbone {vision.backbone!r} needs a local path or an hf_config"
+        _require(vision.path is not None or bool(vision.hf_config), "model.vision.path", needs)
+        return
+    _require(
+        not vision.hf_config,
+        "model.vision.hf_config",
+        "the native backbone is built from the recipe; hf_config is for HF backbones",
+    )
+    _require(
+        vision.path is None or vision.path.endswith(".safetensors"),
+        "model.vision.path",
+        f"{vision.path!r}: the native backbone loads a .safetensors file of its weights",
+    )
+    _require(vision.patch_size is not None, "model.vision.patch_size", "the native backbone needs a patch size")
+    _choice("model.vision.stem", vision.stem, STEMS)
+    _require(
+        vision.stem != "conv" or not vision.patch_size & (vision.patch_size - 1),
+        "model.vision.patch_size",
+        f"{vision.patch_size}: the conv stem needs a power of two (or stem: linear)",
+    )
+    for key in ("width", "depth", "heads", "mlp_ratio", "rope_theta"):
+        _positive(f"model.vision.{key}", getattr(vision, key))
+    _require(
+        vision.width % vision.heads == 0 and (vision.width // vision.heads) % 4 == 0,
+        "model.vision.width",
+        f"{vision.width} must split into {vision.heads} heads of a size divisible by 4 (2-D RoPE)",
+    )
 
+
+def _check_pooling(recipe: Recipe) -> None:
     pooling = recipe.model.pooling
-    _check_choice(source, "model.pooling.kind", pooling.kind, POOLINGS)
+    _choice("model.pooling.kind", pooling.kind, POOLINGS)
     if pooling.size is not None:
-        _check_positive(source, "model.pooling.size", pooling.size)
-    elif vision.backbone != "gemma4":
-        _fail(source, "model.pooling.size", f"backbone {vision.backbone!r} has no pool size of its own; set one (e.g. 2)")
+        _positive("model.pooling.size", pooling.size)
+    _positive("model.pooling.heads", pooling.heads)
 
+
+def _check_lm(recipe: Recipe) -> None:
     lm = recipe.model.lm
-    if lm.path is None and "model_type" not in lm.hf_config:
-        _fail(source, "model.lm.hf_config", "without model.lm.path it must hold a model_type (e.g. llama)")
-    if not lm.image_token:
-        _fail(source, "model.lm.image_token", "must not be empty")
+    _require(
+        lm.path is not None or bool(lm.hf_config.get("model_type")),
+        "model.lm.hf_config",
+        "without model.lm.path it must hold a model_type (e.g. llama)",
+    )
+    _require(bool(lm.image_token), "model.lm.image_token", "must not be empty")
+    lora = lm.lora
+    _require(lora.rank >= 0, "model.lm.lora.rank", f"must be >= 0, got {lora.rank}")
+    _positive("model.lm.lora.alpha", lora.alpha)
+    _require(0 <= lora.dropout < 1, "model.lm.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    _require(not lora.rank or bool(lora.target_modules), "model.lm.lora.target_modules", "LoRA needs at least one target module")
+    _require(
+        not (lora.rank and lm.adapter),
+        "model.lm.adapter",
+        "give either new LoRA adapters (model.lm.lora.rank) or an adapter folder, not both",
+    )
 
+
+def _check_optim(recipe: Recipe) -> None:
     optim = recipe.optim
     parts = {"vision": optim.vision, "pooling": optim.pooling, "projector": optim.projector, "lm": optim.lm}
     for name, part in parts.items():
-        _check_positive(source, f"optim.{name}.lr", part.lr, allow_zero=not part.trainable)
-    if not any(part.trainable for part in parts.values()):
-        _fail(source, "optim", "no part is trainable; set optim.<part>.trainable: true for at least one")
-    _check_choice(source, "optim.schedule", optim.schedule, LR_SCHEDULES)
-    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
-        _fail(source, "optim.betas", f"must be two numbers in [0, 1), got {optim.betas}")
-    _check_positive(source, "optim.warmup_steps", optim.warmup_steps, allow_zero=True)
-    _check_positive(source, "optim.grad_clip", optim.grad_clip, allow_zero=True)
-    _check_positive(source, "optim.weight_decay", optim.weight_decay, allow_zero=True)
-
-    data = recipe.data
-    if bool(data.train) == bool(data.sources):
-        _fail(source, "data.train", "give either data.train (one shard spec) or data.sources (specs with weights), not both or neither")
-    for i, entry in enumerate(data.sources):
-        if not entry.spec:
-            _fail(source, f"data.sources[{i}].spec", "needs a shard spec")
-        _check_positive(source, f"data.sources[{i}].weight", entry.weight)
-    if not data.resampled and any(entry.weight != 1.0 for entry in data.sources):
-        _fail(source, "data.sources", "weights need data.resampled: true (in order, every shard is read once per epoch)")
-    if data.prompt_field is None and data.prompt.count(lm.image_token) == 0:
-        _fail(source, "data.prompt", f"must contain the image marker {lm.image_token!r}")
-    one_sample = (sum(budget.levels) if budget.mode == "matryoshka" else max(budget.levels)) + data.max_text_length * (
-        len(budget.levels) if budget.mode == "matryoshka" else 1
+        _positive(f"optim.{name}.lr", part.lr, allow_zero=not part.trainable)
+    _require(
+        any(part.trainable for part in parts.values()),
+        "optim",
+        "no part is trainable; set optim.<part>.trainable: true for at least one",
     )
-    if data.batch_tokens < one_sample:
-        _fail(source, "data.batch_tokens", f"{data.batch_tokens} cannot hold one image at the largest budget plus max_text_length ({one_sample})")
-    for key in ("max_text_length", "max_batch_size", "val_samples", "pool_size", "max_wait", "max_image_pixels", "max_consecutive_failures"):
-        _check_positive(source, f"data.{key}", getattr(data, key))
-    _check_positive(source, "data.num_workers", data.num_workers, allow_zero=True)
+    _choice("optim.schedule", optim.schedule, LR_SCHEDULES)
+    _require(
+        len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+        "optim.betas",
+        f"must be two numbers in [0, 1), got {optim.betas}",
+    )
+    for key in ("warmup_steps", "grad_clip", "weight_decay"):
+        _positive(f"optim.{key}", getattr(optim, key), allow_zero=True)
+    _require(0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {optim.min_lr_ratio}")
 
+
+def _check_data(recipe: Recipe) -> None:
+    data = recipe.data
+    _require(
+        bool(data.train) != bool(data.sources),
+        "data.train",
+        "give either data.train (one shard spec) or data.sources (specs with weights), not both or neither",
+    )
+    for i, entry in enumerate(data.sources):
+        _require(bool(entry.spec), f"data.sources[{i}].spec", "needs a shard spec")
+        _positive(f"data.sources[{i}].weight", entry.weight)
+    _require(
+        data.resampled or all(entry.weight == 1.0 for entry in data.sources),
+        "data.sources",
+        "weights need data.resampled: true (in order, every shard is read once per epoch)",
+    )
+    for key in ("val_samples", "max_consecutive_failures"):
+        _positive(f"data.{key}", getattr(data, key))
+    _positive("data.num_workers", data.num_workers, allow_zero=True)
+    _positive("data.text.max_length", data.text.max_length)
+    for key in ("batch_tokens", "max_batch_size", "lookahead", "max_wait"):
+        _positive(f"data.batching.{key}", getattr(data.batching, key))
+    _positive("data.decoding.max_image_pixels", data.decoding.max_image_pixels)
+
+
+def _check_trainer(recipe: Recipe) -> None:
     trainer = recipe.trainer
     for key in ("max_steps", "val_every", "log_every", "checkpoint_every", "keep_checkpoints", "accumulate_grad_batches"):
-        _check_positive(source, f"trainer.{key}", getattr(trainer, key))
+        _positive(f"trainer.{key}", getattr(trainer, key))
     for key in ("devices", "num_nodes"):
         value = getattr(trainer, key)
-        if value != "auto" and not (value.isdigit() and int(value) > 0):
-            _fail(source, f"trainer.{key}", f"{value!r} must be auto or a positive number")
-    _check_choice(source, "trainer.precision", trainer.precision, PRECISIONS)
-    _check_choice(source, "trainer.strategy", trainer.strategy, STRATEGIES)
-    if trainer.deepspeed.stage not in (2, 3):
-        _fail(source, "trainer.deepspeed.stage", f"{trainer.deepspeed.stage} is not a ZeRO stage this framework runs; choose 2 or 3")
-    if trainer.deepspeed.offload_parameters and trainer.deepspeed.stage != 3:
-        _fail(source, "trainer.deepspeed.offload_parameters", "needs ZeRO stage 3")
-    lora = lm.lora
-    if lora.rank < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1 or (lora.rank and not lora.target_modules):
-        _fail(source, "model.lm.lora", f"rank >= 0, alpha > 0, dropout in [0, 1) and target modules are needed, got {lora}")
-    if lora.rank and not optim.lm.trainable:
-        _fail(source, "model.lm.lora.rank", "LoRA adapters need optim.lm.trainable: true (only the adapters then train)")
-    _check_choice(source, "logger", recipe.logger, LOGGERS)
-    if recipe.resume is not None and recipe.overwrite:
-        _fail(source, "resume", "cannot resume and overwrite at once")
-    if not recipe.name or "/" in recipe.name:
-        _fail(source, "name", f"{recipe.name!r} must be a non-empty name without '/'")
+        _require(
+            value == "auto" or (value.isdigit() and int(value) > 0),
+            f"trainer.{key}",
+            f"{value!r} must be auto or a positive number",
+        )
+    _choice("trainer.precision", trainer.precision, PRECISIONS)
+    _choice("trainer.strategy", trainer.strategy, STRATEGIES)
+    _require(
+        trainer.deepspeed.stage in (2, 3),
+        "trainer.deepspeed.stage",
+        f"{trainer.deepspeed.stage} is not a ZeRO stage this framework runs; choose 2 or 3",
+    )
+    _require(
+        not trainer.deepspeed.offload_parameters or trainer.deepspeed.stage == 3,
+        "trainer.deepspeed.offload_parameters",
+        "needs ZeRO stage 3",
+    )
+
+
+def _check_run(recipe: Recipe) -> None:
+    _choice("logger", recipe.logger, LOGGERS)
+    _require(bool(recipe.name) and "/" not in recipe.name, "name", f"{recipe.name!r} must be a non-empty name without '/'")
+    _require(recipe.resume is None or not recipe.overwrite, "resume", "cannot resume and overwrite at once")
+
+
+def _check_across(recipe: Recipe) -> None:
+    """The rules that tie sections together."""
+    model, data, budget = recipe.model, recipe.data, recipe.budget
+    _require(
+        model.pooling.size is not None or model.vision.backbone == "gemma4",
+        "model.pooling.size",
+        f"backbone {model.vision.backbone!r} has no pool size of its own; set one (e.g. 2)",
+    )
+    _require(
+        not model.lm.lora.rank or recipe.optim.lm.trainable,
+        "model.lm.lora.rank",
+        "LoRA adapters need optim.lm.trainable: true (only the adapters then train)",
+    )
+    _require(
+        recipe.trainer.strategy == "deepspeed" or not recipe.trainer.deepspeed.offload_optimizer,
+        "trainer.deepspeed.offload_optimizer",
+        "needs trainer.strategy: deepspeed",
+    )
+    _require(
+        data.text.prompt_field is not None or model.lm.image_token in data.text.prompt,
+        "data.text.prompt",
+        f"must contain the image marker {model.lm.image_token!r}",
+    )
+    schedule = BudgetSchedule(tuple(budget.levels), tuple(budget.weights or [1.0] * len(budget.levels)), recipe.seed, budget.mode)
+    one_sample = schedule.largest_cost(lambda level: level, data.text.max_length)
+    _require(
+        data.batching.batch_tokens >= one_sample,
+        "data.batching.batch_tokens",
+        f"{data.batching.batch_tokens} cannot hold one image at the largest budget plus data.text.max_length ({one_sample})",
+    )

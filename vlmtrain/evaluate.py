@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from vlmtrain.data.batch import Batch, ImageBatch
-from vlmtrain.data.builder import BatchBuilder, SampleFormat
+from vlmtrain.config import DecodingConfig
+from vlmtrain.data.batch import Batch
+from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.pipeline import EvalStream
 from vlmtrain.data.sources import expand_shards
 from vlmtrain.errors import UserError
 from vlmtrain.geometry import LEVELS
 from vlmtrain.inference import ExportedModel
+from vlmtrain.model.inputs import ImageBatch
 from vlmtrain.text import IGNORE_INDEX
 
 
@@ -43,14 +46,13 @@ class BudgetResult:
 
 def open_model(path: Path) -> ExportedModel:
     """An export folder, or a run directory (its latest checkpoint), ready for evaluation."""
-    from vlmtrain.export import trained_model, vision_config
+    from vlmtrain.export import trained_model
     from vlmtrain.inference import load
 
     if (path / "vision" / "config.json").is_file():
         return load(path)
     if (path / "recipe.yaml").is_file():
-        model, tokenizer, recipe, _ = trained_model(path)
-        return ExportedModel(model, tokenizer, vision_config(model, recipe))
+        return trained_model(path)[0]
     raise UserError(f"{path}: neither an export folder (vision/config.json) nor a run directory (recipe.yaml)")
 
 
@@ -68,59 +70,91 @@ def word_recall(target: str, generated: str) -> float:
 def sample_images(images: ImageBatch, row: int) -> ImageBatch:
     """The images of one sample of a batch, as a batch of their own."""
     chosen = images.sample_index == row
-    return ImageBatch(images.pixels[chosen], images.positions[chosen], images.token_grids[chosen], torch.zeros(int(chosen.sum()), dtype=torch.long))
+    return ImageBatch(
+        images.pixels[chosen],
+        images.positions[chosen],
+        images.token_grids[chosen],
+        torch.zeros(int(chosen.sum()), dtype=torch.long),
+    )
 
 
 @torch.no_grad()
 def prefill(model: ExportedModel, batch: Batch, row: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One sample's prompt alone through encoder and LM: (prompt ids, input embeddings, seconds taken)."""
-    start = int(torch.nonzero(batch.labels[row] != IGNORE_INDEX)[0, 0])
-    prompt = batch.input_ids[row : row + 1, :start]
+    inputs = batch.inputs
+    start = int(torch.nonzero(inputs.labels[row] != IGNORE_INDEX)[0, 0])
+    prompt = inputs.input_ids[row : row + 1, :start]
     began = time.perf_counter()
-    embeds = model.model.embed(prompt, sample_images(batch.images, row))
+    embeds = model.model.embed(prompt, sample_images(inputs.images, row))
     model.model.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), use_cache=False)
     return prompt, embeds, time.perf_counter() - began
 
 
 @torch.no_grad()
-def generate_row(model: ExportedModel, batch: Batch, row: int, prompt: torch.Tensor, embeds: torch.Tensor, max_new_tokens: int) -> tuple[str, str]:
+def generate_row(
+    model: ExportedModel, batch: Batch, row: int, prompt: torch.Tensor, embeds: torch.Tensor, max_new_tokens: int
+) -> tuple[str, str]:
     """(target, greedy generation) of one sample."""
+    inputs = batch.inputs
     start = prompt.shape[1]
-    target = model.tokenizer.decode(batch.input_ids[row, start : int(batch.attention_mask[row].sum())], skip_special_tokens=True)
+    target = model.tokenizer.decode(
+        inputs.input_ids[row, start : int(inputs.attention_mask[row].sum())], skip_special_tokens=True
+    )
     output = model.model.lm.generate(
-        inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=model.tokenizer.pad_token_id, eos_token_id=model.tokenizer.eos_token_id,
+        inputs_embeds=embeds,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=model.tokenizer.pad_token_id,
+        eos_token_id=model.tokenizer.eos_token_id,
     )
     return target, model.tokenizer.decode(output[0], skip_special_tokens=True)
 
 
 LATENCY_SAMPLES = 8
+EXAMPLES = 8  # generations kept per budget in eval.json, to read what the model says
+
+
+@dataclass
+class Example:
+    """One sample's target and the model's greedy generation."""
+
+    key: str
+    target: str
+    generated: str
 
 
 @torch.no_grad()
 def evaluate_budget(
-    model: ExportedModel, urls: list[str], budget: int, limit: int, batch_tokens: int, generate: bool, max_new_tokens: int,
+    model: ExportedModel,
+    urls: list[str],
+    budget: int,
+    limit: int,
+    batch_tokens: int,
+    generate: bool,
+    max_new_tokens: int,
     where: dict[str, str] | None = None,
-) -> BudgetResult:
-    """One model at one budget over the first ``limit`` samples of ``urls`` (latency: the first few, alone)."""
-    config = model.config
-    sample_format = SampleFormat(prompt=config["prompt"], target_field=config["target_field"], prompt_field=config.get("prompt_field"))
-    # any of the five levels, also those the model was not trained at: how it fares there is the question
+) -> tuple[BudgetResult, list[Example]]:
+    """One model at one budget over the first ``limit`` samples of ``urls`` (latency: the first few, alone),
+    and the first few generations."""
+    # any of the five levels, also those the model was not trained at: how it fares there is the question;
+    # texts of any length
     geometry = replace(model.geometry, levels=LEVELS)
-    builder = BatchBuilder(geometry, model.text, sample_format, max_image_pixels=10**9)
+    fields = replace(model.text_format, max_length=sys.maxsize)
+    builder = BatchBuilder(geometry, model.text, fields, DecodingConfig(fast=True, max_image_pixels=10**9))
     loss_sum = correct = tokens = samples = images = visual = 0
     seconds = 0.0
-    exact, recall, latencies = [], [], []
+    exact, recall, latencies, examples = [], [], [], []
     for batch in EvalStream(urls, builder, budget, limit, batch_tokens, max_batch_size=64, where=where):
         began = time.perf_counter()
-        losses = model.model.sample_losses(batch)
+        losses = model.model.sample_losses(batch.inputs)
         seconds += time.perf_counter() - began
         loss_sum += float(losses.loss_sum.sum())
         correct += int(losses.correct.sum())
         tokens += int(losses.tokens.sum())
         samples += batch.size
-        images += batch.images.count
-        visual += int(batch.images.token_counts.sum())
+        images += batch.inputs.images.count
+        visual += int(batch.inputs.images.token_counts.sum())
         for row in range(batch.size):
             if not generate and len(latencies) >= LATENCY_SAMPLES:
                 break
@@ -130,9 +164,11 @@ def evaluate_budget(
                 target, generated = generate_row(model, batch, row, prompt, embeds, max_new_tokens)
                 exact.append(generated.strip() == target.strip())
                 recall.append(word_recall(target, generated))
+                if len(examples) < EXAMPLES:
+                    examples.append(Example(batch.keys[row], target, generated))
     if samples == 0:
         raise UserError(f"no usable sample in {urls[:1]}... for this model's prompt and target field")
-    return BudgetResult(
+    result = BudgetResult(
         budget=budget,
         samples=samples,
         images=images,
@@ -144,11 +180,20 @@ def evaluate_budget(
         images_per_s=images / seconds if seconds else 0.0,
         latency_ms=1000 * sum(latencies) / len(latencies),
     )
+    return result, examples
 
 
 def evaluate(
-    models: list[Path], data: str, budgets: list[int] | None, limit: int, out: Path, names: list[str] | None = None,
-    batch_tokens: int = 8192, generate: bool = True, max_new_tokens: int = 16, where: dict[str, str] | None = None,
+    models: list[Path],
+    data: str,
+    budgets: list[int] | None,
+    limit: int,
+    out: Path,
+    names: list[str] | None = None,
+    batch_tokens: int = 8192,
+    generate: bool = True,
+    max_new_tokens: int = 16,
+    where: dict[str, str] | None = None,
 ) -> dict:
     """Evaluate every model at every budget (on the samples whose record matches ``where``); write
     ``out/eval.json`` and ``out/eval.png``; return the results."""
@@ -157,11 +202,19 @@ def evaluate(
     if len(names) != len(models):
         raise UserError(f"{len(names)} names for {len(models)} models")
     results = {"data": data, "limit": limit, "where": where or {}, "models": []}
-    for name, path in zip(names, models):
+    for name, path in zip(names, models, strict=True):
         model = open_model(path)
         levels = budgets or list(model.geometry.levels)
-        rows = [evaluate_budget(model, urls, budget, limit, batch_tokens, generate, max_new_tokens, where) for budget in levels]
-        results["models"].append({"name": name, "path": str(path), "budgets": [asdict(row) for row in rows]})
+        evaluated = [evaluate_budget(model, urls, b, limit, batch_tokens, generate, max_new_tokens, where) for b in levels]
+        rows, examples = [row for row, _ in evaluated], [found for _, found in evaluated]
+        results["models"].append(
+            {
+                "name": name,
+                "path": str(path),
+                "budgets": [asdict(row) for row in rows],
+                "examples": {str(row.budget): [asdict(e) for e in found] for row, found in zip(rows, examples, strict=True)},
+            }
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "eval.png")
@@ -179,11 +232,23 @@ def plot(results: dict, path: Path) -> None:
     for model in results["models"]:
         rows = model["budgets"]
         budgets = [row["budget"] for row in rows]
-        line = quality.plot(budgets, [row["token_accuracy"] for row in rows], marker="o", label=f"{model['name']}: token accuracy")[0]
+        line = quality.plot(
+            budgets, [row["token_accuracy"] for row in rows], marker="o", label=f"{model['name']}: token accuracy"
+        )[0]
         if rows[0]["exact_match"] is not None:
-            quality.plot(budgets, [row["exact_match"] for row in rows], marker="s", linestyle="--", color=line.get_color(), label=f"{model['name']}: exact match")
+            quality.plot(
+                budgets,
+                [row["exact_match"] for row in rows],
+                marker="s",
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{model['name']}: exact match",
+            )
         latency.plot(budgets, [row["latency_ms"] for row in rows], marker="o", color=line.get_color(), label=model["name"])
-    for axis, title, label in ((quality, "quality vs budget", "share of targets right"), (latency, "latency vs budget", "ms per image (prefill)")):
+    for axis, title, label in (
+        (quality, "quality vs budget", "share of targets right"),
+        (latency, "latency vs budget", "ms per image (prefill)"),
+    ):
         axis.set_xscale("log")
         axis.set_xticks(sorted({row["budget"] for m in results["models"] for row in m["budgets"]}))
         axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())

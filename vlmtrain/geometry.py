@@ -18,7 +18,12 @@ DEFAULT_BUDGET = 280
 
 
 class BudgetError(UserError, ValueError):
-    """A token budget that is not one of the allowed levels."""
+    """A token budget or budget setting that is not allowed; ``key`` names the setting (e.g. ``levels[1]``)."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
 
 
 def check_budget(budget: int, levels: tuple[int, ...] = LEVELS) -> int:
@@ -29,11 +34,24 @@ def check_budget(budget: int, levels: tuple[int, ...] = LEVELS) -> int:
     return budget
 
 
+def check_levels(levels: tuple[int, ...] | list[int]) -> None:
+    """The one rule for a list of budget levels: a non-empty subset of :data:`LEVELS`, each once. Raises
+    :class:`BudgetError` whose key names the offending entry."""
+    allowed = ", ".join(str(level) for level in LEVELS)
+    if not levels:
+        raise BudgetError(f"must list at least one of {allowed}", "levels")
+    for index, level in enumerate(levels):
+        if level not in LEVELS:
+            nearest = min(LEVELS, key=lambda candidate: abs(math.log(candidate / max(level, 1))))  # levels double
+            raise BudgetError(f"{level} is not a token level; allowed: {allowed} (nearest: {nearest})", f"levels[{index}]")
+    if len(set(levels)) != len(levels):
+        raise BudgetError(f"lists a level twice: {list(levels)}", "levels")
+
+
 @dataclass(frozen=True)
 class ImageGeometry:
     """Sizes of one image at one budget: pixels after resize, patch grid and visual-token grid (rows, cols)."""
 
-    budget: int
     resize: tuple[int, int]
     patch_grid: tuple[int, int]
     token_grid: tuple[int, int]
@@ -60,10 +78,8 @@ class Geometry:
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.pool < 1:
-            raise ValueError(f"patch_size and pool must be >= 1, got {self.patch_size} and {self.pool}")
-        unknown = [level for level in self.levels if level not in LEVELS]
-        if unknown or not self.levels:
-            raise BudgetError(f"levels {list(self.levels)} must be a non-empty subset of {list(LEVELS)}")
+            raise UserError(f"patch size and pool must be >= 1, got {self.patch_size} and {self.pool}")
+        check_levels(self.levels)
 
     @property
     def cell(self) -> int:
@@ -104,7 +120,6 @@ def _image_geometry(height: int, width: int, budget: int, patch_size: int, pool:
     if token_grid[0] * token_grid[1] > budget:  # cannot happen; guards the invariant the whole system rests on
         raise AssertionError(f"{height}x{width} at budget {budget} gave {token_grid} tokens")
     return ImageGeometry(
-        budget=budget,
         resize=(resized_h, resized_w),
         patch_grid=(token_grid[0] * pool, token_grid[1] * pool),
         token_grid=token_grid,

@@ -1,41 +1,54 @@
 """Using an exported model (see :mod:`vlmtrain.export`) without Lightning or DeepSpeed: weights come from
-safetensors and settings from JSON only, never from a pickle."""
+safetensors and settings from JSON only, never from a pickle.
+
+The export's ``vision/config.json`` holds the model description (:mod:`vlmtrain.model.description`), which
+is built through the same builder as in training; the weights file keeps its own copy of the description,
+so a config edited after export is refused, naming the key, instead of computing something else.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from vlmtrain.data.batch import ImageBatch
-from vlmtrain.data.images import patch_positions, patchify, to_rgb
+from vlmtrain.config import RecipeError, TextConfig, structured
+from vlmtrain.data.images import image_patches, to_rgb
+from vlmtrain.errors import UserError
 from vlmtrain.geometry import Geometry
-from vlmtrain.model.backbone import NativeViT, VisionBackbone
-from vlmtrain.model.hf_vision import load_tower
-from vlmtrain.model.pooling import build_pooling
-from vlmtrain.model.projector import Projector
+from vlmtrain.model.build import build_model
+from vlmtrain.model.description import ModelDescription, first_difference, read_description
+from vlmtrain.model.inputs import ImageBatch
+from vlmtrain.model.lm import lm_tokenizer
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.text import TextEncoder
 
-VISION_FORMAT = "vlmtrain-vision/1"
+EXPORT_FORMAT = "vlmtrain-model/2"
 VISION_PARTS = ("backbone", "pooling", "projector")
+VISION_DIR, LM_DIR, ADAPTER_DIR = "vision", "lm", "lm-adapter"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+DESCRIPTION_KEY = "vlmtrain.model"  # the description's copy in the weights file's metadata
 
 
 class ExportedModel:
-    """A loaded export: prepare images at any budget (one per image), get logits, generate text."""
+    """A model ready for use: prepare images at any budget (one per image), get logits, generate text."""
 
-    def __init__(self, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, config: dict[str, Any]) -> None:
+    def __init__(
+        self, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, description: ModelDescription, text: TextConfig
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.config = config
-        self.text = TextEncoder(tokenizer, config["image_token"], max_text_length=10**9)
+        self.description = description
+        self.text_format = text
+        self.text = TextEncoder(tokenizer, description.lm.image_token)
 
     @property
     def geometry(self) -> Geometry:
@@ -44,28 +57,34 @@ class ExportedModel:
     def budgets_for(self, images: Sequence[Image.Image], budget: int | Sequence[int] | None) -> list[int]:
         """One budget per image: the default, one for all, or one each."""
         if budget is None:
-            budget = self.config["geometry"]["default_budget"]
+            budget = self.description.default_budget
         budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
         if len(budgets) != len(images):
             raise ValueError(f"{len(budgets)} budgets for {len(images)} images")
         return budgets
 
-    def inputs(self, images: Sequence[Image.Image], prompt: str | None = None, budget: int | Sequence[int] | None = None) -> tuple[torch.Tensor, ImageBatch]:
+    def inputs(
+        self, images: Sequence[Image.Image], prompt: str | None = None, budget: int | Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, ImageBatch]:
         """Token ids of the prompt with each image's placeholders, and the images cut at their budgets."""
         device = next(self.model.parameters()).device
         items = []
-        for image, image_budget in zip(images, self.budgets_for(images, budget)):
+        for image, image_budget in zip(images, self.budgets_for(images, budget), strict=True):
             image = to_rgb(image)
             geometry = self.geometry.image(image.height, image.width, image_budget)
-            items.append((patchify(image, geometry, self.geometry.patch_size), patch_positions(geometry), geometry.token_grid, 0))
+            items.append((*image_patches(image, geometry, self.geometry.patch_size), geometry.token_grid, 0))
         batch = ImageBatch.stack(items, patch_dim=3 * self.geometry.patch_size**2)
-        prompt = self.config["prompt"] if prompt is None else prompt
+        prompt = self.text_format.prompt if prompt is None else prompt
         ids = self.text.encode_prompt(prompt, [grid[0] * grid[1] for *_, grid, _ in items])
-        images_on_device = ImageBatch(*(getattr(batch, f).to(device) for f in ("pixels", "positions", "token_grids", "sample_index")))
+        images_on_device = ImageBatch(
+            *(getattr(batch, f).to(device) for f in ("pixels", "positions", "token_grids", "sample_index"))
+        )
         return torch.tensor([ids], device=device), images_on_device
 
     @torch.no_grad()
-    def logits(self, images: Sequence[Image.Image], prompt: str | None = None, budget: int | Sequence[int] | None = None) -> torch.Tensor:
+    def logits(
+        self, images: Sequence[Image.Image], prompt: str | None = None, budget: int | Sequence[int] | None = None
+    ) -> torch.Tensor:
         """Next-token logits ``(1, L, vocab)`` for the prompt with the images."""
         input_ids, images_batch = self.inputs(images, prompt, budget)
         embeds = self.model.embed(input_ids, images_batch)
@@ -73,41 +92,91 @@ class ExportedModel:
 
     @torch.no_grad()
     def generate(
-        self, images: Sequence[Image.Image], prompt: str | None = None, budget: int | Sequence[int] | None = None, max_new_tokens: int = 64, **kwargs: Any
+        self,
+        images: Sequence[Image.Image],
+        prompt: str | None = None,
+        budget: int | Sequence[int] | None = None,
+        max_new_tokens: int = 64,
+        **kwargs: Any,
     ) -> str:
         """Greedy (or ``kwargs``-configured) continuation of the prompt, as text."""
         input_ids, images_batch = self.inputs(images, prompt, budget)
         embeds = self.model.embed(input_ids, images_batch)
-        settings = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": self.tokenizer.pad_token_id,
-                    "eos_token_id": self.tokenizer.eos_token_id, **kwargs}
+        settings = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            **kwargs,
+        }
         output = self.model.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), **settings)
         return self.tokenizer.decode(output[0], skip_special_tokens=True)
 
 
-def build_backbone(settings: dict[str, Any]) -> VisionBackbone:
-    """The vision backbone an export describes, with random weights (loaded next)."""
-    if settings["kind"] == "native":
-        return NativeViT(**settings["settings"])
-    return load_tower(settings["kind"], None, settings["settings"])
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise UserError(f"{path}: missing (not a complete vlmtrain export)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise UserError(f"{path}: not valid JSON: {error}") from None
+
+
+def read_export(path: Path) -> tuple[ModelDescription, TextConfig]:
+    """The description and text format of the export at ``path``, checked against the copy of the
+    description kept in its weights file."""
+    config_file = path / VISION_DIR / CONFIG_FILE
+    config = _read_json(config_file)
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise UserError(f"{config_file}: format {found!r} is not {EXPORT_FORMAT!r} (not an export of this vlmtrain version)")
+    for key in ("model", "text"):
+        if key not in config:
+            raise UserError(f"{config_file}: {key}: missing")
+    description = read_description(config["model"], str(config_file), "model.")
+    try:
+        text = structured(TextConfig, [config["text"]], str(config_file), "text.")
+    except RecipeError as error:
+        raise UserError(str(error)) from None
+    weights_file = path / VISION_DIR / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise UserError(f"{weights_file}: missing (not a complete vlmtrain export)")
+    with safe_open(str(weights_file), framework="pt") as handle:
+        stored = (handle.metadata() or {}).get(DESCRIPTION_KEY)
+    if stored is None:
+        raise UserError(f"{weights_file}: holds no model description (not written by vlmtrain export)")
+    difference = first_difference(description.to_dict(), json.loads(stored))
+    if difference is not None:
+        key, found, expected = difference
+        raise UserError(
+            f"{config_file}: model.{key} is {found!r}, but the weights were exported with {expected!r}; "
+            "the config was edited after export (restore it, or export again)"
+        )
+    return description, text
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ExportedModel:
     """Load an export folder for inference (no Lightning, no DeepSpeed, no pickle)."""
     path = Path(path)
-    config = json.loads((path / "vision" / "config.json").read_text())
-    if config.get("format") != VISION_FORMAT:
-        raise ValueError(f"{path}: not a vlmtrain export (vision/config.json format {config.get('format')!r})")
-    geometry_settings = config["geometry"]
-    geometry = Geometry(geometry_settings["patch_size"], geometry_settings["pool"], tuple(geometry_settings["levels"]))
-    backbone = build_backbone(config["backbone"])
-    pooling = build_pooling(config["pooling"]["kind"], config["pooling"]["size"], backbone.width, config["pooling"]["heads"])
-    projector = Projector(**config["projector"])
-    weights = load_file(path / "vision" / "model.safetensors")
-    for name, part in zip(VISION_PARTS, (backbone, pooling, projector)):
-        part.load_state_dict({key[len(name) + 1 :]: value for key, value in weights.items() if key.startswith(name + ".")}, strict=True)
-    lm = AutoModelForCausalLM.from_pretrained(path / "lm", local_files_only=True, dtype=dtype)
-    if (path / "lm-adapter").is_dir():
-        lm = PeftModel.from_pretrained(lm, path / "lm-adapter")
-    tokenizer = AutoTokenizer.from_pretrained(path / "lm", local_files_only=True)
-    model = VisionLanguageModel(backbone, pooling, projector, lm, config["image_token_id"], geometry)
-    return ExportedModel(model.to(device=device, dtype=dtype), tokenizer, config)
+    description, text = read_export(path)
+    lm = description.lm
+    for folder in filter(None, (lm.path, lm.adapter)):
+        if not (path / folder).is_dir():
+            raise UserError(f"{path / folder}: missing (not a complete vlmtrain export)")
+    local = replace(description, lm=replace(lm, path=str(path / lm.path), adapter=str(path / lm.adapter) if lm.adapter else None))
+    tokenizer = lm_tokenizer(local.lm)
+    with torch.random.fork_rng(devices=[]):  # building seeds torch's generator; the caller's stays as it was
+        model = build_model(local, tokenizer)
+    weights = load_file(path / VISION_DIR / WEIGHTS_FILE)
+    for name in VISION_PARTS:
+        part = getattr(model, name)
+        state = {key[len(name) + 1 :]: value for key, value in weights.items() if key.startswith(name + ".")}
+        expected = part.state_dict()
+        misfits = sorted(
+            (expected.keys() ^ state.keys())
+            | {key for key in state.keys() & expected.keys() if state[key].shape != expected[key].shape}
+        )
+        if misfits:
+            raise UserError(f"{path / VISION_DIR / WEIGHTS_FILE}: {name}.{misfits[0]} does not fit the described model")
+        part.load_state_dict(state)
+    return ExportedModel(model.to(device=device, dtype=dtype), tokenizer, description, text)

@@ -17,7 +17,7 @@ BYTE_TOKENIZER = "byte"
 
 
 class TextError(ValueError):
-    """A sample whose text cannot be encoded (marker count, length); the pipeline skips and counts it."""
+    """A sample whose text cannot be encoded (its image markers); the pipeline skips and counts it."""
 
 
 def build_byte_tokenizer(image_token: str = "<image>") -> PreTrainedTokenizerFast:
@@ -59,11 +59,10 @@ class EncodedText:
 class TextEncoder:
     """Turns (prompt, target, tokens per image) into input ids with expanded placeholders and labels."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token: str, max_text_length: int) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token: str) -> None:
         self.tokenizer = tokenizer
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        self.max_text_length = max_text_length
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no id for the image token {image_token!r}")
         self._ids = lru_cache(maxsize=16384)(self._tokenize)  # a sample's text is measured, then encoded
@@ -91,21 +90,17 @@ class TextEncoder:
             pieces = [before] + [""] * (len(image_tokens) - 1) + [after] if image_tokens else [before + after]
         bos = self.tokenizer.bos_token
         input_ids = [self.tokenizer.bos_token_id] if bos is not None and not prompt.startswith(bos) else []
-        for piece, count in zip(pieces, image_tokens + [0]):
+        for piece, count in zip(pieces, image_tokens + [0], strict=True):
             input_ids += [*self._ids(piece), *[self.image_token_id] * count]
         return input_ids
 
     def encode(self, prompt: str, target: str, image_tokens: list[int]) -> EncodedText:
         """Encode one training sample: the prompt (see :meth:`encode_prompt`), then the target and EOS, which
-        alone carry labels. Raises :class:`TextError` when markers and images cannot be matched or the text
-        (without image tokens) exceeds ``max_text_length``."""
+        alone carry labels. Raises :class:`TextError` when markers and images cannot be matched."""
         input_ids = self.encode_prompt(prompt, image_tokens)
         prompt_length = len(input_ids)
         target_ids = [*self._ids(target), self.tokenizer.eos_token_id]
         input_ids += target_ids
-        text_length = len(input_ids) - sum(image_tokens)
-        if text_length > self.max_text_length:
-            raise TextError(f"text is {text_length} tokens, more than max_text_length={self.max_text_length}")
         if input_ids.count(self.image_token_id) != sum(image_tokens):
             raise TextError(f"text contains the image token {self.image_token!r} outside the image markers")
         labels = [IGNORE_INDEX] * prompt_length + target_ids

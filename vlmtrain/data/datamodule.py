@@ -11,16 +11,16 @@ from torch.utils.data import DataLoader
 
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.config import DataConfig
-from vlmtrain.data.batch import Batch
+from vlmtrain.data.batch import Step
 from vlmtrain.data.builder import BatchBuilder
-from vlmtrain.data.pipeline import EvalStream, StreamSettings, StreamState, TrainStream
+from vlmtrain.data.pipeline import EvalStream, StreamState, TrainStream
 from vlmtrain.data.sources import ShardSequence, Source, StreamId, expand_shards
 
 log = logging.getLogger(__name__)
 
 
 def _unbatched(item):
-    """The streams yield whole batches: the DataLoader must pass them through untouched."""
+    """The streams yield whole steps and batches: the DataLoader must pass them through untouched."""
     return item
 
 
@@ -40,15 +40,6 @@ class ShardDataModule(L.LightningDataModule):
         self.schedule = schedule
         self.sources = sources_of(data)
         self.val_urls = expand_shards(data.val) if data.val else []
-        self.settings = StreamSettings(
-            batch_tokens=data.batch_tokens,
-            max_batch_size=data.max_batch_size,
-            pool_size=data.pool_size,
-            max_wait=data.max_wait,
-            buckets=data.buckets,
-            resampled=data.resampled,
-            max_consecutive_failures=data.max_consecutive_failures,
-        )
         self.next_step = 0
         self.streams: dict[int, StreamState] = {}
 
@@ -69,24 +60,31 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self.rank_and_world
-        stream = TrainStream(self.sources, self.builder, self.schedule, self.settings, rank, world, self.next_step, self.streams)
+        stream = TrainStream(self.sources, self.builder, self.schedule, self.data, rank, world, self.next_step, self.streams)
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(stream, batch_size=None, collate_fn=_unbatched, num_workers=self.data.num_workers, pin_memory=on_gpu)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [
             DataLoader(
-                EvalStream(self.val_urls, self.builder, budget, self.data.val_samples, self.data.batch_tokens, self.data.max_batch_size),
+                EvalStream(
+                    self.val_urls,
+                    self.builder,
+                    budget,
+                    self.data.val_samples,
+                    self.data.batching.batch_tokens,
+                    self.data.batching.max_batch_size,
+                ),
                 batch_size=None,
                 collate_fn=_unbatched,
             )
             for budget in (self.schedule.levels if self.val_urls else ())
         ]
 
-    def record(self, batch: Batch) -> None:
-        """A batch was trained: the run continues after its step, its stream from its state."""
-        self.next_step = batch.step + 1
-        self.streams[batch.stream] = StreamState.from_dict(batch.stream_state)
+    def record(self, step: Step) -> None:
+        """A step was trained: the run continues after it, its stream from the state it left."""
+        self.next_step = step.index + 1
+        self.streams[step.position.stream] = StreamState.from_dict(step.position.state)
 
     def state_dict(self) -> dict:
         """The data position of every rank (gathered to all ranks: any of them may write the checkpoint)."""
@@ -109,6 +107,9 @@ class ShardDataModule(L.LightningDataModule):
         else:
             log.warning(
                 "data position saved with %d ranks x %d workers, resuming with %d x %d: streams restart from their first shard",
-                state["world"], state["stream_count"], world, self.stream_count,
+                state["world"],
+                state["stream_count"],
+                world,
+                self.stream_count,
             )
             self.streams = {}

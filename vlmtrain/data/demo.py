@@ -78,14 +78,26 @@ def render_sample(index: int, seed: int) -> tuple[Image.Image, dict[str, Any]]:
     for row, y in enumerate(range(start_y, image.height, step_y)):
         for x in range(start_x + (row % 2) * step_x // 2, image.width, step_x):
             draw.text((x - left, y - top), word, font=font, fill=fill, stroke_width=max(1, text_px // 12), stroke_fill=stroke)
-    return image, {"key": f"demo{seed}_{index:06d}", "text": word, "size": size, "text_px": text_px, "photo": photo.rsplit(".", 1)[0]}
+    return image, {
+        "key": f"demo{seed}_{index:06d}",
+        "text": word,
+        "size": size,
+        "text_px": text_px,
+        "photo": photo.rsplit(".", 1)[0],
+    }
 
 
 def demo_manifest(train_samples: int, val_samples: int, seed: int, samples_per_shard: int) -> dict[str, Any]:
     """What a rendered demo set is made from, down to the renderer's source: a set whose manifest differs
     (an older renderer, other sizes) is stale and must be rendered again."""
     renderer = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-    return {"renderer": renderer, "train": train_samples, "val": val_samples, "seed": seed, "samples_per_shard": samples_per_shard}
+    return {
+        "renderer": renderer,
+        "train": train_samples,
+        "val": val_samples,
+        "seed": seed,
+        "samples_per_shard": samples_per_shard,
+    }
 
 
 def demo_is_current(out_dir: Path, manifest: dict[str, Any]) -> bool:
@@ -94,7 +106,9 @@ def demo_is_current(out_dir: Path, manifest: dict[str, Any]) -> bool:
     return path.is_file() and json.loads(path.read_text()) == manifest
 
 
-def make_demo_shards(out_dir: Path, train_samples: int, val_samples: int, seed: int, samples_per_shard: int) -> dict[str, ShardReport]:
+def make_demo_shards(
+    out_dir: Path, train_samples: int, val_samples: int, seed: int, samples_per_shard: int
+) -> dict[str, ShardReport]:
     """Render the demo set into ``out_dir/images`` and write ``train-*.tar`` and ``val-*.tar`` shards, replacing
     any earlier set there; the manifest is written last, so an interrupted run never looks complete."""
     image_dir = out_dir / "images"

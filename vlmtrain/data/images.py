@@ -53,7 +53,10 @@ def decode_image(
             swaps = image.getexif().get(0x0112, 1) in _SWAPS_AXES
             displayed = (image.width, image.height) if swaps else (image.height, image.width)
             if expected_size is not None and displayed != tuple(expected_size):
-                raise SampleError("size_mismatch", f"image is {displayed[1]}x{displayed[0]}, its record says {expected_size[1]}x{expected_size[0]}")
+                raise SampleError(
+                    "size_mismatch",
+                    f"image is {displayed[1]}x{displayed[0]}, its record says {expected_size[1]}x{expected_size[0]}",
+                )
             if target_size is not None and image.format == "JPEG":
                 height, width = target_size
                 image.draft(None, (height, width) if swaps else (width, height))
@@ -81,6 +84,12 @@ def patchify(image: Image.Image, geometry: ImageGeometry, patch_size: int) -> to
     rows, cols = geometry.patch_grid
     patches = resized_pixels(image, geometry).reshape(rows, patch_size, cols, patch_size, 3).permute(0, 2, 1, 3, 4)
     return patches.reshape(rows * cols, patch_size * patch_size * 3)
+
+
+def image_patches(image: Image.Image, geometry: ImageGeometry, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image as the model takes it: its patches at the geometry's size (:func:`patchify`) and their
+    (x, y) positions (:func:`patch_positions`)."""
+    return patchify(image, geometry, patch_size), patch_positions(geometry)
 
 
 @lru_cache(maxsize=4096)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlmtrain.budget import BudgetSchedule
-from vlmtrain.data.batch import Batch
+from vlmtrain.config import DataConfig
+from vlmtrain.data.batch import Batch, DataPosition, Step
 from vlmtrain.data.buckets import BucketPool, Waiting
 from vlmtrain.data.builder import BatchBuilder, EncodedSample
 from vlmtrain.data.samples import RawSample, SampleError
@@ -67,7 +68,9 @@ class StreamState:
 
     @classmethod
     def from_dict(cls, values: dict) -> StreamState:
-        return cls(read=tuple(values["read"]), pool=[tuple(entry) for entry in values["pool"]], skipped=dict(values.get("skipped", {})))
+        return cls(
+            read=tuple(values["read"]), pool=[tuple(entry) for entry in values["pool"]], skipped=dict(values.get("skipped", {}))
+        )
 
 
 def encode_all(builder: BatchBuilder, samples: list[RawSample], budget: int, skips: SkipLog) -> list[EncodedSample | None]:
@@ -82,29 +85,17 @@ def encode_all(builder: BatchBuilder, samples: list[RawSample], budget: int, ski
     return encoded
 
 
-@dataclass(frozen=True)
-class StreamSettings:
-    """How training streams batch: token cap, batch size cap, pool size and wait, buckets, shard mode."""
-
-    batch_tokens: int
-    max_batch_size: int
-    pool_size: int = 512
-    max_wait: int = 64
-    buckets: bool = True
-    resampled: bool = False
-    max_consecutive_failures: int = 1000
-
-
 class TrainStream(IterableDataset):
-    """Endless training batches of one rank: one bucket and one budget per batch, at most ``batch_tokens``
-    LM tokens (visual plus text) per batch, continuing from ``states`` at ``start_step``."""
+    """Endless training steps of one rank: one bucket and one budget per batch, at most
+    ``data.batching.batch_tokens`` LM tokens (visual plus text) per step, continuing from ``states`` at
+    ``start_step``."""
 
     def __init__(
         self,
         sources: list[Source],
         builder: BatchBuilder,
         schedule: BudgetSchedule,
-        settings: StreamSettings,
+        data: DataConfig,
         rank: int = 0,
         world: int = 1,
         start_step: int = 0,
@@ -113,28 +104,29 @@ class TrainStream(IterableDataset):
         self.sources = sources
         self.builder = builder
         self.schedule = schedule
-        self.settings = settings
+        self.data = data
         self.rank = rank
         self.world = world
         self.start_step = start_step
         self.states = states or {}
 
     def shards(self, index: int, count: int) -> ShardSequence:
-        return ShardSequence(self.sources, self.schedule.seed, StreamId(self.rank, self.world, index, count), self.settings.resampled)
+        return ShardSequence(self.sources, self.schedule.seed, StreamId(self.rank, self.world, index, count), self.data.resampled)
 
-    def __iter__(self) -> Iterator[Batch | list[Batch]]:
+    def __iter__(self) -> Iterator[Step]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         index = (self.start_step + worker) % workers
-        yield from self.batches(index, workers, self.start_step + worker)
+        yield from self.steps(index, workers, self.start_step + worker)
 
-    def batches(self, index: int, count: int, first_step: int) -> Iterator[Batch | list[Batch]]:
-        """Batches of stream ``index`` (of ``count``) for steps ``first_step``, ``first_step + count``, ..."""
+    def steps(self, index: int, count: int, first_step: int) -> Iterator[Step]:
+        """Steps of stream ``index`` (of ``count``): ``first_step``, ``first_step + count``, ..."""
         state = self.states.get(index, StreamState())
         returning = {(k, item): arrived for k, item, arrived in state.pool}
         arrivals = stream_samples(self.shards(index, count), min([state.read, *returning]))
-        pool = BucketPool(self.settings.pool_size, self.settings.max_wait)
-        skips = SkipLog(self.settings.max_consecutive_failures, state.skipped)
+        batching = self.data.batching
+        pool = BucketPool(batching.lookahead, batching.max_wait)
+        skips = SkipLog(self.data.max_consecutive_failures, state.skipped)
         read = state.read
         step = first_step
         held: Arrival | None = None  # the first sample of a new epoch waits until the old epoch is batched
@@ -154,9 +146,7 @@ class TrainStream(IterableDataset):
             if not batches:  # every sample taken failed to decode: refill and try again
                 continue
             after = StreamState(read, [(*entry.position, entry.arrived) for entry in pool.waiting], dict(skips.counts))
-            for batch in batches:
-                batch.stream, batch.stream_state = index, after.to_dict()
-            yield batches[0] if len(batches) == 1 else batches
+            yield Step(index=step, batches=batches, position=DataPosition(index, after.to_dict()))
             step += count
 
     def waiting(self, arrival: Arrival, step: int) -> Waiting:
@@ -170,8 +160,8 @@ class TrainStream(IterableDataset):
             if isinstance(sample, SampleError):
                 raise sample
             entry = self.waiting(arrival, step)
-            tokens = max(self.builder.visual_tokens(sample, budget) for budget in self.schedule.levels) + entry.text_tokens
-            if tokens * len(self.schedule.budgets(step)) > self.settings.batch_tokens:
+            tokens = self.schedule.largest_cost(lambda budget: self.builder.visual_tokens(sample, budget), entry.text_tokens)
+            if tokens > self.data.batching.batch_tokens:
                 raise SampleError("over_token_cap", f"sample {sample.key!r} needs {tokens} tokens at the largest budget")
         except SampleError as error:
             skips.add(error.kind, f"{error} (shard {arrival.url})")
@@ -183,23 +173,24 @@ class TrainStream(IterableDataset):
         """The batch(es) of ``step``: one bucket, one budget each (several budgets in matryoshka mode)."""
         budgets = self.schedule.budgets(step)
         builder = self.builder
+        batching = self.data.batching
 
         def cost(entry: Waiting) -> int:
-            return sum(builder.visual_tokens(entry.sample, budget) + entry.text_tokens for budget in budgets)
+            return builder.cost(entry.sample, entry.text_tokens, budgets)
 
         def bucket(entry: Waiting) -> tuple | None:
-            return tuple(builder.token_grids(entry.sample, budget) for budget in budgets) if self.settings.buckets else None
+            return tuple(builder.token_grids(entry.sample, budget) for budget in budgets) if batching.buckets else None
 
         chooser = rng(self.schedule.seed, self.rank, step)
-        chosen = pool.take(bucket, cost, self.settings.batch_tokens, self.settings.max_batch_size, step, chooser)
+        chosen = pool.take(bucket, cost, batching.batch_tokens, batching.max_batch_size, step, chooser)
         samples = [entry.sample for entry in chosen]
         encoded = [encode_all(builder, samples, budget, skips) for budget in budgets]
         kept = [i for i in range(len(chosen)) if all(per_budget[i] is not None for per_budget in encoded)]
         if not kept:
             return []
         batches = []
-        for budget, per_budget in zip(budgets, encoded):
-            batch = builder.collate([per_budget[i] for i in kept], budget, step)
+        for budget, per_budget in zip(budgets, encoded, strict=True):
+            batch = builder.collate([per_budget[i] for i in kept], budget)
             batch.epochs = [chosen[i].epoch for i in kept]
             batches.append(batch)
         return batches
@@ -210,7 +201,13 @@ class EvalStream(IterableDataset):
     batched at one fixed ``budget``."""
 
     def __init__(
-        self, urls: list[str], builder: BatchBuilder, budget: int, limit: int, batch_tokens: int, max_batch_size: int,
+        self,
+        urls: list[str],
+        builder: BatchBuilder,
+        budget: int,
+        limit: int,
+        batch_tokens: int,
+        max_batch_size: int,
         where: dict[str, str] | None = None,
     ) -> None:
         self.urls = urls
@@ -239,12 +236,12 @@ class EvalStream(IterableDataset):
             encoded = encode_all(self.builder, [sample], self.budget, self.skips)[0]
             if encoded is None:
                 continue
-            cost = len(encoded.text.input_ids)  # visual plus text tokens
+            cost = self.builder.cost(sample, self.builder.text_tokens(sample), (self.budget,))
             if pending and (total + cost > self.batch_tokens or len(pending) == self.max_batch_size):
-                yield self.builder.collate(pending, self.budget, step=-1)
+                yield self.builder.collate(pending, self.budget)
                 pending, total = [], 0
             pending.append(encoded)
             total += cost
             used += 1
         if pending:
-            yield self.builder.collate(pending, self.budget, step=-1)
+            yield self.builder.collate(pending, self.budget)

@@ -155,7 +155,8 @@ def write_shards(
                 continue
             size = _tar_bytes(files)
             full = writer is not None and (
-                report.shards[shard_path.name] >= samples_per_shard or (max_shard_bytes is not None and shard_bytes + size > max_shard_bytes)
+                report.shards[shard_path.name] >= samples_per_shard
+                or (max_shard_bytes is not None and shard_bytes + size > max_shard_bytes)
             )
             if writer is None or full:
                 close()

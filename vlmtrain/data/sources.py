@@ -84,7 +84,8 @@ class ShardSequence:
         if self.resampled:
             weights = [source.weight for source in self.sources]
             pick = unit(self.seed, stream.rank, stream.index, k, 0) * sum(weights)
-            source = next((s for s, edge in zip(self.sources, _cumulative(weights)) if pick < edge), self.sources[-1])
+            edges = zip(self.sources, _cumulative(weights), strict=True)
+            source = next((s for s, edge in edges if pick < edge), self.sources[-1])
             return source.urls[int(unit(self.seed, stream.rank, stream.index, k, 1) * len(source.urls))], 0
         epoch, offset = divmod(k, self.per_epoch)
         return self.epoch_order(epoch)[stream.rank :: stream.world][stream.index :: stream.count][offset], epoch

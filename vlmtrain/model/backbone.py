@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,6 @@ class VisionBackbone(nn.Module):
 
     patch_size: int
     width: int
-    native_pool: int | None = None
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -89,7 +89,9 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def image_canvases(pixels: torch.Tensor, patch_grids: torch.Tensor, patch_size: int, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def image_canvases(
+    pixels: torch.Tensor, patch_grids: torch.Tensor, patch_size: int, dtype: torch.dtype
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The images of a batch re-assembled from their patches, one group per patch grid: yields the group's
     indices and its images ``(n, 3, rows*patch, cols*patch)`` in [0, 1]. Each image's patches come first
     in its row, row-major (the :class:`~vlmtrain.data.batch.ImageBatch` layout)."""
@@ -128,7 +130,7 @@ class ConvStem(nn.Module):
             raise ValueError(f"the conv stem needs a power-of-two patch size, got {patch_size}")
         channels = [3] + [min(width, 32 * 2**i) for i in range(levels - 1)] + [width]
         layers: list[nn.Module] = []
-        for into, out in zip(channels[:-1], channels[1:]):
+        for into, out in pairwise(channels):
             layers += [nn.Conv2d(into, out, kernel_size=3, stride=2, padding=1), nn.GELU()]
         self.convs = nn.Sequential(*layers[:-1])
         self.norm = nn.LayerNorm(width)
@@ -140,7 +142,7 @@ class ConvStem(nn.Module):
         out = pixels.new_zeros(pixels.shape[0], pixels.shape[1], self.width, dtype=dtype)
         for members, canvas in image_canvases(pixels, patch_grids, self.patch_size, dtype):
             features = self.convs(canvas * 2.0 - 1.0).flatten(2).transpose(1, 2)
-            out[members, : features.shape[1]] = features
+            out[members, : features.shape[1]] = features.to(out.dtype)  # autocast may compute in bf16
         return self.norm(out)
 
 

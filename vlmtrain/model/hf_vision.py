@@ -58,7 +58,6 @@ class Gemma4Backbone(VisionBackbone):
         self.model = model
         self.patch_size = model.config.patch_size
         self.width = model.config.hidden_size
-        self.native_pool = model.config.pooling_kernel_size
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
         padding = positions[..., 0] < 0
@@ -90,7 +89,7 @@ class Dinov2Backbone(VisionBackbone):
         skip = 1 + getattr(self.model.config, "num_register_tokens", 0)
         for members, canvas in image_canvases(pixels, patch_grids, self.patch_size, dtype):
             hidden = self.model(pixel_values=(canvas - self.mean.to(dtype)) / self.std.to(dtype)).last_hidden_state[:, skip:]
-            out[members, : hidden.shape[1]] = hidden
+            out[members, : hidden.shape[1]] = hidden.to(out.dtype)  # autocast may compute in bf16
         return out
 
 
@@ -108,7 +107,9 @@ class TowerSpec:
 
 
 TOWERS: dict[str, TowerSpec] = {
-    "siglip2": TowerSpec(Siglip2VisionModel, Siglip2VisionConfig, Siglip2Backbone, "siglip2_vision_model", (), {"vision_use_head": False}),
+    "siglip2": TowerSpec(
+        Siglip2VisionModel, Siglip2VisionConfig, Siglip2Backbone, "siglip2_vision_model", (), {"vision_use_head": False}
+    ),
     "gemma4": TowerSpec(
         Gemma4VisionModel, Gemma4VisionConfig, Gemma4Backbone, "gemma4_vision", ("model.vision_tower.", "vision_tower."), {}
     ),
@@ -124,22 +125,6 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return json.loads(config_file.read_text())
 
 
-_BOOKKEEPING = ("model_type", "architectures", "transformers_version")
-
-
-def tower_config(kind: str, path: str | None, overrides: dict[str, Any]) -> PreTrainedConfig:
-    """The vision config of backbone ``kind``: from ``path`` (a vision or a full VLM folder) or from ``overrides``."""
-    spec = TOWERS[kind]
-    values: dict[str, Any] = {}
-    if path is not None:
-        stored = read_config(path)
-        values = stored if stored.get("model_type") == spec.model_type else stored.get("vision_config") or {}
-        if not values:
-            raise ValueError(f"{path}: config.json is neither a {spec.model_type} config nor has a vision_config")
-    merged = {**values, **spec.config_defaults, **overrides}
-    return spec.config_class(**{key: value for key, value in merged.items() if key not in _BOOKKEEPING})
-
-
 def _tower_tensors(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Tensors under the first of ``prefixes`` found in the folder's safetensors files, prefix removed."""
     files = sorted(path.glob("*.safetensors"))
@@ -151,20 +136,18 @@ def _tower_tensors(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Ten
             for name in handle.keys():
                 for prefix in prefixes:
                     if name.startswith(prefix):
-                        tensors[prefix][name[len(prefix):]] = handle.get_tensor(name)
+                        tensors[prefix][name[len(prefix) :]] = handle.get_tensor(name)
     found = [prefix for prefix in prefixes if tensors[prefix]]
     if not found:
         raise ValueError(f"{path}: no weights under {' or '.join(prefixes)}")
     return tensors[found[0]]
 
 
-def load_tower(kind: str, path: str | None, overrides: dict[str, Any], attn_implementation: str = "sdpa") -> VisionBackbone:
-    """Build backbone ``kind`` with random weights (``path`` None) or load it from a local folder.
+def load_tower(spec: TowerSpec, config: PreTrainedConfig, path: str | None, attn_implementation: str = "sdpa") -> VisionBackbone:
+    """The tower ``spec`` with ``config``: random weights (``path`` None) or loaded from a local folder.
 
     transformers loads the folder when it can (it renames legacy weight names, and under DeepSpeed ZeRO-3
     loads them partitioned); a whole-model checkpoint it cannot take the tower from is read by prefix."""
-    spec = TOWERS[kind]
-    config = tower_config(kind, path, overrides)
     config._attn_implementation = attn_implementation
     if path is None:
         return spec.backbone_class(spec.model_class(config))
@@ -180,7 +163,7 @@ def load_tower(kind: str, path: str | None, overrides: dict[str, Any], attn_impl
         if not missing:
             load_weights(model, state)
     if missing:
-        raise ValueError(f"{path}: {len(missing)} {kind} weights missing, e.g. {sorted(missing)[:3]}")
+        raise ValueError(f"{path}: {len(missing)} {spec.model_type} weights missing, e.g. {sorted(missing)[:3]}")
     return spec.backbone_class(model)
 
 

@@ -19,7 +19,8 @@ def lm_tokenizer(config: LMConfig) -> PreTrainedTokenizerBase:
 
 
 def build_lm(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel | PeftModel:
-    """The causal LM, with room in its embedding table for the tokenizer's image token, and LoRA if asked.
+    """The causal LM, with room in its embedding table for the tokenizer's image token, and LoRA adapters,
+    new or from an adapter folder, if asked.
 
     From ``config.path`` (local files only) or, with random weights, from ``config.hf_config``: a
     config-built LM takes its vocabulary size and special token ids from the tokenizer. Weights are
@@ -39,7 +40,9 @@ def build_lm(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrained
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             values.setdefault(name, getattr(tokenizer, name))
         lm = AutoModelForCausalLM.from_config(
-            AutoConfig.for_model(model_type, **values), dtype=torch.get_default_dtype(), attn_implementation=config.attn_implementation
+            AutoConfig.for_model(model_type, **values),
+            dtype=torch.get_default_dtype(),
+            attn_implementation=config.attn_implementation,
         )
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(len(tokenizer))
@@ -47,13 +50,21 @@ def build_lm(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrained
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora.rank:
         lm = add_lora(lm, config.lora)
+    elif config.adapter is not None:
+        if not Path(config.adapter).is_dir():
+            raise FileNotFoundError(f"model.lm.adapter: {config.adapter!r} not found (a local PEFT adapter folder)")
+        lm = PeftModel.from_pretrained(lm, config.adapter, is_trainable=True)  # set_trainable decides what trains
     return lm
 
 
 def add_lora(lm: PreTrainedModel, lora: LoraConfig) -> PeftModel:
     """Wrap ``lm`` with LoRA adapters (PEFT): base weights frozen, adapters trainable."""
     settings = PeftLoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM"
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
     )
     try:
         return get_peft_model(lm, settings)

@@ -14,7 +14,9 @@ class GeometryMismatch(RuntimeError):
     """The patches reaching the model do not form the token grids the geometry promised."""
 
 
-def gather_windows(features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_windows(
+    features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor, pool: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Regroup patch features ``(I, N, D)`` into windows ``(I, T, pool*pool, D)`` by patch position.
 
     Window ``t = (y // pool) * cols + x // pool`` holds its patches in (y % pool, x % pool) order.
@@ -51,7 +53,9 @@ class Pooling(nn.Module):
 class AveragePooling(Pooling):
     """Mean of each window (Gemma 4's pooling by patch position)."""
 
-    def forward(self, features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         windows, token_mask = gather_windows(features, positions, token_grids, self.pool)
         return windows.mean(dim=2), token_mask
 
@@ -74,7 +78,9 @@ class AttentionPooling(Pooling):
         nn.init.zeros_(self.attention.out_proj.weight)
         nn.init.zeros_(self.attention.out_proj.bias)
 
-    def forward(self, features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         windows, token_mask = gather_windows(features, positions, token_grids, self.pool)
         images, tokens, window_size, width = windows.shape
         mean = windows.mean(dim=2)

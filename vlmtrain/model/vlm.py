@@ -10,15 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from vlmtrain.data.batch import Batch, ImageBatch
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.backbone import VisionBackbone
+from vlmtrain.model.inputs import ImageBatch, ModelInput
 from vlmtrain.model.lm import base_model
 from vlmtrain.model.pooling import GeometryMismatch, Pooling
 from vlmtrain.model.projector import Projector
 from vlmtrain.text import IGNORE_INDEX
-
-PARTS = ("vision", "pooling", "projector", "lm")
 
 
 @dataclass
@@ -100,18 +98,18 @@ class VisionLanguageModel(nn.Module):
         visual = self.encode_images(images).to(embeds.dtype)
         return embeds.masked_scatter(placeholders[..., None], visual)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, inputs: ModelInput) -> torch.Tensor:
         """Logits ``(B, L, vocab)`` for the whole sequence."""
-        embeds = self.embed(batch.input_ids, batch.images)
-        return self.lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).logits
+        embeds = self.embed(inputs.input_ids, inputs.images)
+        return self.lm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, use_cache=False).logits
 
-    def sample_losses(self, batch: Batch) -> SampleLosses:
+    def sample_losses(self, inputs: ModelInput) -> SampleLosses:
         """Next-token cross-entropy on target tokens, per sample; logits are computed only where needed."""
-        embeds = self.embed(batch.input_ids, batch.images)
-        targets = batch.labels[:, 1:]
+        embeds = self.embed(inputs.input_ids, inputs.images)
+        targets = inputs.labels[:, 1:]
         predicted = torch.nonzero((targets != IGNORE_INDEX).any(dim=0)).squeeze(1)
         kwargs = {"logits_to_keep": predicted} if self._lm_keeps_logits else {}
-        logits = self.lm(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False, **kwargs).logits
+        logits = self.lm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, use_cache=False, **kwargs).logits
         if not self._lm_keeps_logits:
             logits = logits[:, predicted]
         labels = targets[:, predicted]

@@ -3,32 +3,64 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from vlmtrain.budget import BudgetSchedule
-from vlmtrain.config import OptimConfig, Recipe
-from vlmtrain.data.batch import Batch
-from vlmtrain.geometry import Geometry
-from vlmtrain.model.build import build_model, part_settings, plan_geometry, set_trainable
-from vlmtrain.model.lm import lm_tokenizer
+from vlmtrain.config import OptimConfig
+from vlmtrain.data.batch import Batch, Step
+from vlmtrain.model.build import build_model, part_settings, set_trainable
 from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.plan import RunPlan
 from vlmtrain.seeding import mix
 
 
-def budget_schedule(recipe: Recipe) -> BudgetSchedule:
-    """The recipe's budget schedule (uniform weights unless given)."""
-    levels = tuple(recipe.budget.levels)
-    weights = tuple(recipe.budget.weights) if recipe.budget.weights is not None else (1.0,) * len(levels)
-    return BudgetSchedule(levels=levels, weights=weights, seed=recipe.seed, mode=recipe.budget.mode)
+@dataclass
+class BudgetValidation:
+    """One budget's validation loss per target token, over all samples and per validation group."""
+
+    loss: float
+    groups: dict[str, float] = field(default_factory=dict)
 
 
-def as_batches(batch: Batch | list[Batch]) -> list[Batch]:
-    """A step's batches: one, or one per budget in matryoshka mode."""
-    return batch if isinstance(batch, list) else [batch]
+class ValidationTotals:
+    """Summed loss and target tokens per (budget, group) over one validation pass ('' is every sample)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[int, str], list[torch.Tensor]] = defaultdict(list)
+
+    def add(self, batch: Batch, loss_sum: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.sums[(batch.budget, "")].append(torch.stack([loss_sum.sum(), tokens.sum().to(loss_sum.dtype)]))
+        for group in sorted(set(batch.groups) - {""}):
+            selected = torch.tensor([g == group for g in batch.groups], device=tokens.device)
+            self.sums[(batch.budget, group)].append(
+                torch.stack([loss_sum[selected].sum(), tokens[selected].sum().to(loss_sum.dtype)])
+            )
+
+    def results(self) -> dict[int, BudgetValidation]:
+        """Loss per target token by budget and group, summed over every rank (a collective under DDP/ZeRO)."""
+        mine = {key: [float(value) for value in torch.stack(parts).sum(0)] for key, parts in self.sums.items()}
+        ranks = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine)
+        totals: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for rank in ranks:
+            for key, (loss_sum, tokens) in rank.items():
+                totals[key][0] += loss_sum
+                totals[key][1] += tokens
+        results: dict[int, BudgetValidation] = {}
+        for (budget, group), (loss_sum, tokens) in sorted(totals.items()):
+            mean = loss_sum / max(tokens, 1.0)
+            if group:
+                results[budget].groups[group] = mean
+            else:
+                results[budget] = BudgetValidation(mean)
+        return results
 
 
 def numel(parameter: torch.nn.Parameter) -> int:
@@ -56,6 +88,21 @@ def ranks_agree(values: list[int], device: torch.device) -> None:
         raise RuntimeError(f"ranks disagree on (step, budgets): {[other.tolist() for other in everyone]}")
 
 
+def log_this_step(module: L.LightningModule, values: dict[str, float | torch.Tensor]) -> None:
+    """Log metrics that only some steps have (a budget's loss and speed) to the loggers, at this step only.
+
+    ``self.log`` would report their last value again at every later step (Lightning keeps what was once
+    logged), so a chart of the loss at 70 tokens would show steps trained at 1120. Logged every
+    ``trainer.log_every`` steps, at the step number Lightning's own rows carry."""
+    trainer = module.trainer
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped  # what Lightning logs its own rows at
+    if not trainer.loggers or (step + 1) % trainer.log_every_n_steps:
+        return
+    scalars = {name: float(value) for name, value in values.items()}
+    for logger in trainer.loggers:
+        logger.log_metrics(scalars, step=step)
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of each group's learning rate at ``step``: linear warm-up, then cosine decay or constant."""
     if step < warmup:
@@ -67,20 +114,20 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 
 class VLMModule(L.LightningModule):
-    """Trains a :class:`VisionLanguageModel` on batches whose budget follows the recipe's schedule.
+    """Trains a :class:`VisionLanguageModel` on the steps of the run plan's budget schedule.
 
     The model itself is built in :meth:`configure_model`, which Lightning calls inside the strategy's
     context: under DeepSpeed ZeRO-3 every weight is created (and loaded) already partitioned, so no rank
-    ever holds the whole LM. The tokenizer and the geometry are known before, for the data pipeline.
+    ever holds the whole LM. The plan (tokenizer, geometry, schedule) is known before, for the data side.
     """
 
-    def __init__(self, recipe: Recipe) -> None:
+    def __init__(self, plan: RunPlan) -> None:
         super().__init__()
-        self.recipe = recipe
-        self.schedule = budget_schedule(recipe)
-        self.tokenizer = lm_tokenizer(recipe.model.lm)
-        self.geometry: Geometry = plan_geometry(recipe.model, tuple(recipe.budget.levels))
+        self.plan = plan
+        self.recipe = plan.recipe
         self.model: VisionLanguageModel | None = None
+        self.validation = ValidationTotals()
+        self.last_validation: dict[int, BudgetValidation] = {}
         # checkpoints hold only what trains; frozen weights come back from the recipe on resume
         self.strict_loading = False
 
@@ -88,7 +135,7 @@ class VLMModule(L.LightningModule):
         """Build the model (once), seeded from the recipe: every rank and every launch builds the same one."""
         if self.model is not None:
             return
-        self.model = build_model(self.recipe.model, tuple(self.recipe.budget.levels), self.tokenizer, self.recipe.seed)
+        self.model = build_model(self.plan.model, self.plan.tokenizer, self.recipe.seed)
         set_trainable(self.model, self.recipe.optim)
         # from_pretrained leaves models in eval mode: what trains must train (dropout on); frozen parts stay in eval
         self.model.train()
@@ -99,49 +146,47 @@ class VLMModule(L.LightningModule):
     def on_fit_start(self) -> None:
         rank_zero_info("trainable parameters:\n" + trainable_report(self.model, self.recipe.optim))
 
-    def check_schedule(self, batches: list[Batch]) -> None:
-        """Every batch must carry the budgets the schedule gives its step (catches a desynchronised loader)."""
-        expected = self.schedule.budgets(batches[0].step)
-        found = tuple(b.budget for b in batches)
-        if found != expected:
-            raise RuntimeError(f"batch at step {batches[0].step} has budgets {found}, the schedule says {expected}")
+    def check_schedule(self, step: Step) -> None:
+        """Every step must carry the budgets the schedule gives it (catches a desynchronised loader)."""
+        expected = self.plan.schedule.budgets(step.index)
+        if step.budgets != expected:
+            raise RuntimeError(f"batch at step {step.index} has budgets {step.budgets}, the schedule says {expected}")
 
-    def check_ranks_agree(self, batches: list[Batch]) -> None:
+    def check_ranks_agree(self, step: Step) -> None:
         """All ranks must be at the same step with the same budgets, or sharded training (ZeRO-3) hangs."""
         if self.trainer.world_size > 1:
-            ranks_agree([batches[0].step, *(b.budget for b in batches)], self.device)
+            ranks_agree([step.index, *step.budgets], self.device)
 
-    def on_train_batch_start(self, batch: Batch | list[Batch], batch_idx: int) -> None:
+    def on_train_batch_start(self, step: Step, batch_idx: int) -> None:
         # randomness inside the step (dropout) depends only on (seed, rank, step): a resumed run repeats it
-        step = as_batches(batch)[0].step
-        torch.manual_seed(mix(self.recipe.seed, self.global_rank, step) >> 1)
+        torch.manual_seed(mix(self.recipe.seed, self.global_rank, step.index) >> 1)
 
-    def training_step(self, batch: Batch | list[Batch], batch_idx: int) -> torch.Tensor:
-        batches = as_batches(batch)
-        self.check_schedule(batches)
-        self.check_ranks_agree(batches)
-        losses = []
-        for b in batches:
-            loss = self.model.sample_losses(b).mean()
-            self.log(f"train/loss@{b.budget}", loss, on_step=True, on_epoch=False, batch_size=b.size)
-            losses.append(loss)
-        loss = torch.stack(losses).mean()
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batches[0].size)
-        if len(batches) == 1:
-            self.log("budget", float(batches[0].budget), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
-        return loss
+    def training_step(self, step: Step, batch_idx: int) -> dict:
+        """The mean loss over the step's budgets; the loss of each budget is returned beside it, as data."""
+        self.check_schedule(step)
+        self.check_ranks_agree(step)
+        budget_losses = {batch.budget: self.model.sample_losses(batch.inputs).mean() for batch in step.batches}
+        log_this_step(self, {f"train/loss@{budget}": value.detach() for budget, value in budget_losses.items()})
+        loss = torch.stack(list(budget_losses.values())).mean()
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=step.batches[0].size)
+        if len(step.batches) == 1:
+            self.log("budget", float(step.batches[0].budget), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        return {"loss": loss, "budget_losses": {budget: value.detach() for budget, value in budget_losses.items()}}
+
+    def on_validation_epoch_start(self) -> None:
+        self.validation = ValidationTotals()
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        losses = self.model.sample_losses(batch)
-        self.log_token_mean(f"val/loss@{batch.budget}", losses.loss_sum, losses.tokens)
-        for group in sorted(set(batch.groups) - {""}):
-            selected = torch.tensor([g == group for g in batch.groups], device=losses.tokens.device)
-            self.log_token_mean(f"val/loss@{batch.budget}/{group}", losses.loss_sum[selected], losses.tokens[selected])
+        losses = self.model.sample_losses(batch.inputs)
+        self.validation.add(batch, losses.loss_sum, losses.tokens)
 
-    def log_token_mean(self, name: str, loss_sum: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Log a loss averaged over target tokens across the whole validation pass."""
-        count = int(tokens.sum())
-        self.log(name, loss_sum.sum() / max(count, 1), on_epoch=True, batch_size=max(count, 1), add_dataloader_idx=False, sync_dist=True)
+    def on_validation_epoch_end(self) -> None:
+        """Loss per target token of the whole pass, per budget and group, logged and kept in ``last_validation``."""
+        self.last_validation = self.validation.results()
+        for budget, result in self.last_validation.items():
+            self.log(f"val/loss@{budget}", result.loss, on_epoch=True, batch_size=1)
+            for group, loss in result.groups.items():
+                self.log(f"val/loss@{budget}/{group}", loss, on_epoch=True, batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Leave frozen weights out of the checkpoint (a frozen 30B LM need not be saved every time)."""

@@ -16,8 +16,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from vlmtrain.config import Recipe, RecipeError, recipe_to_yaml
-from vlmtrain.data.builder import BatchBuilder, SampleFormat
+from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.datamodule import ShardDataModule
+from vlmtrain.plan import RunPlan, plan_run
 from vlmtrain.text import TextEncoder
 from vlmtrain.train.adapters import save_adapter
 from vlmtrain.train.callbacks import BudgetThroughput, DataProgress, RunSummary
@@ -67,7 +68,9 @@ def prepare_run_dir(recipe: Recipe) -> Path:
     checkpoints = run_dir / CHECKPOINTS
     fresh = recipe.resume is None and checkpoints.exists() and any(checkpoints.iterdir())
     if fresh and not recipe.overwrite:
-        raise RecipeError(f"run_dir {str(run_dir)!r} already holds checkpoints; pass resume=auto, overwrite=true or another run_dir=...")
+        raise RecipeError(
+            f"run_dir {str(run_dir)!r} already holds checkpoints; pass resume=auto, overwrite=true or another run_dir=..."
+        )
     _write_run_dir(recipe, run_dir, clear=fresh)
     return run_dir
 
@@ -115,12 +118,13 @@ def build_trainer(recipe: Recipe, run_dir: Path, extra_callbacks: Sequence[L.Cal
     """The Lightning Trainer the recipe describes, with checkpoints, throughput and summary callbacks."""
     trainer = recipe.trainer
     loggers = build_loggers(recipe, run_dir)
+    throughput = BudgetThroughput()
     callbacks: list[L.Callback] = [
         *extra_callbacks,
         AtomicCheckpoint(run_dir / CHECKPOINTS, every=trainer.checkpoint_every, keep=trainer.keep_checkpoints),
-        BudgetThroughput(),
+        throughput,
         DataProgress(),
-        RunSummary(run_dir),
+        RunSummary(run_dir, throughput),
     ]
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -146,13 +150,15 @@ def build_trainer(recipe: Recipe, run_dir: Path, extra_callbacks: Sequence[L.Cal
     )
 
 
-def build_datamodule(recipe: Recipe, module: VLMModule) -> ShardDataModule:
-    """The data side, sized by the model's geometry and tokenizer."""
-    data = recipe.data
-    text = TextEncoder(module.tokenizer, recipe.model.lm.image_token, data.max_text_length)
-    sample_format = SampleFormat(prompt=data.prompt, target_field=data.target_field, prompt_field=data.prompt_field, group_field=data.group_field)
-    builder = BatchBuilder(module.geometry, text, sample_format, data.max_image_pixels, data.fast_decode)
-    return ShardDataModule(data, builder, module.schedule)
+def batch_builder(plan: RunPlan) -> BatchBuilder:
+    """How the plan's samples become batches: its geometry, tokenizer and the recipe's text and decoding."""
+    data = plan.recipe.data
+    return BatchBuilder(plan.geometry, TextEncoder(plan.tokenizer, plan.model.lm.image_token), data.text, data.decoding)
+
+
+def build_datamodule(plan: RunPlan) -> ShardDataModule:
+    """The data side of a run: the recipe's shards, batched by the plan's geometry, tokenizer and schedule."""
+    return ShardDataModule(plan.recipe.data, batch_builder(plan), plan.schedule)
 
 
 def fit(recipe: Recipe, callbacks: Sequence[L.Callback] = ()) -> Path:
@@ -161,12 +167,13 @@ def fit(recipe: Recipe, callbacks: Sequence[L.Callback] = ()) -> Path:
     quiet_dependencies()
     L.seed_everything(recipe.seed, workers=True, verbose=False)
     checkpoint = resume_checkpoint(recipe)
+    plan = plan_run(recipe)
     run_dir = prepare_run_dir(recipe)
-    module = VLMModule(recipe)
-    datamodule = build_datamodule(recipe, module)
+    module = VLMModule(plan)
+    datamodule = build_datamodule(plan)
     trainer = build_trainer(recipe, run_dir, callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)  # no pickled objects
     save_adapter(module.model.lm, trainer, run_dir / "adapter")
     if trainer.is_global_zero:
-        module.tokenizer.save_pretrained(run_dir / "tokenizer")
+        plan.tokenizer.save_pretrained(run_dir / "tokenizer")
     return run_dir

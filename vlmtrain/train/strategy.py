@@ -87,7 +87,9 @@ def build_strategy(recipe: Recipe) -> Strategy | str:
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         devices = [torch.device("cpu", index) for index in range(device_count(recipe))]
-        strategy = CPUDeepSpeedStrategy(config=config, parallel_devices=devices, process_group_backend="gloo", exclude_frozen_parameters=True)
+        strategy = CPUDeepSpeedStrategy(
+            config=config, parallel_devices=devices, process_group_backend="gloo", exclude_frozen_parameters=True
+        )
     if recipe.trainer.deepspeed.stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 

@@ -1,0 +1,148 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py): paths, a shrunken demo recipe, running
+the CLI in a subprocess, tiny model configs, and images laid out as the pipeline lays them out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from vlmtrain.config import Recipe, load_recipe
+from vlmtrain.data.images import image_patches
+from vlmtrain.geometry import Geometry
+from vlmtrain.model.inputs import ImageBatch
+from vlmtrain.plan import plan_run
+from vlmtrain.train.module import VLMModule
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ROOT / "data" / "images"
+TINY = ROOT / "recipes" / "tiny.yaml"
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+TWO_PROCESSES = ("trainer.accelerator=cpu", "trainer.devices=2", "data.val=null")
+LORA = ("model.lm.lora.rank=4", "model.lm.lora.dropout=0.1", "model.lm.lora.target_modules=[q_proj,v_proj]")
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+}
+GEMMA4_TOWER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "position_embedding_size": 256,
+}
+SIGLIP2_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_patches": 64}
+DINOV2_TOWER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 14, "image_size": 112}
+
+
+def small_overrides(demo_dir: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """Overrides that shrink the tiny recipe to seconds of CPU: a 1-layer ViT and LM of width 32, budgets 70 and 140."""
+    return [
+        f"run_dir={run_dir}",
+        "logger=csv",
+        "model.vision.path=null",
+        "model.vision.width=32",
+        "model.vision.depth=1",
+        "model.vision.heads=2",
+        "model.lm.hf_config.hidden_size=32",
+        "model.lm.hf_config.intermediate_size=64",
+        "model.lm.hf_config.num_hidden_layers=1",
+        "model.lm.hf_config.num_attention_heads=2",
+        "model.lm.hf_config.num_key_value_heads=2",
+        "budget.levels=[70,140]",
+        "budget.default=70",
+        f"data.train={demo_dir}/train-{{000000..000003}}.tar",
+        f"data.val={demo_dir}/val-000000.tar",
+        "data.val_samples=4",
+        "data.num_workers=0",
+        "data.batching.batch_tokens=800",
+        "trainer.max_steps=4",
+        "trainer.val_every=2",
+        "trainer.log_every=1",
+        "trainer.checkpoint_every=2",
+        *overrides,
+    ]
+
+
+def small_recipe(demo_dir: Path, run_dir: Path, *overrides: str) -> Recipe:
+    """The tiny recipe with :func:`small_overrides`."""
+    return load_recipe(TINY, small_overrides(demo_dir, run_dir, *overrides))
+
+
+def built(recipe: Recipe) -> VLMModule:
+    """The module of ``recipe`` with its model built, as a fit starts it."""
+    module = VLMModule(plan_run(recipe))
+    module.configure_model()
+    return module
+
+
+def run_cli(overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """``vlmtrain fit`` of the tiny recipe with ``overrides`` in a subprocess; it must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "vlmtrain.cli", "fit", str(TINY), *overrides],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per step, from every launch's CSV metrics."""
+    found = {}
+    for path in sorted((run_dir / "metrics").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get("train/loss"):
+                found[int(row["step"])] = float(row["train/loss"])
+    return found
+
+
+def image_batch(geometry: Geometry, sizes: list[tuple[int, int]], budget: int, seed: int = 0) -> ImageBatch:
+    """Random-pixel images of the given (height, width) sizes, laid out as the pipeline does."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for index, (height, width) in enumerate(sizes):
+        g = geometry.image(height, width, budget)
+        image = Image.fromarray(rng.integers(0, 256, size=(*g.resize, 3), dtype=np.uint8))
+        items.append((*image_patches(image, g, geometry.patch_size), g.token_grid, index))
+    return ImageBatch.stack(items, patch_dim=3 * geometry.patch_size**2)
+
+
+def single(images: ImageBatch, index: int) -> ImageBatch:
+    """Image ``index`` alone, without the padding the batch gave it."""
+    count = int(images.patch_mask[index].sum())
+    return ImageBatch(
+        images.pixels[index : index + 1, :count],
+        images.positions[index : index + 1, :count],
+        images.token_grids[index : index + 1],
+        torch.zeros(1, dtype=torch.long),
+    )
+
+
+def save_as_full_checkpoint(model: torch.nn.Module, folder: Path, model_type: str, prefix: str, vision_config: dict) -> None:
+    """Write ``model`` as the vision tower inside a whole VLM checkpoint (config + prefixed safetensors)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, "vision_config": vision_config, "text_config": {}}))
+    tensors = {prefix + name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    tensors["model.language_model.embed_tokens.weight"] = torch.zeros(4, 4)
+    save_file(tensors, str(folder / "model.safetensors"))
