@@ -10,8 +10,9 @@ import pytest
 import torch
 from helpers import IMAGES, LORA, TWO_PROCESSES, run_cli, small_overrides
 
+from vlmtrain.data.annotations import read_annotations
 from vlmtrain.data.demo import make_demo_shards
-from vlmtrain.data.shards import read_annotations, write_shards
+from vlmtrain.data.shards import write_shards
 
 torch.set_num_threads(2)
 logging.getLogger("vlmtrain").setLevel(logging.ERROR)
@@ -29,7 +30,7 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def caption_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped real images with their captions (one two-image and one text-only sample) in 4 shards."""
     out = tmp_path_factory.mktemp("captions")
-    report = write_shards(read_annotations(IMAGES / "captions.jsonl"), IMAGES, out, "captions", samples_per_shard=4)
+    report = write_shards(read_annotations(IMAGES / "captions.jsonl").records, IMAGES, out, "captions", samples_per_shard=4)
     assert not report.rejected
     return out
 
@@ -77,3 +78,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chat demo's LLaVA files (24 training, 8 validation conversations) and their shards."""
+    from vlmtrain.data.demo_chat import make_chat_set
+
+    out = tmp_path_factory.mktemp("chat")
+    for split, path in make_chat_set(out, train=24, val=8).items():
+        annotations = read_annotations(path)
+        assert not annotations.bad
+        write_shards(annotations.records, out / "images", out, split, samples_per_shard=6)
+    return out

@@ -77,3 +77,40 @@ def test_matryoshka_trains_every_level_at_every_step():
 def test_invalid_schedules_are_refused(levels, weights, mode):
     with pytest.raises(ValueError):
         BudgetSchedule(levels, weights, seed=0, mode=mode)
+
+
+def test_independent_image_budgets_are_pure_and_follow_the_weights():
+    schedule = BudgetSchedule(LEVELS, (4.0, 1.0, 1.0, 1.0, 1.0), seed=5, per_image="independent")
+    assert schedule.budgets(3) == (None,)
+    draws = [schedule.image_budget(step, f"key{step % 7}", index) for step in range(2000) for index in range(2)]
+    counts = Counter(draws)
+    assert abs(counts[70] / len(draws) - 0.5) < 0.03 and all(abs(counts[b] / len(draws) - 0.125) < 0.02 for b in LEVELS[1:])
+    again = BudgetSchedule(LEVELS, (4.0, 1.0, 1.0, 1.0, 1.0), seed=5, per_image="independent")
+    assert draws == [again.image_budget(step, f"key{step % 7}", index) for step in range(2000) for index in range(2)]
+    pairs = [
+        (schedule.image_budget(9, "a", 0), schedule.image_budget(9, "a", 1), schedule.image_budget(9, "b", 0)) for _ in range(3)
+    ]
+    assert len(set(pairs)) == 1
+    assert len({schedule.image_budget(9, key, index) for key in "abcdefgh" for index in range(3)}) > 1  # key and index matter
+    assert schedule.image_budgets(9, "a", None, [1120, None]) == (1120, schedule.image_budget(9, "a", 1))  # a fixed budget wins
+    assert schedule.image_budgets(9, "a", 140, [None, 70]) == (140, 70)
+
+
+def test_independent_budgets_are_the_same_in_another_process():
+    code = (
+        "from vlmtrain.budget import BudgetSchedule; s = BudgetSchedule.uniform(seed=2, per_image='independent'); "
+        "print([s.image_budget(t, 'sample-' + str(t), t % 3) for t in range(100)])"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed}
+        ).stdout
+        for seed in ("1", "2")
+    }
+    local = BudgetSchedule.uniform(seed=2, per_image="independent")
+    assert outputs == {str([local.image_budget(t, "sample-" + str(t), t % 3) for t in range(100)]) + "\n"}
+
+
+def test_independent_budgets_need_sample_mode():
+    with pytest.raises(ValueError, match="per_image: independent budgets per image need budget.mode: sample"):
+        BudgetSchedule(LEVELS, UNIFORM, seed=0, mode="matryoshka", per_image="independent")

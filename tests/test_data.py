@@ -17,16 +17,18 @@ from torch.utils.data import DataLoader
 
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.config import BatchingConfig, DataConfig, DecodingConfig, TextConfig
+from vlmtrain.data.annotations import read_annotations
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.datamodule import _unbatched
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.pipeline import EvalStream, SkipLog, StreamState, TrainStream
 from vlmtrain.data.samples import RawSample, SampleError, parse_sample
-from vlmtrain.data.shards import read_annotations, write_shards
+from vlmtrain.data.shards import write_shards
 from vlmtrain.data.sources import ShardSequence, Source, StreamId, expand_shards, read_shard
 from vlmtrain.errors import UserError
 from vlmtrain.geometry import LEVELS, Geometry
-from vlmtrain.text import IGNORE_INDEX, TextEncoder, build_byte_tokenizer
+from vlmtrain.text.encoding import TextEncoder
+from vlmtrain.text.tokenizers import IGNORE_INDEX, build_byte_tokenizer
 
 GEOMETRY = Geometry(patch_size=16, pool=2)
 UNIFORM = BudgetSchedule(LEVELS, (1.0,) * 5, seed=3)
@@ -85,7 +87,7 @@ def settings(max_consecutive_failures: int = 1000, **batching) -> DataConfig:
 
 
 def test_shards_are_deterministic_and_indexed(tmp_path):
-    records = list(read_annotations(IMAGES / "captions.jsonl"))
+    records = read_annotations(IMAGES / "captions.jsonl").records
     first = write_shards(records, IMAGES, tmp_path / "a", "s", samples_per_shard=5)
     second = write_shards(records, IMAGES, tmp_path / "b", "s", samples_per_shard=5)
     assert first.shards == second.shards == {"s-000000.tar": 5, "s-000001.tar": 5, "s-000002.tar": 5, "s-000003.tar": 1}
@@ -107,17 +109,28 @@ def test_shard_samples_hold_text_sizes_and_original_bytes(caption_dir):
     assert json.loads(files["logo2.json"])["images"][0] == {"name": "0.png", "width": 542, "height": 130}
 
 
-def test_undecodable_and_missing_images_are_reported_not_written(tmp_path):
-    (tmp_path / "broken.jpg").write_bytes((IMAGES / "rocket.jpg").read_bytes()[:300])
+def test_undecodable_missing_and_outside_images_are_reported_not_written(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "broken.jpg").write_bytes((IMAGES / "rocket.jpg").read_bytes()[:300])
+    (root / "cat.png").write_bytes((IMAGES / "chelsea.png").read_bytes())
+    (root / "link.png").symlink_to(IMAGES / "coffee.png")
     records = [
-        {"key": "good", "images": ["chelsea.png"], "text": "cat"},
-        {"key": "broken", "images": [str(tmp_path / "broken.jpg")], "text": "x"},
+        {"key": "good", "images": ["cat.png"], "text": "cat"},
+        {"key": "broken", "images": ["broken.jpg"], "text": "x"},
         {"key": "missing", "images": ["nope.png"], "text": "x"},
+        {"key": "up", "images": ["../images/../../etc/passwd"], "text": "x"},
+        {"key": "absolute", "images": [str(IMAGES / "coffee.png")], "text": "x"},
+        {"key": "symlink", "images": ["link.png"], "text": "x"},
     ]
-    report = write_shards(records, IMAGES, tmp_path / "out", "s", samples_per_shard=10)
+    report = write_shards(records, root, tmp_path / "out", "s", samples_per_shard=10)
     assert report.samples == 1
-    assert [key for key, _ in report.rejected] == ["broken", "missing"]
+    assert [key for key, _ in report.rejected] == ["broken", "missing", "up", "absolute", "symlink"]
+    assert all("outside" in reason for key, reason in report.rejected[2:])
     assert {name.split(".")[0] for name in shard_files(tmp_path / "out" / "s-000000.tar")} == {"good"}
+    allowed = write_shards(records[4:], root, tmp_path / "allowed", "s", samples_per_shard=10, outside_images=True)
+    assert allowed.samples == 2 and not allowed.rejected
+    assert not list((tmp_path / "out").glob("*.tmp")) and not list((tmp_path / "allowed").glob("*.tmp"))
 
 
 def test_csv_annotations_give_the_same_shards_as_jsonl(tmp_path):
@@ -128,14 +141,14 @@ def test_csv_annotations_give_the_same_shards_as_jsonl(tmp_path):
     (tmp_path / "a.csv").write_text(
         'key,images,question,answer\npair,chelsea.png;coffee.png,What?,"A cat, then coffee."\nnone,,Hi?,Hello.\n'
     )
-    from_jsonl = write_shards(read_annotations(tmp_path / "a.jsonl"), IMAGES, tmp_path / "j", "s", 10)
-    from_csv = write_shards(read_annotations(tmp_path / "a.csv"), IMAGES, tmp_path / "c", "s", 10)
+    from_jsonl = write_shards(read_annotations(tmp_path / "a.jsonl").records, IMAGES, tmp_path / "j", "s", 10)
+    from_csv = write_shards(read_annotations(tmp_path / "a.csv").records, IMAGES, tmp_path / "c", "s", 10)
     assert from_jsonl.shards == from_csv.shards == {"s-000000.tar": 2}
     assert (tmp_path / "j" / "s-000000.tar").read_bytes() == (tmp_path / "c" / "s-000000.tar").read_bytes()
 
 
 def test_shards_close_before_their_size_limit_and_workers_do_not_change_the_output(tmp_path):
-    records = list(read_annotations(IMAGES / "captions.jsonl"))
+    records = read_annotations(IMAGES / "captions.jsonl").records
     limit = 1_200_000
     one = write_shards(records, IMAGES, tmp_path / "one", "s", samples_per_shard=100, max_shard_bytes=limit)
     two = write_shards(records, IMAGES, tmp_path / "two", "s", samples_per_shard=100, max_shard_bytes=limit, workers=2)
@@ -144,13 +157,6 @@ def test_shards_close_before_their_size_limit_and_workers_do_not_change_the_outp
         data = (tmp_path / "one" / name).read_bytes()
         assert data == (tmp_path / "two" / name).read_bytes()
         assert len(data) <= limit + 10240 or one.shards[name] == 1  # a single sample larger than the limit gets its own shard
-
-
-def test_bad_annotation_file_is_a_user_error(tmp_path):
-    path = tmp_path / "a.jsonl"
-    path.write_text('{"images": ["a.png"], "text": "x"}\n{not json}\n')
-    with pytest.raises(UserError, match="a.jsonl:2: not valid JSON"):
-        list(read_annotations(path))
 
 
 # ---------------------------------------------------------------- reading samples
@@ -523,3 +529,54 @@ def test_resuming_with_another_worker_count_keeps_the_step_and_restarts_the_stre
     assert "saved with 1 ranks x 2 workers, resuming with 1 x 1" in caplog.text
     resumed = next(iter(one.train_dataloader()))
     assert resumed.index == 6 and resumed.budgets == (UNIFORM.sample(6),)
+
+
+# ---------------------------------------------------------------- a budget per image
+
+
+def chat_builder(levels=LEVELS) -> BatchBuilder:
+    text = TextEncoder(build_byte_tokenizer(), "<image>")
+    return BatchBuilder(Geometry(16, 2, levels), text, TextConfig(max_length=400), DecodingConfig())
+
+
+def test_independent_budgets_give_each_image_its_own_draw_and_keep_fixed_ones(chat_dir):
+    builder = chat_builder()
+    schedule = BudgetSchedule.uniform(seed=4, per_image="independent")
+    sources = [Source(tuple(expand_shards(f"{chat_dir}/train-{{000000..000003}}.tar")))]
+    stream = TrainStream(sources, builder, schedule, settings(batch_tokens=6000, lookahead=24))
+    steps = list(islice(stream.steps(0, 1, first_step=0), 40))
+    fixed = {s.key: s.budgets for url in sources[0].urls for s in read_shard(url) if isinstance(s, RawSample)}
+    drawn = Counter()
+    mixed = 0
+    for step in steps:
+        (batch,) = step.batches
+        assert batch.budget is None and step.budgets == (None,)
+        grids = batch.inputs.images.token_grids.tolist()
+        images = iter(zip(batch.image_budgets, grids, strict=True))
+        sample_of_image = batch.inputs.images.sample_index.tolist()
+        for row, key in enumerate(batch.keys):
+            count = sample_of_image.count(row)
+            mine = [next(images) for _ in range(count)]
+            sample = next(s for url in sources[0].urls for s in read_shard(url) if isinstance(s, RawSample) and s.key == key)
+            for (budget, grid), size, pinned in zip(mine, sample.sizes, fixed[key], strict=True):
+                assert list(builder.geometry.image(*size, budget).token_grid) == grid  # each image at its own budget
+                assert pinned is None or budget == pinned
+                if pinned is None:
+                    drawn[budget] += 1
+            mixed += len({budget for budget, _ in mine}) > 1
+        assert sum(int(t) for t in batch.inputs.images.token_counts) + int((batch.inputs.labels != -100).sum()) <= 6000
+    assert mixed > 0  # some sample trains its two images at two budgets
+    assert set(drawn) == set(LEVELS) and max(drawn.values()) < 3 * min(drawn.values())
+    again = [(s.index, s.batches[0].keys, s.batches[0].image_budgets) for s in islice(stream.steps(0, 1, first_step=0), 40)]
+    assert again == [(s.index, s.batches[0].keys, s.batches[0].image_budgets) for s in steps]
+
+
+def test_a_sample_fixing_a_budget_the_model_does_not_train_is_skipped_and_counted(chat_dir):
+    builder = chat_builder(levels=(70, 140))
+    schedule = BudgetSchedule.uniform((70, 140), seed=4, per_image="independent")
+    sources = [Source(tuple(expand_shards(f"{chat_dir}/train-{{000000..000003}}.tar")))]
+    steps = list(islice(TrainStream(sources, builder, schedule, settings(batch_tokens=6000, lookahead=24)).steps(0, 1, 0), 10))
+    pinned = [s for url in sources[0].urls for s in read_shard(url) if isinstance(s, RawSample) and any(s.budgets)]
+    skipped = steps[-1].position.state["skipped"]["budget_not_trained"]
+    assert pinned and skipped % len(pinned) == 0 and skipped > 0  # each pinned sample, once per epoch read
+    assert not {s.key for s in pinned} & {key for step in steps for key in step.batches[0].keys}

@@ -187,7 +187,7 @@ def pretrained_dir(tmp_path_factory) -> Path:
 
     from vlmtrain.config import LMConfig
     from vlmtrain.model.lm import build_lm
-    from vlmtrain.text import build_byte_tokenizer
+    from vlmtrain.text.tokenizers import build_byte_tokenizer
 
     out = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(1)

@@ -15,7 +15,7 @@ from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import read_shard
 from vlmtrain.evaluate import evaluate, word_recall
 from vlmtrain.export import export, trained_model
-from vlmtrain.text import IGNORE_INDEX
+from vlmtrain.text.tokenizers import IGNORE_INDEX
 from vlmtrain.train.run import fit
 
 FIELDS = {

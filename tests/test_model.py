@@ -23,10 +23,11 @@ from vlmtrain.model.backbones import BACKBONES, TowerKind
 from vlmtrain.model.build import build_model
 from vlmtrain.model.description import describe_model
 from vlmtrain.model.hf_vision import TOWERS
-from vlmtrain.model.inputs import ImageBatch
+from vlmtrain.model.inputs import ImageBatch, ModelInput
 from vlmtrain.model.lm import build_lm, lm_tokenizer
 from vlmtrain.model.pooling import AttentionPooling, AveragePooling, GeometryMismatch, gather_windows
-from vlmtrain.text import IGNORE_INDEX, TextEncoder, build_byte_tokenizer
+from vlmtrain.text.encoding import TextEncoder
+from vlmtrain.text.tokenizers import IGNORE_INDEX, build_byte_tokenizer
 
 
 def load_tower(kind: str, path: str | None, hf_config: dict) -> torch.nn.Module:
@@ -352,3 +353,55 @@ def test_a_tower_description_holds_its_config_and_a_pool_size_from_the_tower(tmp
     assert description.default_budget == 140  # 280 is not trained: the level nearest to it
     with pytest.raises(UserError, match="model.vision.patch_size: 14, but the gemma4 tower uses 16"):
         describe_model(ModelConfig(vision=VisionConfig(backbone="gemma4", path=str(tmp_path), patch_size=14)), BudgetConfig())
+
+
+def test_one_sample_trains_one_image_at_1120_and_the_other_at_70_in_one_pass(chat_dir):
+    """Forward and backward through a two-image conversation with its images at 1120 and 70 tokens: each
+    image fills exactly its own placeholders with its own visual tokens, and the encoder gets gradients."""
+    vision = VisionConfig(patch_size=16, width=32, depth=1, heads=2)
+    config = ModelConfig(vision=vision, pooling=PoolingConfig(size=1), lm=LMConfig(hf_config=TINY_LLAMA))
+    tokenizer = lm_tokenizer(config.lm)
+    torch.manual_seed(0)
+    model = build_model(describe_model(config, BudgetConfig()), tokenizer)
+    builder = BatchBuilder(model.geometry, TextEncoder(tokenizer, "<image>"), TextConfig(max_length=400), DecodingConfig())
+    sample = next(
+        s
+        for url in sorted(map(str, chat_dir.glob("train-*.tar")))
+        for s in read_shard(url)
+        if isinstance(s, RawSample) and len(s.sizes) == 2
+    )
+    batch = builder.collate([builder.encode(sample, (1120, 70))], None)
+    assert batch.image_budgets == [1120, 70]
+    expected = [model.geometry.image(h, w, b).tokens for (h, w), b in zip(sample.sizes, (1120, 70), strict=True)]
+    assert batch.inputs.images.token_counts.tolist() == expected and expected[0] > 1000 >= 70 >= expected[1]
+    inputs = batch.inputs
+    embeds = model.embed(inputs.input_ids, inputs.images)
+    placeholders = inputs.input_ids[0] == model.image_token_id
+    assert int(placeholders.sum()) == sum(expected)
+    with torch.no_grad():
+        alone = [expected_visual_tokens(model, inputs.images, index) for index in range(2)]
+    torch.testing.assert_close(embeds[0][placeholders], torch.cat(alone), atol=1e-5, rtol=1e-4)
+    model.zero_grad()
+    model.sample_losses(inputs).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+
+
+def test_losses_are_attributed_to_each_images_budget_in_proportion():
+    from vlmtrain.data.batch import Batch
+    from vlmtrain.model.vlm import SampleLosses
+    from vlmtrain.train.module import losses_by_budget
+
+    # sample 0: images at 1120 and 70; sample 1: one at 70; sample 2: text only
+    images = ImageBatch(torch.zeros(3, 1, 3), torch.zeros(3, 1, 2), torch.ones(3, 2, dtype=torch.long), torch.tensor([0, 0, 1]))
+    inputs = ModelInput(
+        torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long), images
+    )
+    losses = SampleLosses(loss_sum=torch.tensor([6.0, 2.0, 9.0]), tokens=torch.tensor([3.0, 1.0, 3.0]), correct=torch.zeros(3))
+    independent = losses_by_budget(Batch(inputs, None, image_budgets=[1120, 70, 70]), losses)
+    assert independent.keys() == {70, 1120}
+    assert float(independent[1120]) == pytest.approx(6.0 / 3.0)  # only sample 0, weight 1/2 on both sums
+    assert float(independent[70]) == pytest.approx((0.5 * 6 + 2) / (0.5 * 3 + 1))
+    shared = losses_by_budget(Batch(inputs, 140, image_budgets=[140, 140, 140]), losses)
+    assert shared.keys() == {140} and float(shared[140]) == pytest.approx(
+        17.0 / 7.0
+    )  # the batch's mean, text-only sample included

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlmtrain.text import IGNORE_INDEX, TextEncoder, TextError, build_byte_tokenizer, load_tokenizer
+from vlmtrain.text.encoding import TextEncoder, TextError
+from vlmtrain.text.tokenizers import IGNORE_INDEX, build_byte_tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")

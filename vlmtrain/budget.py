@@ -13,14 +13,21 @@ from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 from vlmtrain.geometry import DEFAULT_BUDGET, LEVELS, BudgetError, check_levels
-from vlmtrain.seeding import unit
+from vlmtrain.seeding import text_id, unit
+
+if TYPE_CHECKING:
+    from vlmtrain.config import BudgetConfig
 
 MODES = ("sample", "matryoshka")
+PER_IMAGE = ("shared", "independent")
 
 
-def check_budget_settings(levels: Sequence[int], weights: Sequence[float] | None, mode: str, default: int | None = None) -> None:
+def check_budget_settings(
+    levels: Sequence[int], weights: Sequence[float] | None, mode: str, default: int | None = None, per_image: str = "shared"
+) -> None:
     """The one rule for budget settings; raises :class:`BudgetError` whose key names the setting."""
     check_levels(tuple(levels))
     if weights is not None:
@@ -32,6 +39,12 @@ def check_budget_settings(levels: Sequence[int], weights: Sequence[float] | None
         raise BudgetError(f"{mode!r} is not one of {', '.join(MODES)}", "mode")
     if default is not None and default not in levels:
         raise BudgetError(f"{default} is not in budget.levels {list(levels)}", "default")
+    if per_image not in PER_IMAGE:
+        raise BudgetError(f"{per_image!r} is not one of {', '.join(PER_IMAGE)}", "per_image")
+    if per_image == "independent" and mode != "sample":
+        raise BudgetError(
+            "independent budgets per image need budget.mode: sample (matryoshka trains every image at every level)", "per_image"
+        )
 
 
 def default_budget(levels: Sequence[int], default: int | None) -> int:
@@ -52,32 +65,45 @@ def step_cost(visual_tokens: Callable[[int], int], text_tokens: int, budgets: Se
 
 @dataclass(frozen=True)
 class BudgetSchedule:
-    """Draws the budget of each batch from ``levels`` with ``weights``.
+    """Draws the budget of each batch, or of each image, from ``levels`` with ``weights``.
 
     ``mode="sample"`` trains each batch at one budget; ``mode="matryoshka"`` trains every batch at
-    all ``levels`` and averages the losses (Matryoshka Multimodal Models).
+    all ``levels`` and averages the losses (Matryoshka Multimodal Models). ``per_image="independent"``
+    draws each image's budget on its own, from (seed, step, sample key, image index).
     """
 
     levels: tuple[int, ...]
     weights: tuple[float, ...]
     seed: int
     mode: str = "sample"
+    per_image: str = "shared"
 
     def __post_init__(self) -> None:
-        check_budget_settings(self.levels, self.weights, self.mode)
+        check_budget_settings(self.levels, self.weights, self.mode, per_image=self.per_image)
 
     @classmethod
-    def uniform(cls, levels: Sequence[int] = LEVELS, seed: int = 0, mode: str = "sample") -> BudgetSchedule:
-        return cls(tuple(levels), (1.0,) * len(levels), seed, mode)
+    def of(cls, budget: BudgetConfig, seed: int) -> BudgetSchedule:
+        """The schedule a recipe's ``budget`` section describes (uniform weights unless given)."""
+        weights = tuple(budget.weights) if budget.weights is not None else (1.0,) * len(budget.levels)
+        return cls(tuple(budget.levels), weights, seed, budget.mode, budget.per_image)
 
-    def budgets(self, step: int) -> tuple[int, ...]:
-        """Budgets that the batch at position ``step`` is trained at."""
+    @classmethod
+    def uniform(
+        cls, levels: Sequence[int] = LEVELS, seed: int = 0, mode: str = "sample", per_image: str = "shared"
+    ) -> BudgetSchedule:
+        return cls(tuple(levels), (1.0,) * len(levels), seed, mode, per_image)
+
+    def budgets(self, step: int) -> tuple[int | None, ...]:
+        """Budgets that the batches of ``step`` are trained at; ``(None,)``: one batch whose images each
+        have their own (:meth:`image_budget`)."""
         if self.mode == "matryoshka":
             return self.levels
+        if self.per_image == "independent":
+            return (None,)
         return (self.sample(step),)
 
     def possible_budgets(self) -> list[tuple[int, ...]]:
-        """Every value :meth:`budgets` can take."""
+        """Every budget set a step's images can be at, all at one level (the costliest case of each)."""
         return [self.levels] if self.mode == "matryoshka" else [(level,) for level in self.levels]
 
     def largest_cost(self, visual_tokens: Callable[[int], int], text_tokens: int) -> int:
@@ -86,6 +112,21 @@ class BudgetSchedule:
 
     def sample(self, step: int) -> int:
         """The one budget drawn for ``step`` (the weights' categorical distribution, hashed from seed and step)."""
+        return self._draw(unit(self.seed, step))
+
+    def image_budget(self, step: int, key: str, index: int) -> int:
+        """The budget of image ``index`` of sample ``key`` at ``step`` (independent budgets per image)."""
+        return self._draw(unit(self.seed, step, text_id(key), index, 0x1A6E))
+
+    def image_budgets(self, step: int, key: str, budget: int | None, fixed: Sequence[int | None]) -> tuple[int, ...]:
+        """The budget of each image of a sample in a batch at ``budget`` (None: each image its own draw); a
+        budget fixed in the record wins."""
+        return tuple(
+            mine if mine is not None else budget if budget is not None else self.image_budget(step, key, index)
+            for index, mine in enumerate(fixed)
+        )
+
+    def _draw(self, u: float) -> int:
         cumulative = list(accumulate(self.weights))
-        index = bisect_right(cumulative, unit(self.seed, step) * cumulative[-1])
+        index = bisect_right(cumulative, u * cumulative[-1])
         return self.levels[min(index, len(self.levels) - 1)]

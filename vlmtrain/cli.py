@@ -1,4 +1,4 @@
-"""The ``vlmtrain`` command: fit, validate, geometry, shards, demo-data."""
+"""The ``vlmtrain`` command: fit, validate, geometry, shards, export, eval, demo-data, demo-chat."""
 
 from __future__ import annotations
 
@@ -32,20 +32,24 @@ def cmd_geometry(args: argparse.Namespace) -> None:
 
 
 def cmd_shards(args: argparse.Namespace) -> None:
-    from vlmtrain.data.shards import parse_bytes, read_annotations, write_shards
+    from vlmtrain.data.annotations import read_annotations
+    from vlmtrain.data.shards import parse_bytes, write_shards
 
-    if not args.annotations.is_file():
-        raise FileNotFoundError(f"annotations {str(args.annotations)!r} not found")
     max_bytes = parse_bytes(args.shard_size) if args.shard_size else None
+    annotations = read_annotations(args.annotations, args.format)  # the whole file, before any image is read
+    total = len(annotations.records) + len(annotations.bad)
+    if annotations.bad and not args.skip_bad:
+        for bad in annotations.bad:
+            print(f"error: {bad}", file=sys.stderr)
+        raise UserError(f"{len(annotations.bad)} of {total} records are malformed; nothing written (--skip-bad writes the other "
+                        f"{len(annotations.records)})")
+    for bad in annotations.bad:
+        print(f"left out {bad}")
+    formats = ", ".join(f"{count} {kind}" for kind, count in sorted(annotations.formats.items()))
+    print(f"{args.annotations}: {len(annotations.records)} records ({formats})")
     report = write_shards(
-        read_annotations(args.annotations),
-        args.images,
-        args.out,
-        args.prefix,
-        args.samples_per_shard,
-        max_bytes,
-        args.workers,
-        progress=True,
+        annotations.records, args.images, args.out, args.prefix, args.samples_per_shard, max_bytes, args.workers,
+        progress=True, outside_images=args.allow_outside_images, left_out=[str(bad) for bad in annotations.bad],
     )
     print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out} (index: {args.prefix}-index.json)")
     for key, reason in report.rejected:
@@ -99,6 +103,16 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
         print(f"{split}: {report.samples} samples in {len(report.shards)} shards under {args.out}")
 
 
+def cmd_demo_chat(args: argparse.Namespace) -> None:
+    from vlmtrain.data.demo_chat import make_chat_set
+
+    files = make_chat_set(args.out, args.train, args.val)
+    print(
+        f"wrote {', '.join(str(path) for path in files.values())} (LLaVA JSON) and {args.out / 'images'}; next: vlmtrain shards "
+        f"{files['train']} {args.out} --images {args.out / 'images'} --prefix train --samples-per-shard 128"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="vlmtrain", description="Train mixed-budget vision encoders for VLMs.")
     commands = main.add_subparsers(dest="command", required=True)
@@ -118,12 +132,22 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--pool", type=int, default=3, help="pool×pool patches per token (Gemma 4: 3)")
     sub.set_defaults(handler=cmd_geometry)
 
-    sub = commands.add_parser("shards", help="write WebDataset shards from images and a JSONL or CSV of annotations")
-    sub.add_argument(
-        "annotations", type=Path, help='JSONL ({"images": ["a.jpg"], "text": "..."} per line) or CSV (images column: a.jpg;b.jpg)'
-    )
+    sub = commands.add_parser("shards", help="write WebDataset shards from images and annotations (records, LLaVA, messages)")
+    sub.add_argument("annotations", type=Path, help="JSON Lines, a JSON array (LLaVA) or CSV (an images column: a.jpg;b.jpg)")
     sub.add_argument("out", type=Path)
     sub.add_argument("--images", type=Path, default=Path("."), help="folder the image paths are relative to")
+    sub.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "records", "llava", "messages"),
+        help="record format (auto: told by each record's keys)",
+    )
+    sub.add_argument(
+        "--skip-bad", action="store_true", help="write the good records and list the malformed ones (default: write nothing)"
+    )
+    sub.add_argument(
+        "--allow-outside-images", action="store_true", help="read image paths outside --images (.., absolute, symlinks)"
+    )
     sub.add_argument("--prefix", default="shard")
     sub.add_argument("--samples-per-shard", type=int, default=10000)
     sub.add_argument("--shard-size", help="close a shard before it passes this size, e.g. 512MB")
@@ -166,6 +190,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--samples-per-shard", type=int, default=128)
     sub.add_argument("--force", action="store_true", help="render even when OUT already holds this set")
     sub.set_defaults(handler=cmd_demo_data)
+
+    sub = commands.add_parser("demo-chat", help="write the chat demo: two-image conversations as LLaVA JSON, with their images")
+    sub.add_argument("--out", type=Path, default=Path("data/generated/chat"))
+    sub.add_argument("--train", type=int, default=640)
+    sub.add_argument("--val", type=int, default=32)
+    sub.set_defaults(handler=cmd_demo_chat)
     return main
 
 

@@ -32,6 +32,7 @@ LOGGERS = ("wandb", "csv", "none")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 LR_SCHEDULES = ("cosine", "constant")
 STRATEGIES = ("auto", "ddp", "deepspeed")
+TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
 
 
 class RecipeError(UserError, ValueError):
@@ -41,12 +42,14 @@ class RecipeError(UserError, ValueError):
 @dataclass
 class BudgetConfig:
     """Token budgets trained, their sampling weights, and the budget used when none is given (``default``
-    null: 280, or the level nearest to it when the levels leave 280 out)."""
+    null: 280, or the level nearest to it when the levels leave 280 out). ``per_image: shared`` gives all
+    images of a batch its budget; ``independent`` draws each image's own. A budget fixed in a record wins."""
 
     levels: list[int] = field(default_factory=lambda: list(LEVELS))
     weights: list[float] | None = None
     mode: str = "sample"
     default: int | None = None
+    per_image: str = "shared"
 
 
 @dataclass
@@ -150,15 +153,19 @@ class SourceConfig:
 
 @dataclass
 class TextConfig:
-    """How a sample becomes text: the prompt (its ``<image>`` markers place the images) or the record field
-    holding it, the record field holding the target, an optional field that groups validation results, and
-    the longest text (without image tokens) a sample may have."""
+    """How a sample becomes text. A prompt/target record: the prompt (its ``<image>`` markers place the
+    images; literal text) or the record field holding it, and the record field holding the target. A
+    conversation record (``messages``): the chat template (null: the tokenizer's own; ``chatml``; a file;
+    Jinja text) and which assistant turns are trained on. For both: an optional field that groups
+    validation results, and the longest text (without image tokens) a sample may have."""
 
     prompt: str = "<image>"
     prompt_field: str | None = None
     target_field: str = "text"
     group_field: str | None = None
     max_length: int = 64
+    chat_template: str | None = None
+    train_on: str = "all_assistant_turns"
 
 
 @dataclass
@@ -270,6 +277,8 @@ RENAMED = {
     "data.pool_size": "data.batching.lookahead",
     "data.max_wait": "data.batching.max_wait",
     "data.fast_decode": "data.decoding.fast",
+    "data.train_on": "data.text.train_on",
+    "data.chat_template": "data.text.chat_template",
     "data.max_image_pixels": "data.decoding.max_image_pixels",
 }
 
@@ -416,7 +425,7 @@ def _check_numbers(recipe: Recipe) -> None:
 def _check_budget(recipe: Recipe) -> None:
     budget = recipe.budget
     try:
-        check_budget_settings(budget.levels, budget.weights, budget.mode, budget.default)
+        check_budget_settings(budget.levels, budget.weights, budget.mode, budget.default, budget.per_image)
     except BudgetError as error:
         raise _Invalid(f"budget.{error.key}", error.message) from None
 
@@ -524,6 +533,7 @@ def _check_data(recipe: Recipe) -> None:
         _positive(f"data.{key}", getattr(data, key))
     _positive("data.num_workers", data.num_workers, allow_zero=True)
     _positive("data.text.max_length", data.text.max_length)
+    _choice("data.text.train_on", data.text.train_on, TRAIN_ON)
     for key in ("batch_tokens", "max_batch_size", "lookahead", "max_wait"):
         _positive(f"data.batching.{key}", getattr(data.batching, key))
     _positive("data.decoding.max_image_pixels", data.decoding.max_image_pixels)
@@ -583,8 +593,7 @@ def _check_across(recipe: Recipe) -> None:
         "data.text.prompt",
         f"must contain the image marker {model.lm.image_token!r}",
     )
-    schedule = BudgetSchedule(tuple(budget.levels), tuple(budget.weights or [1.0] * len(budget.levels)), recipe.seed, budget.mode)
-    one_sample = schedule.largest_cost(lambda level: level, data.text.max_length)
+    one_sample = BudgetSchedule.of(budget, recipe.seed).largest_cost(lambda level: level, data.text.max_length)
     _require(
         data.batching.batch_tokens >= one_sample,
         "data.batching.batch_tokens",

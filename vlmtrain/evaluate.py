@@ -17,15 +17,14 @@ from pathlib import Path
 import torch
 
 from vlmtrain.config import DecodingConfig
-from vlmtrain.data.batch import Batch
-from vlmtrain.data.builder import BatchBuilder
+from vlmtrain.data.builder import BatchBuilder, Question
 from vlmtrain.data.pipeline import EvalStream
 from vlmtrain.data.sources import expand_shards
 from vlmtrain.errors import UserError
 from vlmtrain.geometry import LEVELS
 from vlmtrain.inference import ExportedModel
 from vlmtrain.model.inputs import ImageBatch
-from vlmtrain.text import IGNORE_INDEX
+from vlmtrain.text.chat import stop_tokens
 
 
 @dataclass
@@ -67,48 +66,37 @@ def word_recall(target: str, generated: str) -> float:
     return sum(word in found for word in expected) / len(expected) if expected else 1.0
 
 
-def sample_images(images: ImageBatch, row: int) -> ImageBatch:
-    """The images of one sample of a batch, as a batch of their own."""
-    chosen = images.sample_index == row
+def first_images(images: ImageBatch, row: int, count: int) -> ImageBatch:
+    """The first ``count`` images of one sample of a batch, as a batch of their own."""
+    chosen = torch.nonzero(images.sample_index == row).squeeze(1)[:count]
     return ImageBatch(
-        images.pixels[chosen],
-        images.positions[chosen],
-        images.token_grids[chosen],
-        torch.zeros(int(chosen.sum()), dtype=torch.long),
+        images.pixels[chosen], images.positions[chosen], images.token_grids[chosen], torch.zeros(len(chosen), dtype=torch.long)
     )
 
 
 @torch.no_grad()
-def prefill(model: ExportedModel, batch: Batch, row: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One sample's prompt alone through encoder and LM: (prompt ids, input embeddings, seconds taken)."""
-    inputs = batch.inputs
-    start = int(torch.nonzero(inputs.labels[row] != IGNORE_INDEX)[0, 0])
-    prompt = inputs.input_ids[row : row + 1, :start]
+def prefill(model: ExportedModel, question: Question, images: ImageBatch) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A question's prompt alone through encoder and LM: (prompt ids, input embeddings, seconds taken)."""
+    prompt = torch.tensor([question.prompt_ids])
     began = time.perf_counter()
-    embeds = model.model.embed(prompt, sample_images(inputs.images, row))
+    embeds = model.model.embed(prompt, images)
     model.model.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), use_cache=False)
     return prompt, embeds, time.perf_counter() - began
 
 
 @torch.no_grad()
-def generate_row(
-    model: ExportedModel, batch: Batch, row: int, prompt: torch.Tensor, embeds: torch.Tensor, max_new_tokens: int
-) -> tuple[str, str]:
-    """(target, greedy generation) of one sample."""
-    inputs = batch.inputs
-    start = prompt.shape[1]
-    target = model.tokenizer.decode(
-        inputs.input_ids[row, start : int(inputs.attention_mask[row].sum())], skip_special_tokens=True
-    )
+def answer(model: ExportedModel, question: Question, prompt: torch.Tensor, embeds: torch.Tensor, max_new_tokens: int) -> str:
+    """The greedy generation for a question (stopping at its end of turn)."""
+    stop = stop_tokens(model.tokenizer, model.description.lm.image_token) if question.chat else model.tokenizer.eos_token_id
     output = model.model.lm.generate(
         inputs_embeds=embeds,
         attention_mask=torch.ones_like(prompt),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=model.tokenizer.pad_token_id,
-        eos_token_id=model.tokenizer.eos_token_id,
+        eos_token_id=stop,
     )
-    return target, model.tokenizer.decode(output[0], skip_special_tokens=True)
+    return model.tokenizer.decode(output[0], skip_special_tokens=True)
 
 
 LATENCY_SAMPLES = 8
@@ -117,7 +105,7 @@ EXAMPLES = 8  # generations kept per budget in eval.json, to read what the model
 
 @dataclass
 class Example:
-    """One sample's target and the model's greedy generation."""
+    """One question's target (a sample's, or an assistant turn's) and the model's greedy generation."""
 
     key: str
     target: str
@@ -145,7 +133,8 @@ def evaluate_budget(
     loss_sum = correct = tokens = samples = images = visual = 0
     seconds = 0.0
     exact, recall, latencies, examples = [], [], [], []
-    for batch in EvalStream(urls, builder, budget, limit, batch_tokens, max_batch_size=64, where=where):
+    stream = EvalStream(urls, builder, budget, limit, batch_tokens, max_batch_size=64, where=where)
+    for pairs, batch in stream.batches():
         began = time.perf_counter()
         losses = model.model.sample_losses(batch.inputs)
         seconds += time.perf_counter() - began
@@ -155,17 +144,18 @@ def evaluate_budget(
         samples += batch.size
         images += batch.inputs.images.count
         visual += int(batch.inputs.images.token_counts.sum())
-        for row in range(batch.size):
-            if not generate and len(latencies) >= LATENCY_SAMPLES:
-                break
-            prompt, embeds, latency = prefill(model, batch, row)
-            latencies.append(latency)
-            if generate:
-                target, generated = generate_row(model, batch, row, prompt, embeds, max_new_tokens)
-                exact.append(generated.strip() == target.strip())
-                recall.append(word_recall(target, generated))
-                if len(examples) < EXAMPLES:
-                    examples.append(Example(batch.keys[row], target, generated))
+        for row, (sample, encoded) in enumerate(pairs):
+            for question in builder.questions(sample, encoded):
+                if not generate and len(latencies) >= LATENCY_SAMPLES:
+                    break
+                prompt, embeds, latency = prefill(model, question, first_images(batch.inputs.images, row, question.images))
+                latencies.append(latency)
+                if generate:
+                    generated = answer(model, question, prompt, embeds, max_new_tokens)
+                    exact.append(generated.strip() == question.target.strip())
+                    recall.append(word_recall(question.target, generated))
+                    if len(examples) < EXAMPLES:
+                        examples.append(Example(sample.key, question.target, generated))
     if samples == 0:
         raise UserError(f"no usable sample in {urls[:1]}... for this model's prompt and target field")
     result = BudgetResult(

@@ -29,7 +29,9 @@ from vlmtrain.model.description import ModelDescription, first_difference, read_
 from vlmtrain.model.inputs import ImageBatch
 from vlmtrain.model.lm import lm_tokenizer
 from vlmtrain.model.vlm import VisionLanguageModel
-from vlmtrain.text import TextEncoder
+from vlmtrain.text.chat import stop_tokens
+from vlmtrain.text.conversation import check_conversation, parse_messages
+from vlmtrain.text.encoding import TextEncoder
 
 EXPORT_FORMAT = "vlmtrain-model/2"
 VISION_PARTS = ("backbone", "pooling", "projector")
@@ -64,9 +66,16 @@ class ExportedModel:
         return budgets
 
     def inputs(
-        self, images: Sequence[Image.Image], prompt: str | None = None, budget: int | Sequence[int] | None = None
+        self,
+        images: Sequence[Image.Image],
+        prompt: str | None = None,
+        budget: int | Sequence[int] | None = None,
+        messages: list[dict[str, Any]] | None = None,
     ) -> tuple[torch.Tensor, ImageBatch]:
-        """Token ids of the prompt with each image's placeholders, and the images cut at their budgets."""
+        """Token ids of the prompt, or of ``messages`` through the chat template up to the assistant's next
+        turn, with each image's placeholders; and the images cut at their budgets."""
+        if prompt is not None and messages is not None:
+            raise ValueError("give a prompt or messages, not both")
         device = next(self.model.parameters()).device
         items = []
         for image, image_budget in zip(images, self.budgets_for(images, budget), strict=True):
@@ -74,8 +83,13 @@ class ExportedModel:
             geometry = self.geometry.image(image.height, image.width, image_budget)
             items.append((*image_patches(image, geometry, self.geometry.patch_size), geometry.token_grid, 0))
         batch = ImageBatch.stack(items, patch_dim=3 * self.geometry.patch_size**2)
-        prompt = self.text_format.prompt if prompt is None else prompt
-        ids = self.text.encode_prompt(prompt, [grid[0] * grid[1] for *_, grid, _ in items])
+        counts = [grid[0] * grid[1] for *_, grid, _ in items]
+        if messages is not None:
+            stored, _ = parse_messages(messages)
+            check_conversation(stored, len(images), answered=False)
+            ids = self.text.encode_chat_prompt(stored, counts)
+        else:
+            ids = self.text.encode_prompt(self.text_format.prompt if prompt is None else prompt, counts)
         images_on_device = ImageBatch(
             *(getattr(batch, f).to(device) for f in ("pixels", "positions", "token_grids", "sample_index"))
         )
@@ -83,10 +97,14 @@ class ExportedModel:
 
     @torch.no_grad()
     def logits(
-        self, images: Sequence[Image.Image], prompt: str | None = None, budget: int | Sequence[int] | None = None
+        self,
+        images: Sequence[Image.Image],
+        prompt: str | None = None,
+        budget: int | Sequence[int] | None = None,
+        messages: list[dict[str, Any]] | None = None,
     ) -> torch.Tensor:
-        """Next-token logits ``(1, L, vocab)`` for the prompt with the images."""
-        input_ids, images_batch = self.inputs(images, prompt, budget)
+        """Next-token logits ``(1, L, vocab)`` for the prompt (or conversation) with the images."""
+        input_ids, images_batch = self.inputs(images, prompt, budget, messages)
         embeds = self.model.embed(input_ids, images_batch)
         return self.model.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
 
@@ -97,16 +115,21 @@ class ExportedModel:
         prompt: str | None = None,
         budget: int | Sequence[int] | None = None,
         max_new_tokens: int = 64,
+        messages: list[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> str:
-        """Greedy (or ``kwargs``-configured) continuation of the prompt, as text."""
-        input_ids, images_batch = self.inputs(images, prompt, budget)
+        """Greedy (or ``kwargs``-configured) continuation of the prompt, or the assistant's next turn in
+        ``messages`` (``role``/``content`` turns, ``<image>`` markers or image parts placing the images), as
+        text. One budget per image, or one for all."""
+        input_ids, images_batch = self.inputs(images, prompt, budget, messages)
         embeds = self.model.embed(input_ids, images_batch)
         settings = {
             "max_new_tokens": max_new_tokens,
             "do_sample": False,
             "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
+            "eos_token_id": stop_tokens(self.tokenizer, self.description.lm.image_token)
+            if messages is not None
+            else self.tokenizer.eos_token_id,
             **kwargs,
         }
         output = self.model.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), **settings)

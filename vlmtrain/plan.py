@@ -12,6 +12,7 @@ from vlmtrain.config import Recipe
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.description import ModelDescription, describe_model
 from vlmtrain.model.lm import lm_tokenizer
+from vlmtrain.text.chat import resolve_chat_template
 
 
 @dataclass(frozen=True)
@@ -25,14 +26,12 @@ class RunPlan:
     tokenizer: PreTrainedTokenizerBase
 
 
-def budget_schedule(recipe: Recipe) -> BudgetSchedule:
-    """The recipe's budget schedule (uniform weights unless given)."""
-    budget = recipe.budget
-    weights = tuple(budget.weights) if budget.weights is not None else (1.0,) * len(budget.levels)
-    return BudgetSchedule(levels=tuple(budget.levels), weights=weights, seed=recipe.seed, mode=budget.mode)
-
-
 def plan_run(recipe: Recipe) -> RunPlan:
-    """The plan of ``recipe`` (reads local config and tokenizer files, no weights)."""
+    """The plan of ``recipe`` (reads local config and tokenizer files, no weights). A chat template the
+    recipe gives becomes the tokenizer's own, so that the run's tokenizer and every export carry it."""
     model = describe_model(recipe.model, recipe.budget)
-    return RunPlan(recipe, model, model.geometry(), budget_schedule(recipe), lm_tokenizer(recipe.model.lm))
+    tokenizer = lm_tokenizer(recipe.model.lm)
+    template = resolve_chat_template(recipe.data.text.chat_template)
+    if template is not None:
+        tokenizer.chat_template = template
+    return RunPlan(recipe, model, model.geometry(), BudgetSchedule.of(recipe.budget, recipe.seed), tokenizer)

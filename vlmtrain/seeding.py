@@ -7,6 +7,7 @@ global RNG state.
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 _MASK64 = (1 << 64) - 1
@@ -36,3 +37,8 @@ def unit(*values: int) -> float:
 def rng(*values: int) -> random.Random:
     """A ``random.Random`` seeded from ``values``."""
     return random.Random(mix(*values))
+
+
+def text_id(text: str) -> int:
+    """A 64-bit integer for a string (a sample key), the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")

@@ -8,19 +8,20 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from vlmtrain.model.inputs import ModelInput
-from vlmtrain.text import IGNORE_INDEX
+from vlmtrain.text.tokenizers import IGNORE_INDEX
 
 
 @dataclass
 class Batch:
-    """Samples encoded at one token budget: the model's input, and each sample's key, validation group and
-    data epoch."""
+    """Samples encoded at one token budget (``None``: each image at its own, in ``image_budgets``): the model's
+    input, and each sample's key, validation group and data epoch."""
 
     inputs: ModelInput
-    budget: int
+    budget: int | None
     keys: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
+    image_budgets: list[int] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -49,7 +50,7 @@ class Step:
     position: DataPosition = field(default_factory=DataPosition)
 
     @property
-    def budgets(self) -> tuple[int, ...]:
+    def budgets(self) -> tuple[int | None, ...]:
         return tuple(batch.budget for batch in self.batches)
 
     def pin_memory(self) -> Step:

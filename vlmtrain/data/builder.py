@@ -3,6 +3,7 @@ geometry gives, expand the prompt's image markers to the same token counts, and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,22 +15,48 @@ from vlmtrain.data.images import decode_image, image_patches
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.inputs import ImageBatch, ModelInput
-from vlmtrain.text import EncodedText, TextEncoder, TextError
+from vlmtrain.text.chat import ChatTemplateError
+from vlmtrain.text.conversation import image_count, text_of
+from vlmtrain.text.encoding import EncodedText, TextEncoder, TextError
 
 
 @dataclass
 class EncodedSample:
-    """One sample ready for collation: its text and, per image, (patches, positions, token grid)."""
+    """One sample ready for collation: its text and, per image, (patches, positions, token grid) and budget."""
 
     key: str
     text: EncodedText
     images: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]
     group: str
+    budgets: tuple[int, ...] = ()
+
+
+Budgets = int | Sequence[int]  # one budget for every image of a sample, or one per image
+
+
+def per_image(sample: RawSample, budgets: Budgets) -> tuple[int, ...]:
+    """One budget per image of ``sample``."""
+    found = (budgets,) * len(sample.sizes) if isinstance(budgets, int) else tuple(budgets)
+    if len(found) != len(sample.sizes):
+        raise ValueError(f"{len(found)} budgets for the {len(sample.sizes)} images of {sample.key!r}")
+    return found
+
+
+@dataclass(frozen=True)
+class Question:
+    """What a model is asked in evaluation: the prompt's token ids (with the placeholders of the sample's
+    first ``images`` images), the expected answer, and whether it is a chat turn (generation then stops at
+    the template's end of turn)."""
+
+    prompt_ids: list[int]
+    images: int
+    target: str
+    chat: bool
 
 
 class BatchBuilder:
-    """Encodes raw samples at a budget (the record fields and limits of ``fields``, the decoding settings of
-    ``decoding``) and collates them into a :class:`Batch`."""
+    """Encodes raw samples at given budgets (the record fields and limits of ``fields``, the decoding
+    settings of ``decoding``) and collates them into a :class:`Batch`."""
 
     def __init__(self, geometry: Geometry, text: TextEncoder, fields: TextConfig, decoding: DecodingConfig) -> None:
         self.geometry = geometry
@@ -37,27 +64,38 @@ class BatchBuilder:
         self.fields = fields
         self.decoding = decoding
 
-    def token_grids(self, sample: RawSample, budget: int) -> tuple[tuple[int, int], ...]:
-        """The token grid of each image at ``budget``, from the stored sizes (no decoding): the sample's bucket."""
-        return tuple(self.geometry.image(height, width, budget).token_grid for height, width in sample.sizes)
+    def token_grids(self, sample: RawSample, budgets: Budgets) -> tuple[tuple[int, int], ...]:
+        """The token grid of each image at its budget, from the stored sizes (no decoding): the sample's bucket."""
+        return tuple(
+            self.geometry.image(h, w, b).token_grid for (h, w), b in zip(sample.sizes, per_image(sample, budgets), strict=True)
+        )
 
-    def visual_tokens(self, sample: RawSample, budget: int) -> int:
-        """Visual tokens the sample's images take at ``budget``, from the stored sizes (no decoding)."""
-        return sum(self.geometry.image(height, width, budget).tokens for height, width in sample.sizes)
+    def visual_tokens(self, sample: RawSample, budgets: Budgets) -> int:
+        """Visual tokens the sample's images take at their budgets, from the stored sizes (no decoding)."""
+        return sum(
+            self.geometry.image(h, w, b).tokens for (h, w), b in zip(sample.sizes, per_image(sample, budgets), strict=True)
+        )
 
-    def cost(self, sample: RawSample, text_tokens: int, budgets: tuple[int, ...]) -> int:
-        """LM tokens the sample takes in a step at ``budgets`` (:func:`~vlmtrain.budget.step_cost`)."""
-        return step_cost(lambda budget: self.visual_tokens(sample, budget), text_tokens, budgets)
+    def cost(self, sample: RawSample, text_tokens: int, budgets: Sequence[Budgets]) -> int:
+        """LM tokens the sample takes in a step whose batches put its images at ``budgets`` (one entry per
+        batch; :func:`~vlmtrain.budget.step_cost`)."""
+        return step_cost(lambda batch_budgets: self.visual_tokens(sample, batch_budgets), text_tokens, budgets)
 
     def _prompt_and_target(self, sample: RawSample) -> tuple[str, str]:
         prompt = sample.text(self.fields.prompt_field) if self.fields.prompt_field else self.fields.prompt
         return prompt, sample.text(self.fields.target_field)
 
     def _encode_text(self, sample: RawSample, image_tokens: list[int]) -> EncodedText:
+        """A conversation record through the chat template, a prompt/target record as written."""
         try:
-            encoded = self.text.encode(*self._prompt_and_target(sample), image_tokens)
+            if sample.messages is not None:
+                encoded = self.text.encode_chat(sample.messages, image_tokens, self.fields.train_on)
+            else:
+                encoded = self.text.encode(*self._prompt_and_target(sample), image_tokens)
         except TextError as error:
             raise SampleError("text", f"sample {sample.key!r}: {error}") from None
+        except ChatTemplateError as error:
+            raise SampleError("chat_template", f"sample {sample.key!r}: {error}") from None
         text_length = len(encoded.input_ids) - sum(image_tokens)
         if text_length > self.fields.max_length:
             raise SampleError(
@@ -66,14 +104,33 @@ class BatchBuilder:
             )
         return encoded
 
+    def questions(self, sample: RawSample, encoded: EncodedSample) -> list[Question]:
+        """The questions a sample asks: its prompt and target, or each assistant turn of its conversation
+        (everything before the turn is the prompt)."""
+        counts = [grid[0] * grid[1] for *_, grid in encoded.images]
+        if sample.messages is None:
+            prompt, target = self._prompt_and_target(sample)
+            return [Question(self.text.encode_prompt(prompt, counts), len(counts), target, chat=False)]
+        questions = []
+        for index, message in enumerate(sample.messages):
+            if message["role"] == "assistant":
+                before = sample.messages[:index]
+                images = image_count(before)
+                questions.append(
+                    Question(self.text.encode_chat_prompt(before, counts[:images]), images, text_of(message), chat=True)
+                )
+        return questions
+
     def text_tokens(self, sample: RawSample) -> int:
         """Tokens of the sample's text without its image placeholders; raises SampleError if unusable."""
         return len(self._encode_text(sample, [0] * len(sample.images)).input_ids)
 
-    def encode(self, sample: RawSample, budget: int) -> EncodedSample:
-        """Decode and encode one sample; raises :class:`SampleError` for anything unusable."""
+    def encode(self, sample: RawSample, budgets: Budgets) -> EncodedSample:
+        """Decode and encode one sample, its images at ``budgets``; raises :class:`SampleError` for anything
+        unusable."""
+        budgets = per_image(sample, budgets)
         images = []
-        for data, (height, width) in zip(sample.images, sample.sizes, strict=True):
+        for data, (height, width), budget in zip(sample.images, sample.sizes, budgets, strict=True):
             geometry = self.geometry.image(height, width, budget)
             try:
                 target = geometry.resize if self.decoding.fast else None
@@ -83,10 +140,10 @@ class BatchBuilder:
             images.append((*image_patches(image, geometry, self.geometry.patch_size), geometry.token_grid))
         text = self._encode_text(sample, [grid[0] * grid[1] for *_, grid in images])
         group = str(sample.record.get(self.fields.group_field, "")) if self.fields.group_field else ""
-        return EncodedSample(key=sample.key, text=text, images=images, group=group)
+        return EncodedSample(key=sample.key, text=text, images=images, group=group, budgets=budgets)
 
-    def collate(self, samples: list[EncodedSample], budget: int) -> Batch:
-        """Pad encoded samples (all at ``budget``) into one batch."""
+    def collate(self, samples: list[EncodedSample], budget: int | None) -> Batch:
+        """Pad encoded samples into one batch at ``budget`` (None: its images at budgets of their own)."""
         input_ids, attention_mask, labels = pad_text(
             [s.text.input_ids for s in samples], [s.text.labels for s in samples], self.text.pad_token_id
         )
@@ -94,4 +151,10 @@ class BatchBuilder:
         inputs = ModelInput(
             input_ids, attention_mask, labels, ImageBatch.stack(images, patch_dim=3 * self.geometry.patch_size**2)
         )
-        return Batch(inputs=inputs, budget=budget, keys=[s.key for s in samples], groups=[s.group for s in samples])
+        return Batch(
+            inputs=inputs,
+            budget=budget,
+            keys=[s.key for s in samples],
+            groups=[s.group for s in samples],
+            image_budgets=[b for s in samples for b in s.budgets],
+        )

@@ -59,13 +59,14 @@ def _crop(photo: Image.Image, aspect: tuple[int, int], long_side: int, rng: rand
     return photo.crop((left, top, left + width, top + height)).resize(size, Image.Resampling.BICUBIC)
 
 
-def render_sample(index: int, seed: int) -> tuple[Image.Image, dict[str, Any]]:
+def render_sample(index: int, seed: int, size: str | None = None) -> tuple[Image.Image, dict[str, Any]]:
     """Sample ``index`` of the demo set: the image and its record (word, size class, text height, and the
-    photo under the text: a coarse target, legible at any budget)."""
+    photo under the text: a coarse target, legible at any budget). ``size`` forces the size class."""
     rng = random.Random(f"demo:{seed}:{index}")
     photo = rng.choice(PHOTOS)
     image = _crop(_photo(photo), rng.choice(ASPECTS), rng.choice(LONG_SIDES), rng)
-    word, size = rng.choice(WORDS), rng.choice(tuple(TEXT_SIZES))
+    word, drawn = rng.choice(WORDS), rng.choice(tuple(TEXT_SIZES))
+    size = size or drawn
     budget, resized_px = TEXT_SIZES[size]
     resized_height = DEMO_GEOMETRY.image(image.height, image.width, budget).resize[0]
     text_px = round(rng.uniform(*resized_px) * image.height / resized_height)

@@ -20,9 +20,10 @@ from vlmtrain.budget import BudgetSchedule
 from vlmtrain.config import DataConfig
 from vlmtrain.data.batch import Batch, DataPosition, Step
 from vlmtrain.data.buckets import BucketPool, Waiting
-from vlmtrain.data.builder import BatchBuilder, EncodedSample
+from vlmtrain.data.builder import BatchBuilder, Budgets, EncodedSample
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import Arrival, Position, ShardSequence, Source, StreamId, read_shard, stream_samples
+from vlmtrain.geometry import BudgetError
 from vlmtrain.seeding import rng
 
 log = logging.getLogger(__name__)
@@ -73,12 +74,12 @@ class StreamState:
         )
 
 
-def encode_all(builder: BatchBuilder, samples: list[RawSample], budget: int, skips: SkipLog) -> list[EncodedSample | None]:
-    """Encode samples at ``budget``; a sample that fails is counted and gives None in its place."""
+def encode_all(builder: BatchBuilder, samples: list[tuple[RawSample, Budgets]], skips: SkipLog) -> list[EncodedSample | None]:
+    """Encode (sample, budgets) pairs; a sample that fails is counted and gives None in its place."""
     encoded: list[EncodedSample | None] = []
-    for sample in samples:
+    for sample, budgets in samples:
         try:
-            encoded.append(builder.encode(sample, budget))
+            encoded.append(builder.encode(sample, budgets))
         except SampleError as error:
             skips.add(error.kind, f"{error} ({sample.source})")
             encoded.append(None)
@@ -160,7 +161,14 @@ class TrainStream(IterableDataset):
             if isinstance(sample, SampleError):
                 raise sample
             entry = self.waiting(arrival, step)
-            tokens = self.schedule.largest_cost(lambda budget: self.builder.visual_tokens(sample, budget), entry.text_tokens)
+            try:
+                tokens = self.schedule.largest_cost(
+                    lambda budget: self.builder.visual_tokens(sample, self.assign(entry, budget)), entry.text_tokens
+                )
+            except BudgetError as error:
+                raise SampleError(
+                    "budget_not_trained", f"sample {sample.key!r} fixes a budget the model is not trained at: {error}"
+                ) from None
             if tokens > self.data.batching.batch_tokens:
                 raise SampleError("over_token_cap", f"sample {sample.key!r} needs {tokens} tokens at the largest budget")
         except SampleError as error:
@@ -169,22 +177,37 @@ class TrainStream(IterableDataset):
         pool.add(entry)
         skips.ok()
 
+    def assign(self, entry: Waiting, budget: int | None) -> tuple[int, ...]:
+        """The budget of each of the sample's images in a batch at ``budget``; drawn independently, from the
+        step the sample arrived at (so each sample keeps its draw while it waits, and which samples a batch
+        takes cannot favour any budget; see :meth:`~vlmtrain.budget.BudgetSchedule.image_budgets`)."""
+        return self.schedule.image_budgets(entry.arrived, entry.sample.key, budget, entry.sample.budgets)
+
     def take(self, pool: BucketPool, step: int, skips: SkipLog) -> list[Batch]:
-        """The batch(es) of ``step``: one bucket, one budget each (several budgets in matryoshka mode)."""
+        """The batch(es) of ``step``: one bucket, one budget each (several budgets in matryoshka mode). With
+        a budget per image, a bucket holds the samples whose images have the same budgets (their grids may
+        differ, the batch pads them to the longest: logged as data/padding)."""
         budgets = self.schedule.budgets(step)
         builder = self.builder
         batching = self.data.batching
+        independent = self.schedule.per_image == "independent"
 
         def cost(entry: Waiting) -> int:
-            return builder.cost(entry.sample, entry.text_tokens, budgets)
+            return builder.cost(entry.sample, entry.text_tokens, [self.assign(entry, budget) for budget in budgets])
 
         def bucket(entry: Waiting) -> tuple | None:
-            return tuple(builder.token_grids(entry.sample, budget) for budget in budgets) if batching.buckets else None
+            if not batching.buckets:
+                return None
+            if independent:
+                return tuple(tuple(sorted(self.assign(entry, budget))) for budget in budgets)
+            return tuple(builder.token_grids(entry.sample, self.assign(entry, budget)) for budget in budgets)
 
         chooser = rng(self.schedule.seed, self.rank, step)
         chosen = pool.take(bucket, cost, batching.batch_tokens, batching.max_batch_size, step, chooser)
-        samples = [entry.sample for entry in chosen]
-        encoded = [encode_all(builder, samples, budget, skips) for budget in budgets]
+        encoded = [
+            encode_all(builder, [(entry.sample, self.assign(entry, budget)) for entry in chosen], skips)
+            for budget in budgets
+        ]
         kept = [i for i in range(len(chosen)) if all(per_budget[i] is not None for per_budget in encoded)]
         if not kept:
             return []
@@ -228,20 +251,25 @@ class EvalStream(IterableDataset):
                     yield sample
 
     def __iter__(self) -> Iterator[Batch]:
-        pending: list[EncodedSample] = []
+        for _, batch in self.batches():
+            yield batch
+
+    def batches(self) -> Iterator[tuple[list[tuple[RawSample, EncodedSample]], Batch]]:
+        """The batches, each with its (sample, encoded sample) pairs in row order."""
+        pending: list[tuple[RawSample, EncodedSample]] = []
         used, total = 0, 0
         for sample in self.samples():
             if used >= self.limit:
                 break
-            encoded = encode_all(self.builder, [sample], self.budget, self.skips)[0]
+            encoded = encode_all(self.builder, [(sample, self.budget)], self.skips)[0]
             if encoded is None:
                 continue
             cost = self.builder.cost(sample, self.builder.text_tokens(sample), (self.budget,))
             if pending and (total + cost > self.batch_tokens or len(pending) == self.max_batch_size):
-                yield self.builder.collate(pending, self.budget)
+                yield pending, self.builder.collate([item for _, item in pending], self.budget)
                 pending, total = [], 0
-            pending.append(encoded)
+            pending.append((sample, encoded))
             total += cost
             used += 1
         if pending:
-            yield self.builder.collate(pending, self.budget)
+            yield pending, self.builder.collate([item for _, item in pending], self.budget)

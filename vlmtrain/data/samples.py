@@ -1,7 +1,8 @@
 """One sample as stored in a shard: a JSON record plus its image files, still encoded.
 
 Shard layout (written by :mod:`vlmtrain.data.shards`): ``KEY.json`` holds the text fields and
-``"images": [{"name": "0.jpg", "width": W, "height": H}, ...]``; ``KEY.0.jpg`` holds the bytes.
+``"images": [{"name": "0.jpg", "width": W, "height": H}, ...]`` (an image may fix its ``budget``), and a
+conversation record its ``messages`` (:mod:`vlmtrain.text.conversation`); ``KEY.0.jpg`` holds the bytes.
 The sizes in the JSON let the pipeline compute geometry and batch sizes before decoding anything.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from vlmtrain.text.conversation import ConversationError, check_budgets, check_conversation
 
 
 class SampleError(ValueError):
@@ -29,6 +32,12 @@ class RawSample:
     images: list[bytes] = field(default_factory=list)
     sizes: list[tuple[int, int]] = field(default_factory=list)
     source: str = ""
+    budgets: list[int | None] = field(default_factory=list)
+
+    @property
+    def messages(self) -> list[dict[str, Any]] | None:
+        """The conversation, for a conversation record (:mod:`vlmtrain.text.conversation`)."""
+        return self.record.get("messages")
 
     def text(self, name: str) -> str:
         """The text field ``name``; :class:`SampleError` (kind ``missing_text``) when absent or not a string."""
@@ -53,7 +62,7 @@ def parse_sample(files: dict[str, Any]) -> RawSample:
     entries = record.get("images", [])
     if not isinstance(entries, list):
         raise SampleError("bad_json", f"sample {key!r}: 'images' must be a list")
-    images, sizes = [], []
+    images, sizes, budgets = [], [], []
     for entry in entries:
         try:
             name, width, height = str(entry["name"]).lower(), int(entry["width"]), int(entry["height"])
@@ -65,4 +74,11 @@ def parse_sample(files: dict[str, Any]) -> RawSample:
             raise SampleError("missing_image", f"sample {key!r}: image file {name!r} is missing")
         images.append(files[name])
         sizes.append((height, width))
-    return RawSample(key=key, record=record, images=images, sizes=sizes, source=source)
+        budgets.append(entry.get("budget"))
+    try:
+        check_budgets(budgets)
+        if "messages" in record:
+            check_conversation(record["messages"], len(images))
+    except ConversationError as error:
+        raise SampleError("bad_conversation", f"sample {key!r}: {error}") from None
+    return RawSample(key=key, record=record, images=images, sizes=sizes, source=source, budgets=budgets)

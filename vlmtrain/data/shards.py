@@ -1,7 +1,8 @@
 """Writing WebDataset shards from images plus annotation records.
 
-Each sample becomes ``KEY.json`` (the record's text fields and every image's name, width and height)
-and ``KEY.<i>.<ext>`` per image, bytes unchanged. Output is deterministic for the same input (whatever
+Each sample becomes ``KEY.json`` (the record's text fields or its conversation, and every image's name,
+width, height and fixed budget if any) and ``KEY.<i>.<ext>`` per image, bytes unchanged. Images are read
+from inside the images folder only, unless allowed otherwise. Output is deterministic for the same input (whatever
 the number of worker processes); images that cannot be decoded are reported and their samples left
 out; every shard is written to a temporary name and renamed when complete; ``<prefix>-index.json`` maps
 shard → sample count and lists the rejected samples.
@@ -9,13 +10,12 @@ shard → sample count and lists the rejected samples.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import multiprocessing
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from vlmtrain.data.annotations import sample_key
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import SampleError
 from vlmtrain.errors import UserError
@@ -46,29 +47,6 @@ class ShardReport:
         return sum(self.shards.values())
 
 
-def read_annotations(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSONL file (one JSON object per line) or a CSV file (a header row; an ``images``
-    column of ``;``-separated paths, empty for none; every other column a text field)."""
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="") as handle:
-            for number, row in enumerate(csv.DictReader(handle), start=2):
-                if None in row:
-                    raise UserError(f"{path}:{number}: more values than columns")
-                images = [name for name in (row.pop("images", "") or "").split(";") if name.strip()]
-                yield {**row, "images": [name.strip() for name in images]}
-        return
-    with path.open() as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except ValueError as error:
-                    raise UserError(f"{path}:{number}: not valid JSON: {error}") from None
-                if not isinstance(record, dict) or not isinstance(record.get("images", []), list):
-                    raise UserError(f"{path}:{number}: a record must be an object whose 'images' is a list of paths")
-                yield record
-
-
 def stored_size(data: bytes) -> tuple[int, int]:
     """(height, width) of encoded image bytes as the training pipeline will see them (EXIF applied)."""
     image = decode_image(data, MAX_IMAGE_PIXELS)
@@ -82,35 +60,40 @@ def image_extension(path: Path, data: bytes) -> str:
     return EXTENSIONS.get(fmt, fmt)
 
 
-def sample_key(record: dict[str, Any], index: int) -> str:
-    """A tar-safe key: the record's ``key`` (dots and slashes replaced) or the running index."""
-    key = str(record.get("key", f"{index:09d}"))
-    return re.sub(r"[^A-Za-z0-9_-]", "_", key)
-
-
-def encode_sample(record: dict[str, Any], key: str, image_root: Path) -> dict[str, bytes]:
-    """The files of one sample; raises :class:`SampleError` if an image is missing or undecodable."""
+def encode_sample(record: dict[str, Any], key: str, image_root: Path, outside_images: bool = False) -> dict[str, bytes]:
+    """The files of one sample; raises :class:`SampleError` if an image is missing, undecodable, or (unless
+    ``outside_images``) outside ``image_root`` (``..``, an absolute path, a symlink out)."""
     files: dict[str, bytes] = {}
     entries = []
-    for position, name in enumerate(record.get("images", [])):
+    root = image_root.resolve()
+    budgets = record.get("budgets") or [None] * len(record.get("images", []))
+    for position, (name, budget) in enumerate(zip(record.get("images", []), budgets, strict=True)):
         path = image_root / name
+        if not outside_images and not path.resolve().is_relative_to(root):
+            raise SampleError(
+                "outside_images", f"{key}: image {name!r} is outside {str(image_root)!r} (--allow-outside-images reads it)"
+            )
         if not path.is_file():
             raise SampleError("missing_image", f"{key}: image {str(path)!r} not found")
         data = path.read_bytes()
         height, width = stored_size(data)
         stored_name = f"{position}.{image_extension(path, data)}"
         files[stored_name] = data
-        entries.append({"name": stored_name, "width": width, "height": height})
-    fields = {name: value for name, value in record.items() if name not in ("key", "images")}
+        entries.append(
+            {"name": stored_name, "width": width, "height": height, **({"budget": budget} if budget is not None else {})}
+        )
+    fields = {name: value for name, value in record.items() if name not in ("key", "images", "budgets")}
     files["json"] = json.dumps({**fields, "images": entries}, sort_keys=True, ensure_ascii=False).encode()
     return files
 
 
-def _encode_indexed(job: tuple[int, dict[str, Any]], image_root: Path) -> tuple[str, dict[str, bytes] | SampleError]:
+def _encode_indexed(
+    job: tuple[int, dict[str, Any]], image_root: Path, outside_images: bool
+) -> tuple[str, dict[str, bytes] | SampleError]:
     index, record = job
     key = sample_key(record, index)
     try:
-        return key, encode_sample(record, key, image_root)
+        return key, encode_sample(record, key, image_root, outside_images)
     except SampleError as error:
         return key, error
 
@@ -129,11 +112,15 @@ def write_shards(
     max_shard_bytes: int | None = None,
     workers: int = 1,
     progress: bool = False,
+    outside_images: bool = False,
+    left_out: Sequence[str] = (),
 ) -> ShardReport:
-    """Write ``records`` to ``out_dir/<prefix>-000000.tar``... and ``out_dir/<prefix>-index.json``.
+    """Write ``records`` to ``out_dir/<prefix>-000000.tar``... and ``out_dir/<prefix>-index.json`` (which also
+    lists ``left_out``: records refused before writing).
 
     A shard closes at ``samples_per_shard`` samples or before it would pass ``max_shard_bytes``. Images
-    are read and checked by ``workers`` processes; the output does not depend on their number.
+    are read and checked by ``workers`` processes; the output does not depend on their number. On any
+    error the shard being written is removed: no temporary file stays behind.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     report = ShardReport()
@@ -146,31 +133,36 @@ def write_shards(
             writer.close()
             os.replace(temp_path, shard_path)
 
-    encode = partial(_encode_indexed, image_root=image_root)
-    with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:
-        results = pool.imap(encode, enumerate(records), chunksize=4) if pool else map(encode, enumerate(records))
-        for key, files in tqdm(results, desc=f"writing {prefix} shards", unit=" samples", disable=not progress):
-            if isinstance(files, SampleError):
-                report.rejected.append((key, str(files)))
-                continue
-            size = _tar_bytes(files)
-            full = writer is not None and (
-                report.shards[shard_path.name] >= samples_per_shard
-                or (max_shard_bytes is not None and shard_bytes + size > max_shard_bytes)
-            )
-            if writer is None or full:
-                close()
-                shard_path = out_dir / f"{prefix}-{len(report.shards):06d}.tar"
-                temp_path = shard_path.with_suffix(".tar.tmp")
-                writer = TarWriter(str(temp_path), encoder=False, mtime=0.0)
-                report.shards[shard_path.name] = 0
-                shard_bytes = 0
-            writer.write({"__key__": key, **files})
-            report.shards[shard_path.name] += 1
-            shard_bytes += size
-    close()
+    encode = partial(_encode_indexed, image_root=image_root, outside_images=outside_images)
+    try:
+        with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:
+            results = pool.imap(encode, enumerate(records), chunksize=4) if pool else map(encode, enumerate(records))
+            for key, files in tqdm(results, desc=f"writing {prefix} shards", unit=" samples", disable=not progress):
+                if isinstance(files, SampleError):
+                    report.rejected.append((key, str(files)))
+                    continue
+                size = _tar_bytes(files)
+                full = writer is not None and (
+                    report.shards[shard_path.name] >= samples_per_shard
+                    or (max_shard_bytes is not None and shard_bytes + size > max_shard_bytes)
+                )
+                if writer is None or full:
+                    close()
+                    shard_path = out_dir / f"{prefix}-{len(report.shards):06d}.tar"
+                    temp_path = shard_path.with_suffix(".tar.tmp")
+                    writer = TarWriter(str(temp_path), encoder=False, mtime=0.0)
+                    report.shards[shard_path.name] = 0
+                    shard_bytes = 0
+                writer.write({"__key__": key, **files})
+                report.shards[shard_path.name] += 1
+                shard_bytes += size
+        close()
+    finally:
+        if temp_path is not None and temp_path.exists():
+            temp_path.unlink()
     index_file = out_dir / f"{prefix}-index.json"
-    index_file.write_text(json.dumps({"shards": report.shards, "samples": report.samples, "rejected": report.rejected}, indent=1))
+    index = {"shards": report.shards, "samples": report.samples, "rejected": report.rejected, "left_out": list(left_out)}
+    index_file.write_text(json.dumps(index, indent=1))
     return report
 
 

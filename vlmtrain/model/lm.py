@@ -10,7 +10,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlmtrain.config import LMConfig, LoraConfig
-from vlmtrain.text import load_tokenizer
+from vlmtrain.text.tokenizers import load_tokenizer
 
 
 def lm_tokenizer(config: LMConfig) -> PreTrainedTokenizerBase:

@@ -16,7 +16,7 @@ from vlmtrain.model.inputs import ImageBatch, ModelInput
 from vlmtrain.model.lm import base_model
 from vlmtrain.model.pooling import GeometryMismatch, Pooling
 from vlmtrain.model.projector import Projector
-from vlmtrain.text import IGNORE_INDEX
+from vlmtrain.text.tokenizers import IGNORE_INDEX
 
 
 @dataclass

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from vlmtrain.config import OptimConfig
 from vlmtrain.data.batch import Batch, Step
 from vlmtrain.model.build import build_model, part_settings, set_trainable
-from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.model.vlm import SampleLosses, VisionLanguageModel
 from vlmtrain.plan import RunPlan
 from vlmtrain.seeding import mix
 
@@ -88,6 +88,23 @@ def ranks_agree(values: list[int], device: torch.device) -> None:
         raise RuntimeError(f"ranks disagree on (step, budgets): {[other.tolist() for other in everyone]}")
 
 
+def losses_by_budget(batch: Batch, losses: SampleLosses) -> dict[int, torch.Tensor]:
+    """The batch's loss per target token, per image budget. A sample counts towards each budget its images
+    are at, in proportion (a sample with one image at 1120 and one at 70 counts half to each); a sample
+    without images counts towards the batch's budget (none when each image has its own). With one budget
+    for the whole batch this is the batch's mean loss."""
+    images = batch.inputs.images
+    samples = losses.tokens.shape[0]
+    per_sample = torch.bincount(images.sample_index, minlength=samples).to(losses.loss_sum.dtype)
+    budgets = torch.tensor(batch.image_budgets, device=images.sample_index.device, dtype=torch.long)
+    results = {}
+    for budget in sorted(set(batch.image_budgets) | ({batch.budget} - {None})):
+        at_budget = torch.bincount(images.sample_index[budgets == budget], minlength=samples).to(losses.loss_sum.dtype)
+        weight = torch.where(per_sample > 0, at_budget / per_sample.clamp(min=1), float(budget == batch.budget))
+        results[budget] = (weight * losses.loss_sum).sum() / (weight * losses.tokens).sum().clamp(min=1)
+    return results
+
+
 def log_this_step(module: L.LightningModule, values: dict[str, float | torch.Tensor]) -> None:
     """Log metrics that only some steps have (a budget's loss and speed) to the loggers, at this step only.
 
@@ -153,9 +170,10 @@ class VLMModule(L.LightningModule):
             raise RuntimeError(f"batch at step {step.index} has budgets {step.budgets}, the schedule says {expected}")
 
     def check_ranks_agree(self, step: Step) -> None:
-        """All ranks must be at the same step with the same budgets, or sharded training (ZeRO-3) hangs."""
+        """All ranks must be at the same step with the same batch budgets (0: budgets per image), or sharded
+        training (ZeRO-3) hangs; every rank runs every module at every step whatever its images' budgets."""
         if self.trainer.world_size > 1:
-            ranks_agree([step.index, *step.budgets], self.device)
+            ranks_agree([step.index, *(budget or 0 for budget in step.budgets)], self.device)
 
     def on_train_batch_start(self, step: Step, batch_idx: int) -> None:
         # randomness inside the step (dropout) depends only on (seed, rank, step): a resumed run repeats it
@@ -165,13 +183,20 @@ class VLMModule(L.LightningModule):
         """The mean loss over the step's budgets; the loss of each budget is returned beside it, as data."""
         self.check_schedule(step)
         self.check_ranks_agree(step)
-        budget_losses = {batch.budget: self.model.sample_losses(batch.inputs).mean() for batch in step.batches}
-        log_this_step(self, {f"train/loss@{budget}": value.detach() for budget, value in budget_losses.items()})
-        loss = torch.stack(list(budget_losses.values())).mean()
+        losses = [(batch, self.model.sample_losses(batch.inputs)) for batch in step.batches]
+        loss = torch.stack([sample_losses.mean() for _, sample_losses in losses]).mean()
+        budget_losses = {
+            budget: value.detach()
+            for batch, sample_losses in losses
+            for budget, value in losses_by_budget(batch, sample_losses).items()
+        }
+        log_this_step(self, {f"train/loss@{budget}": value for budget, value in budget_losses.items()})
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=step.batches[0].size)
-        if len(step.batches) == 1:
-            self.log("budget", float(step.batches[0].budget), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
-        return {"loss": loss, "budget_losses": {budget: value.detach() for budget, value in budget_losses.items()}}
+        if len(step.batches) == 1:  # the batch's budget, or the mean budget of its images when each has its own
+            batch = step.batches[0]
+            budget = batch.budget if batch.budget is not None else sum(batch.image_budgets) / max(len(batch.image_budgets), 1)
+            self.log("budget", float(budget), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        return {"loss": loss, "budget_losses": budget_losses}
 
     def on_validation_epoch_start(self) -> None:
         self.validation = ValidationTotals()

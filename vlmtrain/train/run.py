@@ -19,7 +19,7 @@ from vlmtrain.config import Recipe, RecipeError, recipe_to_yaml
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.datamodule import ShardDataModule
 from vlmtrain.plan import RunPlan, plan_run
-from vlmtrain.text import TextEncoder
+from vlmtrain.text.encoding import TextEncoder
 from vlmtrain.train.adapters import save_adapter
 from vlmtrain.train.callbacks import BudgetThroughput, DataProgress, RunSummary
 from vlmtrain.train.checkpoints import AtomicCheckpoint

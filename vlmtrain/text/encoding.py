@@ -1,51 +1,25 @@
-"""Text side of a sample: tokenizers and the expansion of image markers into image placeholder tokens.
+"""Encoding a sample's text: its token ids, with each image's placeholders, and its labels.
 
-Each ``<image>`` marker in a prompt becomes exactly as many placeholder tokens as the geometry gives
-that image; the model later replaces them with the image's visual tokens, one for one.
+Each image becomes exactly as many placeholder tokens as the geometry gives it; the model later replaces
+them with the image's visual tokens, one for one. A prompt/target sample is encoded as written (the prompt
+template is literal text); a conversation goes through the tokenizer's chat template (:mod:`.chat`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
-BYTE_TOKENIZER = "byte"
+from vlmtrain.text.chat import chat_segments, generation_prompt
+from vlmtrain.text.conversation import as_template_messages
+from vlmtrain.text.tokenizers import IGNORE_INDEX
 
 
 class TextError(ValueError):
-    """A sample whose text cannot be encoded (its image markers); the pipeline skips and counts it."""
-
-
-def build_byte_tokenizer(image_token: str = "<image>") -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (256 byte tokens + pad/bos/eos/image) that needs no files or network."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-    fast.add_special_tokens({"additional_special_tokens": [image_token]})
-    return fast
-
-
-def load_tokenizer(source: str | None, image_token: str) -> PreTrainedTokenizerBase:
-    """The tokenizer at local path ``source`` (or the byte tokenizer for ``None``/``"byte"``), with an image
-    token and a pad token added when it lacks them."""
-    if source in (None, BYTE_TOKENIZER):
-        return build_byte_tokenizer(image_token)
-    if not Path(source).is_dir():
-        raise FileNotFoundError(f"tokenizer folder {source!r} not found (only local paths are read)")
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    """A sample whose text cannot be encoded (its image markers, its chat template); the pipeline skips and
+    counts it."""
 
 
 @dataclass(frozen=True)
@@ -105,3 +79,37 @@ class TextEncoder:
             raise TextError(f"text contains the image token {self.image_token!r} outside the image markers")
         labels = [IGNORE_INDEX] * prompt_length + target_ids
         return EncodedText(input_ids=input_ids, labels=labels)
+
+    def _expand(self, text: str, image_tokens: list[int], images_before: int) -> list[int]:
+        """Token ids of ``text`` with its image tokens expanded, the first one to ``image_tokens[images_before]``
+        placeholders, and so on."""
+        pieces = text.split(self.image_token)
+        if images_before + len(pieces) - 1 > len(image_tokens):
+            raise TextError(f"the conversation places more images than the sample has ({len(image_tokens)})")
+        ids: list[int] = []
+        for index, piece in enumerate(pieces):
+            if index:
+                ids += [self.image_token_id] * image_tokens[images_before + index - 1]
+            ids += self._ids(piece)
+        return ids
+
+    def encode_chat(self, messages: list[dict], image_tokens: list[int], train_on: str) -> EncodedText:
+        """Encode a stored conversation (:mod:`vlmtrain.text.conversation`) through the tokenizer's chat
+        template: image ``i`` becomes ``image_tokens[i]`` placeholders; the content and end-of-turn token of
+        the assistant turns ``train_on`` names carry labels (:func:`~vlmtrain.text.chat.chat_segments`)."""
+        segments = chat_segments(self.tokenizer, as_template_messages(messages, self.image_token), self.image_token, train_on)
+        input_ids: list[int] = []
+        labels: list[int] = []
+        placed = 0
+        for segment in segments:
+            ids = self._expand(segment.text, image_tokens, placed)
+            placed += segment.text.count(self.image_token)
+            input_ids += ids
+            labels += ids if segment.labelled else [IGNORE_INDEX] * len(ids)
+        if placed != len(image_tokens):
+            raise TextError(f"the conversation places {placed} images, the sample has {len(image_tokens)}")
+        return EncodedText(input_ids=input_ids, labels=labels)
+
+    def encode_chat_prompt(self, messages: list[dict], image_tokens: list[int]) -> list[int]:
+        """Token ids that ask the model for the next assistant turn of a stored conversation."""
+        return self._expand(generation_prompt(self.tokenizer, as_template_messages(messages, self.image_token)), image_tokens, 0)

@@ -1,0 +1,236 @@
+"""Annotation files: LLaVA JSON/JSONL, "messages" records and prompt/target records become shards holding one
+conversation form; every malformed record is reported with its line or index and its reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from helpers import ENV, IMAGES
+
+from vlmtrain.data.annotations import read_annotations
+from vlmtrain.data.shards import write_shards
+from vlmtrain.errors import UserError
+
+LLAVA = [
+    {"id": "cat-coffee", "image": ["chelsea.png", "coffee.png"], "conversations": [
+        {"from": "system", "value": "Answer briefly."},
+        {"from": "human", "value": "<image>\nWhat animal is this?"},
+        {"from": "gpt", "value": "A cat."},
+        {"from": "human", "value": "And here? <image>"},
+        {"from": "gpt", "value": "A cup of coffee."},
+    ]},
+    {"id": "text-only", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]},
+]
+MESSAGES = [
+    {"id": "cat-coffee", "images": ["chelsea.png", "coffee.png"], "messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat animal is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": "And here? <image>"},
+        {"role": "assistant", "content": "A cup of coffee."},
+    ]},
+    {"id": "text-only", "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]},
+]
+STORED = [  # the one form both become
+    {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat animal is this?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+    {"role": "user", "content": [{"type": "text", "text": "And here? "}, {"type": "image"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A cup of coffee."}]},
+]
+
+
+def shard_records(out: Path) -> dict[str, dict]:
+    records = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    records[member.name[:-5]] = json.loads(tar.extractfile(member).read())
+    return records
+
+
+@pytest.mark.parametrize("name, content", [
+    ("llava.json", json.dumps(LLAVA)),
+    ("llava.jsonl", "\n".join(json.dumps(r) for r in LLAVA)),
+    ("messages.jsonl", "\n".join(json.dumps(r) for r in MESSAGES)),
+    ("messages.json", json.dumps(MESSAGES)),
+])
+def test_llava_and_messages_files_become_one_stored_conversation_form(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    annotations = read_annotations(path)
+    assert not annotations.bad and sum(annotations.formats.values()) == 2
+    write_shards(annotations.records, IMAGES, tmp_path / "out", "s", samples_per_shard=10)
+    records = shard_records(tmp_path / "out")
+    assert records["cat-coffee"]["messages"] == STORED
+    assert [entry["name"] for entry in records["cat-coffee"]["images"]] == ["0.png", "1.png"]
+    assert [(entry["width"], entry["height"]) for entry in records["cat-coffee"]["images"]] == [(451, 300), (600, 400)]
+    assert records["text-only"]["images"] == [] and records["text-only"]["messages"][1]["role"] == "assistant"
+
+
+def test_budgets_given_per_image_are_stored_with_the_images(tmp_path):
+    record = {
+        "key": "b",
+        "images": ["chelsea.png", "coffee.png"],
+        "budgets": [1120, None],
+        "messages": [
+            {"role": "user", "content": "<image><image>Read the first, glance at the second."},
+            {"role": "assistant", "content": "ok"},
+        ],
+    }
+    parts = {
+        "key": "p",
+        "images": ["chelsea.png"],
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "budget": 70}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": "A cat."},
+        ],
+    }
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps(parts) + "\n")
+    write_shards(read_annotations(path).records, IMAGES, tmp_path / "out", "s", 10)
+    stored = shard_records(tmp_path / "out")
+    assert [entry.get("budget") for entry in stored["b"]["images"]] == [1120, None]
+    assert [entry.get("budget") for entry in stored["p"]["images"]] == [70]
+
+
+BAD = [
+    ("not json", "not valid JSON"),
+    ([1, 2], "a record must be a JSON object"),
+    ({"image": "a.png", "conversations": [{"from": "robot", "value": "hi"}]}, "turn 1: unknown role 'robot'"),
+    (
+        {"conversations": [{"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Hi"}]},
+        "the first turn is from the assistant",
+    ),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "  "}]}, "turn 2: empty assistant turn"),
+    (
+        {"image": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "<image> Hi"}, {"from": "gpt", "value": "x"}]},
+        "1 image markers for 2 images (an image listed but never placed)",
+    ),
+    (
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}]},
+        "2 image markers for 1 images",
+    ),
+    ({"conversations": [{"from": "human", "value": "Hi"}]}, "no assistant turn"),
+    (
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<image>"}], "images": ["a.png"]},
+        "turn 2: an image in a turn of the assistant (images go in user turns)",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "system", "content": "Late."},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
+        "turn 2: a system turn after the first turn",
+    ),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "x"}]},
+        "turn 1: a content part must be a text part or an image part",
+    ),
+    (
+        {
+            "images": ["a.png"],
+            "budgets": [100],
+            "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}],
+        },
+        "image 1: budget 100 is not one of 70, 140, 280, 560, 1120",
+    ),
+    ({"image": "a.png", "text": "x"}, "'image' is not a field of prompt/target records; use 'images'"),
+    ({"images": "a.png", "text": "x"}, "'images' must be a list of paths"),
+]
+
+
+def test_every_malformed_record_is_reported_with_its_line_and_reason(tmp_path):
+    lines = [json.dumps({"key": "good", "images": ["chelsea.png"], "text": "cat"})]
+    lines += [value if isinstance(value, str) else json.dumps(value) for value, _ in BAD]
+    lines.append(json.dumps({"key": "good", "images": [], "text": "again"}))
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    annotations = read_annotations(path)
+    assert [record["key"] for record in annotations.records] == ["good"]
+    found = [str(bad) for bad in annotations.bad]
+    expected = [f"{path}:{number}: {reason}" for number, (_, reason) in enumerate(BAD, start=2)]
+    expected.append(f"{path}:{len(BAD) + 2}: key 'good' is used before, at {path}:1 (keys name samples in a shard)")
+    assert len(found) == len(expected)
+    for line, start in zip(found, expected, strict=True):
+        assert line.startswith(start), (line, start)
+
+
+def test_a_llava_json_array_reports_records_by_index(tmp_path):
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps([LLAVA[0], {"conversations": [{"from": "gpt", "value": "x"}]}, LLAVA[1]]))
+    assert [str(bad) for bad in read_annotations(path).bad] == [
+        f"{path}[1]: the first turn is from the assistant (a conversation starts with the user)"
+    ]
+
+
+def test_a_forced_format_refuses_records_of_another(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(LLAVA[1]) + "\n" + json.dumps({"images": [], "text": "x"}) + "\n")
+    assert [str(bad).split(": ", 1)[1] for bad in read_annotations(path, "records").bad] == [
+        "a conversation, but --format records was asked for"
+    ]
+    assert [str(bad).split(": ", 1)[1] for bad in read_annotations(path, "llava").bad] == [
+        "'conversations' must be a list of turns"
+    ]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "key,image,text\na,chelsea.png,cat\n",
+            "no 'images' column (columns: key, image, text); did you mean to name 'image' 'images'?",
+        ),
+        ("key,text\na,cat\n", "no 'images' column (columns: key, text)"),
+    ],
+)
+def test_a_csv_without_an_images_column_is_refused(tmp_path, content, message):
+    path = tmp_path / "a.csv"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        read_annotations(path)
+
+
+def test_a_json_file_that_is_not_a_list_is_refused(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('{"conversations": []')
+    with pytest.raises(UserError, match="a.json: not valid JSON"):
+        read_annotations(path)
+    path.write_text('{"conversations": []}')
+    with pytest.raises(UserError, match="must hold a list of records"):
+        read_annotations(path)
+
+
+def shards_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vlmtrain.cli", "shards", *args], capture_output=True, text=True, env=ENV, cwd=tmp_path
+    )
+
+
+@pytest.mark.slow
+def test_the_cli_writes_nothing_when_a_record_is_bad_and_the_rest_with_skip_bad(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join([json.dumps(MESSAGES[0]), json.dumps(BAD[3][0]), "{oops", json.dumps(MESSAGES[1])]) + "\n")
+    refused = shards_cli(tmp_path, str(path), str(tmp_path / "out"), "--images", str(IMAGES))
+    assert refused.returncode == 2 and not (tmp_path / "out").exists()
+    assert refused.stderr.splitlines() == [
+        f"error: {path}:2: the first turn is from the assistant (a conversation starts with the user)",
+        f"error: {path}:3: not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        "error: 2 of 4 records are malformed; nothing written (--skip-bad writes the other 2)",
+    ]
+    written = shards_cli(tmp_path, str(path), str(tmp_path / "out"), "--images", str(IMAGES), "--skip-bad")
+    assert written.returncode == 0, written.stderr
+    assert f"left out {path}:2: the first turn" in written.stdout and "wrote 2 samples in 1 shards" in written.stdout
+    index = json.loads((tmp_path / "out" / "shard-index.json").read_text())
+    assert index["samples"] == 2 and len(index["left_out"]) == 2
+    assert sorted(shard_records(tmp_path / "out")) == ["cat-coffee", "text-only"]

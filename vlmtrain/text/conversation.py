@@ -1,0 +1,180 @@
+"""Conversations: the one form in which shards store multi-turn, multi-image samples, the rules a conversation
+must follow, and the readers that bring LLaVA and "messages" (TRL, LLaMA-Factory) records into that form.
+
+Stored form, in a shard record's JSON::
+
+    "messages": [{"role": "system" | "user" | "assistant",
+                  "content": [{"type": "text", "text": "..."} | {"type": "image"}, ...]}, ...]
+    "images":   [{"name": "0.jpg", "width": W, "height": H, "budget": 1120}, ...]
+
+The k-th image part of the conversation is ``images[k]``; an image's ``budget`` is optional (it fixes that
+image's token budget in training, whatever the schedule draws).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlmtrain.geometry import LEVELS
+
+ROLES = ("system", "user", "assistant")
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+MARKER = "<image>"  # where an image goes in the text of LLaVA and messages records
+IMAGE_PART = {"type": "image"}
+
+
+class ConversationError(ValueError):
+    """A conversation that breaks a rule; the message says which, in a few words."""
+
+
+def split_markers(text: str) -> list[dict[str, str]]:
+    """``text`` as content parts: an image part at each ``<image>`` marker, text parts around them."""
+    parts: list[dict[str, str]] = []
+    for index, piece in enumerate(text.split(MARKER)):
+        if index:
+            parts.append(dict(IMAGE_PART))
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def image_count(messages: list[dict[str, Any]]) -> int:
+    return sum(part["type"] == "image" for message in messages for part in message["content"])
+
+
+def check_conversation(messages: list[dict[str, Any]], images: int, answered: bool = True) -> None:
+    """The rules of a stored conversation (see the module docstring); raises :class:`ConversationError`.
+    ``answered=False`` checks a conversation that waits for the assistant's answer (no assistant turn needed)."""
+    if not isinstance(messages, list) or not messages:
+        raise ConversationError("no turns")
+    for number, message in enumerate(messages, start=1):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise ConversationError(f"turn {number}: unknown role {role!r} (roles: {', '.join(ROLES)})")
+        content = message.get("content")
+        if not isinstance(content, list) or not all(_is_part(part) for part in content):
+            raise ConversationError(f"turn {number}: content must be a list of text and image parts")
+        if role == "system" and number > 1:
+            raise ConversationError(f"turn {number}: a system turn after the first turn")
+        if role != "user" and any(part["type"] == "image" for part in content):
+            raise ConversationError(f"turn {number}: an image in a turn of the {role} (images go in user turns)")
+        if role == "assistant" and not "".join(part.get("text", "") for part in content).strip():
+            raise ConversationError(f"turn {number}: empty assistant turn")
+    turns = [message["role"] for message in messages if message["role"] != "system"]
+    if not turns or turns[0] != "user":
+        raise ConversationError("the first turn is from the assistant (a conversation starts with the user)")
+    if answered and "assistant" not in turns:
+        raise ConversationError("no assistant turn (nothing to learn)")
+    placed = image_count(messages)
+    if placed != images:
+        unplaced = " (an image listed but never placed)" if placed < images else ""
+        raise ConversationError(f"{placed} image markers for {images} images{unplaced}")
+
+
+def _is_part(part: Any) -> bool:
+    if not isinstance(part, dict):
+        return False
+    if part.get("type") == "image":
+        return True
+    return part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
+def check_budgets(budgets: list[Any]) -> None:
+    """Budgets fixed per image: each one of the five levels, or null (the schedule draws it)."""
+    for index, budget in enumerate(budgets):
+        if budget is not None and (isinstance(budget, bool) or budget not in LEVELS):
+            raise ConversationError(f"image {index + 1}: budget {budget!r} is not one of {', '.join(map(str, LEVELS))}")
+
+
+def _image_paths(value: Any, key: str) -> list[str]:
+    if value is None:
+        return []
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(path, str) and path for path in paths):
+        raise ConversationError(f"{key!r} must be a path or a list of paths")
+    return paths
+
+
+def from_llava(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], list[int | None]]:
+    """A LLaVA record (``image`` one path or a list, ``conversations`` of ``from``/``value`` turns with
+    ``<image>`` markers, optionally ``budgets``, one per image) as (stored messages, image paths, budgets)."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        raise ConversationError("'conversations' must be a list of turns")
+    messages = []
+    for number, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise ConversationError(f"turn {number}: needs 'from' and a text 'value'")
+        speaker = turn.get("from")
+        if speaker not in LLAVA_ROLES:
+            raise ConversationError(f"turn {number}: unknown role {speaker!r} (LLaVA roles: human, gpt, system)")
+        messages.append({"role": LLAVA_ROLES[speaker], "content": split_markers(turn["value"])})
+    images = _image_paths(record.get("image", record.get("images")), "image")
+    check_conversation(messages, len(images))
+    return messages, images, record_budgets(record, len(images))
+
+
+def record_budgets(record: dict[str, Any], images: int, named: list[int | None] | None = None) -> list[int | None]:
+    """The budget fixed for each image: the record's ``budgets`` list, or those its image parts ``named``
+    when every image is a part, else none (null: the schedule draws it)."""
+    budgets = record.get("budgets")
+    if budgets is None:
+        budgets = named if named is not None and len(named) == images else [None] * images
+    elif not isinstance(budgets, list) or len(budgets) != images:
+        raise ConversationError(f"'budgets' must list one budget (or null) per image ({images})")
+    check_budgets(budgets)
+    return budgets
+
+
+def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None]]:
+    """``messages`` turns (``role``/``content``, content a string with ``<image>`` markers or a list of
+    ``{"type": "text" | "image"}`` parts) as stored messages, and the budget each image part names."""
+    if not isinstance(turns, list):
+        raise ConversationError("'messages' must be a list of turns")
+    messages, part_budgets = [], []
+    for number, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or "content" not in turn:
+            raise ConversationError(f"turn {number}: needs 'role' and 'content'")
+        content = turn["content"]
+        if isinstance(content, str):
+            parts = split_markers(content)
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image":
+                    parts.append(dict(IMAGE_PART))
+                    part_budgets.append(part.get("budget"))
+                elif kind == "text" and isinstance(part.get("text"), str):
+                    parts += split_markers(part["text"])
+                else:
+                    raise ConversationError(f"turn {number}: a content part must be a text part or an image part")
+        else:
+            raise ConversationError(f"turn {number}: content must be a string or a list of parts")
+        messages.append({"role": turn.get("role"), "content": parts})
+    return messages, part_budgets
+
+
+def from_messages(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], list[int | None]]:
+    """A "messages" record (:func:`parse_messages`; an ``images`` list; budgets in image parts or a
+    ``budgets`` list) as (stored messages, image paths, budget per image)."""
+    messages, part_budgets = parse_messages(record.get("messages"))
+    images = _image_paths(record.get("images"), "images")
+    check_conversation(messages, len(images))
+    return messages, images, record_budgets(record, len(images), part_budgets)
+
+
+def as_template_messages(messages: list[dict[str, Any]], image_token: str) -> list[dict[str, str]]:
+    """Stored messages as chat templates take them: content one string, each image part as ``image_token``."""
+    return [
+        {
+            "role": message["role"],
+            "content": "".join(image_token if part["type"] == "image" else part["text"] for part in message["content"]),
+        }
+        for message in messages
+    ]
+
+
+def text_of(message: dict[str, Any]) -> str:
+    """The text of a stored message (its image parts left out)."""
+    return "".join(part.get("text", "") for part in message["content"])
