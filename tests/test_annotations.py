@@ -234,3 +234,17 @@ def test_the_cli_writes_nothing_when_a_record_is_bad_and_the_rest_with_skip_bad(
     index = json.loads((tmp_path / "out" / "shard-index.json").read_text())
     assert index["samples"] == 2 and len(index["left_out"]) == 2
     assert sorted(shard_records(tmp_path / "out")) == ["cat-coffee", "text-only"]
+
+
+def test_messages_may_name_their_images_inside_the_parts(tmp_path):
+    inline = {"key": "i", "messages": [
+        {"role": "user", "content": [{"type": "image", "image": "chelsea.png"}, {"type": "text", "text": "What?"}]},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "coffee.png"}}]},
+        {"role": "assistant", "content": "A cat and a coffee."}]}
+    both = {**inline, "key": "b", "images": ["chelsea.png", "coffee.png"]}
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps(inline) + "\n" + json.dumps(both) + "\n")
+    annotations = read_annotations(path)
+    assert [record["images"] for record in annotations.records] == [["chelsea.png", "coffee.png"]]
+    reasons = [str(bad).split(": ", 1)[1] for bad in annotations.bad]
+    assert reasons == ["images are named both in 'images' and in image parts; name them in one place"]

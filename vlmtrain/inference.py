@@ -85,7 +85,7 @@ class ExportedModel:
         batch = ImageBatch.stack(items, patch_dim=3 * self.geometry.patch_size**2)
         counts = [grid[0] * grid[1] for *_, grid, _ in items]
         if messages is not None:
-            stored, _ = parse_messages(messages)
+            stored, _, _ = parse_messages(messages)
             check_conversation(stored, len(images), answered=False)
             ids = self.text.encode_chat_prompt(stored, counts)
         else:

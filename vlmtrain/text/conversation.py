@@ -126,12 +126,13 @@ def record_budgets(record: dict[str, Any], images: int, named: list[int | None] 
     return budgets
 
 
-def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None]]:
+def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], list[str]]:
     """``messages`` turns (``role``/``content``, content a string with ``<image>`` markers or a list of
-    ``{"type": "text" | "image"}`` parts) as stored messages, and the budget each image part names."""
+    ``{"type": "text" | "image"}`` parts) as stored messages, with the budget and the path that each image
+    part names, if any (``{"type": "image", "image": "a.jpg"}``, or OpenAI's ``image_url`` parts)."""
     if not isinstance(turns, list):
         raise ConversationError("'messages' must be a list of turns")
-    messages, part_budgets = [], []
+    messages, part_budgets, part_paths = [], [], []
     for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict) or "content" not in turn:
             raise ConversationError(f"turn {number}: needs 'role' and 'content'")
@@ -142,9 +143,14 @@ def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None]]:
             parts = []
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "image":
+                if kind in ("image", "image_url"):
                     parts.append(dict(IMAGE_PART))
                     part_budgets.append(part.get("budget"))
+                    path = part.get("image", part.get("path", part.get("url")))
+                    if kind == "image_url" and isinstance(part.get("image_url"), dict):
+                        path = part["image_url"].get("url")
+                    if isinstance(path, str) and path:
+                        part_paths.append(path)
                 elif kind == "text" and isinstance(part.get("text"), str):
                     parts += split_markers(part["text"])
                 else:
@@ -152,14 +158,18 @@ def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None]]:
         else:
             raise ConversationError(f"turn {number}: content must be a string or a list of parts")
         messages.append({"role": turn.get("role"), "content": parts})
-    return messages, part_budgets
+    return messages, part_budgets, part_paths
 
 
 def from_messages(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], list[int | None]]:
-    """A "messages" record (:func:`parse_messages`; an ``images`` list; budgets in image parts or a
-    ``budgets`` list) as (stored messages, image paths, budget per image)."""
-    messages, part_budgets = parse_messages(record.get("messages"))
+    """A "messages" record (:func:`parse_messages`; an ``images`` list, or paths in the image parts; budgets
+    in image parts or a ``budgets`` list) as (stored messages, image paths, budget per image)."""
+    messages, part_budgets, part_paths = parse_messages(record.get("messages"))
     images = _image_paths(record.get("images"), "images")
+    if not images and part_paths:
+        images = part_paths
+    elif images and part_paths:
+        raise ConversationError("images are named both in 'images' and in image parts; name them in one place")
     check_conversation(messages, len(images))
     return messages, images, record_budgets(record, len(images), part_budgets)
 
