@@ -138,6 +138,11 @@ def test_bad_recipes_give_one_clear_line(override, expected):
         ),
         (["resume=auto", "overwrite=true"], "resume: cannot resume and overwrite at once"),
         (
+            ["model.lm.path=models/x"],
+            "model.lm.hf_config: is not used when model.lm.path loads a model (its config comes from the folder); clear it",
+        ),
+        (["model.lm.path=models/x", "model.lm.hf_config=null"], None),
+        (
             ["model.vision.backbone=siglip2", "model.vision.path=null"],
             "model.vision.path: backbone 'siglip2' needs a local path or an hf_config",
         ),

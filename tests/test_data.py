@@ -21,7 +21,7 @@ from vlmtrain.data.annotations import read_annotations
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.datamodule import _unbatched
 from vlmtrain.data.images import decode_image
-from vlmtrain.data.pipeline import EvalStream, SkipLog, StreamState, TrainStream
+from vlmtrain.data.pipeline import DataError, EvalStream, SkipLog, StreamState, TrainStream
 from vlmtrain.data.samples import RawSample, SampleError, parse_sample
 from vlmtrain.data.shards import write_shards
 from vlmtrain.data.sources import ShardSequence, Source, StreamId, expand_shards, read_shard
@@ -261,7 +261,7 @@ def test_two_workers_follow_the_schedule_buckets_and_the_token_cap(builder, demo
         lm_tokens = int(batch.inputs.attention_mask.sum())
         assert 1 <= batch.size <= 8 and lm_tokens <= 2400
         assert len({tuple(grid) for grid in images.token_grids.tolist()}) == 1  # one bucket
-        assert images.padding == 0.0
+        assert batch.padding == 0.0 and batch.grids == [tuple(grid) for grid in images.token_grids.tolist()]
         assert all(int(t) <= batch.budget for t in images.token_counts)
 
 
@@ -348,7 +348,7 @@ def test_bad_input_is_skipped_and_counted_and_every_good_sample_delivered(builde
 def test_a_stream_of_only_bad_samples_stops_with_an_error_naming_the_shard(builder, tmp_path):
     shard = write_tar(tmp_path / "bad.tar", [(f"s{i}.json", b"{broken") for i in range(5)])
     stream = TrainStream([Source((shard,))], builder, UNIFORM, settings(max_consecutive_failures=20))
-    with pytest.raises(RuntimeError, match="samples in a row were unusable.*bad.tar"):
+    with pytest.raises(DataError, match="samples in a row were unusable.*bad.tar"):
         next(stream.steps(0, 1, 0))
 
 
@@ -436,7 +436,7 @@ def test_skip_log_limits_consecutive_failures():
     skips.ok()
     for _ in range(3):
         skips.add("image", "bad")
-    with pytest.raises(RuntimeError, match="4 samples in a row were unusable"):
+    with pytest.raises(DataError, match="4 samples in a row were unusable"):
         skips.add("image", "bad")
     assert skips.counts["image"] == 7
 

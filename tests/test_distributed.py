@@ -215,7 +215,7 @@ def test_zero3_loads_local_pretrained_weights_exactly(demo_dir, pretrained_dir, 
     common = (
         *(override.format(pretrained_dir) for override in VISION_FROM_FILES[vision]),
         f"model.lm.path={pretrained_dir}/llama",
-        "model.lm.hf_config={}",
+        "model.lm.hf_config=null",
         "optim.vision.trainable=false",
         "data.batching.lookahead=2",
         "data.batching.max_batch_size=2",

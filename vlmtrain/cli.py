@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 
 from vlmtrain.config import load_recipe, recipe_to_yaml
-from vlmtrain.errors import UserError
-from vlmtrain.geometry import Geometry, geometry_table, parse_size
+from vlmtrain.errors import RunInterrupted, UserError
+from vlmtrain.geometry import Geometry, check_budget, geometry_table, parse_size
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
+    from vlmtrain.train.preflight import prepare
+
+    prepared = prepare(recipe, str(args.recipe))  # every check before the training stack is imported
     from lightning.pytorch.utilities import rank_zero_only
 
-    from vlmtrain.train.run import fit  # heavy imports only once the recipe is known to be valid
+    from vlmtrain.train.run import fit
 
-    run_dir = fit(recipe)
+    run_dir = fit(recipe, source=str(args.recipe), prepared=prepared)
     if rank_zero_only.rank == 0:
         print(f"run finished: {run_dir}")
 
@@ -27,6 +33,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_geometry(args: argparse.Namespace) -> None:
+    for name in ("patch", "pool"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     height, width = parse_size(args.size)
     print(geometry_table(Geometry(patch_size=args.patch, pool=args.pool), height, width))
 
@@ -67,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from vlmtrain.evaluate import evaluate, log_to_wandb
     from vlmtrain.export import results_table
 
-    budgets = [int(b) for b in args.budgets.split(",")] if args.budgets else None
+    budgets = parse_budgets(args.budgets) if args.budgets else None
     names = args.names.split(",") if args.names else None
     out = args.out or args.models[0] / "eval"
     if any("=" not in condition for condition in args.where):
@@ -86,10 +95,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     for model in results["models"]:
         print(f"{model['name']} ({model['path']}):")
+        for warning in model["warnings"]:
+            print(f"warning: {warning}")
         print(results_table(model))
     print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
     if args.wandb:
         log_to_wandb(results, out, args.wandb_project, offline=not args.wandb_online)
+
+
+def parse_budgets(text: str) -> list[int]:
+    """``--budgets 70,280,1120`` → [70, 280, 1120]; anything else is one line naming what is wrong."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise UserError(f"--budgets {text!r} must be token levels separated by commas, e.g. 70,280,1120")
+    budgets = [int(part) for part in parts]
+    for budget in budgets:
+        check_budget(budget)
+    return budgets
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -114,8 +136,8 @@ def cmd_demo_chat(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="vlmtrain", description="Train mixed-budget vision encoders for VLMs.")
-    commands = main.add_subparsers(dest="command", required=True)
+    main = Parser(prog="vlmtrain", description="Train mixed-budget vision encoders for VLMs.")
+    commands = main.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     for name, handler, text in (
         ("fit", cmd_fit, "train a recipe"),
@@ -199,13 +221,66 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
+def show_logs() -> None:
+    """vlmtrain's own log lines (what a run skipped, where it starts from) go to stderr, one per line."""
+    logger = logging.getLogger("vlmtrain")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def describe(error: BaseException) -> tuple[str, str]:
+    """(kind, message in one line) of an error; for one re-raised from a DataLoader worker, the original's."""
+    text = str(error).strip()
+    kind = type(error).__name__
+    if "Original Traceback" in text:  # torch wraps a worker's exception with the worker's traceback
+        kind, _, text = text.splitlines()[-1].partition(": ")
+        kind = kind.rsplit(".", 1)[-1]
+    return kind, (text.splitlines()[0] if text else kind)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (and exit code 2), like every other mistake."""
+
+    def error(self, message: str) -> None:
+        size = next((arg for arg in sys.argv[2:] if re.fullmatch(r"-\d+x-?\d+", arg)), None)
+        hint = f" ({size}: an image size must be positive, WIDTHxHEIGHT)" if size else ""
+        print(f"error: {self.prog}: {message}{hint}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Run a command. A user's mistake is one line on stderr and exit code 2, an interrupted run names its
+    checkpoint (exit 128 + the signal), any other failure is one line and exit code 1; ``--debug`` or
+    ``VLMTRAIN_DEBUG=1`` shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("VLMTRAIN_DEBUG", "") not in ("", "0") or "--debug" in argv
+    args = parser().parse_args([arg for arg in argv if arg != "--debug"])
+    show_logs()
+    if args.command in ("fit", "export", "eval"):
+        import torch
+
+        if not torch.cuda.is_available():  # what DeepSpeed would pick, said so it does not warn about it
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         args.handler(args)
     except (UserError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"error: {describe(error)[1]}", file=sys.stderr)
         return 2
+    except RunInterrupted as interrupted:
+        print(f"stopped: {interrupted}", file=sys.stderr)
+        return interrupted.exit_code
+    except Exception as error:  # a failure of the run itself: one line, the traceback on demand
+        if debug:
+            raise
+        kind, message = describe(error)
+        print(f"error: {kind}: {message} (VLMTRAIN_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,7 +23,7 @@ from omegaconf import errors as oc_errors
 
 from vlmtrain.budget import BudgetSchedule, check_budget_settings
 from vlmtrain.errors import UserError
-from vlmtrain.geometry import LEVELS, BudgetError
+from vlmtrain.geometry import LEVELS, BudgetError, Geometry
 
 BACKBONES = ("native", "siglip2", "gemma4", "dinov2")
 STEMS = ("conv", "linear")
@@ -102,13 +102,17 @@ class LMConfig:
     new LoRA adapters (``lora``) or the PEFT adapter folder ``adapter`` on top."""
 
     path: str | None = None
-    hf_config: dict[str, Any] = field(default_factory=dict)
+    hf_config: dict[str, Any] | None = field(default_factory=dict)  # null clears it (a recipe switching to a path)
     tokenizer: str | None = None
     image_token: str = "<image>"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     adapter: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.hf_config is None:
+            self.hf_config = {}
 
 
 @dataclass
@@ -300,10 +304,42 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def recipe_from_configs(configs: list[DictConfig], source: str = "recipe") -> Recipe:
-    """Merge ``configs`` over the schema defaults, resolve interpolations and validate."""
+    """Merge ``configs`` over the schema defaults, resolve interpolations and validate. The values read from
+    the environment (``${oc.env:VAR}``) are remembered as written, so that :func:`recipe_values` can keep
+    them out of run directories and W&B (they may hold secrets)."""
     recipe = structured(Recipe, configs, source)
+    try:
+        raw = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Recipe), *configs), resolve=False)
+    except oc_errors.OmegaConfBaseException:
+        raw = {}
+    recipe._from_environment = {key: value for key, value in _leaves(raw) if isinstance(value, str) and "${oc.env:" in value}
     validate(recipe, source)
     return recipe
+
+
+def _leaves(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested dict/list."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            yield from _leaves(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _leaves(value, f"{key}[{index}]")
+    else:
+        yield key, node
+
+
+def recipe_values(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain values, with what came from the environment written as it was in the recipe
+    (``${oc.env:VAR}``), not its value: what run directories and W&B keep."""
+    values = OmegaConf.to_container(OmegaConf.structured(recipe))
+    for key, written in getattr(recipe, "_from_environment", {}).items():
+        *path, leaf = [int(part) if part.isdigit() else part for part in key.replace("[", ".").replace("]", "").split(".")]
+        node = values
+        for part in path:
+            node = node[part]
+        node[leaf] = written
+    return values
 
 
 def structured(schema: type[Schema], configs: list[Any], source: str, prefix: str = "") -> Schema:
@@ -322,8 +358,9 @@ def structured(schema: type[Schema], configs: list[Any], source: str, prefix: st
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    """The resolved recipe as YAML: written next to every run so it can be re-run exactly."""
-    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+    """The resolved recipe as YAML (environment values as written, see :func:`recipe_values`): written next to
+    every run so it can be re-run exactly."""
+    return OmegaConf.to_yaml(OmegaConf.create(recipe_values(recipe)))
 
 
 def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
@@ -471,6 +508,14 @@ def _check_pooling(recipe: Recipe) -> None:
     if pooling.size is not None:
         _positive("model.pooling.size", pooling.size)
     _positive("model.pooling.heads", pooling.heads)
+    patch_size = recipe.model.vision.patch_size
+    if pooling.size is not None and patch_size is not None and patch_size > 0:
+        try:
+            Geometry(patch_size, pooling.size, tuple(recipe.budget.levels))
+        except BudgetError:
+            pass  # the budget section names its own mistakes
+        except UserError as error:
+            raise _Invalid("model.pooling.size", str(error)) from None
 
 
 def _check_lm(recipe: Recipe) -> None:
@@ -479,6 +524,11 @@ def _check_lm(recipe: Recipe) -> None:
         lm.path is not None or bool(lm.hf_config.get("model_type")),
         "model.lm.hf_config",
         "without model.lm.path it must hold a model_type (e.g. llama)",
+    )
+    _require(
+        lm.path is None or not lm.hf_config,
+        "model.lm.hf_config",
+        "is not used when model.lm.path loads a model (its config comes from the folder); clear it: model.lm.hf_config=null",
     )
     _require(bool(lm.image_token), "model.lm.image_token", "must not be empty")
     lora = lm.lora

@@ -24,6 +24,7 @@ from vlmtrain.errors import UserError
 from vlmtrain.geometry import LEVELS
 from vlmtrain.inference import ExportedModel
 from vlmtrain.model.inputs import ImageBatch
+from vlmtrain.reporting import progress
 from vlmtrain.text.chat import stop_tokens
 
 
@@ -195,12 +196,17 @@ def evaluate(
     for name, path in zip(names, models, strict=True):
         model = open_model(path)
         levels = budgets or list(model.geometry.levels)
-        evaluated = [evaluate_budget(model, urls, b, limit, batch_tokens, generate, max_new_tokens, where) for b in levels]
+        evaluated = [evaluate_budget(model, urls, b, limit, batch_tokens, generate, max_new_tokens, where)
+                     for b in progress(levels, f"evaluating {name} budget by budget", len(levels))]
         rows, examples = [row for row, _ in evaluated], [found for _, found in evaluated]
+        untrained = [budget for budget in levels if budget not in model.geometry.levels]
+        trained = ", ".join(map(str, model.geometry.levels))
+        warnings = [f"trained at {trained} only: {', '.join(map(str, untrained))} never seen in training"] if untrained else []
         results["models"].append(
             {
                 "name": name,
                 "path": str(path),
+                "warnings": warnings,
                 "budgets": [asdict(row) for row in rows],
                 "examples": {str(row.budget): [asdict(e) for e in found] for row, found in zip(rows, examples, strict=True)},
             }

@@ -15,6 +15,7 @@ from vlmtrain.errors import UserError
 
 LEVELS: tuple[int, ...] = (70, 140, 280, 560, 1120)
 DEFAULT_BUDGET = 280
+MAX_UPSCALE = 8  # a 640x640 image may become at most 8 times larger at the largest level (Gemma 4: 2.5)
 
 
 class BudgetError(UserError, ValueError):
@@ -80,6 +81,14 @@ class Geometry:
         if self.patch_size < 1 or self.pool < 1:
             raise UserError(f"patch size and pool must be >= 1, got {self.patch_size} and {self.pool}")
         check_levels(self.levels)
+        largest = max(self.levels)
+        side = _image_geometry(640, 640, largest, self.patch_size, self.pool).resize[0]
+        if side > MAX_UPSCALE * 640:
+            patches = (side // self.patch_size) ** 2
+            raise UserError(
+                f"patch {self.patch_size} x pool {self.pool}: one token covers {self.cell}x{self.cell} px, so a 640x640 image "
+                f"becomes {side}x{side} px ({patches:,} patches) at {largest} tokens; use a smaller pool size"
+            )
 
     @property
     def cell(self) -> int:

@@ -14,7 +14,8 @@ from vlmtrain.text.tokenizers import IGNORE_INDEX
 @dataclass
 class Batch:
     """Samples encoded at one token budget (``None``: each image at its own, in ``image_budgets``): the model's
-    input, and each sample's key, validation group and data epoch."""
+    input, each sample's key, validation group and data epoch, and the batch's token counts (known when the
+    batch is made, so that throughput needs nothing back from the device)."""
 
     inputs: ModelInput
     budget: int | None
@@ -22,6 +23,18 @@ class Batch:
     groups: list[str] = field(default_factory=list)
     epochs: list[int] = field(default_factory=list)
     image_budgets: list[int] = field(default_factory=list)
+    tokens: int = 0  # LM tokens of the samples (text and visual, no padding), counted on the host
+    grids: list[tuple[int, int]] = field(default_factory=list)  # each image's token grid, on the host
+
+    @property
+    def visual_tokens(self) -> int:
+        return sum(rows * cols for rows, cols in self.grids)
+
+    @property
+    def padding(self) -> float:
+        """Padded visual-token slots ÷ all slots, when every image is padded to the batch's largest."""
+        counts = [rows * cols for rows, cols in self.grids]
+        return 1.0 - sum(counts) / (max(counts) * len(counts)) if counts else 0.0
 
     @property
     def size(self) -> int:

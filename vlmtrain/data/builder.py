@@ -83,7 +83,10 @@ class BatchBuilder:
 
     def _prompt_and_target(self, sample: RawSample) -> tuple[str, str]:
         prompt = sample.text(self.fields.prompt_field) if self.fields.prompt_field else self.fields.prompt
-        return prompt, sample.text(self.fields.target_field)
+        target = sample.text(self.fields.target_field)
+        if not target.strip():
+            raise SampleError("empty_target", f"sample {sample.key!r}: {self.fields.target_field!r} is empty, nothing to learn")
+        return prompt, target
 
     def _encode_text(self, sample: RawSample, image_tokens: list[int]) -> EncodedText:
         """A conversation record through the chat template, a prompt/target record as written."""
@@ -157,4 +160,6 @@ class BatchBuilder:
             keys=[s.key for s in samples],
             groups=[s.group for s in samples],
             image_budgets=[b for s in samples for b in s.budgets],
+            tokens=sum(len(s.text.input_ids) for s in samples),
+            grids=[tuple(grid) for s in samples for *_, grid in s.images],
         )

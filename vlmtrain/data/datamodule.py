@@ -4,6 +4,7 @@ position that checkpoints save and resumed runs continue from."""
 from __future__ import annotations
 
 import logging
+import signal
 
 import lightning as L
 import torch.distributed as dist
@@ -17,6 +18,13 @@ from vlmtrain.data.pipeline import EvalStream, StreamState, TrainStream
 from vlmtrain.data.sources import ShardSequence, Source, StreamId, expand_shards
 
 log = logging.getLogger(__name__)
+
+
+def _ignore_stop_signals(worker: int) -> None:
+    """Data workers leave SIGINT, SIGTERM and SIGUSR1 to the training process, which stops the run cleanly
+    (a terminal's Ctrl-C and SLURM's signals reach every process of the job, workers included)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _unbatched(item):
@@ -62,7 +70,10 @@ class ShardDataModule(L.LightningDataModule):
         rank, world = self.rank_and_world
         stream = TrainStream(self.sources, self.builder, self.schedule, self.data, rank, world, self.next_step, self.streams)
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(stream, batch_size=None, collate_fn=_unbatched, num_workers=self.data.num_workers, pin_memory=on_gpu)
+        return DataLoader(
+            stream, batch_size=None, collate_fn=_unbatched, num_workers=self.data.num_workers, pin_memory=on_gpu,
+            worker_init_fn=_ignore_stop_signals,
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         return [

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from vlmtrain.data.images import to_rgb
 from vlmtrain.data.shards import ShardReport, write_shards
 from vlmtrain.geometry import Geometry
+from vlmtrain.reporting import progress
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg",
@@ -121,7 +122,7 @@ def make_demo_shards(
     reports = {}
     for split, indices in splits.items():
         records = []
-        for index in indices:
+        for index in progress(indices, f"rendering the demo's {split} images", len(indices)):
             image, record = render_sample(index, seed)
             name = f"{record['key']}.jpg"
             image.save(image_dir / name, quality=92)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtrain.data.demo import WORDS, render_sample
+from vlmtrain.reporting import progress
 
 CHAT_SEED = 7  # other renders than the demo set and the reader's training images
 
@@ -66,5 +67,9 @@ def make_chat_set(out_dir: Path, train: int, val: int, seed: int = CHAT_SEED) ->
     files = {}
     for split, indices in {"train": range(train), "val": range(train, train + val)}.items():
         files[split] = out_dir / f"{split}.json"
-        files[split].write_text(json.dumps([conversation(index, seed, image_dir) for index in indices], indent=1) + "\n")
+        records = [
+            conversation(index, seed, image_dir)
+            for index in progress(indices, f"rendering the {split} conversations", len(indices))
+        ]
+        files[split].write_text(json.dumps(records, indent=1) + "\n")
     return files

@@ -23,36 +23,49 @@ from vlmtrain.data.buckets import BucketPool, Waiting
 from vlmtrain.data.builder import BatchBuilder, Budgets, EncodedSample
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import Arrival, Position, ShardSequence, Source, StreamId, read_shard, stream_samples
+from vlmtrain.errors import UserError
 from vlmtrain.geometry import BudgetError
 from vlmtrain.seeding import rng
 
 log = logging.getLogger(__name__)
 
 
+class DataError(UserError):
+    """Data that cannot feed a run: a stream of nothing but unusable samples or broken shards."""
+
+
 class SkipLog:
     """Counts skipped samples by kind and logs them at a limited rate (the 1st, 2nd, 4th, 8th... of each kind).
 
-    More than ``max_consecutive`` skips with no usable sample between them stop the run with an error
-    naming the last shard, so a stream of nothing but bad data fails loudly instead of spinning.
+    More than ``max_consecutive`` skips with no usable sample between them, or the same shard broken
+    ``shard_attempts`` times in such a run (one empty shard, a ``pipe:`` command that always fails), stop
+    the run with one line naming the shard and the failure, so bad data fails loudly instead of spinning.
     """
 
-    def __init__(self, max_consecutive: int = 1000, counts: dict[str, int] | None = None) -> None:
+    def __init__(self, max_consecutive: int = 1000, counts: dict[str, int] | None = None, shard_attempts: int = 3) -> None:
         self.counts: Counter[str] = Counter(counts or {})
         self.max_consecutive = max_consecutive
+        self.shard_attempts = shard_attempts
         self.consecutive = 0
+        self.broken: Counter[str] = Counter()
 
-    def add(self, kind: str, message: str) -> None:
+    def add(self, kind: str, message: str, shard: str | None = None) -> None:
         self.counts[kind] += 1
         self.consecutive += 1
         seen = self.counts[kind]
         if seen & (seen - 1) == 0:
             log.warning("skipped sample (%s, %d so far): %s", kind, seen, message)
+        if kind == "bad_shard" and shard is not None:
+            self.broken[shard] += 1
+            if self.broken[shard] >= self.shard_attempts:
+                raise DataError(f"{message}; read {self.broken[shard]} times with no usable sample from any shard in between")
         if self.consecutive > self.max_consecutive:
-            raise RuntimeError(f"{self.consecutive} samples in a row were unusable; last ({kind}): {message}")
+            raise DataError(f"{self.consecutive} samples in a row were unusable; last ({kind}): {message}")
 
     def ok(self) -> None:
         """A usable sample arrived: the run of failures is broken."""
         self.consecutive = 0
+        self.broken.clear()
 
 
 @dataclass
@@ -172,7 +185,7 @@ class TrainStream(IterableDataset):
             if tokens > self.data.batching.batch_tokens:
                 raise SampleError("over_token_cap", f"sample {sample.key!r} needs {tokens} tokens at the largest budget")
         except SampleError as error:
-            skips.add(error.kind, f"{error} (shard {arrival.url})")
+            skips.add(error.kind, f"{error} (shard {arrival.url})", arrival.url)
             return
         pool.add(entry)
         skips.ok()
@@ -246,7 +259,7 @@ class EvalStream(IterableDataset):
         for url in self.urls:
             for sample in read_shard(url):
                 if isinstance(sample, SampleError):
-                    self.skips.add(sample.kind, f"{sample} (shard {url})")
+                    self.skips.add(sample.kind, f"{sample} (shard {url})", url)
                 elif all(str(sample.record.get(field)) == value for field, value in self.where.items()):
                     yield sample
 

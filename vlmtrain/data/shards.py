@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from tqdm import tqdm
 from webdataset import TarWriter
 
+from vlmtrain import reporting
 from vlmtrain.data.annotations import sample_key
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import SampleError
@@ -133,11 +133,13 @@ def write_shards(
             writer.close()
             os.replace(temp_path, shard_path)
 
+    records = list(records)
+    total = len(records)
     encode = partial(_encode_indexed, image_root=image_root, outside_images=outside_images)
     try:
         with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:
             results = pool.imap(encode, enumerate(records), chunksize=4) if pool else map(encode, enumerate(records))
-            for key, files in tqdm(results, desc=f"writing {prefix} shards", unit=" samples", disable=not progress):
+            for key, files in reporting.progress(results, f"writing {prefix} shards", total) if progress else results:
                 if isinstance(files, SampleError):
                     report.rejected.append((key, str(files)))
                     continue

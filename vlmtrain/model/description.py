@@ -63,6 +63,10 @@ def describe_model(model: ModelConfig, budget: BudgetConfig) -> ModelDescription
     pool = model.pooling.size or kind.own_pool(settings)
     if pool is None:
         raise UserError(f"model.pooling.size: backbone {vision.backbone!r} has no pool size of its own; set one (e.g. 2)")
+    try:
+        Geometry(patch_size, pool, tuple(budget.levels))
+    except UserError as error:
+        raise UserError(f"model.pooling.size: {error}") from None
     return ModelDescription(
         vision=VisionDescription(vision.backbone, settings, vision.path, vision.gradient_checkpointing),
         pooling=replace(model.pooling, size=pool),

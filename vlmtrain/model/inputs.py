@@ -36,14 +36,6 @@ class ImageBatch:
     def token_counts(self) -> torch.Tensor:
         return self.token_grids[:, 0] * self.token_grids[:, 1]
 
-    @property
-    def padding(self) -> float:
-        """Padded visual-token slots ÷ all slots, when every image is padded to the batch's largest."""
-        if self.count == 0:
-            return 0.0
-        counts = self.token_counts
-        return 1.0 - float(counts.sum()) / float(counts.max() * self.count)
-
     @classmethod
     def stack(cls, images: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]], patch_dim: int) -> ImageBatch:
         """Pad and stack ``(pixels, positions, token_grid, sample_index)`` tuples into one batch."""

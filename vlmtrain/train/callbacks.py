@@ -15,42 +15,85 @@ from vlmtrain.data.batch import Step
 from vlmtrain.train.module import VLMModule, log_this_step
 
 
-class BudgetThroughput(L.Callback):
-    """Logs, per budget, images and visual tokens per second of the training step, and the time spent
-    waiting for data before it; ``images_per_s`` keeps each budget's figures for the run's summary."""
+class StepTimer:
+    """Wall-clock time of training steps without a host-device synchronisation per step: on a GPU, CUDA
+    events recorded around each step are read only when figures are wanted (every ``log_every`` steps)."""
 
     def __init__(self) -> None:
-        self._step_start: float | None = None
-        self._step_end: float | None = None
-        self.images_per_s: dict[int, list[float]] = defaultdict(list)
+        self.pending: list[tuple[object, object, Step]] = []
 
-    @staticmethod
-    def _sync(module: L.LightningModule) -> None:
+    def start(self, module: L.LightningModule) -> object:
         if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, module: L.LightningModule, began: object, step: Step) -> None:
+        self.pending.append((began, self.start(module), step))
+
+    def collect(self) -> list[tuple[float, Step]]:
+        """(seconds, step) of the steps timed since the last call."""
+        done = []
+        for began, ended, step in self.pending:
+            if isinstance(began, float):
+                done.append((ended - began, step))
+            else:
+                ended.synchronize()
+                done.append((began.elapsed_time(ended) / 1000.0, step))
+        self.pending = []
+        return done
+
+
+class BudgetThroughput(L.Callback):
+    """Every ``log_every`` steps: per budget, images and visual tokens per second of the training steps at that
+    budget, LM tokens per second, and the time spent waiting for data. ``images_per_s`` keeps each budget's
+    figures for the run's summary, ``interval`` the last interval's totals for the progress line."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.timer = StepTimer()
+        self._began: object | None = None
+        self._step_end: float | None = None
+        self._wait = 0.0
+        self.images_per_s: dict[int, list[float]] = defaultdict(list)
+        self.interval: dict[str, float] = {}
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, step: Step, batch_idx: int) -> None:
-        self._sync(module)
-        self._step_start = time.perf_counter()
+        now = time.perf_counter()
         if self._step_end is not None:
-            module.log("train/data_wait_s", self._step_start - self._step_end, on_step=True, on_epoch=False, batch_size=1)
+            self._wait += now - self._step_end
+        self._began = self.timer.start(module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, step: Step, batch_idx: int) -> None:
-        self._sync(module)
+        self.timer.stop(module, self._began, step)
         self._step_end = time.perf_counter()
-        seconds = self._step_end - self._step_start
-        images = sum(batch.inputs.images.count for batch in step.batches)
-        tokens = sum(int(batch.inputs.images.token_counts.sum()) for batch in step.batches)
-        if len(step.batches) == 1:  # one budget: its own figures
-            budget = step.budgets[0]
-            self.images_per_s[budget].append(images / seconds)
-            log_this_step(
-                module,
-                {f"train/images_per_s@{budget}": images / seconds, f"train/visual_tokens_per_s@{budget}": tokens / seconds},
-            )
-        else:
-            module.log("train/images_per_s", images / seconds, on_step=True, on_epoch=False, batch_size=1)
-            module.log("train/visual_tokens_per_s", tokens / seconds, on_step=True, on_epoch=False, batch_size=1)
+        if (batch_idx + 1) % self.every == 0 or trainer.global_step >= trainer.max_steps:
+            self.report(module)
+
+    def report(self, module: L.LightningModule) -> None:
+        """Log the figures of the steps since the last report."""
+        timed = self.timer.collect()
+        if not timed:
+            return
+        seconds = sum(duration for duration, _ in timed)
+        batches = [batch for _, step in timed for batch in step.batches]
+        self.interval = {"steps": len(timed), "seconds": seconds, "wait": self._wait, "tokens": sum(b.tokens for b in batches),
+                         "images": sum(b.inputs.images.count for b in batches)}
+        values = {"train/tokens_per_s": self.interval["tokens"] / seconds, "train/data_wait_s": self._wait / len(timed)}
+        by_budget: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+        for duration, step in timed:
+            if len(step.batches) == 1 and step.batches[0].budget is not None:  # a step at one budget: its own figures
+                figures = by_budget[step.batches[0].budget]
+                figures[0] += duration
+                figures[1] += step.batches[0].inputs.images.count
+                figures[2] += step.batches[0].visual_tokens
+        for budget, (duration, images, visual) in by_budget.items():
+            self.images_per_s[budget].append(images / duration)
+            values[f"train/images_per_s@{budget}"] = images / duration
+            values[f"train/visual_tokens_per_s@{budget}"] = visual / duration
+        self._wait = 0.0
+        log_this_step(module, values, every=1)
 
 
 class DataProgress(L.Callback):
@@ -60,6 +103,7 @@ class DataProgress(L.Callback):
 
     def __init__(self) -> None:
         self.skipped: dict[int, dict[str, int]] = {}
+        self.total_skipped = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, step: Step, batch_idx: int) -> None:
         if trainer.datamodule is not None and hasattr(trainer.datamodule, "record"):
@@ -70,17 +114,17 @@ class DataProgress(L.Callback):
             for kind, count in counts.items():
                 totals[kind] = totals.get(kind, 0) + count
         first = step.batches[0]
-        images = first.inputs.images
         values = {
-            "data/padding": sum(batch.inputs.images.padding for batch in step.batches) / len(step.batches),
+            "data/padding": sum(batch.padding for batch in step.batches) / len(step.batches),
             "data/epoch": float(min(first.epochs, default=0)),
             "data/samples": float(first.size),
-            "data/images": float(images.count),
+            "data/images": float(len(first.grids)),
             "skipped": float(sum(totals.values())),
             **{f"data/skipped_{kind}": float(count) for kind, count in totals.items()},
         }
-        if images.count:
-            rows, cols = images.token_grids[0].tolist()
+        self.total_skipped = int(values["skipped"])
+        if first.grids:
+            rows, cols = first.grids[0]
             log_this_step(module, {"data/bucket_aspect": cols / rows})
         for name, value in values.items():
             module.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "skipped", batch_size=1)

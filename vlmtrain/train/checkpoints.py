@@ -7,8 +7,10 @@ next save removes.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import save_file
 
 from vlmtrain.train.adapters import gathered
-from vlmtrain.train.layout import LATEST, PARTIAL, STATE, TRAINED, checkpoint_name
+from vlmtrain.train.layout import LATEST, PARTIAL, STATE, TRAINED, checkpoint_name, latest_checkpoint
 
 
 def _remove(path: Path) -> None:
@@ -55,6 +57,22 @@ def _publish(directory: Path, partial: Path, final: Path, keep: int) -> None:
             _remove(stale)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written (the last complete one is untouched)."""
+
+
+def no_space_message(error: OSError, final: Path, last: Path | None) -> str:
+    """One line for a full disk: what was being written, where, and what is safe."""
+    where = str(error.filename or final)
+    staged = (
+        " (Lightning writes a checkpoint to a temporary file in /tmp first: /tmp is the one that is full)"
+        if where.startswith(tempfile.gettempdir())
+        else ""
+    )
+    kept = f"the last complete checkpoint, {last}, is untouched" if last is not None else "no earlier checkpoint exists"
+    return f"no space left writing {final}: {error.strerror} at {where}{staged}; {kept}"
+
+
 class AtomicCheckpoint(Checkpoint):
     """Saves every ``every`` optimizer steps and at the end of training; keeps the last ``keep``.
 
@@ -77,10 +95,16 @@ class AtomicCheckpoint(Checkpoint):
             _remove(partial)
             partial.mkdir(parents=True)
         trainer.strategy.barrier("checkpoint-start")
-        trainer.save_checkpoint(partial / STATE, weights_only=False)  # every rank: DeepSpeed writes its shards
-        weights = trained_weights(module, trainer.strategy)
-        if trainer.is_global_zero:
-            save_file(weights, str(partial / TRAINED))
+        try:
+            trainer.save_checkpoint(partial / STATE, weights_only=False)  # every rank: DeepSpeed writes its shards
+            weights = trained_weights(module, trainer.strategy)
+            if trainer.is_global_zero:
+                save_file(weights, str(partial / TRAINED))
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            _remove(partial)
+            raise CheckpointError(no_space_message(error, final, latest_checkpoint(self.directory))) from None
         trainer.strategy.barrier("checkpoint-written")
         _publish(self.directory, partial, final, self.keep)
         trainer.strategy.barrier("checkpoint-published")

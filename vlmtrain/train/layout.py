@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlmtrain.config import Recipe, RecipeError
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -27,3 +29,17 @@ def latest_checkpoint(directory: Path) -> Path | None:
         return None
     path = directory / pointer.read_text().strip()
     return path if path.is_dir() else None
+
+
+def resume_checkpoint(recipe: Recipe) -> Path | None:
+    """The Lightning state to continue from: ``resume=auto`` takes the run directory's latest complete
+    checkpoint (none: start afresh), ``resume=PATH`` that checkpoint directory."""
+    if recipe.resume is None:
+        return None
+    if recipe.resume == "auto":
+        checkpoint = latest_checkpoint(Path(recipe.run_dir) / CHECKPOINTS)
+        return checkpoint / STATE if checkpoint is not None else None
+    path = Path(recipe.resume)
+    if not (path / STATE).exists():
+        raise RecipeError(f"resume: {str(path)!r} is not a checkpoint directory (with a {STATE!r} inside)")
+    return path / STATE

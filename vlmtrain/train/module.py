@@ -105,15 +105,15 @@ def losses_by_budget(batch: Batch, losses: SampleLosses) -> dict[int, torch.Tens
     return results
 
 
-def log_this_step(module: L.LightningModule, values: dict[str, float | torch.Tensor]) -> None:
+def log_this_step(module: L.LightningModule, values: dict[str, float | torch.Tensor], every: int | None = None) -> None:
     """Log metrics that only some steps have (a budget's loss and speed) to the loggers, at this step only.
 
     ``self.log`` would report their last value again at every later step (Lightning keeps what was once
-    logged), so a chart of the loss at 70 tokens would show steps trained at 1120. Logged every
-    ``trainer.log_every`` steps, at the step number Lightning's own rows carry."""
+    logged), so a chart of the loss at 70 tokens would show steps trained at 1120. Logged every ``every``
+    steps (default: ``trainer.log_every``), at the step number Lightning's own rows carry."""
     trainer = module.trainer
     step = trainer.fit_loop.epoch_loop._batches_that_stepped  # what Lightning logs its own rows at
-    if not trainer.loggers or (step + 1) % trainer.log_every_n_steps:
+    if not trainer.loggers or (step + 1) % (every or trainer.log_every_n_steps):
         return
     scalars = {name: float(value) for name, value in values.items()}
     for logger in trainer.loggers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -13,18 +14,21 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import OmegaConf
 
-from vlmtrain.config import Recipe, RecipeError, recipe_to_yaml
+from vlmtrain.config import Recipe, RecipeError, recipe_to_yaml, recipe_values
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.datamodule import ShardDataModule
-from vlmtrain.plan import RunPlan, plan_run
+from vlmtrain.errors import RunInterrupted
+from vlmtrain.plan import RunPlan
 from vlmtrain.text.encoding import TextEncoder
 from vlmtrain.train.adapters import save_adapter
 from vlmtrain.train.callbacks import BudgetThroughput, DataProgress, RunSummary
 from vlmtrain.train.checkpoints import AtomicCheckpoint
-from vlmtrain.train.layout import CHECKPOINTS, STATE, latest_checkpoint
+from vlmtrain.train.interrupts import StopOnSignal
+from vlmtrain.train.layout import CHECKPOINTS, checkpoint_name
 from vlmtrain.train.module import VLMModule
+from vlmtrain.train.preflight import prepare, resume_log
+from vlmtrain.train.progress import ProgressLog, StepProgressBar, on_a_terminal
 from vlmtrain.train.strategy import build_strategy, device_count, node_count
 
 RECIPE_FILE = "recipe.yaml"
@@ -45,20 +49,6 @@ def quiet_dependencies() -> None:
     warnings.filterwarnings("ignore", message=r"When saving the DeepSpeed Stage 3 checkpoint")  # export consolidates
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")  # inside PEFT
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # frozen parts, on purpose
-
-
-def resume_checkpoint(recipe: Recipe) -> Path | None:
-    """The Lightning state to continue from: ``resume=auto`` takes the run directory's latest complete
-    checkpoint (none: start afresh), ``resume=PATH`` that checkpoint directory."""
-    if recipe.resume is None:
-        return None
-    if recipe.resume == "auto":
-        checkpoint = latest_checkpoint(Path(recipe.run_dir) / CHECKPOINTS)
-        return checkpoint / STATE if checkpoint is not None else None
-    path = Path(recipe.resume)
-    if not (path / STATE).exists():
-        raise RecipeError(f"resume: {str(path)!r} is not a checkpoint directory (with a {STATE!r} inside)")
-    return path / STATE
 
 
 def prepare_run_dir(recipe: Recipe) -> Path:
@@ -96,35 +86,43 @@ def build_loggers(recipe: Recipe, run_dir: Path) -> list[Logger]:
     run keeps what came before); ``wandb``: W&B (offline unless the recipe says not) and the CSV; ``none``."""
     if recipe.logger == "none":
         return []
-    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="metrics")]
+    # metrics.csv is written as the run goes: `tail -f` follows it
+    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="metrics", flush_logs_every_n_steps=recipe.trainer.log_every)]
     if recipe.logger == "wandb":
-        loggers.append(
-            WandbLogger(
-                name=recipe.name,
-                save_dir=str(run_dir),
-                id=wandb_run_id(run_dir) if rank_zero_only.rank == 0 else None,
-                resume="allow",
-                project=recipe.wandb.project,
-                entity=recipe.wandb.entity,
-                offline=recipe.wandb.offline,
-                tags=list(recipe.wandb.tags),
-                config=OmegaConf.to_container(OmegaConf.structured(recipe)),
-            )
+        wandb = WandbLogger(
+            name=recipe.name,
+            save_dir=str(run_dir),
+            id=wandb_run_id(run_dir) if rank_zero_only.rank == 0 else None,
+            resume="allow",
+            project=recipe.wandb.project,
+            entity=recipe.wandb.entity,
+            offline=recipe.wandb.offline,
+            tags=list(recipe.wandb.tags),
+            config=recipe_values(recipe),
         )
+        # Lightning passes anonymous=None, which W&B warns about on every run although it means nothing
+        wandb._wandb_init.pop("anonymous", None)
+        loggers.append(wandb)
     return loggers
 
 
 def build_trainer(recipe: Recipe, run_dir: Path, extra_callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
-    """The Lightning Trainer the recipe describes, with checkpoints, throughput and summary callbacks."""
+    """The Lightning Trainer the recipe describes, with checkpoints, throughput, progress, signal handling
+    and summary callbacks (in the order they must see each step)."""
     trainer = recipe.trainer
     loggers = build_loggers(recipe, run_dir)
-    throughput = BudgetThroughput()
+    throughput = BudgetThroughput(trainer.log_every)
+    data = DataProgress()
+    checkpoint = AtomicCheckpoint(run_dir / CHECKPOINTS, every=trainer.checkpoint_every, keep=trainer.keep_checkpoints)
+    terminal = on_a_terminal()
     callbacks: list[L.Callback] = [
         *extra_callbacks,
-        AtomicCheckpoint(run_dir / CHECKPOINTS, every=trainer.checkpoint_every, keep=trainer.keep_checkpoints),
         throughput,
-        DataProgress(),
+        data,  # records the data position before anything saves a checkpoint
+        StopOnSignal(checkpoint),
         RunSummary(run_dir, throughput),
+        StepProgressBar() if terminal else ProgressLog(trainer.log_every, throughput, data),
+        checkpoint,
     ]
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -147,6 +145,8 @@ def build_trainer(recipe: Recipe, run_dir: Path, extra_callbacks: Sequence[L.Cal
         use_distributed_sampler=False,
         logger=loggers or False,
         callbacks=callbacks,  # AtomicCheckpoint is the checkpoint callback: Lightning adds no other
+        enable_progress_bar=terminal,
+        enable_model_summary=False,  # the module prints its own table of parameters per part
     )
 
 
@@ -161,14 +161,15 @@ def build_datamodule(plan: RunPlan) -> ShardDataModule:
     return ShardDataModule(plan.recipe.data, batch_builder(plan), plan.schedule)
 
 
-def fit(recipe: Recipe, callbacks: Sequence[L.Callback] = ()) -> Path:
-    """Train the recipe (with any extra Lightning ``callbacks``); returns the run directory (checkpoints,
-    metrics, resolved recipe, summary)."""
+def fit(recipe: Recipe, callbacks: Sequence[L.Callback] = (), source: str = "recipe", prepared: tuple | None = None) -> Path:
+    """Train the recipe (``source`` names it in error messages), with any extra Lightning ``callbacks``;
+    returns the run directory (checkpoints, metrics, resolved recipe, summary). ``prepared``: what
+    :func:`prepare` returned, when the caller checked the recipe before importing the training stack."""
     quiet_dependencies()
+    plan, checkpoint = prepared or prepare(recipe, source)
     L.seed_everything(recipe.seed, workers=True, verbose=False)
-    checkpoint = resume_checkpoint(recipe)
-    plan = plan_run(recipe)
     run_dir = prepare_run_dir(recipe)
+    resume_log(checkpoint, run_dir, recipe.resume)
     module = VLMModule(plan)
     datamodule = build_datamodule(plan)
     trainer = build_trainer(recipe, run_dir, callbacks)
@@ -176,4 +177,12 @@ def fit(recipe: Recipe, callbacks: Sequence[L.Callback] = ()) -> Path:
     save_adapter(module.model.lm, trainer, run_dir / "adapter")
     if trainer.is_global_zero:
         plan.tokenizer.save_pretrained(run_dir / "tokenizer")
+    stop = next(callback for callback in trainer.callbacks if isinstance(callback, StopOnSignal))
+    if stop.stopped_at is not None:
+        name = signal.Signals(stop.received).name
+        raise RunInterrupted(
+            f"{name} at step {stop.stopped_at}; checkpoint {run_dir / CHECKPOINTS / checkpoint_name(stop.stopped_at)}; "
+            f"continue with: vlmtrain fit {run_dir / RECIPE_FILE} resume=auto",
+            stop.received,
+        )
     return run_dir
