@@ -44,18 +44,18 @@ class Reader(nn.Module):
         self.head = nn.Linear(backbone.width, len(WORDS))
 
     def forward(self, images: ImageBatch) -> torch.Tensor:
-        features = self.backbone(images.pixels, images.positions, images.token_grids)
-        mask = images.patch_mask.float()[..., None]
-        return self.head((features * mask).sum(1) / mask.sum(1))
+        features = self.backbone(images.pixels, images.positions, images.patch_grids)
+        counts = images.patch_counts
+        image = torch.repeat_interleave(torch.arange(images.count), counts)
+        return self.head(features.new_zeros(images.count, features.shape[1]).index_add(0, image, features) / counts[:, None])
 
 
 def image_batch(samples: list, geometry: Geometry, budget: int) -> tuple[ImageBatch, torch.Tensor]:
-    """The samples' images at ``budget`` and their word indices; the batch's grids are patch grids (the
-    reader averages patch features, no pooling)."""
+    """The samples' images at ``budget`` and their word indices (the reader averages patch features, no pooling)."""
     images = []
     for index, (image, _) in enumerate(samples):
         shape = geometry.image(image.height, image.width, budget)
-        images.append((*image_patches(image, shape, geometry.patch_size), shape.patch_grid, index))
+        images.append((*image_patches(image, shape, geometry.patch_size), shape, index))
     words = torch.tensor([WORDS.index(record["text"]) for _, record in samples])
     return ImageBatch.stack(images, 3 * geometry.patch_size**2), words
 

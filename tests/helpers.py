@@ -124,19 +124,21 @@ def image_batch(geometry: Geometry, sizes: list[tuple[int, int]], budget: int, s
     for index, (height, width) in enumerate(sizes):
         g = geometry.image(height, width, budget)
         image = Image.fromarray(rng.integers(0, 256, size=(*g.resize, 3), dtype=np.uint8))
-        items.append((*image_patches(image, g, geometry.patch_size), g.token_grid, index))
+        items.append((*image_patches(image, g, geometry.patch_size), g, index))
     return ImageBatch.stack(items, patch_dim=3 * geometry.patch_size**2)
 
 
 def single(images: ImageBatch, index: int) -> ImageBatch:
-    """Image ``index`` alone, without the padding the batch gave it."""
-    count = int(images.patch_mask[index].sum())
-    return ImageBatch(
-        images.pixels[index : index + 1, :count],
-        images.positions[index : index + 1, :count],
-        images.token_grids[index : index + 1],
-        torch.zeros(1, dtype=torch.long),
-    )
+    """Image ``index`` alone, as a batch of its own (sample 0)."""
+    alone = images.select([index])
+    alone.sample_index = torch.zeros_like(alone.sample_index)
+    return alone
+
+
+def image_rows(images: ImageBatch, index: int) -> slice:
+    """Where image ``index``'s patches are in the packed batch."""
+    offsets = [0, *torch.cumsum(images.patch_counts, 0).tolist()]
+    return slice(offsets[index], offsets[index + 1])
 
 
 def save_as_full_checkpoint(model: torch.nn.Module, folder: Path, model_type: str, prefix: str, vision_config: dict) -> None:

@@ -138,6 +138,17 @@ def test_bad_recipes_give_one_clear_line(override, expected):
         ),
         (["resume=auto", "overwrite=true"], "resume: cannot resume and overwrite at once"),
         (
+            [
+                "model.vision.backbone=dinov2",
+                "model.vision.path=null",
+                "model.vision.hf_config={hidden_size: 8}",
+                "model.vision.patch_size=null",
+                "trainer.strategy=deepspeed",
+                "trainer.deepspeed.stage=3",
+            ],
+            "data.batching.packing: DINOv2 runs once per image grid",
+        ),
+        (
             ["model.lm.path=models/x"],
             "model.lm.hf_config: is not used when model.lm.path loads a model (its config comes from the folder); clear it",
         ),

@@ -209,18 +209,18 @@ def test_real_images_encode_to_the_geometry_at_every_budget(builder, caption_dir
     encoded = [builder.encode(sample, budget) for sample in samples]
     batch = builder.collate(encoded, budget).inputs
     assert batch.size == 16 and batch.images.count == 16  # 14 single, one pair, one text-only
+    assert batch.input_ids.shape == (1, sum(len(item.text.input_ids) for item in encoded))  # one packed row
+    samples_of_tokens = batch.sequence_ids[0]
     for row, (sample, item) in enumerate(zip(samples, encoded, strict=True)):
         expected = [GEOMETRY.image(h, w, budget) for h, w in sample.sizes]
-        assert [grid for *_, grid in item.images] == [g.token_grid for g in expected]
+        assert [geometry for *_, geometry in item.images] == expected
         assert [pixels.shape[0] for pixels, *_ in item.images] == [g.patches for g in expected]
-        assert (
-            int((batch.input_ids[row] == builder.text.image_token_id).sum())
-            == sum(g.tokens for g in expected)
-            <= budget * len(expected)
-        )
-        target = batch.labels[row][batch.labels[row] != IGNORE_INDEX][:-1]
+        ids, labels = batch.input_ids[0][samples_of_tokens == row], batch.labels[0][samples_of_tokens == row]
+        assert int((ids == builder.text.image_token_id).sum()) == sum(g.tokens for g in expected) <= budget * len(expected)
+        target = labels[labels != IGNORE_INDEX][:-1]
         assert builder.text.tokenizer.decode(target) == sample.text("text")
-    assert batch.images.patch_mask.sum(1).tolist() == (batch.images.token_counts * 4).tolist()
+    assert batch.images.patch_counts.tolist() == (batch.images.token_counts * 4).tolist()
+    assert batch.images.pixels.shape[0] == int(batch.images.patch_counts.sum())  # images packed: nothing padded
 
 
 def test_size_mismatch_between_json_and_image_is_caught(builder, caption_dir):
@@ -248,8 +248,9 @@ def test_jpeg_decodes_at_reduced_scale_close_to_a_full_decode():
 # ---------------------------------------------------------------- training streams
 
 
-def test_two_workers_follow_the_schedule_buckets_and_the_token_cap(builder, demo_dir):
-    stream = TrainStream(demo_sources(demo_dir), builder, UNIFORM, settings())
+@pytest.mark.parametrize("packing", [True, False])
+def test_two_workers_follow_the_schedule_and_the_token_cap(builder, demo_dir, packing):
+    stream = TrainStream(demo_sources(demo_dir), builder, UNIFORM, settings(packing=packing))
     loader = DataLoader(stream, batch_size=None, collate_fn=_unbatched, num_workers=2)
     steps = list(islice(loader, 30))
     assert [step.index for step in steps] == list(range(30))
@@ -258,11 +259,14 @@ def test_two_workers_follow_the_schedule_buckets_and_the_token_cap(builder, demo
     for step in steps:
         (batch,) = step.batches
         images = batch.inputs.images
-        lm_tokens = int(batch.inputs.attention_mask.sum())
-        assert 1 <= batch.size <= 8 and lm_tokens <= 2400
-        assert len({tuple(grid) for grid in images.token_grids.tolist()}) == 1  # one bucket
-        assert batch.padding == 0.0 and batch.grids == [tuple(grid) for grid in images.token_grids.tolist()]
+        assert 1 <= batch.size <= 8 and batch.tokens <= 2400
+        assert batch.tokens == sum(int((batch.inputs.sample_ids == row).sum()) for row in range(batch.size))
+        assert batch.grids == [tuple(grid) for grid in images.token_grids.tolist()]
         assert all(int(t) <= batch.budget for t in images.token_counts)
+        if packing:  # one row, nothing padded, any grids
+            assert batch.inputs.input_ids.shape == (1, batch.tokens) and batch.padding == 0.0
+        else:  # one bucket: one token grid
+            assert len(set(batch.grids)) == 1 and batch.inputs.input_ids.shape[0] == batch.size
 
 
 def collect(stream: TrainStream, index: int, count: int, steps: int) -> list:
@@ -369,21 +373,26 @@ def test_resampled_sources_follow_their_weights(demo_dir):
     assert [sequence.shard(k) for k in range(20)] != [other_rank.shard(k) for k in range(20)]
 
 
-def test_buckets_remove_the_padding_that_mixed_shapes_cause(builder, tmp_path):
+def test_packing_fills_the_cap_at_every_budget_without_padding(builder, tmp_path):
+    """Mixed shapes and text lengths: packed steps fill the token cap and pad nothing; steps of one aspect bucket
+    with padded text do neither."""
     shapes = [(400, 400), (800, 40), (40, 800), (600, 200), (200, 600), (640, 480)]  # (width, height)
     files = []
-    for i in range(36):
+    for i in range(48):
         width, height = shapes[i % len(shapes)]
-        files += [(f"s{i:02d}.json", record(f"w{i}", (width, height))), (f"s{i:02d}.0.png", png(width, height))]
+        files += [(f"s{i:02d}.json", record("w" * (3 + (i * 7) % 40), (width, height))), (f"s{i:02d}.0.png", png(width, height))]
     sources = [Source((write_tar(tmp_path / "shapes.tar", files),))]
-    schedule = BudgetSchedule((70,), (1.0,), 0)
-    padding = {}
-    for buckets in (True, False):
-        stream = TrainStream(sources, builder, schedule, settings(buckets=buckets, lookahead=18, max_wait=1000, batch_tokens=600))
-        images = [batch.inputs.images for batch in collect(stream, 0, 1, steps=24)]
-        slots = sum(batch.count * int(batch.token_counts.max()) for batch in images)
-        padding[buckets] = 1 - sum(int(batch.token_counts.sum()) for batch in images) / slots
-    assert padding[True] < 0.03 and padding[False] > 0.10, padding
+    for budget in (70, 140):
+        figures = {}
+        for packing in (True, False):
+            schedule = BudgetSchedule((budget,), (1.0,), 0)
+            stream = TrainStream(sources, builder, schedule, settings(packing=packing, lookahead=24, batch_tokens=600))
+            batches = collect(stream, 0, 1, steps=12)
+            fill = sum(batch.tokens for batch in batches) / (600 * len(batches))
+            padding = 1 - sum(batch.tokens for batch in batches) / sum(batch.inputs.input_ids.numel() for batch in batches)
+            figures[packing] = (fill, padding)
+        assert figures[True][0] > 0.9 and figures[True][1] == 0.0, figures
+        assert figures[False][0] < figures[True][0] and figures[False][1] > 0.02, figures
 
 
 def test_matryoshka_batches_hold_the_same_samples_at_every_budget(builder, demo_dir):
@@ -391,7 +400,7 @@ def test_matryoshka_batches_hold_the_same_samples_at_every_budget(builder, demo_
     batches = next(TrainStream(demo_sources(demo_dir), builder, schedule, settings()).steps(0, 1, 0)).batches
     assert [b.budget for b in batches] == [70, 280]
     assert batches[0].keys == batches[1].keys
-    assert int(batches[0].inputs.attention_mask.sum() + batches[1].inputs.attention_mask.sum()) <= 2400
+    assert batches[0].tokens + batches[1].tokens <= 2400
 
 
 # ---------------------------------------------------------------- evaluation stream
@@ -402,7 +411,7 @@ def test_eval_stream_yields_the_first_samples_in_order_at_one_budget(builder, de
     batches = list(EvalStream(urls, builder, budget=140, limit=5, batch_tokens=320, max_batch_size=8))
     keys = [key for b in batches for key in b.keys]
     assert keys == [s.key for s in good_samples(urls)][:5]
-    assert {b.budget for b in batches} == {140} and all(int(b.inputs.attention_mask.sum()) <= 320 for b in batches)
+    assert {b.budget for b in batches} == {140} and all(b.tokens <= 320 for b in batches)
 
 
 def test_eval_stream_keeps_only_the_samples_asked_for(builder, demo_dir):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import GEMMA4_TOWER, SIGLIP2_TOWER, TINY_LLAMA, image_batch, save_as_full_checkpoint, single
+from helpers import GEMMA4_TOWER, SIGLIP2_TOWER, TINY_LLAMA, image_batch, image_rows, save_as_full_checkpoint, single
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Config, Dinov2Model, Gemma4VisionConfig, Gemma4VisionModel, Siglip2VisionConfig, Siglip2VisionModel
 
@@ -38,16 +39,31 @@ def load_tower(kind: str, path: str | None, hf_config: dict) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("stem", ["conv", "linear"])
-def test_native_vit_output_does_not_depend_on_batch_padding(stem):
+def test_native_vit_gives_each_packed_image_what_it_gives_the_image_alone(stem):
     torch.manual_seed(0)
     geometry = Geometry(patch_size=8, pool=2)
     vit = NativeViT(patch_size=8, width=32, depth=2, heads=2, stem=stem).eval()
-    images = image_batch(geometry, [(40, 90), (100, 30), (64, 64)], budget=70)
-    batched = vit(images.pixels, images.positions, images.token_grids * 2)
-    for index in range(3):
+    images = image_batch(geometry, [(40, 90), (100, 30), (64, 64), (40, 90)], budget=70)  # two share a grid
+    packed = vit(images.pixels, images.positions, images.patch_grids)
+    assert packed.shape == (images.pixels.shape[0], 32)
+    for index in range(4):
         alone = single(images, index)
-        expected = vit(alone.pixels, alone.positions, alone.token_grids * 2)[0]
-        torch.testing.assert_close(batched[index, : expected.shape[0]], expected, atol=2e-5, rtol=1e-4)
+        expected = vit(alone.pixels, alone.positions, alone.patch_grids)
+        torch.testing.assert_close(packed[image_rows(images, index)], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_packed_attention_equals_a_block_diagonal_mask():
+    from vlmtrain.model.backbone import PackedAttention
+
+    grids = torch.tensor([[2, 3], [1, 5], [3, 2], [2, 2]])
+    lengths = grids.prod(1).tolist()
+    q, k, v = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
+    image = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
+    mask = image[:, None] == image[None, :]
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask).transpose(
+        0, 1
+    )
+    torch.testing.assert_close(PackedAttention(grids)(q, k, v), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_conv_stem_sees_the_image_as_a_whole():
@@ -57,58 +73,70 @@ def test_conv_stem_sees_the_image_as_a_whole():
     images = image_batch(geometry, [(12, 20)], budget=70)
     g = geometry.image(12, 20, 70)
     rows, cols = g.patch_grid
-    canvas = (
-        images.pixels[0].float().view(rows, cols, 4, 4, 3).permute(4, 0, 2, 1, 3).reshape(1, 3, rows * 4, cols * 4) / 127.5 - 1
-    )
+    canvas = images.pixels.float().view(rows, cols, 4, 4, 3).permute(4, 0, 2, 1, 3).reshape(1, 3, rows * 4, cols * 4) / 127.5 - 1
     expected = vit.stem.norm(vit.stem.convs(canvas).permute(0, 2, 3, 1).reshape(rows * cols, 16))
-    torch.testing.assert_close(vit.stem(images.pixels, images.positions, images.token_grids)[0], expected)
+    torch.testing.assert_close(vit.stem(images.pixels, images.positions, images.patch_grids), expected)
+
+
+def token_slices(images: ImageBatch) -> list[slice]:
+    offsets = [0, *torch.cumsum(images.token_counts, 0).tolist()]
+    return [slice(offsets[i], offsets[i + 1]) for i in range(images.count)]
 
 
 def test_gather_and_average_pooling_match_per_image_pooling():
     geometry = Geometry(patch_size=4, pool=3)
     images = image_batch(geometry, [(30, 80), (90, 40), (10, 10)], budget=140)
-    features = torch.randn(*images.positions.shape[:2], 8)
-    pooled, mask = AveragePooling(3)(features, images.positions, images.token_grids)
-    windows, _ = gather_windows(features, images.positions, images.token_grids, 3)
-    assert mask.sum(1).tolist() == images.token_counts.tolist()
-    for index in range(3):
+    features = torch.randn(images.pixels.shape[0], 8)
+    pooled = AveragePooling(3)(features, images.positions, images.token_grids)
+    windows = gather_windows(features, images.positions, images.token_grids, 3)
+    assert pooled.shape[0] == windows.shape[0] == int(images.token_counts.sum())
+    for index, tokens in enumerate(token_slices(images)):
         rows, cols = images.token_grids[index].tolist()
-        grid = features[index, : rows * cols * 9].view(rows * 3, cols * 3, 8)
+        grid = features[image_rows(images, index)].view(rows * 3, cols * 3, 8)
         expected = F.avg_pool2d(grid.permute(2, 0, 1)[None], 3)[0].permute(1, 2, 0).reshape(rows * cols, 8)
-        torch.testing.assert_close(pooled[index, : rows * cols], expected)
-        first = grid[:3, :3].reshape(9, 8)  # token 0's window, in (y, x) order
-        torch.testing.assert_close(windows[index, 0], first)
+        torch.testing.assert_close(pooled[tokens], expected)
+        first = grid[:3, :3].reshape(9, 8)  # the image's first token's window, in (y, x) order
+        torch.testing.assert_close(windows[tokens.start], first)
 
 
 def test_attention_pooling_starts_as_average_pooling_and_learns():
     geometry = Geometry(patch_size=4, pool=2)
     images = image_batch(geometry, [(30, 50), (50, 20)], budget=70)
-    features = torch.randn(*images.positions.shape[:2], 16, requires_grad=True)
+    features = torch.randn(images.pixels.shape[0], 16, requires_grad=True)
     attention = AttentionPooling(2, width=16, heads=4)
-    average, _ = AveragePooling(2)(features, images.positions, images.token_grids)
-    pooled, mask = attention(features, images.positions, images.token_grids)
+    average = AveragePooling(2)(features, images.positions, images.token_grids)
+    pooled = attention(features, images.positions, images.token_grids)
     torch.testing.assert_close(pooled, average)
-    (pooled[mask] ** 2).sum().backward()
+    (pooled**2).sum().backward()
     assert attention.attention.out_proj.weight.grad.abs().sum() > 0
 
 
-def test_pooling_refuses_patches_that_do_not_fill_the_promised_grid():
+@pytest.mark.parametrize("break_it", ["grid", "position", "duplicate"])
+def test_pooling_refuses_patches_that_do_not_fill_the_promised_grid(break_it):
     geometry = Geometry(patch_size=4, pool=2)
-    images = image_batch(geometry, [(30, 50)], budget=70)
-    features = torch.randn(*images.positions.shape[:2], 8)
-    wrong = images.token_grids.clone()
-    wrong[0, 1] += 1
+    images = image_batch(geometry, [(30, 50), (20, 20)], budget=70)
+    features = torch.randn(images.pixels.shape[0], 8)
+    grids, positions = images.token_grids.clone(), images.positions.clone()
+    if break_it == "grid":
+        grids[0, 1] += 1
+    elif break_it == "position":
+        positions[3, 0] = 999
+    else:
+        positions[3] = positions[2]
     with pytest.raises(GeometryMismatch):
-        AveragePooling(2)(features, images.positions, wrong)
+        AveragePooling(2)(features, positions, grids)
 
 
 def gemma4_inputs(images: ImageBatch, geometry: Geometry, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What Gemma4ImageProcessor gives for the same images: [0, 1] pixels padded to max_patches, -1 positions."""
     longest = geometry.max_patches(budget)
-    pixels = torch.zeros(images.count, longest, images.pixels.shape[2])
+    pixels = torch.zeros(images.count, longest, images.pixels.shape[1])
     positions = torch.full((images.count, longest, 2), -1, dtype=torch.long)
-    pixels[:, : images.pixels.shape[1]] = images.pixels.float() / 255.0
-    positions[:, : images.positions.shape[1]] = images.positions
+    for index in range(images.count):
+        rows = image_rows(images, index)
+        count = rows.stop - rows.start
+        pixels[index, :count] = images.pixels[rows].float() / 255.0
+        positions[index, :count] = images.positions[rows]
     return pixels, positions
 
 
@@ -126,9 +154,9 @@ def test_gemma4_backbone_with_average_pooling_equals_gemma4_vision_model(tmp_pat
     images = image_batch(geometry, [(100, 300), (250, 120)], budget=70)
     with torch.no_grad():
         expected = reference(*gemma4_inputs(images, geometry, 70)).last_hidden_state
-        features = backbone(images.pixels, images.positions, images.token_grids * 3)
-        tokens, mask = AveragePooling(3)(features, images.positions, images.token_grids)
-    torch.testing.assert_close(tokens[mask], expected, atol=1e-4, rtol=1e-4)
+        features = backbone(images.pixels, images.positions, images.patch_grids)
+        tokens = AveragePooling(3)(features, images.positions, images.token_grids)
+    torch.testing.assert_close(tokens, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_gemma4_tower_loads_from_a_whole_gemma4_checkpoint(tmp_path):
@@ -160,17 +188,17 @@ def test_siglip2_backbone_loads_from_a_whole_siglip2_checkpoint_and_ignores_padd
     backbone = load_tower("siglip2", str(tmp_path / "siglip2"), {}).eval()
     geometry = Geometry(patch_size=16, pool=2)
     images = image_batch(geometry, [(120, 300), (300, 100)], budget=70)
-    grids = images.token_grids * 2
+    grids = images.patch_grids
     with torch.no_grad():
-        batched = backbone(images.pixels, images.positions, grids)
+        packed = backbone(images.pixels, images.positions, grids)
         for index in range(2):
             alone = single(images, index)
             expected = reference(
-                pixel_values=alone.pixels.float() / 127.5 - 1,
-                pixel_attention_mask=torch.ones(alone.pixels.shape[:2]),
+                pixel_values=alone.pixels[None].float() / 127.5 - 1,
+                pixel_attention_mask=torch.ones(1, alone.pixels.shape[0]),
                 spatial_shapes=grids[index : index + 1],
             ).last_hidden_state[0]
-            torch.testing.assert_close(batched[index, : expected.shape[0]], expected, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(packed[image_rows(images, index)], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_dinov2_backbone_equals_dinov2_on_each_image_alone(tmp_path):
@@ -185,20 +213,13 @@ def test_dinov2_backbone_equals_dinov2_on_each_image_alone(tmp_path):
     images = image_batch(geometry, [(100, 300), (300, 100), (110, 290)], budget=70)  # two share a grid
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     with torch.no_grad():
-        batched = backbone(images.pixels, images.positions, images.token_grids * 2)
+        packed = backbone(images.pixels, images.positions, images.patch_grids)
         for index in range(3):
-            rows, cols = (images.token_grids[index] * 2).tolist()
-            count = rows * cols
-            canvas = (
-                images.pixels[index, :count]
-                .float()
-                .view(rows, cols, 14, 14, 3)
-                .permute(4, 0, 2, 1, 3)
-                .reshape(3, rows * 14, cols * 14)
-                / 255
-            )
+            rows, cols = images.patch_grids[index].tolist()
+            pixels = images.pixels[image_rows(images, index)].float()
+            canvas = pixels.view(rows, cols, 14, 14, 3).permute(4, 0, 2, 1, 3).reshape(3, rows * 14, cols * 14) / 255
             expected = reference(pixel_values=((canvas - mean) / std)[None]).last_hidden_state[0, 1:]
-            torch.testing.assert_close(batched[index, :count], expected, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(packed[image_rows(images, index)], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_lm_from_a_local_folder_gets_an_image_token_and_room_for_it(tmp_path):
@@ -238,7 +259,7 @@ def expected_visual_tokens(model, images: ImageBatch, index: int) -> torch.Tenso
     alone = single(images, index)
     pool = model.geometry.pool
     rows, cols = alone.token_grids[0].tolist()
-    features = model.backbone(alone.pixels, alone.positions, alone.token_grids * pool)[0]
+    features = model.backbone(alone.pixels, alone.positions, alone.patch_grids)
     grid = features.view(rows * pool, cols * pool, -1).permute(2, 0, 1)[None]
     return model.projector(F.avg_pool2d(grid, pool)[0].permute(1, 2, 0).reshape(rows * cols, -1))
 
@@ -246,7 +267,7 @@ def expected_visual_tokens(model, images: ImageBatch, index: int) -> torch.Tenso
 @pytest.mark.parametrize("budget", [70, 140, 280])
 def test_each_image_fills_exactly_its_own_placeholders_in_order(tiny_model, real_samples, budget):
     model, builder = tiny_model
-    batch = builder.collate([builder.encode(s, budget) for s in real_samples], budget).inputs
+    batch = builder.collate([builder.encode(s, budget) for s in real_samples], budget, packed=False).inputs
     with torch.no_grad():
         embeds = model.embed(batch.input_ids, batch.images)
         placeholders = batch.input_ids == model.image_token_id
@@ -262,7 +283,7 @@ def test_each_image_fills_exactly_its_own_placeholders_in_order(tiny_model, real
 
 def test_a_placeholder_mismatch_is_refused(tiny_model, real_samples):
     model, builder = tiny_model
-    batch = builder.collate([builder.encode(s, 70) for s in real_samples[:2]], 70).inputs
+    batch = builder.collate([builder.encode(s, 70) for s in real_samples[:2]], 70, packed=False).inputs
     first = int(torch.nonzero(batch.input_ids[0] == model.image_token_id)[0, 0])
     batch.input_ids[0, first] = builder.text.tokenizer.convert_tokens_to_ids("a")
     with pytest.raises(GeometryMismatch, match="image placeholders per sample"):
@@ -272,7 +293,7 @@ def test_a_placeholder_mismatch_is_refused(tiny_model, real_samples):
 def test_text_only_batches_still_run_and_reach_every_vision_parameter(tiny_model, real_samples):
     model, builder = tiny_model
     text_only = [s for s in real_samples if not s.images]
-    batch = builder.collate([builder.encode(s, 70) for s in text_only], 70).inputs
+    batch = builder.collate([builder.encode(s, 70) for s in text_only], 70, packed=False).inputs
     assert batch.images.count == 0
     model.zero_grad()
     model.sample_losses(batch).mean().backward()
@@ -284,19 +305,19 @@ def test_text_only_batches_still_run_and_reach_every_vision_parameter(tiny_model
 def test_a_mixed_batch_gives_a_text_only_sample_no_visual_tokens(tiny_model, real_samples):
     model, builder = tiny_model
     chosen = [s for s in real_samples if s.key in ("no_image", "pair", "logo2")]
-    batch = builder.collate([builder.encode(s, 70) for s in chosen], 70).inputs
+    batch = builder.collate([builder.encode(s, 70) for s in chosen], 70, packed=False).inputs
     row = [s.key for s in chosen].index("no_image")
     assert row not in batch.images.sample_index.tolist() and batch.images.count == 3
     assert not (batch.input_ids[row] == model.image_token_id).any()
     with torch.no_grad():
         losses = model.sample_losses(batch)
-        alone = model.sample_losses(builder.collate([builder.encode(chosen[row], 70)], 70).inputs)
+        alone = model.sample_losses(builder.collate([builder.encode(chosen[row], 70)], 70, packed=False).inputs)
     torch.testing.assert_close(losses.loss_sum[row], alone.loss_sum[0], atol=1e-4, rtol=1e-4)
 
 
 def test_losses_from_trimmed_logits_equal_full_cross_entropy(tiny_model, real_samples):
     model, builder = tiny_model
-    batch = builder.collate([builder.encode(s, 70) for s in real_samples[:4]], 70).inputs
+    batch = builder.collate([builder.encode(s, 70) for s in real_samples[:4]], 70, packed=False).inputs
     with torch.no_grad():
         losses = model.sample_losses(batch)
         logits = model(batch)
@@ -316,8 +337,8 @@ def test_native_backbone_starts_from_weights_in_a_safetensors_file(tmp_path):
     loaded = native.build(settings, str(tmp_path / "vit.safetensors"))
     images = image_batch(Geometry(16, 1), [(40, 70)], 70)
     with torch.no_grad():
-        expected = source(images.pixels, images.positions, images.token_grids)
-        assert torch.equal(loaded(images.pixels, images.positions, images.token_grids), expected)
+        expected = source(images.pixels, images.positions, images.patch_grids)
+        assert torch.equal(loaded(images.pixels, images.positions, images.patch_grids), expected)
     with pytest.raises(ValueError, match="does not fit the recipe's native backbone: .*check width"):
         native.build({**settings, "width": 128}, str(tmp_path / "vit.safetensors"))
     with pytest.raises(FileNotFoundError, match="model.vision.path"):
@@ -370,7 +391,7 @@ def test_one_sample_trains_one_image_at_1120_and_the_other_at_70_in_one_pass(cha
         for s in read_shard(url)
         if isinstance(s, RawSample) and len(s.sizes) == 2
     )
-    batch = builder.collate([builder.encode(sample, (1120, 70))], None)
+    batch = builder.collate([builder.encode(sample, (1120, 70))], None, packed=False)
     assert batch.image_budgets == [1120, 70]
     expected = [model.geometry.image(h, w, b).tokens for (h, w), b in zip(sample.sizes, (1120, 70), strict=True)]
     assert batch.inputs.images.token_counts.tolist() == expected and expected[0] > 1000 >= 70 >= expected[1]
@@ -392,7 +413,9 @@ def test_losses_are_attributed_to_each_images_budget_in_proportion():
     from vlmtrain.train.module import losses_by_budget
 
     # sample 0: images at 1120 and 70; sample 1: one at 70; sample 2: text only
-    images = ImageBatch(torch.zeros(3, 1, 3), torch.zeros(3, 1, 2), torch.ones(3, 2, dtype=torch.long), torch.tensor([0, 0, 1]))
+    ones = torch.ones(3, 2, dtype=torch.long)
+    pixels, positions = torch.zeros(3, 3, dtype=torch.uint8), torch.zeros(3, 2, dtype=torch.long)
+    images = ImageBatch(pixels, positions, ones, ones, torch.tensor([0, 0, 1]))
     inputs = ModelInput(
         torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.long), images
     )
@@ -405,3 +428,79 @@ def test_losses_are_attributed_to_each_images_budget_in_proportion():
     assert shared.keys() == {140} and float(shared[140]) == pytest.approx(
         17.0 / 7.0
     )  # the batch's mean, text-only sample included
+
+
+def grads_of(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("row_tokens", [None, 400])
+def test_packed_rows_give_the_per_sample_losses_and_gradients_of_padded_rows(tiny_model, real_samples, chat_dir, row_tokens):
+    """Mixed lengths, grids and budgets, a text-only sample, multi-image conversations: packed equals padded
+    (fp32, 1e-5), in one row or in several."""
+    model, builder = tiny_model
+    builder = BatchBuilder(model.geometry, builder.text, replace(builder.fields, max_length=400), builder.decoding)
+    conversations = [
+        s for url in sorted(map(str, chat_dir.glob("train-*.tar"))) for s in read_shard(url) if isinstance(s, RawSample)
+    ]
+    pair = next(s for s in conversations if len(s.sizes) == 2)
+    text_only = next(s for s in conversations if not s.sizes)
+    chosen = [real_samples[0], pair, real_samples[5], text_only, real_samples[14]]
+    budgets = [70, (280, 70), 140, (), 70]
+    encoded = [builder.encode(sample, budget) for sample, budget in zip(chosen, budgets, strict=True)]
+    results = {}
+    for packed in (True, False):
+        inputs = builder.collate(encoded, None, packed=packed, row_tokens=row_tokens).inputs
+        model.zero_grad()
+        losses = model.sample_losses(inputs)
+        losses.mean().backward()
+        results[packed] = (losses, grads_of(model), inputs)
+    (packed, packed_grads, packed_inputs), (padded, padded_grads, padded_inputs) = results[True], results[False]
+    assert packed_inputs.attention_mask is None and padded_inputs.attention_mask is not None
+    assert (
+        packed_inputs.input_ids.numel() == sum(len(e.text.input_ids) for e in encoded) or row_tokens
+    )  # one row: no padding at all
+    if row_tokens:  # rows of at most row_tokens, but for a sample longer than that, alone in its row
+        assert packed_inputs.input_ids.shape[0] > 1
+        assert packed_inputs.input_ids.shape[1] == max(row_tokens, max(len(e.text.input_ids) for e in encoded))
+    torch.testing.assert_close(packed.loss_sum, padded.loss_sum, atol=1e-5, rtol=1e-5)
+    assert packed.tokens.tolist() == padded.tokens.tolist() and packed.correct.tolist() == padded.correct.tolist()
+    assert packed.tokens.tolist()[3] > 0  # the text-only sample is trained on
+    assert packed_grads.keys() == padded_grads.keys()
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, padded_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packed_position_ids_restart_at_every_sample_and_attention_stays_inside_it(tiny_model, real_samples):
+    """A sample's logits in a packed row equal its logits alone: nothing leaks across the boundary."""
+    model, builder = tiny_model
+    encoded = [builder.encode(sample, 70) for sample in real_samples[:3]]
+    inputs = builder.collate(encoded, 70).inputs
+    lengths = [len(e.text.input_ids) for e in encoded]
+    starts = [0, lengths[0], lengths[0] + lengths[1]]
+    assert inputs.position_ids[0].tolist() == [i for length in lengths for i in range(length)]
+    assert inputs.sequence_ids[0].tolist() == [n for n, length in enumerate(lengths) for _ in range(length)]
+    with torch.no_grad():
+        packed = model(inputs)[0]
+        for index, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+            alone = model(builder.collate([encoded[index]], 70, packed=False).inputs)[0]
+            torch.testing.assert_close(packed[start : start + length], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_images_of_several_budget_levels_run_in_bins_and_equal_each_image_alone():
+    torch.manual_seed(0)
+    geometry = Geometry(patch_size=8, pool=2)
+    vit = NativeViT(patch_size=8, width=32, depth=1, heads=2, stem="conv").eval()
+    vit.bins = (70 * 4, 280 * 4)
+    sizes = [((60, 90), 280), ((40, 40), 70), ((90, 50), 280), ((30, 100), 70)]
+    parts = [image_batch(geometry, [size], budget, seed=index) for index, (size, budget) in enumerate(sizes)]
+    packed = ImageBatch(
+        *(torch.cat([getattr(part, name) for part in parts]) for name in ("pixels", "positions", "patch_grids", "token_grids")),
+        torch.arange(len(parts)),
+    )
+    assert len({tuple(grid) for grid in packed.patch_grids.tolist()}) == 4  # four grids, two bins
+    with torch.no_grad():
+        together = vit(packed.pixels, packed.positions, packed.patch_grids)
+        for index, part in enumerate(parts):
+            alone = vit(part.pixels, part.positions, part.patch_grids)
+            torch.testing.assert_close(together[image_rows(packed, index)], alone, atol=2e-5, rtol=1e-4)

@@ -174,12 +174,16 @@ class TextConfig:
 
 @dataclass
 class BatchingConfig:
-    """A batch holds at most ``batch_tokens`` LM tokens (visual plus text) and ``max_batch_size`` samples,
-    chosen among ``lookahead`` samples read ahead (one aspect bucket per batch when ``buckets``); a sample
-    waits at most ``max_wait`` steps."""
+    """A step holds at most ``batch_tokens`` LM tokens (visual plus text) and ``max_batch_size`` samples, chosen
+    among ``lookahead`` samples read ahead; a sample waits at most ``max_wait`` steps. ``packing``: the samples
+    of a step share rows of text (``row_tokens`` each; null: one row) and images of any grid and budget share
+    the encoder's packed sequence, nothing padded. Without packing, a step holds one aspect bucket (when
+    ``buckets``: images of one token grid) and pads its text to the longest sample."""
 
     batch_tokens: int = 4608
     max_batch_size: int = 32
+    packing: bool = True
+    row_tokens: int | None = None
     buckets: bool = True
     lookahead: int = 512
     max_wait: int = 64
@@ -586,6 +590,8 @@ def _check_data(recipe: Recipe) -> None:
     _choice("data.text.train_on", data.text.train_on, TRAIN_ON)
     for key in ("batch_tokens", "max_batch_size", "lookahead", "max_wait"):
         _positive(f"data.batching.{key}", getattr(data.batching, key))
+    if data.batching.row_tokens is not None:
+        _positive("data.batching.row_tokens", data.batching.row_tokens)
     _positive("data.decoding.max_image_pixels", data.decoding.max_image_pixels)
 
 
@@ -637,6 +643,14 @@ def _check_across(recipe: Recipe) -> None:
         recipe.trainer.strategy == "deepspeed" or not recipe.trainer.deepspeed.offload_optimizer,
         "trainer.deepspeed.offload_optimizer",
         "needs trainer.strategy: deepspeed",
+    )
+    zero3 = recipe.trainer.strategy == "deepspeed" and recipe.trainer.deepspeed.stage == 3
+    one_grid = not data.batching.packing and data.batching.buckets and budget.per_image == "shared"
+    _require(
+        not (zero3 and model.vision.backbone == "dinov2") or one_grid,
+        "data.batching.packing",
+        "DINOv2 runs once per image grid, and under ZeRO-3 every rank must run it equally often: set data.batching.packing: "
+        "false (one aspect bucket per step) and budget.per_image: shared",
     )
     _require(
         data.text.prompt_field is not None or model.lm.image_token in data.text.prompt,

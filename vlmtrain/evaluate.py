@@ -67,12 +67,12 @@ def word_recall(target: str, generated: str) -> float:
     return sum(word in found for word in expected) / len(expected) if expected else 1.0
 
 
-def first_images(images: ImageBatch, row: int, count: int) -> ImageBatch:
-    """The first ``count`` images of one sample of a batch, as a batch of their own."""
-    chosen = torch.nonzero(images.sample_index == row).squeeze(1)[:count]
-    return ImageBatch(
-        images.pixels[chosen], images.positions[chosen], images.token_grids[chosen], torch.zeros(len(chosen), dtype=torch.long)
-    )
+def first_images(images: ImageBatch, sample: int, count: int) -> ImageBatch:
+    """The first ``count`` images of one sample of a batch, as a batch of their own (sample index 0)."""
+    chosen = torch.nonzero(images.sample_index == sample).squeeze(1)[:count].tolist()
+    selected = images.select(chosen)
+    selected.sample_index = torch.zeros_like(selected.sample_index)
+    return selected
 
 
 @torch.no_grad()

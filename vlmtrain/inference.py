@@ -81,19 +81,16 @@ class ExportedModel:
         for image, image_budget in zip(images, self.budgets_for(images, budget), strict=True):
             image = to_rgb(image)
             geometry = self.geometry.image(image.height, image.width, image_budget)
-            items.append((*image_patches(image, geometry, self.geometry.patch_size), geometry.token_grid, 0))
+            items.append((*image_patches(image, geometry, self.geometry.patch_size), geometry, 0))
         batch = ImageBatch.stack(items, patch_dim=3 * self.geometry.patch_size**2)
-        counts = [grid[0] * grid[1] for *_, grid, _ in items]
+        counts = [geometry.tokens for *_, geometry, _ in items]
         if messages is not None:
             stored, _, _ = parse_messages(messages)
             check_conversation(stored, len(images), answered=False)
             ids = self.text.encode_chat_prompt(stored, counts)
         else:
             ids = self.text.encode_prompt(self.text_format.prompt if prompt is None else prompt, counts)
-        images_on_device = ImageBatch(
-            *(getattr(batch, f).to(device) for f in ("pixels", "positions", "token_grids", "sample_index"))
-        )
-        return torch.tensor([ids], device=device), images_on_device
+        return torch.tensor([ids], device=device), batch.to(device)
 
     @torch.no_grad()
     def logits(

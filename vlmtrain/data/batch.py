@@ -32,9 +32,8 @@ class Batch:
 
     @property
     def padding(self) -> float:
-        """Padded visual-token slots ÷ all slots, when every image is padded to the batch's largest."""
-        counts = [rows * cols for rows, cols in self.grids]
-        return 1.0 - sum(counts) / (max(counts) * len(counts)) if counts else 0.0
+        """Padding ÷ all positions of the text tensor (images are packed: the encoder pads nothing)."""
+        return 1.0 - self.tokens / max(self.inputs.input_ids.numel(), 1)
 
     @property
     def size(self) -> int:
@@ -81,3 +80,36 @@ def pad_text(sequences: list[list[int]], labels: list[list[int]], pad_id: int) -
         attention_mask[row, : len(ids)] = 1
         label_tensor[row, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
     return input_ids, attention_mask, label_tensor
+
+
+def pack_text(
+    sequences: list[list[int]], labels: list[list[int]], pad_id: int, row_tokens: int | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Samples one after another in rows of at most ``row_tokens`` tokens (one row when None), in order (a row
+    is closed when the next sample does not fit); the last rows padded to the longest. Returns ids, position
+    ids (restarting at 0 for every sample, and for the padding), sequence ids (each token's sample, -1 on
+    padding) and labels."""
+    rows: list[list[int]] = [[]]
+    used = 0
+    for index, ids in enumerate(sequences):
+        if row_tokens is not None and rows[-1] and used + len(ids) > row_tokens:
+            rows.append([])
+            used = 0
+        rows[-1].append(index)
+        used += len(ids)
+    length = max(sum(len(sequences[i]) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    label_tensor = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    sequence_ids = torch.full((len(rows), length), -1, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    for row, members in enumerate(rows):
+        start = 0
+        for index in members:
+            ids, end = sequences[index], start + len(sequences[index])
+            input_ids[row, start:end] = torch.tensor(ids, dtype=torch.long)
+            label_tensor[row, start:end] = torch.tensor(labels[index], dtype=torch.long)
+            sequence_ids[row, start:end] = index
+            position_ids[row, start:end] = torch.arange(len(ids))
+            start = end
+        position_ids[row, start:] = torch.arange(length - start)  # the padding is a sequence of its own
+    return input_ids, position_ids, sequence_ids, label_tensor

@@ -10,10 +10,10 @@ import torch
 
 from vlmtrain.budget import step_cost
 from vlmtrain.config import DecodingConfig, TextConfig
-from vlmtrain.data.batch import Batch, pad_text
+from vlmtrain.data.batch import Batch, pack_text, pad_text
 from vlmtrain.data.images import decode_image, image_patches
 from vlmtrain.data.samples import RawSample, SampleError
-from vlmtrain.geometry import Geometry
+from vlmtrain.geometry import Geometry, ImageGeometry
 from vlmtrain.model.inputs import ImageBatch, ModelInput
 from vlmtrain.text.chat import ChatTemplateError
 from vlmtrain.text.conversation import image_count, text_of
@@ -22,11 +22,11 @@ from vlmtrain.text.encoding import EncodedText, TextEncoder, TextError
 
 @dataclass
 class EncodedSample:
-    """One sample ready for collation: its text and, per image, (patches, positions, token grid) and budget."""
+    """One sample ready for collation: its text and, per image, (patches, positions, geometry) and budget."""
 
     key: str
     text: EncodedText
-    images: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]
+    images: list[tuple[torch.Tensor, torch.Tensor, ImageGeometry]]
     group: str
     budgets: tuple[int, ...] = ()
 
@@ -110,7 +110,7 @@ class BatchBuilder:
     def questions(self, sample: RawSample, encoded: EncodedSample) -> list[Question]:
         """The questions a sample asks: its prompt and target, or each assistant turn of its conversation
         (everything before the turn is the prompt)."""
-        counts = [grid[0] * grid[1] for *_, grid in encoded.images]
+        counts = [geometry.tokens for *_, geometry in encoded.images]
         if sample.messages is None:
             prompt, target = self._prompt_and_target(sample)
             return [Question(self.text.encode_prompt(prompt, counts), len(counts), target, chat=False)]
@@ -140,26 +140,34 @@ class BatchBuilder:
                 image = decode_image(data, self.decoding.max_image_pixels, (height, width), target)
             except SampleError as error:
                 raise SampleError(error.kind, f"sample {sample.key!r}: {error}") from None
-            images.append((*image_patches(image, geometry, self.geometry.patch_size), geometry.token_grid))
-        text = self._encode_text(sample, [grid[0] * grid[1] for *_, grid in images])
+            images.append((*image_patches(image, geometry, self.geometry.patch_size), geometry))
+        text = self._encode_text(sample, [geometry.tokens for *_, geometry in images])
         group = str(sample.record.get(self.fields.group_field, "")) if self.fields.group_field else ""
         return EncodedSample(key=sample.key, text=text, images=images, group=group, budgets=budgets)
 
-    def collate(self, samples: list[EncodedSample], budget: int | None) -> Batch:
-        """Pad encoded samples into one batch at ``budget`` (None: its images at budgets of their own)."""
-        input_ids, attention_mask, labels = pad_text(
-            [s.text.input_ids for s in samples], [s.text.labels for s in samples], self.text.pad_token_id
+    def collate(
+        self, samples: list[EncodedSample], budget: int | None, packed: bool = True, row_tokens: int | None = None
+    ) -> Batch:
+        """Encoded samples as one batch at ``budget`` (None: its images at budgets of their own): their text in
+        packed rows (:func:`~vlmtrain.data.batch.pack_text`) or, with ``packed=False``, one padded row each;
+        their images packed either way."""
+        sequences, labels = [s.text.input_ids for s in samples], [s.text.labels for s in samples]
+        images = ImageBatch.stack(
+            [(pixels, positions, geometry, index) for index, s in enumerate(samples) for pixels, positions, geometry in s.images],
+            patch_dim=3 * self.geometry.patch_size**2,
         )
-        images = [(pixels, positions, grid, index) for index, s in enumerate(samples) for pixels, positions, grid in s.images]
-        inputs = ModelInput(
-            input_ids, attention_mask, labels, ImageBatch.stack(images, patch_dim=3 * self.geometry.patch_size**2)
-        )
+        if packed:
+            input_ids, position_ids, sequence_ids, label_tensor = pack_text(sequences, labels, self.text.pad_token_id, row_tokens)
+            inputs = ModelInput(input_ids, None, label_tensor, images, position_ids, sequence_ids, samples=len(samples))
+        else:
+            input_ids, attention_mask, label_tensor = pad_text(sequences, labels, self.text.pad_token_id)
+            inputs = ModelInput(input_ids, attention_mask, label_tensor, images)
         return Batch(
             inputs=inputs,
             budget=budget,
             keys=[s.key for s in samples],
             groups=[s.group for s in samples],
             image_budgets=[b for s in samples for b in s.budgets],
-            tokens=sum(len(s.text.input_ids) for s in samples),
-            grids=[tuple(grid) for s in samples for *_, grid in s.images],
+            tokens=sum(len(ids) for ids in sequences),
+            grids=[geometry.token_grid for s in samples for *_, geometry in s.images],
         )

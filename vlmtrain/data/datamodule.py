@@ -85,6 +85,7 @@ class ShardDataModule(L.LightningDataModule):
                     self.data.val_samples,
                     self.data.batching.batch_tokens,
                     self.data.batching.max_batch_size,
+                    packed=self.data.batching.packing,
                 ),
                 batch_size=None,
                 collate_fn=_unbatched,

@@ -209,7 +209,7 @@ class TrainStream(IterableDataset):
             return builder.cost(entry.sample, entry.text_tokens, [self.assign(entry, budget) for budget in budgets])
 
         def bucket(entry: Waiting) -> tuple | None:
-            if not batching.buckets:
+            if batching.packing or not batching.buckets:  # packed: any grids share a step, nothing padded
                 return None
             if independent:
                 return tuple(tuple(sorted(self.assign(entry, budget))) for budget in budgets)
@@ -226,7 +226,7 @@ class TrainStream(IterableDataset):
             return []
         batches = []
         for budget, per_budget in zip(budgets, encoded, strict=True):
-            batch = builder.collate([per_budget[i] for i in kept], budget)
+            batch = builder.collate([per_budget[i] for i in kept], budget, batching.packing, batching.row_tokens)
             batch.epochs = [chosen[i].epoch for i in kept]
             batches.append(batch)
         return batches
@@ -245,7 +245,9 @@ class EvalStream(IterableDataset):
         batch_tokens: int,
         max_batch_size: int,
         where: dict[str, str] | None = None,
+        packed: bool = True,
     ) -> None:
+        self.packed = packed
         self.urls = urls
         self.builder = builder
         self.budget = budget
@@ -279,10 +281,10 @@ class EvalStream(IterableDataset):
                 continue
             cost = self.builder.cost(sample, self.builder.text_tokens(sample), (self.budget,))
             if pending and (total + cost > self.batch_tokens or len(pending) == self.max_batch_size):
-                yield pending, self.builder.collate([item for _, item in pending], self.budget)
+                yield pending, self.builder.collate([item for _, item in pending], self.budget, self.packed)
                 pending, total = [], 0
             pending.append((sample, encoded))
             total += cost
             used += 1
         if pending:
-            yield pending, self.builder.collate([item for _, item in pending], self.budget)
+            yield pending, self.builder.collate([item for _, item in pending], self.budget, self.packed)

@@ -1,12 +1,17 @@
-"""Vision backbones: a batch of patch sequences (different grids, zero-padded) in, one feature per patch out.
+"""Vision backbones: the packed patches of a batch's images in (image after image, nothing padded), one
+feature per patch out.
 
 Every backbone exposes ``patch_size`` and ``width``; the geometry and the projector read them from here.
+Attention stays inside each image: the native ViT runs varlen flash attention over the packed sequence on
+a GPU (``cu_seqlens``, as NaViT and Qwen2-VL do) and dense attention over images of equal length elsewhere;
+the Hugging Face towers run their images in groups of one patch grid, each group dense and unpadded.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
@@ -15,15 +20,107 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-class VisionBackbone(nn.Module):
-    """Base of all backbones. ``forward(pixels, positions, patch_grids)`` → ``(I, N, width)`` features.
+@dataclass(frozen=True)
+class Group:
+    """Images of a packed batch that share a key (their patch grid, or their length): their indices and the
+    rows of their patches, image after image."""
 
-    ``pixels``: ``(I, N, patch*patch*3)`` uint8; ``positions``: ``(I, N, 2)`` patch (x, y), -1 on padding;
-    ``patch_grids``: ``(I, 2)`` (rows, cols). Features at padded positions are ignored downstream.
+    key: tuple[int, ...]
+    images: list[int]
+    rows: torch.Tensor
+
+
+def groups(patch_grids: torch.Tensor, by: Callable[[tuple[int, int]], tuple[int, ...]]) -> list[Group]:
+    """The images of a batch grouped by ``by(patch grid)``, in order of first appearance."""
+    grids = [tuple(grid) for grid in patch_grids.tolist()]
+    offsets = [0]
+    for rows, cols in grids:
+        offsets.append(offsets[-1] + rows * cols)
+    found: dict[tuple[int, ...], list[int]] = {}
+    for index, grid in enumerate(grids):
+        found.setdefault(by(grid), []).append(index)
+    device = patch_grids.device
+    return [
+        Group(key, images, torch.cat([torch.arange(offsets[i], offsets[i + 1], device=device) for i in images]))
+        for key, images in found.items()
+    ]
+
+
+def by_grid(grid: tuple[int, int]) -> tuple[int, int]:
+    return grid
+
+
+def by_length(grid: tuple[int, int]) -> tuple[int]:
+    return (grid[0] * grid[1],)
+
+
+def run_by_grid(
+    pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor, width: int, dtype: torch.dtype,
+    dense: Callable[[torch.Tensor, torch.Tensor, tuple[int, int]], torch.Tensor],
+) -> torch.Tensor:
+    """Features ``(P, width)`` of packed images from ``dense(pixels (n, N, .), positions (n, N, 2), grid)``, run
+    once per patch grid on the images of that grid (no padding, no mask; the number of calls varies)."""
+    out = pixels.new_zeros(pixels.shape[0], width, dtype=dtype)
+    for group in groups(patch_grids, by_grid):
+        count = len(group.images)
+        features = dense(pixels[group.rows].view(count, -1, pixels.shape[1]), positions[group.rows].view(count, -1, 2), group.key)
+        out = out.index_copy(0, group.rows, features.reshape(-1, width).to(dtype))  # autocast may compute in bf16
+    return out
+
+
+def in_lockstep() -> bool:
+    """Whether several processes train together: each must then call every module as often as the others
+    (ZeRO-3 gathers a module's weights, a collective, at each call)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def run_in_bins(
+    pixels: torch.Tensor,
+    positions: torch.Tensor,
+    patch_grids: torch.Tensor,
+    bins: tuple[int, ...],
+    width: int,
+    dtype: torch.dtype,
+    dense: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Features ``(P, width)`` of packed images from ``dense(pixels (n, N, .), positions (n, N, 2), grids (n, 2))``,
+    called once per bin of patch counts (``bins``: the most patches of each; an image goes to the first bin it
+    fits): the images of a bin are padded to its longest (positions -1 there), so images of one budget level,
+    nearly equal in length, share a call with little padding. With several processes every bin is called,
+    an empty one on a blank one-patch image, so that all ranks call each module equally often."""
+    counts = patch_grids.prod(1).tolist()
+    members: list[list[int]] = [[] for _ in bins]
+    for index, count in enumerate(counts):
+        members[next((b for b, cap in enumerate(bins) if count <= cap), len(bins) - 1)].append(index)
+    pieces_pixels, pieces_positions = pixels.split(counts), positions.split(counts)
+    offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
+    out = pixels.new_zeros(pixels.shape[0], width, dtype=dtype)
+    unused = out.new_zeros(())
+    for images in members:
+        if not images:
+            if in_lockstep():
+                blank = dense(pixels.new_zeros(1, 1, pixels.shape[1]), positions.new_zeros(1, 1, 2), patch_grids.new_ones(1, 2))
+                unused = unused + 0.0 * blank.sum().to(dtype)
+            continue
+        batch_pixels = nn.utils.rnn.pad_sequence([pieces_pixels[i] for i in images], batch_first=True)
+        batch_positions = nn.utils.rnn.pad_sequence([pieces_positions[i] for i in images], batch_first=True, padding_value=-1)
+        features = dense(batch_pixels, batch_positions, patch_grids[images]).to(dtype)  # autocast may compute in bf16
+        rows = torch.cat([torch.arange(offsets[i], offsets[i + 1], device=pixels.device) for i in images])
+        out = out.index_copy(0, rows, features[batch_positions[..., 0] >= 0])
+    return out + unused
+
+
+class VisionBackbone(nn.Module):
+    """Base of all backbones. ``forward(pixels, positions, patch_grids)`` → ``(P, width)`` features.
+
+    ``pixels``: ``(P, patch*patch*3)`` uint8, packed; ``positions``: ``(P, 2)`` patch (x, y) in its image;
+    ``patch_grids``: ``(I, 2)`` (rows, cols) of each image. ``bins`` (the most patches an image has at each
+    budget level; :func:`run_in_bins`) is set when the model is built from its geometry.
     """
 
     patch_size: int
     width: int
+    bins: tuple[int, ...] = (2**62,)
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -32,6 +129,13 @@ class VisionBackbone(nn.Module):
 def unit_pixels(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """uint8 pixels → ``dtype`` in [0, 1]."""
     return pixels.to(dtype) / 255.0
+
+
+def canvases(pixels: torch.Tensor, grid: tuple[int, int], patch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Images of one patch grid re-assembled from their patches ``(n, rows*cols, .)``: ``(n, 3, H, W)`` in [0, 1]."""
+    rows, cols = grid
+    canvas = unit_pixels(pixels, dtype).view(-1, rows, cols, patch_size, patch_size, 3).permute(0, 5, 1, 3, 2, 4)
+    return canvas.reshape(-1, 3, rows * patch_size, cols * patch_size)
 
 
 class Rope2D(nn.Module):
@@ -46,9 +150,9 @@ class Rope2D(nn.Module):
         self.register_buffer("inv_freq", theta ** (-torch.arange(quarter, dtype=torch.float32) / quarter), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape ``(I, 1, N, head_dim)`` for (x, y) ``positions``."""
-        angles = positions.clamp(min=0).float()[..., None] * self.inv_freq  # (I, N, 2, quarter)
-        angles = torch.cat([angles[..., 0, :], angles[..., 0, :], angles[..., 1, :], angles[..., 1, :]], dim=-1)
+        """cos and sin of shape ``(P, 1, head_dim)`` for (x, y) ``positions`` ``(P, 2)``."""
+        angles = positions.float()[..., None] * self.inv_freq  # (P, 2, quarter)
+        angles = torch.cat([angles[:, 0], angles[:, 0], angles[:, 1], angles[:, 1]], dim=-1)
         return angles.cos()[:, None], angles.sin()[:, None]
 
 
@@ -67,8 +171,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + _rotate_halves(x) * sin).to(x.dtype)
 
 
+class PackedAttention:
+    """Self-attention of packed images, kept inside each image. On a GPU in half precision: varlen flash
+    attention over the whole sequence (``cu_seqlens``); otherwise SDPA over the images of each length, dense."""
+
+    def __init__(self, patch_grids: torch.Tensor) -> None:
+        self.lengths = patch_grids.prod(1)
+        self.by_length = groups(patch_grids, by_length)
+        self.order = torch.cat([group.rows for group in self.by_length])
+        self.inverse = torch.argsort(self.order)
+
+    @staticmethod
+    def varlen(q: torch.Tensor) -> bool:
+        if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+            return False
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401 (torch 2.9 and later)
+        except ImportError:
+            return False
+        return True
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``(P, heads, head_dim)`` queries, keys, values → attended values, same shape."""
+        if self.varlen(q):
+            from torch.nn.attention.varlen import varlen_attn
+
+            cu = F.pad(torch.cumsum(self.lengths, 0), (1, 0)).to(torch.int32)
+            longest = int(self.lengths.max())
+            return varlen_attn(q, k, v, cu, cu, longest, longest)
+        heads, dim = q.shape[1], q.shape[2]
+        parts = []
+        for group in self.by_length:
+            shape = (len(group.images), -1, heads, dim)
+            dense = [x[group.rows].view(shape).transpose(1, 2) for x in (q, k, v)]
+            attended = F.scaled_dot_product_attention(*dense)  # no mask: SDPA may pick its flash kernel
+            parts.append(attended.transpose(1, 2).reshape(-1, heads, dim))
+        return torch.cat(parts)[self.inverse]
+
+
 class ViTBlock(nn.Module):
-    """Pre-norm transformer block with 2-D RoPE self-attention (SDPA) and a GELU MLP."""
+    """Pre-norm transformer block with 2-D RoPE self-attention and a GELU MLP, over packed images."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
         super().__init__()
@@ -80,27 +222,12 @@ class ViTBlock(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: PackedAttention) -> torch.Tensor:
+        length, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(length, 3, self.heads, -1).unbind(1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
+        x = x + self.proj(attention(q, k, v).reshape(length, width))
         return x + self.mlp(self.norm2(x))
-
-
-def image_canvases(
-    pixels: torch.Tensor, patch_grids: torch.Tensor, patch_size: int, dtype: torch.dtype
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The images of a batch re-assembled from their patches, one group per patch grid: yields the group's
-    indices and its images ``(n, 3, rows*patch, cols*patch)`` in [0, 1]. Each image's patches come first
-    in its row, row-major (the :class:`~vlmtrain.data.batch.ImageBatch` layout)."""
-    for grid in torch.unique(patch_grids, dim=0):
-        rows, cols = int(grid[0]), int(grid[1])
-        members = torch.nonzero((patch_grids == grid).all(dim=1)).squeeze(1)
-        canvas = unit_pixels(pixels[members, : rows * cols], dtype)
-        canvas = canvas.view(-1, rows, cols, patch_size, patch_size, 3).permute(0, 5, 1, 3, 2, 4)
-        yield members, canvas.reshape(-1, 3, rows * patch_size, cols * patch_size)
 
 
 class LinearStem(nn.Module):
@@ -111,7 +238,9 @@ class LinearStem(nn.Module):
         self.proj = nn.Linear(3 * patch_size * patch_size, width)
         nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(self.proj.in_features))
 
-    def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor, bins: tuple[int, ...] = ()
+    ) -> torch.Tensor:
         return self.proj(unit_pixels(pixels, self.proj.weight.dtype) * 2.0 - 1.0)
 
 
@@ -137,13 +266,38 @@ class ConvStem(nn.Module):
         self.patch_size = patch_size
         self.width = width
 
-    def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor, bins: tuple[int, ...] = (2**62,)
+    ) -> torch.Tensor:
+        """The convolutions run once per bin (:func:`run_in_bins`) over the bin's images, each placed at the top
+        left of one canvas; everything outside an image is zeroed after every layer, as its own zero padding
+        would be, so each image gets exactly what it would get alone."""
         dtype = self.convs[0].weight.dtype
-        out = pixels.new_zeros(pixels.shape[0], pixels.shape[1], self.width, dtype=dtype)
-        for members, canvas in image_canvases(pixels, patch_grids, self.patch_size, dtype):
-            features = self.convs(canvas * 2.0 - 1.0).flatten(2).transpose(1, 2)
-            out[members, : features.shape[1]] = features.to(out.dtype)  # autocast may compute in bf16
-        return self.norm(out)
+        size = self.patch_size
+
+        def dense(images: torch.Tensor, _: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+            count = images.shape[0]
+            most_rows, most_cols = (int(value) for value in grids.max(0).values)
+            canvas = images.new_zeros(count, most_rows, most_cols, size, size, 3)
+            mask = torch.zeros(count, 1, most_rows * size, most_cols * size, dtype=dtype, device=images.device)
+            for index, (rows, cols) in enumerate(grids.tolist()):
+                canvas[index, :rows, :cols] = images[index, : rows * cols].view(rows, cols, size, size, 3)
+                mask[index, :, : rows * size, : cols * size] = 1
+            x = (
+                unit_pixels(canvas.permute(0, 5, 1, 3, 2, 4).reshape(count, 3, most_rows * size, most_cols * size), dtype) * 2 - 1
+            ) * mask
+            for layer in self.convs:
+                x = layer(x)
+                if isinstance(layer, nn.Conv2d):
+                    mask = mask[:, :, ::2, ::2]
+                    x = x * mask
+            features = x.flatten(2).transpose(1, 2).view(count, most_rows, most_cols, -1)
+            out = features.new_zeros(count, images.shape[1], features.shape[-1])
+            for index, (rows, cols) in enumerate(grids.tolist()):
+                out[index, : rows * cols] = features[index, :rows, :cols].reshape(rows * cols, -1)
+            return out
+
+        return self.norm(run_in_bins(pixels, positions, patch_grids, bins, self.width, dtype, dense))
 
 
 class NativeViT(VisionBackbone):
@@ -173,14 +327,12 @@ class NativeViT(VisionBackbone):
         self.norm = nn.LayerNorm(width)
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
-        x = self.stem(pixels, positions, patch_grids)
-        valid = positions[..., 0] >= 0
-        # No mask when nothing is padded: SDPA can then pick its fastest (flash) kernel.
-        attn_mask = None if bool(valid.all()) else valid[:, None, None, :]
+        x = self.stem(pixels, positions, patch_grids, self.bins)
+        attention = PackedAttention(patch_grids)
         cos, sin = self.rope(positions)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, attention, use_reentrant=False)
             else:
-                x = block(x, cos, sin, attn_mask)
+                x = block(x, cos, sin, attention)
         return self.norm(x)

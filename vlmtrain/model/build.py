@@ -37,6 +37,7 @@ def build_model(description: ModelDescription, tokenizer: PreTrainedTokenizerBas
     vision = description.vision
     torch.manual_seed(mix(seed, 1))
     backbone = BACKBONES[vision.kind].build(vision.settings, vision.weights, vision.gradient_checkpointing)
+    backbone.bins = tuple(level * geometry.pool**2 for level in geometry.levels)  # images of a level run together
     torch.manual_seed(mix(seed, 2))
     pooling = build_pooling(description.pooling.kind, geometry.pool, backbone.width, description.pooling.heads)
     torch.manual_seed(mix(seed, 3))

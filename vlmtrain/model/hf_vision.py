@@ -24,11 +24,12 @@ from transformers import (
     Siglip2VisionModel,
 )
 
-from vlmtrain.model.backbone import VisionBackbone, image_canvases, unit_pixels
+from vlmtrain.model.backbone import VisionBackbone, canvases, run_by_grid, run_in_bins, unit_pixels
 
 
 class Siglip2Backbone(VisionBackbone):
-    """SigLIP2 NaFlex: pixels normalised to [-1, 1], per-image ``spatial_shapes`` for its resized position table."""
+    """SigLIP2 NaFlex: pixels normalised to [-1, 1], per-image ``spatial_shapes`` for its resized position table;
+    its own attention mask over the padding of each bin of images (:func:`run_in_bins`)."""
 
     def __init__(self, model: Siglip2VisionModel) -> None:
         super().__init__()
@@ -38,12 +39,16 @@ class Siglip2Backbone(VisionBackbone):
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
         dtype = self.model.embeddings.patch_embedding.weight.dtype
-        output = self.model(
-            pixel_values=unit_pixels(pixels, dtype) * 2.0 - 1.0,
-            pixel_attention_mask=positions[..., 0] >= 0,
-            spatial_shapes=patch_grids,
-        )
-        return output.last_hidden_state
+
+        def dense(images: torch.Tensor, places: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+            output = self.model(
+                pixel_values=unit_pixels(images, dtype) * 2.0 - 1.0,
+                pixel_attention_mask=places[..., 0] >= 0,
+                spatial_shapes=grids,
+            )
+            return output.last_hidden_state
+
+        return run_in_bins(pixels, positions, patch_grids, self.bins, self.width, dtype, dense)
 
 
 class Gemma4Backbone(VisionBackbone):
@@ -60,11 +65,14 @@ class Gemma4Backbone(VisionBackbone):
         self.width = model.config.hidden_size
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
-        padding = positions[..., 0] < 0
         dtype = self.model.patch_embedder.input_proj.weight.dtype
-        embeds = self.model.patch_embedder(unit_pixels(pixels, dtype), positions, padding)
-        hidden = self.model.encoder(inputs_embeds=embeds, attention_mask=~padding, pixel_position_ids=positions).last_hidden_state
-        hidden = hidden.float() * self.width**0.5
+
+        def dense(images: torch.Tensor, places: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+            padding = places[..., 0] < 0
+            embeds = self.model.patch_embedder(unit_pixels(images, dtype), places, padding)
+            return self.model.encoder(inputs_embeds=embeds, attention_mask=~padding, pixel_position_ids=places).last_hidden_state
+
+        hidden = run_in_bins(pixels, positions, patch_grids, self.bins, self.width, torch.float32, dense) * self.width**0.5
         if self.model.config.standardize:
             hidden = (hidden - self.model.std_bias.float()) * self.model.std_scale.float()
         return hidden
@@ -72,8 +80,9 @@ class Gemma4Backbone(VisionBackbone):
 
 class Dinov2Backbone(VisionBackbone):
     """DINOv2 (ImageNet-normalised pixels; its position table is interpolated to each grid). It takes whole
-    images without a padding mask, so images run in groups of equal patch grid; the class and register
-    tokens are dropped, the patch tokens kept."""
+    images without a mask, so images run in groups of equal patch grid (as many calls as grids: under ZeRO-3,
+    steps must then hold one grid, see the recipe rules); the class and register tokens are dropped, the
+    patch tokens kept."""
 
     def __init__(self, model: Dinov2Model) -> None:
         super().__init__()
@@ -85,12 +94,13 @@ class Dinov2Backbone(VisionBackbone):
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
         dtype = self.model.embeddings.patch_embeddings.projection.weight.dtype
-        out = pixels.new_zeros(pixels.shape[0], pixels.shape[1], self.width, dtype=dtype)
         skip = 1 + getattr(self.model.config, "num_register_tokens", 0)
-        for members, canvas in image_canvases(pixels, patch_grids, self.patch_size, dtype):
-            hidden = self.model(pixel_values=(canvas - self.mean.to(dtype)) / self.std.to(dtype)).last_hidden_state[:, skip:]
-            out[members, : hidden.shape[1]] = hidden.to(out.dtype)  # autocast may compute in bf16
-        return out
+
+        def dense(images: torch.Tensor, _: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+            canvas = canvases(images, grid, self.patch_size, dtype)
+            return self.model(pixel_values=(canvas - self.mean.to(dtype)) / self.std.to(dtype)).last_hidden_state[:, skip:]
+
+        return run_by_grid(pixels, positions, patch_grids, self.width, dtype, dense)
 
 
 @dataclass(frozen=True)

@@ -1,77 +1,124 @@
-"""The model's input: token ids, attention mask and labels of a batch, and its images cut into patches.
+"""The model's input: the token ids of a batch with their labels, and its images cut into patches.
 
 The data pipeline builds these (:mod:`vlmtrain.data`), the model consumes them; nothing else rides along.
+Images are always packed: their patches one image after another, nothing padded. Text is either padded
+rows (one sample per row, an attention mask) or packed rows (several samples per row, position ids that
+restart at every sample, the sample each token belongs to).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+
+from vlmtrain.geometry import ImageGeometry
 
 
 @dataclass
 class ImageBatch:
-    """All images of a batch, in text order.
+    """All images of a batch, in text order, their patches packed one image after another.
 
-    ``pixels``: ``(I, N, patch*patch*3)`` uint8, zero after each image's own patches;
-    ``positions``: ``(I, N, 2)`` patch (x, y), -1 on padding; ``token_grids``: ``(I, 2)`` visual-token
-    (rows, cols) that the geometry promised; ``sample_index``: ``(I,)`` the sample each image belongs to.
+    ``pixels``: ``(P, patch*patch*3)`` uint8, every image's patches row-major; ``positions``: ``(P, 2)`` each
+    patch's (x, y) in its image; ``patch_grids`` and ``token_grids``: ``(I, 2)`` (rows, cols) of each image's
+    patches and of the visual tokens the geometry promised; ``sample_index``: ``(I,)`` each image's sample.
     """
 
     pixels: torch.Tensor
     positions: torch.Tensor
+    patch_grids: torch.Tensor
     token_grids: torch.Tensor
     sample_index: torch.Tensor
 
     @property
     def count(self) -> int:
-        return self.pixels.shape[0]
-
-    @property
-    def patch_mask(self) -> torch.Tensor:
-        return self.positions[..., 0] >= 0
+        return self.patch_grids.shape[0]
 
     @property
     def token_counts(self) -> torch.Tensor:
         return self.token_grids[:, 0] * self.token_grids[:, 1]
 
-    @classmethod
-    def stack(cls, images: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int], int]], patch_dim: int) -> ImageBatch:
-        """Pad and stack ``(pixels, positions, token_grid, sample_index)`` tuples into one batch."""
-        longest = max((pixels.shape[0] for pixels, *_ in images), default=0)
-        pixels = torch.zeros(len(images), longest, patch_dim, dtype=torch.uint8)
-        positions = torch.full((len(images), longest, 2), -1, dtype=torch.long)
-        for i, (image_pixels, image_positions, _, _) in enumerate(images):
-            pixels[i, : image_pixels.shape[0]] = image_pixels
-            positions[i, : image_positions.shape[0]] = image_positions
-        token_grids = torch.tensor([grid for *_, grid, _ in images], dtype=torch.long).view(-1, 2)
-        sample_index = torch.tensor([index for *_, index in images], dtype=torch.long)
-        return cls(pixels=pixels, positions=positions, token_grids=token_grids, sample_index=sample_index)
+    @property
+    def patch_counts(self) -> torch.Tensor:
+        return self.patch_grids[:, 0] * self.patch_grids[:, 1]
 
+    @classmethod
+    def stack(cls, images: list[tuple[torch.Tensor, torch.Tensor, ImageGeometry, int]], patch_dim: int) -> ImageBatch:
+        """Pack ``(patches, positions, geometry, sample_index)`` tuples, image after image."""
+        return cls(
+            pixels=torch.cat([pixels for pixels, *_ in images]) if images else torch.zeros(0, patch_dim, dtype=torch.uint8),
+            positions=torch.cat([positions for _, positions, *_ in images]) if images else torch.zeros(0, 2, dtype=torch.long),
+            patch_grids=torch.tensor([geometry.patch_grid for *_, geometry, _ in images], dtype=torch.long).view(-1, 2),
+            token_grids=torch.tensor([geometry.token_grid for *_, geometry, _ in images], dtype=torch.long).view(-1, 2),
+            sample_index=torch.tensor([index for *_, index in images], dtype=torch.long),
+        )
+
+    def select(self, chosen: list[int]) -> ImageBatch:
+        """Images ``chosen`` (indices, in this order) as a batch of their own, their sample index kept."""
+        offsets = [0, *torch.cumsum(self.patch_counts, 0).tolist()]
+        device = self.pixels.device
+        rows = torch.cat(
+            [torch.arange(offsets[i], offsets[i + 1], device=device) for i in chosen]
+            + [torch.zeros(0, dtype=torch.long, device=device)]
+        )
+        index = torch.tensor(chosen, dtype=torch.long, device=device)
+        return ImageBatch(
+            self.pixels[rows], self.positions[rows], self.patch_grids[index], self.token_grids[index], self.sample_index[index]
+        )
 
     def pin_memory(self) -> ImageBatch:
-        return ImageBatch(
-            self.pixels.pin_memory(), self.positions.pin_memory(), self.token_grids.pin_memory(), self.sample_index.pin_memory()
-        )
+        return ImageBatch(*(getattr(self, f.name).pin_memory() for f in fields(self)))
+
+    def to(self, device: torch.device | str) -> ImageBatch:
+        return ImageBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 @dataclass
 class ModelInput:
-    """Right-padded token ids ``(B, L)``, their attention mask, labels (IGNORE_INDEX where nothing is
-    predicted) and the batch's images in text order."""
+    """Token ids ``(R, L)`` with their labels (IGNORE_INDEX where nothing is predicted) and the batch's images.
+
+    Padded rows (one sample each): ``attention_mask`` marks the real tokens. Packed rows (several samples
+    each, no attention mask): ``position_ids`` restart at 0 at every sample, which keeps attention inside
+    it (block-diagonal causal: transformers builds that mask, or uses varlen kernels, from the position
+    ids), and ``sequence_ids`` give each token's sample (-1 on padding after the last one)."""
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
     labels: torch.Tensor
     images: ImageBatch
+    position_ids: torch.Tensor | None = None
+    sequence_ids: torch.Tensor | None = None
+    samples: int = 0  # packed rows: how many samples they hold (padded rows: one per row)
+
+    @property
+    def packed(self) -> bool:
+        return self.sequence_ids is not None
 
     @property
     def size(self) -> int:
-        return self.input_ids.shape[0]
+        """The number of samples."""
+        return self.samples if self.packed else self.input_ids.shape[0]
+
+    @property
+    def sample_ids(self) -> torch.Tensor:
+        """The sample of every token, ``(R, L)``: for padded rows the row, -1 on padding."""
+        if self.packed:
+            return self.sequence_ids
+        rows = torch.arange(self.input_ids.shape[0], device=self.input_ids.device)[:, None].expand_as(self.input_ids)
+        return torch.where(self.attention_mask.bool(), rows, -1)
 
     def pin_memory(self) -> ModelInput:
         """Page-locked copies of the tensors, for fast, asynchronous copies to the GPU."""
+
+        def pinned(value: torch.Tensor | None) -> torch.Tensor | None:
+            return value.pin_memory() if value is not None else None
+
         return ModelInput(
-            self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.labels.pin_memory(), self.images.pin_memory()
+            pinned(self.input_ids),
+            pinned(self.attention_mask),
+            pinned(self.labels),
+            self.images.pin_memory(),
+            pinned(self.position_ids),
+            pinned(self.sequence_ids),
+            self.samples,
         )

@@ -1,7 +1,7 @@
 """Pooling: each pool×pool window of patches (by patch position) becomes one visual token.
 
-The output of every pooling is exactly the token grid of the geometry, row-major, one row per image
-padded to the batch's largest token count; a mismatch between patches and promised grid raises.
+The output of every pooling is exactly the token grids of the geometry, row-major, image after image, as
+the text's placeholders expect them; a mismatch between patches and promised grids raises.
 """
 
 from __future__ import annotations
@@ -14,36 +14,32 @@ class GeometryMismatch(RuntimeError):
     """The patches reaching the model do not form the token grids the geometry promised."""
 
 
-def gather_windows(
-    features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor, pool: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Regroup patch features ``(I, N, D)`` into windows ``(I, T, pool*pool, D)`` by patch position.
+def gather_windows(features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor, pool: int) -> torch.Tensor:
+    """Regroup packed patch features ``(P, D)`` into windows ``(T, pool*pool, D)`` by patch position: every
+    image's tokens row-major, image after image (``T``: all tokens of the batch).
 
-    Window ``t = (y // pool) * cols + x // pool`` holds its patches in (y % pool, x % pool) order.
-    Returns the windows and a ``(I, T)`` mask of real tokens (``T`` = the largest token count).
+    Window ``t = (y // pool) * cols + x // pool`` of an image holds its patches in (y % pool, x % pool) order.
     """
-    images, _, width = features.shape
-    x, y = positions[..., 0], positions[..., 1]
-    valid = x >= 0
-    rows, cols = token_grids[:, :1], token_grids[:, 1:]
-    counts = (rows * cols).squeeze(1)
-    inside = (x < cols * pool) & (y < rows * pool)
-    if bool(((valid.sum(1) != counts * pool * pool) | (valid & ~inside).any(1)).any()):
-        raise GeometryMismatch(
-            f"patches per image {valid.sum(1).tolist()} do not fill token grids {token_grids.tolist()} at pool {pool}"
-        )
-    tokens = int(counts.max()) if images else 0
-    window_size = pool * pool
-    slot = ((y // pool) * cols + x // pool) * window_size + (y % pool) * pool + x % pool
-    slot = torch.where(valid, slot, tokens * window_size)  # padding goes to one spare slot, dropped below
-    windows = features.new_zeros(images, tokens * window_size + 1, width)
-    windows = windows.scatter(1, slot[..., None].expand(-1, -1, width), features)
-    token_mask = torch.arange(tokens, device=features.device)[None, :] < counts[:, None]
-    return windows[:, :-1].view(images, tokens, window_size, width), token_mask
+    counts = token_grids[:, 0] * token_grids[:, 1]
+    lengths = counts * pool * pool
+    if int(lengths.sum()) != features.shape[0]:
+        raise GeometryMismatch(f"{features.shape[0]} patches do not fill token grids {token_grids.tolist()} at pool {pool}")
+    image = torch.repeat_interleave(torch.arange(counts.shape[0], device=features.device), lengths)
+    rows, cols = token_grids[image, 0], token_grids[image, 1]
+    x, y = positions[:, 0], positions[:, 1]
+    if bool(((x < 0) | (y < 0) | (x >= cols * pool) | (y >= rows * pool)).any()):
+        raise GeometryMismatch(f"patch positions fall outside token grids {token_grids.tolist()} at pool {pool}")
+    first_token = torch.cumsum(counts, 0) - counts
+    slot = (first_token[image] + (y // pool) * cols + x // pool) * pool * pool + (y % pool) * pool + x % pool
+    order = torch.argsort(slot)
+    if not torch.equal(slot[order], torch.arange(slot.shape[0], device=slot.device)):
+        raise GeometryMismatch(f"patches do not fill token grids {token_grids.tolist()} at pool {pool} (a window slot twice)")
+    return features[order].view(-1, pool * pool, features.shape[1])
 
 
 class Pooling(nn.Module):
-    """Base of poolings: ``forward(features, positions, token_grids)`` → ``(I, T, D)`` tokens and ``(I, T)`` mask."""
+    """Base of poolings: ``forward(features, positions, token_grids)`` → ``(T, D)``: every image's visual tokens,
+    row-major, image after image."""
 
     def __init__(self, pool: int) -> None:
         super().__init__()
@@ -53,11 +49,8 @@ class Pooling(nn.Module):
 class AveragePooling(Pooling):
     """Mean of each window (Gemma 4's pooling by patch position)."""
 
-    def forward(
-        self, features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        windows, token_mask = gather_windows(features, positions, token_grids, self.pool)
-        return windows.mean(dim=2), token_mask
+    def forward(self, features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor) -> torch.Tensor:
+        return gather_windows(features, positions, token_grids, self.pool).mean(dim=1)
 
 
 class AttentionPooling(Pooling):
@@ -78,16 +71,14 @@ class AttentionPooling(Pooling):
         nn.init.zeros_(self.attention.out_proj.weight)
         nn.init.zeros_(self.attention.out_proj.bias)
 
-    def forward(
-        self, features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        windows, token_mask = gather_windows(features, positions, token_grids, self.pool)
-        images, tokens, window_size, width = windows.shape
-        mean = windows.mean(dim=2)
-        keys = self.norm(windows + self.offset).view(images * tokens, window_size, width)
-        query = (self.query + mean).view(images * tokens, 1, width)
+    def forward(self, features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor) -> torch.Tensor:
+        windows = gather_windows(features, positions, token_grids, self.pool)
+        tokens, _, width = windows.shape
+        mean = windows.mean(dim=1)
+        keys = self.norm(windows + self.offset)
+        query = (self.query + mean).view(tokens, 1, width)
         attended, _ = self.attention(query, keys, keys, need_weights=False)
-        return mean + attended.view(images, tokens, width), token_mask
+        return mean + attended.view(tokens, width)
 
 
 def build_pooling(kind: str, pool: int, width: int, heads: int) -> Pooling:

@@ -33,15 +33,22 @@ class SampleLosses:
         return self.loss_sum.sum() / self.tokens.sum().clamp(min=1)
 
 
-def check_placeholders(input_ids: torch.Tensor, image_token_id: int, images: ImageBatch) -> torch.Tensor:
-    """The placeholder mask of ``input_ids``; raises :class:`GeometryMismatch` unless every sample holds
-    exactly as many placeholders as its images have visual tokens."""
+def check_placeholders(
+    input_ids: torch.Tensor, sample_ids: torch.Tensor, samples: int, image_token_id: int, images: ImageBatch
+) -> torch.Tensor:
+    """The placeholder mask of ``input_ids``; raises :class:`GeometryMismatch` unless every sample (``sample_ids``
+    gives each token's) holds exactly as many placeholders as its images have visual tokens."""
     placeholders = input_ids == image_token_id
-    found = placeholders.sum(dim=1)
+    found = torch.bincount(sample_ids[placeholders], minlength=samples)
     expected = torch.zeros_like(found).index_add_(0, images.sample_index, images.token_counts)
     if bool((found != expected).any()):
         raise GeometryMismatch(f"image placeholders per sample {found.tolist()} != visual tokens per sample {expected.tolist()}")
     return placeholders
+
+
+def row_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's sample when every row is one sample."""
+    return torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
 
 
 class VisionLanguageModel(nn.Module):
@@ -73,9 +80,8 @@ class VisionLanguageModel(nn.Module):
 
     def encode_images(self, images: ImageBatch) -> torch.Tensor:
         """Visual tokens of all images, ``(sum of token counts, lm width)``, image after image, row-major."""
-        features = self.backbone(images.pixels, images.positions, images.token_grids * self.geometry.pool)
-        tokens, token_mask = self.pooling(features, images.positions, images.token_grids)
-        return self.projector(tokens[token_mask])
+        features = self.backbone(images.pixels, images.positions, images.patch_grids)
+        return self.projector(self.pooling(features, images.positions, images.token_grids))
 
     def dummy_images(self, device: torch.device) -> ImageBatch:
         """One blank one-token image: run through the vision parts when a batch has no image, so that every
@@ -83,37 +89,65 @@ class VisionLanguageModel(nn.Module):
         pool, patch = self.geometry.pool, self.geometry.patch_size
         y, x = torch.meshgrid(torch.arange(pool, device=device), torch.arange(pool, device=device), indexing="ij")
         return ImageBatch(
-            pixels=torch.zeros(1, pool * pool, 3 * patch * patch, dtype=torch.uint8, device=device),
-            positions=torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)[None],
+            pixels=torch.zeros(pool * pool, 3 * patch * patch, dtype=torch.uint8, device=device),
+            positions=torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1),
+            patch_grids=torch.full((1, 2), pool, dtype=torch.long, device=device),
             token_grids=torch.ones(1, 2, dtype=torch.long, device=device),
             sample_index=torch.zeros(1, dtype=torch.long, device=device),
         )
 
-    def embed(self, input_ids: torch.Tensor, images: ImageBatch) -> torch.Tensor:
-        """LM input embeddings with each image placeholder replaced by its visual token."""
-        placeholders = check_placeholders(input_ids, self.image_token_id, images)
+    def embed(
+        self, input_ids: torch.Tensor, images: ImageBatch, sample_ids: torch.Tensor | None = None, samples: int | None = None
+    ) -> torch.Tensor:
+        """LM input embeddings with each image placeholder replaced by its visual token (placeholders row-major
+        are the images' tokens in order); ``sample_ids`` gives each token's sample (default: one per row)."""
+        if sample_ids is None:
+            sample_ids, samples = row_ids(input_ids), input_ids.shape[0]
+        placeholders = check_placeholders(input_ids, sample_ids.clamp(min=0), samples, self.image_token_id, images)
         embeds = self.lm.get_input_embeddings()(input_ids)
         if images.count == 0:
             return embeds + 0.0 * self.encode_images(self.dummy_images(input_ids.device)).sum().to(embeds.dtype)
         visual = self.encode_images(images).to(embeds.dtype)
         return embeds.masked_scatter(placeholders[..., None], visual)
 
+    def _embed_inputs(self, inputs: ModelInput) -> torch.Tensor:
+        return self.embed(inputs.input_ids, inputs.images, inputs.sample_ids, inputs.size)
+
     def forward(self, inputs: ModelInput) -> torch.Tensor:
-        """Logits ``(B, L, vocab)`` for the whole sequence."""
-        embeds = self.embed(inputs.input_ids, inputs.images)
-        return self.lm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, use_cache=False).logits
+        """Logits ``(R, L, vocab)`` for the whole sequence."""
+        embeds = self._embed_inputs(inputs)
+        return self.lm(
+            inputs_embeds=embeds, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, use_cache=False
+        ).logits
 
     def sample_losses(self, inputs: ModelInput) -> SampleLosses:
-        """Next-token cross-entropy on target tokens, per sample; logits are computed only where needed."""
-        embeds = self.embed(inputs.input_ids, inputs.images)
+        """Next-token cross-entropy on target tokens, per sample; logits are computed only where needed. In
+        packed rows a sample's last token predicts nothing (the next token is another sample's)."""
+        embeds = self._embed_inputs(inputs)
+        owners = inputs.sample_ids
         targets = inputs.labels[:, 1:]
+        if inputs.packed:
+            targets = targets.masked_fill(owners[:, 1:] != owners[:, :-1], IGNORE_INDEX)
         predicted = torch.nonzero((targets != IGNORE_INDEX).any(dim=0)).squeeze(1)
         kwargs = {"logits_to_keep": predicted} if self._lm_keeps_logits else {}
-        logits = self.lm(inputs_embeds=embeds, attention_mask=inputs.attention_mask, use_cache=False, **kwargs).logits
+        logits = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
+            use_cache=False,
+            **kwargs,
+        ).logits
         if not self._lm_keeps_logits:
             logits = logits[:, predicted]
         labels = targets[:, predicted]
         losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
         counted = labels != IGNORE_INDEX
-        correct = (logits.argmax(dim=-1) == labels) & counted
-        return SampleLosses(loss_sum=(losses * counted).sum(dim=1), tokens=counted.sum(dim=1), correct=correct.sum(dim=1))
+        owner = owners[:, :-1][:, predicted][counted]
+        correct = ((logits.argmax(dim=-1) == labels) & counted)[counted]
+        samples = inputs.size
+        zeros = losses.new_zeros(samples)
+        return SampleLosses(
+            loss_sum=zeros.index_add(0, owner, losses[counted]),
+            tokens=torch.bincount(owner, minlength=samples),
+            correct=torch.bincount(owner, weights=correct.float(), minlength=samples).long(),
+        )

@@ -65,6 +65,9 @@ class BudgetThroughput(L.Callback):
             self._wait += now - self._step_end
         self._began = self.timer.start(module)
 
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._step_end = None  # the time validation took is not time spent waiting for data
+
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, step: Step, batch_idx: int) -> None:
         self.timer.stop(module, self._began, step)
         self._step_end = time.perf_counter()
