@@ -274,6 +274,7 @@ def collect(stream: TrainStream, index: int, count: int, steps: int) -> list:
     return [step.batches[0] for step in islice(stream.steps(index, count, first_step=index), steps)]
 
 
+@pytest.mark.slow
 def test_every_sample_once_per_epoch_across_two_ranks_and_two_workers(builder, demo_dir):
     keys = [s.key for s in good_samples(list(demo_sources(demo_dir)[0].urls))]
     seen: Counter = Counter()
@@ -554,7 +555,8 @@ def test_independent_budgets_give_each_image_its_own_draw_and_keep_fixed_ones(ch
     sources = [Source(tuple(expand_shards(f"{chat_dir}/train-{{000000..000003}}.tar")))]
     stream = TrainStream(sources, builder, schedule, settings(batch_tokens=6000, lookahead=24))
     steps = list(islice(stream.steps(0, 1, first_step=0), 40))
-    fixed = {s.key: s.budgets for url in sources[0].urls for s in read_shard(url) if isinstance(s, RawSample)}
+    by_key = {s.key: s for url in sources[0].urls for s in read_shard(url) if isinstance(s, RawSample)}
+    fixed = {key: sample.budgets for key, sample in by_key.items()}
     drawn = Counter()
     mixed = 0
     for step in steps:
@@ -566,7 +568,7 @@ def test_independent_budgets_give_each_image_its_own_draw_and_keep_fixed_ones(ch
         for row, key in enumerate(batch.keys):
             count = sample_of_image.count(row)
             mine = [next(images) for _ in range(count)]
-            sample = next(s for url in sources[0].urls for s in read_shard(url) if isinstance(s, RawSample) and s.key == key)
+            sample = by_key[key]
             for (budget, grid), size, pinned in zip(mine, sample.sizes, fixed[key], strict=True):
                 assert list(builder.geometry.image(*size, budget).token_grid) == grid  # each image at its own budget
                 assert pinned is None or budget == pinned
