@@ -52,18 +52,26 @@ def test_native_vit_gives_each_packed_image_what_it_gives_the_image_alone(stem):
         torch.testing.assert_close(packed[image_rows(images, index)], expected, atol=2e-5, rtol=1e-4)
 
 
-def test_packed_attention_equals_a_block_diagonal_mask():
-    from vlmtrain.model.backbone import PackedAttention
+@pytest.mark.parametrize(("causal", "kv_heads"), [(False, 4), (True, 4), (True, 2)])
+def test_packed_attention_equals_a_block_diagonal_mask(causal: bool, kv_heads: int):
+    from vlmtrain.model.attention import Segments
 
-    grids = torch.tensor([[2, 3], [1, 5], [3, 2], [2, 2]])
-    lengths = grids.prod(1).tolist()
-    q, k, v = (torch.randn(sum(lengths), 2, 8) for _ in range(3))
-    image = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
-    mask = image[:, None] == image[None, :]
-    expected = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask).transpose(
-        0, 1
-    )
-    torch.testing.assert_close(PackedAttention(grids)(q, k, v), expected, atol=1e-6, rtol=1e-5)
+    lengths = [6, 5, 6, 4, 1, 6]
+    q = torch.randn(sum(lengths), 4, 8)
+    k, v = (torch.randn(sum(lengths), kv_heads, 8) for _ in range(2))
+    sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = sequence[:, None] == sequence[None, :]
+    if causal:
+        mask &= torch.ones_like(mask).tril()
+    repeat = 4 // kv_heads
+    expected = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.repeat_interleave(repeat, 1).transpose(0, 1),
+        v.repeat_interleave(repeat, 1).transpose(0, 1),
+        attn_mask=mask,
+    ).transpose(0, 1)
+    got = Segments.of_lengths(lengths, q.device).attend(q, k, v, causal=causal)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_conv_stem_sees_the_image_as_a_whole():
@@ -487,7 +495,42 @@ def test_packed_position_ids_restart_at_every_sample_and_attention_stays_inside_
             torch.testing.assert_close(packed[start : start + length], alone, atol=1e-4, rtol=1e-4)
 
 
-def test_images_of_several_budget_levels_run_in_bins_and_equal_each_image_alone():
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_lm_packed_rows_attend_per_sample_with_every_attention_implementation(kv_heads: int):
+    """vlmtrain_varlen (offsets given, or found from position ids) equals transformers' sdpa with its
+    block-diagonal mask, and each sample's logits equal the sample alone; rows with a padding mask go to SDPA."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vlmtrain.data.batch import pack_text
+    from vlmtrain.model.attention import VARLEN
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(**{**TINY_LLAMA, "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": 50})
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    lengths = [7, 1, 12, 5]
+    sequences = [torch.randint(0, 50, (n,)).tolist() for n in lengths]
+    ids, positions, _, _, cu = pack_text(sequences, sequences, pad_id=0, row_tokens=14)
+    assert cu.tolist() == [0, 7, 8, 12, 24, 29, 36]  # rows as long as the longest: [7, 1, pad 4], [12], [5, pad 7]
+    with torch.no_grad():
+        block_mask = lm(ids, position_ids=positions, use_cache=False).logits  # with a cache, sdpa would not see the packing
+        lm.set_attn_implementation(VARLEN)
+        offsets = lm(ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12, max_length_k=12).logits
+        found = lm(ids, position_ids=positions).logits
+        padded, mask = torch.zeros(4, 12, dtype=torch.long), torch.zeros(4, 12, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            padded[row, : len(sequence)], mask[row, : len(sequence)] = torch.tensor(sequence), 1
+        rows = lm(padded, attention_mask=mask).logits
+    torch.testing.assert_close(offsets, block_mask, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(found, block_mask, atol=1e-5, rtol=1e-4)
+    flat = offsets.reshape(-1, offsets.shape[-1])
+    for index, (start, length) in enumerate([(0, 7), (7, 1), (12, 12), (24, 5)]):
+        torch.testing.assert_close(flat[start : start + length], rows[index, :length], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_images_of_several_budget_levels_run_in_bins_and_equal_each_image_alone(monkeypatch, lockstep: bool):
+    """One process: the conv stem runs per grid; several (ZeRO-3): per bin, on canvases. Same features."""
+    monkeypatch.setattr("vlmtrain.model.backbone.in_lockstep", lambda: lockstep)
     torch.manual_seed(0)
     geometry = Geometry(patch_size=8, pool=2)
     vit = NativeViT(patch_size=8, width=32, depth=1, heads=2, stem="conv").eval()

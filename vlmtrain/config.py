@@ -105,7 +105,7 @@ class LMConfig:
     hf_config: dict[str, Any] | None = field(default_factory=dict)  # null clears it (a recipe switching to a path)
     tokenizer: str | None = None
     image_token: str = "<image>"
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "vlmtrain_varlen"  # packed rows attend per sample (vlmtrain/model/attention.py)
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     adapter: str | None = None

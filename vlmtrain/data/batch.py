@@ -88,7 +88,8 @@ def pack_text(
     """Samples one after another in rows of at most ``row_tokens`` tokens (one row when None), in order (a row
     is closed when the next sample does not fit); the last rows padded to the longest. Returns ids, position
     ids (restarting at 0 for every sample, and for the padding), sequence ids (each token's sample, -1 on
-    padding) and labels."""
+    padding), labels, and the offsets of the sequences (samples and padding) in the flattened rows,
+    ``cu_seqlens`` as varlen attention takes them."""
     rows: list[list[int]] = [[]]
     used = 0
     for index, ids in enumerate(sequences):
@@ -112,4 +113,6 @@ def pack_text(
             position_ids[row, start:end] = torch.arange(len(ids))
             start = end
         position_ids[row, start:] = torch.arange(length - start)  # the padding is a sequence of its own
-    return input_ids, position_ids, sequence_ids, label_tensor
+    starts = torch.nonzero(position_ids.flatten() == 0).flatten()
+    cu_seqlens = torch.cat([starts, torch.tensor([position_ids.numel()])]).to(torch.int32)
+    return input_ids, position_ids, sequence_ids, label_tensor, cu_seqlens

@@ -157,8 +157,20 @@ class BatchBuilder:
             patch_dim=3 * self.geometry.patch_size**2,
         )
         if packed:
-            input_ids, position_ids, sequence_ids, label_tensor = pack_text(sequences, labels, self.text.pad_token_id, row_tokens)
-            inputs = ModelInput(input_ids, None, label_tensor, images, position_ids, sequence_ids, samples=len(samples))
+            input_ids, position_ids, sequence_ids, label_tensor, cu_seqlens = pack_text(
+                sequences, labels, self.text.pad_token_id, row_tokens
+            )
+            inputs = ModelInput(
+                input_ids,
+                None,
+                label_tensor,
+                images,
+                position_ids,
+                sequence_ids,
+                len(samples),
+                cu_seqlens,
+                int(cu_seqlens.diff().max()),
+            )
         else:
             input_ids, attention_mask, label_tensor = pad_text(sequences, labels, self.text.pad_token_id)
             inputs = ModelInput(input_ids, attention_mask, label_tensor, images)

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from vlmtrain.model.attention import Segments
 
 
 @dataclass(frozen=True)
@@ -171,44 +172,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + _rotate_halves(x) * sin).to(x.dtype)
 
 
-class PackedAttention:
-    """Self-attention of packed images, kept inside each image. On a GPU in half precision: varlen flash
-    attention over the whole sequence (``cu_seqlens``); otherwise SDPA over the images of each length, dense."""
-
-    def __init__(self, patch_grids: torch.Tensor) -> None:
-        self.lengths = patch_grids.prod(1)
-        self.by_length = groups(patch_grids, by_length)
-        self.order = torch.cat([group.rows for group in self.by_length])
-        self.inverse = torch.argsort(self.order)
-
-    @staticmethod
-    def varlen(q: torch.Tensor) -> bool:
-        if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
-            return False
-        try:
-            from torch.nn.attention.varlen import varlen_attn  # noqa: F401 (torch 2.9 and later)
-        except ImportError:
-            return False
-        return True
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``(P, heads, head_dim)`` queries, keys, values → attended values, same shape."""
-        if self.varlen(q):
-            from torch.nn.attention.varlen import varlen_attn
-
-            cu = F.pad(torch.cumsum(self.lengths, 0), (1, 0)).to(torch.int32)
-            longest = int(self.lengths.max())
-            return varlen_attn(q, k, v, cu, cu, longest, longest)
-        heads, dim = q.shape[1], q.shape[2]
-        parts = []
-        for group in self.by_length:
-            shape = (len(group.images), -1, heads, dim)
-            dense = [x[group.rows].view(shape).transpose(1, 2) for x in (q, k, v)]
-            attended = F.scaled_dot_product_attention(*dense)  # no mask: SDPA may pick its flash kernel
-            parts.append(attended.transpose(1, 2).reshape(-1, heads, dim))
-        return torch.cat(parts)[self.inverse]
-
-
 class ViTBlock(nn.Module):
     """Pre-norm transformer block with 2-D RoPE self-attention and a GELU MLP, over packed images."""
 
@@ -222,11 +185,11 @@ class ViTBlock(nn.Module):
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: PackedAttention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, images: Segments) -> torch.Tensor:
         length, width = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(length, 3, self.heads, -1).unbind(1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        x = x + self.proj(attention(q, k, v).reshape(length, width))
+        x = x + self.proj(images.attend(q, k, v, causal=False).reshape(length, width))
         return x + self.mlp(self.norm2(x))
 
 
@@ -269,9 +232,11 @@ class ConvStem(nn.Module):
     def forward(
         self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor, bins: tuple[int, ...] = (2**62,)
     ) -> torch.Tensor:
-        """The convolutions run once per bin (:func:`run_in_bins`) over the bin's images, each placed at the top
-        left of one canvas; everything outside an image is zeroed after every layer, as its own zero padding
-        would be, so each image gets exactly what it would get alone."""
+        """The convolutions run once per patch grid over the images of that grid (:func:`run_by_grid`: nothing
+        padded) or, when several processes must call them equally often, once per bin (:func:`run_in_bins`),
+        each image at the top left of a canvas as large as the bin's largest grid; everything outside an image
+        is zeroed after every layer, as its own zero padding would be, so each image gets exactly what it
+        would get alone."""
         dtype = self.convs[0].weight.dtype
         size = self.patch_size
 
@@ -297,7 +262,13 @@ class ConvStem(nn.Module):
                 out[index, : rows * cols] = features[index, :rows, :cols].reshape(rows * cols, -1)
             return out
 
-        return self.norm(run_in_bins(pixels, positions, patch_grids, bins, self.width, dtype, dense))
+        if in_lockstep():
+            return self.norm(run_in_bins(pixels, positions, patch_grids, bins, self.width, dtype, dense))
+
+        def one_grid(images: torch.Tensor, places: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+            return dense(images, places, patch_grids.new_tensor([grid]).expand(images.shape[0], 2))
+
+        return self.norm(run_by_grid(pixels, positions, patch_grids, self.width, dtype, one_grid))
 
 
 class NativeViT(VisionBackbone):
@@ -328,11 +299,11 @@ class NativeViT(VisionBackbone):
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
         x = self.stem(pixels, positions, patch_grids, self.bins)
-        attention = PackedAttention(patch_grids)
+        images = Segments.of_lengths(patch_grids.prod(1).tolist(), x.device)
         cos, sin = self.rope(positions)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, attention, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, images, use_reentrant=False)
             else:
-                x = block(x, cos, sin, attention)
+                x = block(x, cos, sin, images)
         return self.norm(x)

@@ -8,7 +8,7 @@ restart at every sample, the sample each token belongs to).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -78,9 +78,10 @@ class ModelInput:
     """Token ids ``(R, L)`` with their labels (IGNORE_INDEX where nothing is predicted) and the batch's images.
 
     Padded rows (one sample each): ``attention_mask`` marks the real tokens. Packed rows (several samples
-    each, no attention mask): ``position_ids`` restart at 0 at every sample, which keeps attention inside
-    it (block-diagonal causal: transformers builds that mask, or uses varlen kernels, from the position
-    ids), and ``sequence_ids`` give each token's sample (-1 on padding after the last one)."""
+    each, no attention mask): ``position_ids`` restart at 0 at every sample, ``cu_seqlens`` (offsets of the
+    sequences in the flattened rows) and ``max_seqlen`` keep attention inside each sample (varlen attention;
+    transformers' ``sdpa`` builds a block-diagonal mask from the position ids instead), and
+    ``sequence_ids`` give each token's sample (-1 on padding after the last one)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
@@ -89,6 +90,8 @@ class ModelInput:
     position_ids: torch.Tensor | None = None
     sequence_ids: torch.Tensor | None = None
     samples: int = 0  # packed rows: how many samples they hold (padded rows: one per row)
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
 
     @property
     def packed(self) -> bool:
@@ -109,16 +112,16 @@ class ModelInput:
 
     def pin_memory(self) -> ModelInput:
         """Page-locked copies of the tensors, for fast, asynchronous copies to the GPU."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, images=self.images.pin_memory(), **{name: value.pin_memory() for name, value in tensors.items()})
 
-        def pinned(value: torch.Tensor | None) -> torch.Tensor | None:
-            return value.pin_memory() if value is not None else None
-
-        return ModelInput(
-            pinned(self.input_ids),
-            pinned(self.attention_mask),
-            pinned(self.labels),
-            self.images.pin_memory(),
-            pinned(self.position_ids),
-            pinned(self.sequence_ids),
-            self.samples,
-        )
+    def attention_kwargs(self) -> dict[str, torch.Tensor | int]:
+        """The packed rows' sequence offsets as transformers' varlen attention takes them (none for padded rows)."""
+        if self.cu_seqlens is None:
+            return {}
+        return {
+            "cu_seq_lens_q": self.cu_seqlens,
+            "cu_seq_lens_k": self.cu_seqlens,
+            "max_length_q": self.max_seqlen,
+            "max_length_k": self.max_seqlen,
+        }

@@ -10,6 +10,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlmtrain.config import LMConfig, LoraConfig
+from vlmtrain.model import attention  # noqa: F401 (registers the vlmtrain_varlen attention with transformers)
 from vlmtrain.text.tokenizers import load_tokenizer
 
 

@@ -117,7 +117,11 @@ class VisionLanguageModel(nn.Module):
         """Logits ``(R, L, vocab)`` for the whole sequence."""
         embeds = self._embed_inputs(inputs)
         return self.lm(
-            inputs_embeds=embeds, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, use_cache=False
+            inputs_embeds=embeds,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
+            use_cache=False,
+            **inputs.attention_kwargs(),
         ).logits
 
     def sample_losses(self, inputs: ModelInput) -> SampleLosses:
@@ -135,6 +139,7 @@ class VisionLanguageModel(nn.Module):
             attention_mask=inputs.attention_mask,
             position_ids=inputs.position_ids,
             use_cache=False,
+            **inputs.attention_kwargs(),
             **kwargs,
         ).logits
         if not self._lm_keeps_logits:

@@ -101,7 +101,7 @@ class BudgetThroughput(L.Callback):
 
 class DataProgress(L.Callback):
     """After each trained step: tell the datamodule where the data stands (for checkpoints) and log the
-    step's padding, bucket, data epoch and size, and the samples this rank skipped so far, by kind and
+    step's padding, real tokens, bucket (unpacked), data epoch and size, and the samples this rank skipped so far, by kind and
     in total (the total is on the progress bar)."""
 
     def __init__(self) -> None:
@@ -122,11 +122,12 @@ class DataProgress(L.Callback):
             "data/epoch": float(min(first.epochs, default=0)),
             "data/samples": float(first.size),
             "data/images": float(len(first.grids)),
+            "data/tokens": float(first.tokens),
             "skipped": float(sum(totals.values())),
             **{f"data/skipped_{kind}": float(count) for kind, count in totals.items()},
         }
         self.total_skipped = int(values["skipped"])
-        if first.grids:
+        if first.grids and not first.inputs.packed:  # a step of one aspect bucket
             rows, cols = first.grids[0]
             log_this_step(module, {"data/bucket_aspect": cols / rows})
         for name, value in values.items():
