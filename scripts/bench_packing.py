@@ -102,6 +102,9 @@ def build_mix(out: Path, count: int, seed: int = 0) -> str:
     return build_mix(out, count, seed)
 
 
+MIX_TEXT = ["data.text.prompt_field=prompt", "data.text.max_length=1024"]  # how the mix's records read
+
+
 def measure(spec: str, overrides: list[str], levels: list[int], steps: int, packing: bool) -> dict:
     """Train ``steps`` steps (after one warm-up) at ``levels`` in one packing mode; returns the figures."""
     import torch
@@ -117,8 +120,7 @@ def measure(spec: str, overrides: list[str], levels: list[int], steps: int, pack
             "model.vision.path=null",
             f"data.train={spec}",
             "data.val=null",
-            "data.text.prompt_field=prompt",
-            "data.text.max_length=1024",
+            *MIX_TEXT,
             "data.batching.batch_tokens=4096",
             "data.batching.max_batch_size=64",
             f"data.batching.packing={packing}",

@@ -1,14 +1,17 @@
-"""bf16 autocast against fp32 for every backbone kind and both poolings, and the flash SDPA kernel for batches
-without padding: on a CUDA GPU (tests marked gpu, skipped elsewhere), and the same checks on the CPU, whose
-autocast and flash kernel exist too, so that the GPU tests cannot break unseen."""
+"""bf16 autocast against fp32 for every backbone kind and both poolings, the flash SDPA kernel for batches
+without padding, packed against padded steps in bf16, host-device synchronisations per training step, and
+DeepSpeed ZeRO-3 + LoRA in bf16 on one GPU: on a CUDA GPU (tests marked gpu, skipped elsewhere), and the
+same checks on the CPU where they mean something there (its autocast, flash kernel and packed attention
+exist too), so that the GPU tests cannot break unseen. scripts/gpu_check.sh runs the gpu ones."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import built, image_batch, small_recipe
+from helpers import LORA, built, image_batch, run_cli, small_overrides, small_recipe
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from test_distributed import check_saved_adapter
 from test_export import BACKBONES
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -19,6 +22,7 @@ from vlmtrain.train.run import batch_builder
 
 BF16_LOSS_RTOL = 2e-2  # bf16 keeps 8 bits of mantissa (~0.4 % per operation), a few layers deep
 BF16_GRAD_COSINE = 0.98  # the gradient of all trainable weights, as one vector
+MAX_SYNCS_PER_STEP = 48  # host-device synchronisations in one training step (forward, backward, optimizer)
 CASES = [(backbone, pooling) for backbone in sorted(BACKBONES) for pooling in ("average", "attention")]
 
 
@@ -29,8 +33,12 @@ def model_on(device: str, demo_dir, tmp_path, backbone: str, pooling: str):
     return module.model.to(device).train(), batch_builder(module.plan)
 
 
+def caption_samples(caption_dir, count: int = 6) -> list[RawSample]:
+    return [s for url in sorted(map(str, caption_dir.glob("*.tar"))) for s in read_shard(url) if isinstance(s, RawSample)][:count]
+
+
 def check_bf16_close_to_fp32(model: VisionLanguageModel, builder, caption_dir, device: str) -> None:
-    samples = [s for url in sorted(map(str, caption_dir.glob("*.tar"))) for s in read_shard(url) if isinstance(s, RawSample)][:6]
+    samples = caption_samples(caption_dir)
     inputs = move_data_to_device(builder.collate([builder.encode(s, 140) for s in samples], 140).inputs, torch.device(device))
     results = {}
     for name, autocast in (("fp32", False), ("bf16", True)):
@@ -79,3 +87,93 @@ def test_bf16_autocast_stays_close_to_fp32_on_cpu(demo_dir, caption_dir, tmp_pat
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_a_batch_without_padding_runs_on_the_flash_kernel_on_cpu(demo_dir, tmp_path, backbone):
     check_flash_kernel_runs(model_on("cpu", demo_dir, tmp_path, backbone, "average")[0], "cpu")
+
+
+def check_packed_equals_padded_in_bf16(model: VisionLanguageModel, builder, caption_dir, device: str) -> None:
+    """Per-sample losses of one packed row and of padded rows, under bf16 autocast (the GPU runs varlen
+    flash attention for the packed row, SDPA with a mask for the padded rows)."""
+    encoded = [builder.encode(sample, budget) for sample, budget in zip(caption_samples(caption_dir), [70, 140] * 3, strict=True)]
+    losses = {}
+    for packed in (True, False):
+        inputs = move_data_to_device(builder.collate(encoded, None, packed=packed).inputs, torch.device(device))
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+            result = model.sample_losses(inputs)
+        losses[packed] = (result.loss_sum / result.tokens).float().cpu()
+    torch.testing.assert_close(losses[True], losses[False], rtol=BF16_LOSS_RTOL, atol=0.0)
+
+
+def count_syncs(step) -> int:
+    """Host-device synchronisations while ``step()`` runs (CUDA's sync debug mode warns at each one)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(warning.message) for warning in caught)
+
+
+@pytest.mark.gpu
+def test_packed_steps_equal_padded_steps_in_bf16_on_gpu(demo_dir, caption_dir, tmp_path):
+    model, builder = model_on("cuda", demo_dir, tmp_path, "native", "average")
+    check_packed_equals_padded_in_bf16(model, builder, caption_dir, "cuda")
+
+
+def test_packed_steps_equal_padded_steps_in_bf16_on_cpu(demo_dir, caption_dir, tmp_path):
+    model, builder = model_on("cpu", demo_dir, tmp_path, "native", "average")
+    check_packed_equals_padded_in_bf16(model, builder, caption_dir, "cpu")
+
+
+@pytest.mark.gpu
+def test_a_training_step_synchronises_host_and_device_a_bounded_number_of_times(demo_dir, caption_dir, tmp_path):
+    model, builder = model_on("cuda", demo_dir, tmp_path, "native", "average")
+    inputs = move_data_to_device(
+        builder.collate([builder.encode(s, 140) for s in caption_samples(caption_dir)], 140).inputs, torch.device("cuda")
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.sample_losses(inputs).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: lazy initialisation synchronises once
+    syncs = count_syncs(step)
+    print(f"host-device synchronisations in one training step: {syncs}")
+    assert syncs <= MAX_SYNCS_PER_STEP, f"{syncs} synchronisations in one step (bound {MAX_SYNCS_PER_STEP})"
+
+
+@pytest.mark.gpu
+def test_zero3_with_lora_in_bf16_on_one_gpu_trains_saves_and_reloads_the_adapter(demo_dir, tmp_path):
+    gpu = ("trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed", "data.val=null")
+    zero3 = ("trainer.strategy=deepspeed", "trainer.deepspeed.stage=3")
+    overrides = small_overrides(demo_dir, tmp_path / "run", *gpu, *zero3, *LORA, "optim.lm.lr=0.01")
+    run_cli(overrides)
+    check_saved_adapter(tmp_path / "run", overrides, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_its_steps_at_tiny_sizes_on_cpu(tmp_path):
+    """scripts/gpu_check.sh --cpu-dry-run: the same script, tests and benchmark code as on the GPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-dry-run"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "torch" in (tmp_path / "env.txt").read_text()
+    rows = json.loads((tmp_path / "bench_train.json").read_text())
+    assert [row["levels"] for row in rows] == [[70], [140], [280], [560], [1120], [70, 140, 280, 560, 1120]]
+    for row in rows:
+        assert row["step_s"] > 0 and row["tflops_per_step"] > 0 and 0 < row["mfu"] and row["text_tokens_per_s"] > 0
+    assert "MFU at 1120" in (tmp_path / "bench_train.txt").read_text()
