@@ -108,7 +108,9 @@ def convert_smollm2(out: Path) -> None:
     gguf = next(folder.glob("*.gguf")).name
     quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    model = LlamaForCausalLM(quantised.config)
+    config = quantised.config
+    del config.quantization_config  # it names the GGUF file; the folder written here holds plain fp32 weights
+    model = LlamaForCausalLM(config)
     model.load_state_dict(quantised.state_dict())
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -578,8 +578,8 @@ def test_independent_budgets_give_each_image_its_own_draw_and_keep_fixed_ones(ch
         assert sum(int(t) for t in batch.inputs.images.token_counts) + int((batch.inputs.labels != -100).sum()) <= 6000
     assert mixed > 0  # some sample trains its two images at two budgets
     assert set(drawn) == set(LEVELS) and max(drawn.values()) < 3 * min(drawn.values())
-    again = [(s.index, s.batches[0].keys, s.batches[0].image_budgets) for s in islice(stream.steps(0, 1, first_step=0), 40)]
-    assert again == [(s.index, s.batches[0].keys, s.batches[0].image_budgets) for s in steps]
+    again = [(s.index, s.batches[0].keys, s.batches[0].image_budgets) for s in islice(stream.steps(0, 1, first_step=0), 8)]
+    assert again == [(s.index, s.batches[0].keys, s.batches[0].image_budgets) for s in steps[:8]]  # drawn again alike
 
 
 def test_a_sample_fixing_a_budget_the_model_does_not_train_is_skipped_and_counted(chat_dir):

@@ -259,3 +259,31 @@ def test_torchrun_launch_takes_devices_and_nodes_from_its_environment(demo_dir, 
         and "All distributed processes registered. Starting with 2 processes" in result.stderr
     )
     assert sorted(losses(tmp_path / "run")) == [0, 1, 2]
+
+
+def test_zero3_with_lora_on_an_lm_lacking_the_image_token_saves_an_adapter_that_reloads(demo_dir, tmp_path):
+    from vlmtrain.config import LMConfig
+    from vlmtrain.export import export, trained_model
+    from vlmtrain.model.lm import build_lm
+    from vlmtrain.text.tokenizers import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer(image_token="<img>")  # the base vocabulary lacks <image>
+    build_lm(LMConfig(hf_config=TINY_LLAMA), tokenizer).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    overrides = small_overrides(
+        demo_dir, tmp_path / "run", *TWO_PROCESSES, "trainer.strategy=deepspeed", "trainer.deepspeed.stage=3", *LORA,
+        f"model.lm.path={tmp_path / 'llama'}", "model.lm.hf_config=null", "trainer.max_steps=2", "optim.lm.lr=0.01",
+    )
+    run_cli(overrides)
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert saved and all("lora_" in name for name in saved)  # not the embedding matrices the image token grew
+    trained = trained_model(tmp_path / "run")[0]
+    image_token = trained.tokenizer.convert_tokens_to_ids("<image>")
+    base = build_lm(LMConfig(path=str(tmp_path / "llama")), trained.tokenizer)  # rebuilt in one process, no ZeRO-3
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
+    tokens = torch.tensor([[3, 40, image_token, 41, 7]])
+    with torch.no_grad():
+        expected = trained.model.lm(input_ids=tokens).logits
+        torch.testing.assert_close(reloaded(input_ids=tokens).logits, expected)
+    exported = export(tmp_path / "run", tmp_path / "export", keep_adapter=True)
+    assert load_file(exported / "lm-adapter" / "adapter_model.safetensors").keys() == saved.keys()

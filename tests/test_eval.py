@@ -13,6 +13,7 @@ from PIL import Image
 
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import read_shard
+from vlmtrain.errors import UserError
 from vlmtrain.evaluate import evaluate, word_recall
 from vlmtrain.export import export, trained_model
 from vlmtrain.text.tokenizers import IGNORE_INDEX
@@ -29,6 +30,8 @@ FIELDS = {
     "visual_tokens_per_image",
     "images_per_s",
     "latency_ms",
+    "latency_p10_ms",
+    "latency_p90_ms",
 }
 
 
@@ -125,7 +128,7 @@ def test_eval_figures_equal_a_sample_by_sample_computation_for_a_run_and_its_exp
             assert row["loss"] == pytest.approx(hand["loss"], rel=1e-5)
             for name in ("token_accuracy", "exact_match", "word_recall", "visual_tokens_per_image"):
                 assert row[name] == pytest.approx(hand[name]), name
-            assert row["latency_ms"] > 0 and row["images_per_s"] > 0
+            assert 0 < row["latency_p10_ms"] <= row["latency_ms"] <= row["latency_p90_ms"] and row["images_per_s"] > 0
             assert model["examples"][str(row["budget"])] == hand["examples"]
     assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == results
     with Image.open(tmp_path / "eval" / "eval.png") as plot:
@@ -133,11 +136,24 @@ def test_eval_figures_equal_a_sample_by_sample_computation_for_a_run_and_its_exp
 
 
 @pytest.mark.slow
-def test_the_model_card_carries_the_evaluation(trained_run, demo_dir, tmp_path):
-    evaluate([trained_run], f"{demo_dir}/val-000000.tar", budgets=[70], limit=3, out=tmp_path / "eval", generate=False)
-    card = (export(trained_run, tmp_path / "export", evaluation=tmp_path / "eval" / "eval.json") / "README.md").read_text()
-    assert "## Results by budget" in card and "| 70 |" in card
+def test_the_model_card_carries_the_evaluation_wherever_eval_wrote_it(trained_run, demo_dir, tmp_path):
+    data = f"{demo_dir}/val-000000.tar"
+    evaluate([trained_run], data, budgets=[70], limit=3, out=tmp_path / "elsewhere", generate=False)
+    card = (export(trained_run, tmp_path / "export") / "README.md").read_text()
+    assert f"Evaluated on `{data}`, 3 samples per budget." in card and "| 70 |" in card
     assert "exact match" in card.splitlines()[card.splitlines().index("## Results by budget") + 4]
+
+
+@pytest.mark.slow
+def test_eval_takes_the_prompt_and_target_field_to_use(trained_run, demo_dir, tmp_path):
+    data = f"{demo_dir}/val-000000.tar"
+    photos = [s.record["photo"] for s in read_shard(data) if isinstance(s, RawSample)][:3]
+    text = {"prompt": "<image> shows a ", "target_field": "photo"}
+    results = evaluate([trained_run], data, budgets=[70], limit=3, out=tmp_path / "eval", max_new_tokens=2, text=text)
+    assert [example["target"] for example in results["models"][0]["examples"]["70"]] == photos
+    assert results["text"] == text
+    with pytest.raises(UserError, match="no usable sample"):
+        evaluate([trained_run], data, budgets=[70], limit=3, out=tmp_path / "eval", text={"target_field": "caption"})
 
 
 def test_word_recall():

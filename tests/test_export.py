@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DINOV2_TOWER, ENV, GEMMA4_TOWER, IMAGES, SIGLIP2_TOWER, TINY, built, small_recipe
+from helpers import DINOV2_TOWER, ENV, GEMMA4_TOWER, IMAGES, LORA, SIGLIP2_TOWER, TINY, TINY_LLAMA, built, small_recipe
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 from PIL import Image
 from safetensors.torch import load_file
 
-from vlmtrain.config import load_recipe
+from vlmtrain.config import LMConfig, load_recipe
 from vlmtrain.errors import UserError
 from vlmtrain.export import export, trained_model, write_export
 from vlmtrain.inference import ExportedModel, load
+from vlmtrain.model.lm import build_lm
+from vlmtrain.text.tokenizers import build_byte_tokenizer
 from vlmtrain.train.layout import latest_checkpoint
 
 CASES = {"70": [70], "140": [140], "70+140": [70, 140]}  # the last: one budget per image
@@ -172,6 +174,29 @@ def test_every_backbone_and_pooling_exports_and_loads_to_the_same_logits_at_ever
     torch.testing.assert_close(
         loaded.logits(images, PROMPT, budget=[140, 70]), model.logits(images, PROMPT, budget=[140, 70]), atol=1e-5, rtol=1e-5
     )
+
+
+def test_an_lm_converted_from_gguf_exports_and_loads_with_its_lora_adapter_merged_or_kept(demo_dir, tmp_path):
+    # scripts/convert_pretrained.py once left the GGUF file's quantization_config in the converted config
+    # (the weights are plain); export then failed in save_pretrained ("quantized with gguf, not serializable").
+    # Its vocabulary lacks the image token: export and load add the same rows for it.
+    tokenizer = build_byte_tokenizer(image_token="<img>")
+    build_lm(LMConfig(hf_config=TINY_LLAMA), tokenizer).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    config_file = tmp_path / "llama" / "config.json"
+    gguf = {"quant_method": "gguf", "gguf_file": "model.Q4_1.gguf", "dequantize": False}
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "quantization_config": gguf}))
+    lm = (f"model.lm.path={tmp_path / 'llama'}", "model.lm.hf_config=null", *LORA)
+    model, out = untrained_export(demo_dir, tmp_path, *lm)
+    assert "quantization_config" not in json.loads((out / "lm" / "config.json").read_text())
+    images = [Image.open(path) for path in pictures()]
+    torch.testing.assert_close(load(out).logits(images, PROMPT, budget=70), model.logits(images, PROMPT, budget=70))
+    # exporting left the trained model as it was: exported again, with the adapter kept apart
+    write_export(model, small_recipe(demo_dir, tmp_path / "run", *lm), tmp_path / "with-adapter", keep_adapter=True)
+    saved = load_file(tmp_path / "with-adapter" / "lm-adapter" / "adapter_model.safetensors")
+    assert saved and all("lora_" in name for name in saved)  # not the embedding matrices the image token grew
+    adapter = load(tmp_path / "with-adapter")
+    torch.testing.assert_close(adapter.logits(images, PROMPT, budget=70), model.logits(images, PROMPT, budget=70))
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import GEMMA4_TOWER, SIGLIP2_TOWER, TINY_LLAMA, image_batch, image_rows, save_as_full_checkpoint, single
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Config, Dinov2Model, Gemma4VisionConfig, Gemma4VisionModel, Siglip2VisionConfig, Siglip2VisionModel
 
-from vlmtrain.config import BudgetConfig, DecodingConfig, LMConfig, ModelConfig, PoolingConfig, TextConfig, VisionConfig
+from vlmtrain.config import (
+    BudgetConfig,
+    DecodingConfig,
+    LMConfig,
+    LoraConfig,
+    ModelConfig,
+    PoolingConfig,
+    TextConfig,
+    VisionConfig,
+)
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import read_shard
@@ -25,7 +35,7 @@ from vlmtrain.model.build import build_model
 from vlmtrain.model.description import describe_model
 from vlmtrain.model.hf_vision import TOWERS
 from vlmtrain.model.inputs import ImageBatch, ModelInput
-from vlmtrain.model.lm import build_lm, lm_tokenizer
+from vlmtrain.model.lm import build_lm, lm_tokenizer, save_adapter_folder
 from vlmtrain.model.pooling import AttentionPooling, AveragePooling, GeometryMismatch, gather_windows
 from vlmtrain.text.encoding import TextEncoder
 from vlmtrain.text.tokenizers import IGNORE_INDEX, build_byte_tokenizer
@@ -547,3 +557,42 @@ def test_images_of_several_budget_levels_run_in_bins_and_equal_each_image_alone(
         for index, part in enumerate(parts):
             alone = vit(part.pixels, part.positions, part.patch_grids)
             torch.testing.assert_close(together[image_rows(packed, index)], alone, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_lora_adapter_holds_only_what_trained_and_reloads_to_the_same_logits(tmp_path, tied):
+    # a base LM whose vocabulary lacks the image token: its rows are added, the mean of the base's rows
+    tokenizer = build_byte_tokenizer(image_token="<img>")
+    build_lm(LMConfig(hf_config={**TINY_LLAMA, "tie_word_embeddings": tied}), tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    base_weights = load_file(tmp_path / "base" / "model.safetensors")
+    config = LMConfig(path=str(tmp_path / "base"), lora=LoraConfig(rank=4, target_modules=["q_proj", "v_proj"]))
+    tokenizer = lm_tokenizer(config)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    trained = build_lm(config, tokenizer)
+    names = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"])
+    for name in names:
+        rows = base_weights[name]
+        assert image_token == rows.shape[0]
+        torch.testing.assert_close(trained.get_base_model().state_dict()[name][image_token], rows.mean(dim=0))
+    with torch.no_grad():  # as if trained: every adapter parameter away from its initial value
+        for parameter in trained.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter))
+    save_adapter_folder(trained, tmp_path / "adapter")
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    width, layers = TINY_LLAMA["hidden_size"], TINY_LLAMA["num_hidden_layers"]
+    kv_width = width // TINY_LLAMA["num_attention_heads"] * TINY_LLAMA["num_key_value_heads"]
+    lora_values = layers * 4 * (width + width + width + kv_width)  # q_proj and v_proj: A (4 x in) and B (out x 4)
+    assert sum(tensor.numel() for tensor in saved.values()) == lora_values  # no embedding matrix
+
+    torch.manual_seed(1)  # another seed: the added rows must not depend on it
+    base = build_lm(replace(config, lora=LoraConfig()), tokenizer)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    tokens = torch.tensor([[3, 40, image_token, 41, 7]])
+    with torch.no_grad():
+        expected = trained.eval()(input_ids=tokens).logits
+        torch.testing.assert_close(reloaded.eval()(input_ids=tokens).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(reloaded.merge_and_unload()(input_ids=tokens).logits, expected)

@@ -82,6 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if any("=" not in condition for condition in args.where):
         raise UserError(f"--where takes FIELD=VALUE, got {args.where}")
     where = dict(condition.split("=", 1) for condition in args.where)
+    text = {name: getattr(args, name) for name in ("prompt", "prompt_field", "target_field") if getattr(args, name) is not None}
     results = evaluate(
         args.models,
         args.data,
@@ -92,6 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         generate=not args.no_generate,
         max_new_tokens=args.max_new_tokens,
         where=where,
+        text=text,
     )
     for model in results["models"]:
         print(f"{model['name']} ({model['path']}):")
@@ -180,7 +182,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a checkpoint directory")
     sub.add_argument("out", type=Path)
     sub.add_argument("--keep-adapter", action="store_true", help="keep LoRA adapters separate instead of merging them")
-    sub.add_argument("--eval", type=Path, help="an eval.json whose per-budget table goes into the model card")
+    sub.add_argument(
+        "--eval", type=Path, help="an eval.json (or its folder) for the model card (default: the run's last vlmtrain eval)"
+    )
     sub.set_defaults(handler=cmd_export)
 
     sub = commands.add_parser("eval", help="quality and cost of one or several models at each budget, on the same shards")
@@ -199,6 +203,9 @@ def parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE",
         help="only samples whose record has FIELD=VALUE (repeatable)",
     )
+    sub.add_argument("--prompt", help="the prompt for prompt/target records, <image> where the images go (default: training's)")
+    sub.add_argument("--prompt-field", help="the record field holding each sample's prompt (default: training's)")
+    sub.add_argument("--target-field", help="the record field holding each sample's target (default: training's)")
     sub.add_argument("--wandb", action="store_true", help="also log the table and plot to W&B")
     sub.add_argument("--wandb-project", default="vlmtrain")
     sub.add_argument("--wandb-online", action="store_true", help="log online (default: offline)")

@@ -1,8 +1,10 @@
 """``vlmtrain eval``: quality and cost of one or several models at each budget, on the same shards.
 
 Per budget: loss and token accuracy over target tokens (teacher forcing), exact match and word recall of
-greedy generations, visual tokens per image, images per second (batched) and latency per image (one at
-a time). Writes ``eval.json`` and ``eval.png`` (quality and latency against budget, a line per model).
+greedy generations (each assistant turn of a conversation is one question), visual tokens per image,
+images per second (batched) and latency per question (prefill, one at a time: median and 10th-90th
+percentiles, after an untimed warm-up at that budget). Writes ``eval.json`` and ``eval.png`` (quality and
+latency against budget, a line per model), and points each evaluated run directory at them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vlmtrain.config import DecodingConfig
+from vlmtrain.config import DecodingConfig, TextConfig
 from vlmtrain.data.builder import BatchBuilder, Question
 from vlmtrain.data.pipeline import EvalStream
 from vlmtrain.data.sources import expand_shards
@@ -26,6 +28,7 @@ from vlmtrain.inference import ExportedModel
 from vlmtrain.model.inputs import ImageBatch
 from vlmtrain.reporting import progress
 from vlmtrain.text.chat import stop_tokens
+from vlmtrain.train.layout import LAST_EVALUATION
 
 
 @dataclass
@@ -41,7 +44,9 @@ class BudgetResult:
     word_recall: float | None
     visual_tokens_per_image: float
     images_per_s: float
-    latency_ms: float
+    latency_ms: float  # median
+    latency_p10_ms: float
+    latency_p90_ms: float
 
 
 def open_model(path: Path) -> ExportedModel:
@@ -75,14 +80,28 @@ def first_images(images: ImageBatch, sample: int, count: int) -> ImageBatch:
     return selected
 
 
+def clock(device: torch.device) -> float:
+    """Seconds, once the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def prefill(model: ExportedModel, question: Question, images: ImageBatch) -> tuple[torch.Tensor, torch.Tensor, float]:
     """A question's prompt alone through encoder and LM: (prompt ids, input embeddings, seconds taken)."""
-    prompt = torch.tensor([question.prompt_ids])
-    began = time.perf_counter()
+    device = next(model.model.parameters()).device
+    prompt = torch.tensor([question.prompt_ids], device=device)
+    images = images.to(device)
+    began = clock(device)
     embeds = model.model.embed(prompt, images)
     model.model.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), use_cache=False)
-    return prompt, embeds, time.perf_counter() - began
+    return prompt, embeds, clock(device) - began
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The ``share`` quantile of ``values`` (linear interpolation)."""
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), share))
 
 
 @torch.no_grad()
@@ -123,33 +142,41 @@ def evaluate_budget(
     generate: bool,
     max_new_tokens: int,
     where: dict[str, str] | None = None,
+    text: TextConfig | None = None,
 ) -> tuple[BudgetResult, list[Example]]:
     """One model at one budget over the first ``limit`` samples of ``urls`` (latency: the first few, alone),
-    and the first few generations."""
+    and the first few generations. ``text``: how samples become text (default: as in training)."""
     # any of the five levels, also those the model was not trained at: how it fares there is the question;
     # texts of any length
     geometry = replace(model.geometry, levels=LEVELS)
-    fields = replace(model.text_format, max_length=sys.maxsize)
+    fields = replace(text or model.text_format, max_length=sys.maxsize)
     builder = BatchBuilder(geometry, model.text, fields, DecodingConfig(fast=True, max_image_pixels=10**9))
+    device = next(model.model.parameters()).device
     loss_sum = correct = tokens = samples = images = visual = 0
     seconds = 0.0
     exact, recall, latencies, examples = [], [], [], []
     stream = EvalStream(urls, builder, budget, limit, batch_tokens, max_batch_size=64, where=where)
     for pairs, batch in stream.batches():
-        began = time.perf_counter()
-        losses = model.model.sample_losses(batch.inputs)
-        seconds += time.perf_counter() - began
+        inputs = batch.inputs.to(device)
+        if samples == 0:  # warm-up at this budget (kernels, allocator, caches), untimed
+            model.model.sample_losses(inputs)
+            question = next(iter(builder.questions(*pairs[0])), None)
+            if question is not None:
+                prefill(model, question, first_images(inputs.images, 0, question.images))
+        began = clock(device)
+        losses = model.model.sample_losses(inputs)
+        seconds += clock(device) - began
         loss_sum += float(losses.loss_sum.sum())
         correct += int(losses.correct.sum())
         tokens += int(losses.tokens.sum())
         samples += batch.size
-        images += batch.inputs.images.count
-        visual += int(batch.inputs.images.token_counts.sum())
+        images += inputs.images.count
+        visual += int(inputs.images.token_counts.sum())
         for row, (sample, encoded) in enumerate(pairs):
             for question in builder.questions(sample, encoded):
                 if not generate and len(latencies) >= LATENCY_SAMPLES:
                     break
-                prompt, embeds, latency = prefill(model, question, first_images(batch.inputs.images, row, question.images))
+                prompt, embeds, latency = prefill(model, question, first_images(inputs.images, row, question.images))
                 latencies.append(latency)
                 if generate:
                     generated = answer(model, question, prompt, embeds, max_new_tokens)
@@ -169,7 +196,9 @@ def evaluate_budget(
         word_recall=sum(recall) / len(recall) if recall else None,
         visual_tokens_per_image=visual / max(images, 1),
         images_per_s=images / seconds if seconds else 0.0,
-        latency_ms=1000 * sum(latencies) / len(latencies),
+        latency_ms=1000 * percentile(latencies, 0.5),
+        latency_p10_ms=1000 * percentile(latencies, 0.1),
+        latency_p90_ms=1000 * percentile(latencies, 0.9),
     )
     return result, examples
 
@@ -185,18 +214,21 @@ def evaluate(
     generate: bool = True,
     max_new_tokens: int = 16,
     where: dict[str, str] | None = None,
+    text: dict[str, str] | None = None,
 ) -> dict:
-    """Evaluate every model at every budget (on the samples whose record matches ``where``); write
-    ``out/eval.json`` and ``out/eval.png``; return the results."""
+    """Evaluate every model at every budget (on the samples whose record matches ``where``; with ``text``
+    overriding the model's prompt, prompt_field or target_field); write ``out/eval.json`` and
+    ``out/eval.png``, record their place in each evaluated run directory; return the results."""
     urls = expand_shards(data)
     names = names or [path.name for path in models]
     if len(names) != len(models):
         raise UserError(f"{len(names)} names for {len(models)} models")
-    results = {"data": data, "limit": limit, "where": where or {}, "models": []}
+    results = {"data": data, "limit": limit, "where": where or {}, "text": text or {}, "models": []}
     for name, path in zip(names, models, strict=True):
         model = open_model(path)
+        fields = replace(model.text_format, **(text or {}))
         levels = budgets or list(model.geometry.levels)
-        evaluated = [evaluate_budget(model, urls, b, limit, batch_tokens, generate, max_new_tokens, where)
+        evaluated = [evaluate_budget(model, urls, b, limit, batch_tokens, generate, max_new_tokens, where, fields)
                      for b in progress(levels, f"evaluating {name} budget by budget", len(levels))]
         rows, examples = [row for row, _ in evaluated], [found for _, found in evaluated]
         untrained = [budget for budget in levels if budget not in model.geometry.levels]
@@ -205,7 +237,7 @@ def evaluate(
         results["models"].append(
             {
                 "name": name,
-                "path": str(path),
+                "path": str(path.resolve()),
                 "warnings": warnings,
                 "budgets": [asdict(row) for row in rows],
                 "examples": {str(row.budget): [asdict(e) for e in found] for row, found in zip(rows, examples, strict=True)},
@@ -214,6 +246,9 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "eval.png")
+    for path in models:
+        if (path / "recipe.yaml").is_file():  # a run directory: export finds its evaluation from here
+            (path / LAST_EVALUATION).write_text(f"{(out / 'eval.json').resolve()}\n")
     return results
 
 
@@ -224,7 +259,10 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (quality, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (quality, latency) = plt.subplots(1, 2, figsize=(11, 4.4))
+    samples = max(row["samples"] for model in results["models"] for row in model["budgets"])
+    where = "".join(f", {field}={value}" for field, value in results.get("where", {}).items())
+    figure.suptitle(f"{results['data']}{where}: {samples} samples per budget", fontsize=9)
     for model in results["models"]:
         rows = model["budgets"]
         budgets = [row["budget"] for row in rows]
@@ -240,10 +278,13 @@ def plot(results: dict, path: Path) -> None:
                 color=line.get_color(),
                 label=f"{model['name']}: exact match",
             )
-        latency.plot(budgets, [row["latency_ms"] for row in rows], marker="o", color=line.get_color(), label=model["name"])
+        medians = [row["latency_ms"] for row in rows]
+        spread = [[m - row["latency_p10_ms"] for m, row in zip(medians, rows, strict=True)],
+                  [row["latency_p90_ms"] - m for m, row in zip(medians, rows, strict=True)]]
+        latency.errorbar(budgets, medians, yerr=spread, marker="o", capsize=3, color=line.get_color(), label=model["name"])
     for axis, title, label in (
         (quality, "quality vs budget", "share of targets right"),
-        (latency, "latency vs budget", "ms per image (prefill)"),
+        (latency, "latency vs budget", "ms per question (prefill): median, 10th-90th pct."),
     ):
         axis.set_xscale("log")
         axis.set_xticks(sorted({row["budget"] for m in results["models"] for row in m["budgets"]}))

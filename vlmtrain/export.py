@@ -14,6 +14,7 @@ train from the run's recipe, so the recipe's pretrained folders must be where th
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import asdict, replace
@@ -38,8 +39,9 @@ from vlmtrain.inference import (
 )
 from vlmtrain.model.build import build_model, set_trainable
 from vlmtrain.model.description import ModelDescription, canonical_json
+from vlmtrain.model.lm import save_adapter_folder
 from vlmtrain.plan import RunPlan, plan_run
-from vlmtrain.train.layout import CHECKPOINTS, TRAINED, latest_checkpoint
+from vlmtrain.train.layout import CHECKPOINTS, TRAINED, last_evaluation, latest_checkpoint
 
 
 def locate(source: Path) -> tuple[Path, Path]:
@@ -92,28 +94,45 @@ def export(source: Path, out: Path, keep_adapter: bool = False, evaluation: Path
     """Write the export folder of a run or checkpoint; returns ``out``. The folder is written under a
     temporary name and renamed when complete, so a failed export leaves nothing behind."""
     refuse_existing(out)  # before the model is built
+    if evaluation is not None and evaluation.is_dir():
+        evaluation = evaluation / "eval.json"
+    if evaluation is not None and not evaluation.is_file():
+        raise UserError(f"--eval {evaluation}: no such eval.json (vlmtrain eval writes one)")
     trained, plan, run_dir = trained_model(source)
-    evaluation = evaluation or (run_dir / "eval" / "eval.json")
-    write_export(trained, plan.recipe, out, keep_adapter, evaluation if evaluation.is_file() else None)
+    write_export(trained, plan.recipe, out, keep_adapter, evaluation or last_evaluation(run_dir), run_dir)
     return out
 
 
 def write_export(
-    trained: ExportedModel, recipe: Recipe, out: Path, keep_adapter: bool = False, evaluation: Path | None = None
+    trained: ExportedModel,
+    recipe: Recipe,
+    out: Path,
+    keep_adapter: bool = False,
+    evaluation: Path | None = None,
+    run_dir: Path | None = None,
 ) -> None:
-    """Write ``trained`` (made by ``recipe``) as an export folder ``out`` (see the module docstring); the
-    files go to a temporary folder renamed when complete, so a failure leaves nothing behind."""
+    """Write ``trained`` (made by ``recipe``, in ``run_dir``) as an export folder ``out`` (see the module
+    docstring); the files go to a temporary folder renamed when complete, so a failure leaves nothing behind."""
     refuse_existing(out)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        _write_files(trained, recipe, partial, keep_adapter, evaluation)
+        _write_files(trained, recipe, partial, keep_adapter, evaluation_of(evaluation, run_dir) if evaluation else None)
         partial.rename(out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-def _write_files(trained: ExportedModel, recipe: Recipe, out: Path, keep_adapter: bool, evaluation: Path | None) -> None:
+def evaluation_of(evaluation: Path, run_dir: Path | None) -> dict[str, Any]:
+    """The results of ``evaluation`` (an eval.json) for one model: the run's own entry when it evaluated
+    several (the first otherwise), with the data it ran on."""
+    results = json.loads(evaluation.read_text())
+    models = results["models"]
+    own = [m for m in models if run_dir is not None and Path(m.get("path", "")) == run_dir.resolve()]
+    return {**results, "models": own or models[:1]}
+
+
+def _write_files(trained: ExportedModel, recipe: Recipe, out: Path, keep_adapter: bool, evaluation: dict | None) -> None:
     description = exported_description(trained, keep_adapter)
     (out / VISION_DIR).mkdir(parents=True)
     model = trained.model
@@ -126,19 +145,19 @@ def _write_files(trained: ExportedModel, recipe: Recipe, out: Path, keep_adapter
     config = {"format": EXPORT_FORMAT, "model": description.to_dict(), "text": asdict(trained.text_format)}
     (out / VISION_DIR / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     lm = model.lm
-    if isinstance(lm, PeftModel):
+    if isinstance(lm, PeftModel):  # merged or unloaded in a copy: the trained model stays as it was
         if description.lm.adapter is not None:
-            lm.save_pretrained(out / ADAPTER_DIR)
-            lm = lm.unload()
+            save_adapter_folder(lm, out / ADAPTER_DIR)
+            lm = copy.deepcopy(lm).unload()
         else:
-            lm = lm.merge_and_unload()
+            lm = copy.deepcopy(lm).merge_and_unload()
     lm.save_pretrained(out / LM_DIR, safe_serialization=True)
     trained.tokenizer.save_pretrained(out / LM_DIR)
     (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     (out / "README.md").write_text(model_card(recipe, description, trained.text_format.prompt, evaluation))
 
 
-def model_card(recipe: Recipe, description: ModelDescription, prompt: str, evaluation: Path | None) -> str:
+def model_card(recipe: Recipe, description: ModelDescription, prompt: str, evaluation: dict | None) -> str:
     """A README for the export folder: what the model is, how to load it, and its per-budget results."""
     geometry = description.geometry()
     cell = geometry.cell
@@ -164,23 +183,29 @@ def model_card(recipe: Recipe, description: ModelDescription, prompt: str, evalu
         "```",
     ]
     if evaluation is not None:
-        results = json.loads(evaluation.read_text())
+        model = evaluation["models"][0]
+        samples = max(row["samples"] for row in model["budgets"])
         lines += [
             "",
             "## Results by budget",
             "",
-            f"Evaluated on `{results.get('data', '?')}`.",
+            f"Evaluated on `{evaluation.get('data', '?')}`, {samples} samples per budget.",
             "",
-            results_table(results["models"][0]),
+            results_table(model),
         ]
     lines += ["", "## Training recipe", "", "See `recipe.yaml`."]
     return "\n".join(lines) + "\n"
 
 
+def latency_spread(row: dict[str, Any]) -> str:
+    """`` (p10-p90)`` of a row's latency (absent from evaluations written before it was measured)."""
+    return f" ({row['latency_p10_ms']:.1f}-{row['latency_p90_ms']:.1f})" if "latency_p10_ms" in row else ""
+
+
 def results_table(model_results: dict[str, Any]) -> str:
     """A Markdown table of one model's evaluation, a row per budget."""
     rows = [
-        "| budget | loss | token accuracy | exact match | word recall | visual tokens / image | images/s | latency / image |",
+        "| budget | loss | token accuracy | exact match | word recall | visual tokens / image | images/s | latency (p10-p90) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in model_results["budgets"]:
@@ -188,6 +213,7 @@ def results_table(model_results: dict[str, Any]) -> str:
         recall = "-" if row.get("word_recall") is None else f"{row['word_recall']:.1%}"
         rows.append(
             f"| {row['budget']} | {row['loss']:.3f} | {row['token_accuracy']:.1%} | {exact} | {recall} | "
-            f"{row['visual_tokens_per_image']:.0f} | {row['images_per_s']:.1f} | {row['latency_ms']:.1f} ms |"
+            f"{row['visual_tokens_per_image']:.0f} | {row['images_per_s']:.1f} | "
+            f"{row['latency_ms']:.1f} ms{latency_spread(row)} |"
         )
     return "\n".join(rows)

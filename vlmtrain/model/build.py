@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from vlmtrain.config import OptimConfig, PartConfig
 from vlmtrain.model.backbones import BACKBONES
 from vlmtrain.model.description import ModelDescription
-from vlmtrain.model.lm import build_lm
+from vlmtrain.model.lm import build_lm, is_adapter_parameter
 from vlmtrain.model.pooling import build_pooling
 from vlmtrain.model.projector import Projector
 from vlmtrain.model.vlm import VisionLanguageModel
@@ -27,7 +27,7 @@ def set_trainable(model: VisionLanguageModel, optim: OptimConfig) -> None:
         part.requires_grad_(part_settings(optim)[name].trainable)
     if isinstance(model.lm, PeftModel):
         for parameter_name, parameter in model.lm.named_parameters():
-            parameter.requires_grad_(optim.lm.trainable and "lora_" in parameter_name)
+            parameter.requires_grad_(optim.lm.trainable and is_adapter_parameter(parameter_name))
 
 
 def build_model(description: ModelDescription, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> VisionLanguageModel:

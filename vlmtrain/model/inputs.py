@@ -110,10 +110,17 @@ class ModelInput:
         rows = torch.arange(self.input_ids.shape[0], device=self.input_ids.device)[:, None].expand_as(self.input_ids)
         return torch.where(self.attention_mask.bool(), rows, -1)
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
     def pin_memory(self) -> ModelInput:
         """Page-locked copies of the tensors, for fast, asynchronous copies to the GPU."""
-        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        tensors = self._tensors()
         return replace(self, images=self.images.pin_memory(), **{name: value.pin_memory() for name, value in tensors.items()})
+
+    def to(self, device: torch.device | str) -> ModelInput:
+        tensors = self._tensors()
+        return replace(self, images=self.images.to(device), **{name: value.to(device) for name, value in tensors.items()})
 
     def attention_kwargs(self) -> dict[str, torch.Tensor | int]:
         """The packed rows' sequence offsets as transformers' varlen attention takes them (none for padded rows)."""

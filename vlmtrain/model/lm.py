@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from vlmtrain.config import LMConfig, LoraConfig
 from vlmtrain.model import attention  # noqa: F401 (registers the vlmtrain_varlen attention with transformers)
@@ -17,6 +19,17 @@ from vlmtrain.text.tokenizers import load_tokenizer
 def lm_tokenizer(config: LMConfig) -> PreTrainedTokenizerBase:
     """The LM's tokenizer (its folder's, ``config.tokenizer``, or the byte tokenizer), with an image token."""
     return load_tokenizer(config.tokenizer or config.path, config.image_token)
+
+
+def folder_config(path: str) -> PretrainedConfig:
+    """The config of the LM folder ``path``, without a GGUF ``quantization_config``: one names the GGUF file
+    a folder was converted from (transformers keeps it, and then refuses to save the model) while the
+    folder's own weights are plain tensors, read as they are."""
+    lm_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    quantization = getattr(lm_config, "quantization_config", None)
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "gguf":
+        del lm_config.quantization_config
+    return lm_config
 
 
 def build_lm(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel | PeftModel:
@@ -32,7 +45,11 @@ def build_lm(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrained
         if not Path(config.path).is_dir():
             raise FileNotFoundError(f"language model folder {config.path!r} not found (only local paths are read)")
         lm = AutoModelForCausalLM.from_pretrained(
-            config.path, local_files_only=True, dtype=torch.get_default_dtype(), attn_implementation=config.attn_implementation
+            config.path,
+            config=folder_config(config.path),
+            local_files_only=True,
+            dtype=torch.get_default_dtype(),
+            attn_implementation=config.attn_implementation,
         )
     else:
         values = dict(config.hf_config)
@@ -45,8 +62,8 @@ def build_lm(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrained
             dtype=torch.get_default_dtype(),
             attn_implementation=config.attn_implementation,
         )
-    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
-        lm.resize_token_embeddings(len(tokenizer))
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:  # the image token, when the vocabulary lacked it
+        add_token_rows(lm, len(tokenizer))
     if config.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora.rank:
@@ -56,6 +73,30 @@ def build_lm(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrained
             raise FileNotFoundError(f"model.lm.adapter: {config.adapter!r} not found (a local PEFT adapter folder)")
         lm = PeftModel.from_pretrained(lm, config.adapter, is_trainable=True)  # set_trainable decides what trains
     return lm
+
+
+def add_token_rows(lm: PreTrainedModel, vocabulary: int) -> None:
+    """Grow the LM's embedding rows (input, and output when untied) to ``vocabulary``; each new row is the
+    mean of the existing ones, a function of the base weights alone. So the rows are the same however often
+    the LM is rebuilt, and a LoRA adapter (which leaves them frozen) reloads onto the base to the same
+    outputs without carrying them. (transformers' own mean resizing adds random noise and fails under ZeRO-3.)"""
+    rows = lm.get_input_embeddings().num_embeddings
+    lm.resize_token_embeddings(vocabulary, mean_resizing=False)
+    modules = [module for module in (lm.get_input_embeddings(), lm.get_output_embeddings()) if module is not None]
+    weights = list({id(module.weight): module.weight for module in modules}.values())  # once when tied
+    with gathered_for_writing(weights):
+        with torch.no_grad():
+            for weight in weights:
+                weight[rows:] = weight[:rows].mean(dim=0)
+
+
+def gathered_for_writing(weights: list[torch.nn.Parameter]) -> AbstractContextManager:
+    """Inside, ``weights`` are whole and writable, also under DeepSpeed ZeRO-3 (which keeps a shard of each)."""
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+    return nullcontext()
 
 
 def add_lora(lm: PreTrainedModel, lora: LoraConfig) -> PeftModel:
@@ -71,6 +112,18 @@ def add_lora(lm: PreTrainedModel, lora: LoraConfig) -> PeftModel:
         return get_peft_model(lm, settings)
     except ValueError as error:  # e.g. target modules the LM does not have
         raise ValueError(f"model.lm.lora: {error}") from None
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether the LM parameter ``name`` belongs to its LoRA adapter."""
+    return "lora_" in name
+
+
+def save_adapter_folder(lm: PeftModel, directory: Path) -> None:
+    """Write ``lm``'s adapter as a PEFT folder. Only what trained is saved: PEFT would otherwise save whole
+    embedding matrices of an LM whose vocabulary grew by the image token (its rows follow from the base
+    weights, :func:`add_token_rows`)."""
+    lm.save_pretrained(directory, save_embedding_layers=False)
 
 
 def base_model(lm: PreTrainedModel | PeftModel) -> PreTrainedModel:

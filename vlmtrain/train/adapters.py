@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from peft import PeftModel
 
+from vlmtrain.model.lm import is_adapter_parameter, save_adapter_folder
+
 
 def gathered(parameters: list[torch.nn.Parameter], strategy: L.pytorch.strategies.Strategy) -> AbstractContextManager:
     """Inside, ``parameters`` hold their full values on every rank (ZeRO-3 keeps only a shard of each)."""
@@ -24,9 +26,9 @@ def save_adapter(lm: torch.nn.Module, trainer: L.Trainer, directory: Path) -> Pa
     """Write the LM's trained adapters as a PEFT folder (``adapter_config.json``, safetensors); None without LoRA."""
     if not isinstance(lm, PeftModel):
         return None
-    adapters = [parameter for name, parameter in lm.named_parameters() if "lora_" in name]
+    adapters = [parameter for name, parameter in lm.named_parameters() if is_adapter_parameter(name)]
     with gathered(adapters, trainer.strategy):
         if trainer.is_global_zero:
-            lm.save_pretrained(directory)
+            save_adapter_folder(lm, directory)
     trainer.strategy.barrier("adapter-saved")
     return directory

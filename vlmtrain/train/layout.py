@@ -16,6 +16,14 @@ LATEST = "latest"
 PARTIAL = ".partial"
 STATE = "state"
 TRAINED = "trained.safetensors"
+LAST_EVALUATION = "last-eval.txt"  # in a run directory: the path of the newest eval.json that evaluated it
+
+
+def last_evaluation(run_dir: Path) -> Path | None:
+    """The newest evaluation of a run (``vlmtrain eval`` records where it wrote it), if it still exists."""
+    pointer = run_dir / LAST_EVALUATION
+    found = Path(pointer.read_text().strip()) if pointer.is_file() else run_dir / "eval" / "eval.json"
+    return found if found.is_file() else None
 
 
 def checkpoint_name(step: int) -> str:
