@@ -24,12 +24,12 @@ from torch import nn
 
 from vlmtrain.config import load_recipe
 from vlmtrain.data.demo import WORDS, render_sample
-from vlmtrain.data.images import image_patches
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.backbone import NativeViT
 from vlmtrain.model.backbones import BACKBONES
 from vlmtrain.model.description import describe_model
 from vlmtrain.model.inputs import ImageBatch
+from vlmtrain.pixels import image_patches
 
 TRAIN_SEED, VAL_SEED = 11, 12
 BATCH_PATCHES, MAX_BATCH = 2560, 32

@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vlmtrain.config import Recipe, load_recipe
-from vlmtrain.data.images import image_patches
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.inputs import ImageBatch
+from vlmtrain.pixels import image_patches
 from vlmtrain.plan import plan_run
 from vlmtrain.train.module import VLMModule
 

@@ -106,7 +106,8 @@ def test_export_of_a_ddp_run_gives_the_training_logits_at_every_budget(ddp_lora_
     run_dir, _ = ddp_lora_run
     expected = reference_logits(trained_model(run_dir)[0])
     out = export(run_dir, tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "lm", "recipe.yaml", "vision"]
+    written = {p.name for p in out.iterdir()}
+    assert {"README.md", "lm", "recipe.yaml", "vision", "config.json", "model.safetensors.index.json"} <= written
     check_export(out, expected, tmp_path)
     assert "# " + load_recipe(run_dir / "recipe.yaml").name in (out / "README.md").read_text()
 
@@ -197,6 +198,78 @@ def test_an_lm_converted_from_gguf_exports_and_loads_with_its_lora_adapter_merge
     assert saved and all("lora_" in name for name in saved)  # not the embedding matrices the image token grew
     adapter = load(tmp_path / "with-adapter")
     torch.testing.assert_close(adapter.logits(images, PROMPT, budget=70), model.logits(images, PROMPT, budget=70))
+
+
+TRANSFORMERS_ALONE = """
+import json, sys
+
+class NoVlmtrain:  # the exported folder must serve without vlmtrain installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "vlmtrain":
+            raise ImportError("vlmtrain is not importable here")
+
+sys.meta_path.insert(0, NoVlmtrain())
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+exports, out, images, prompt, budgets = sys.argv[1:]
+exports, images, budgets = json.loads(exports), json.loads(images), json.loads(budgets)
+pictures = [Image.open(path) for path in images]
+logits, generated = {}, {}
+for name, folder in exports.items():
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    with torch.no_grad():
+        for budget in budgets:
+            logits[f"{name}/{budget}"] = model(**processor(prompt, pictures, budget=budget)).logits[0].contiguous()
+    inputs = processor(prompt, pictures, budget=budgets[-1])
+    tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    generated[name] = processor.decode(tokens, skip_special_tokens=True)
+save_file(logits, out)
+print(json.dumps({"generated": generated, "vlmtrain": sorted(m for m in sys.modules if m.split(".")[0] == "vlmtrain")}))
+"""
+
+
+def transformers_outputs(exports: dict[str, Path], budgets: list, tmp_path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Logits per (export, budget) and the greedy generations at the last budget, from transformers alone
+    (``AutoModelForImageTextToText`` and ``AutoProcessor`` with the exports' own code) in a fresh process."""
+    out = tmp_path / "transformers-logits.safetensors"
+    arguments = [json.dumps({name: str(path) for name, path in exports.items()}), str(out)]
+    arguments += [json.dumps([str(p) for p in pictures()]), PROMPT, json.dumps(budgets)]
+    env = {**ENV, "HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", TRANSFORMERS_ALONE, *arguments], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(out), json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def check_transformers_model(exports: dict[str, Path], tmp_path: Path) -> None:
+    """Each export, loaded by transformers alone, gives vlmtrain.load's logits at every budget (and one per
+    image) and its greedy generation."""
+    budgets = [70, 140, [140, 70]]
+    logits, seen = transformers_outputs(exports, budgets, tmp_path)
+    assert seen["vlmtrain"] == []
+    images = [Image.open(path) for path in pictures()]
+    for name, folder in exports.items():
+        reference = load(folder)
+        for budget in budgets:
+            expected = reference.logits(images, PROMPT, budget=budget)[0]
+            torch.testing.assert_close(logits[f"{name}/{budget}"], expected, atol=1e-5, rtol=1e-5)
+        assert seen["generated"][name] == reference.generate(images, PROMPT, budget=budgets[-1], max_new_tokens=6), name
+
+
+@pytest.mark.slow
+def test_every_backbone_and_pooling_loads_as_one_transformers_model_with_the_same_outputs(demo_dir, tmp_path):
+    exports = {}
+    for backbone in sorted(BACKBONES):
+        for pooling in ("average", "attention"):
+            folder = tmp_path / f"{backbone}-{pooling}"
+            overrides = (*BACKBONES[backbone], f"model.pooling.kind={pooling}", "model.pooling.heads=2")
+            exports[folder.name] = untrained_export(demo_dir, folder, *overrides)[1]
+    check_transformers_model(exports, tmp_path)
 
 
 @pytest.fixture(scope="module")

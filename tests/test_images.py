@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 from transformers.models.gemma4.image_processing_pil_gemma4 import convert_image_to_patches
 
-from vlmtrain.data.images import decode_image, patch_positions, patchify, to_rgb
+from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import SampleError
 from vlmtrain.geometry import Geometry
+from vlmtrain.pixels import patch_positions, patchify, to_rgb
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

@@ -69,7 +69,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from vlmtrain.export import export
 
     out = export(args.source, args.out, keep_adapter=args.keep_adapter, evaluation=args.eval)
-    print(f"exported to {out}: lm/ (Hugging Face), vision/ (safetensors + config), recipe.yaml, README.md")
+    whole = "" if args.keep_adapter else "; loads as one transformers model (AutoModelForImageTextToText, trust_remote_code)"
+    print(f"exported to {out}: lm/ (Hugging Face), vision/ (safetensors + config), recipe.yaml, README.md{whole}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -7,6 +7,10 @@
     OUT/vision/model.safetensors  encoder, pooling and projector weights (the description again, in its metadata)
     OUT/recipe.yaml         the run's resolved recipe
     OUT/README.md           a model card, with the per-budget table of an evaluation when there is one
+    OUT/config.json, *.py, model.safetensors.index.json, processor_config.json, tokenizer files
+                            the folder as one transformers model with its processor (remote code that needs
+                            torch and transformers only; the index points at vision/ and lm/, no weight is
+                            stored twice); not with ``keep_adapter`` (see :mod:`vlmtrain.formats.hf_model`)
 
 Reads ``trained.safetensors`` from the checkpoint (no pickle, no DeepSpeed) and rebuilds what did not
 train from the run's recipe, so the recipe's pretrained folders must be where they were during training.
@@ -26,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmtrain.config import LoraConfig, Recipe, load_recipe, recipe_to_yaml
 from vlmtrain.errors import UserError
+from vlmtrain.formats.hf_model import write_transformers_model
 from vlmtrain.inference import (
     ADAPTER_DIR,
     CONFIG_FILE,
@@ -153,6 +158,8 @@ def _write_files(trained: ExportedModel, recipe: Recipe, out: Path, keep_adapter
             lm = copy.deepcopy(lm).merge_and_unload()
     lm.save_pretrained(out / LM_DIR, safe_serialization=True)
     trained.tokenizer.save_pretrained(out / LM_DIR)
+    if description.lm.adapter is None:  # the LM whole: the folder is also one transformers model
+        write_transformers_model(out, description.to_dict(), trained.geometry, lm, trained.tokenizer, (VISION_DIR, LM_DIR))
     (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     (out / "README.md").write_text(model_card(recipe, description, trained.text_format.prompt, evaluation))
 
@@ -182,6 +189,20 @@ def model_card(recipe: Recipe, description: ModelDescription, prompt: str, evalu
         f'print(model.generate([Image.open("page.png")], budget={max(geometry.levels)}))',
         "```",
     ]
+    if description.lm.adapter is None:
+        lines += [
+            "",
+            "With transformers alone (the folder ships its modelling and processing code):",
+            "",
+            "```python",
+            "from PIL import Image",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor",
+            'model = AutoModelForImageTextToText.from_pretrained("PATH/TO/THIS/FOLDER", trust_remote_code=True)',
+            'processor = AutoProcessor.from_pretrained("PATH/TO/THIS/FOLDER", trust_remote_code=True)',
+            f'inputs = processor({prompt!r}, [Image.open("page.png")], budget={max(geometry.levels)})',
+            "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs['input_ids'].shape[1]:]))",
+            "```",
+        ]
     if evaluation is not None:
         model = evaluation["models"][0]
         samples = max(row["samples"] for row in model["budgets"])

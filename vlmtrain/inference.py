@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.config import RecipeError, TextConfig, structured
-from vlmtrain.data.images import image_patches, to_rgb
 from vlmtrain.errors import UserError
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.build import build_model
@@ -29,6 +28,7 @@ from vlmtrain.model.description import ModelDescription, first_difference, read_
 from vlmtrain.model.inputs import ImageBatch
 from vlmtrain.model.lm import lm_tokenizer
 from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.pixels import image_patches, to_rgb
 from vlmtrain.text.chat import stop_tokens
 from vlmtrain.text.conversation import check_conversation, parse_messages
 from vlmtrain.text.encoding import TextEncoder

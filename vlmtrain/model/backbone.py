@@ -147,8 +147,15 @@ class Rope2D(nn.Module):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2-D RoPE needs a head size divisible by 4, got {head_dim}")
-        quarter = head_dim // 4
-        self.register_buffer("inv_freq", theta ** (-torch.arange(quarter, dtype=torch.float32) / quarter), persistent=False)
+        self.quarter, self.theta = head_dim // 4, theta
+        self.register_buffer("inv_freq", torch.empty(self.quarter), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Compute the frequencies (a non-persistent buffer: also when transformers materialises an exported
+        model built on the meta device, see the export's modelling code)."""
+        self.inv_freq.copy_(self.theta ** (-torch.arange(self.quarter, dtype=torch.float32) / self.quarter))
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape ``(P, 1, head_dim)`` for (x, y) ``positions`` ``(P, 2)``."""

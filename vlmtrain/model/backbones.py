@@ -8,15 +8,23 @@ from them, with random weights or starting from pretrained ones.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from safetensors.torch import load_file
 from transformers import PreTrainedConfig
 
-from vlmtrain.config import VisionConfig
 from vlmtrain.errors import UserError
 from vlmtrain.model.backbone import NativeViT, VisionBackbone
 from vlmtrain.model.hf_vision import TOWERS, TowerSpec, load_tower, load_weights, read_config
+
+
+class VisionSection(Protocol):
+    """What a kind reads from a recipe's ``model.vision`` section (:class:`vlmtrain.config.VisionConfig`; not
+    imported: an export ships this file, which must not need the recipe's libraries)."""
+
+    path: str | None
+    hf_config: dict[str, Any]
+
 
 NATIVE_SETTINGS = ("patch_size", "width", "depth", "heads", "mlp_ratio", "rope_theta", "stem")
 
@@ -28,7 +36,7 @@ class WeightsMismatch(UserError, ValueError):
 class BackboneKind:
     """One kind of vision encoder."""
 
-    def settings(self, vision: VisionConfig) -> dict[str, Any]:
+    def settings(self, vision: VisionSection) -> dict[str, Any]:
         """The complete settings of the recipe's backbone (HF towers read a local folder's config.json)."""
         raise NotImplementedError
 
@@ -48,7 +56,7 @@ class NativeKind(BackboneKind):
     """The compact ViT of :mod:`vlmtrain.model.backbone`, its settings from the recipe's fields, its
     pretrained weights (if any) from a .safetensors file."""
 
-    def settings(self, vision: VisionConfig) -> dict[str, Any]:
+    def settings(self, vision: VisionSection) -> dict[str, Any]:
         return {name: getattr(vision, name) for name in NATIVE_SETTINGS}
 
     def build(self, settings: dict[str, Any], weights: str | None, gradient_checkpointing: bool = False) -> VisionBackbone:
@@ -66,7 +74,7 @@ class TowerKind(BackboneKind):
         self.name = name
         self.spec = spec
 
-    def settings(self, vision: VisionConfig) -> dict[str, Any]:
+    def settings(self, vision: VisionSection) -> dict[str, Any]:
         values: dict[str, Any] = {}
         if vision.path is not None:
             stored = read_config(vision.path)

@@ -89,8 +89,15 @@ class Dinov2Backbone(VisionBackbone):
         self.model = model
         self.patch_size = model.config.patch_size
         self.width = model.config.hidden_size
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.empty(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.empty(1, 3, 1, 1), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Set ImageNet's mean and std (non-persistent buffers, see :meth:`Rope2D.reset_buffers`)."""
+        self.mean.copy_(torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.std.copy_(torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
         dtype = self.model.embeddings.patch_embeddings.projection.weight.dtype

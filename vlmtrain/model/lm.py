@@ -124,8 +124,3 @@ def save_adapter_folder(lm: PeftModel, directory: Path) -> None:
     embedding matrices of an LM whose vocabulary grew by the image token (its rows follow from the base
     weights, :func:`add_token_rows`)."""
     lm.save_pretrained(directory, save_embedding_layers=False)
-
-
-def base_model(lm: PreTrainedModel | PeftModel) -> PreTrainedModel:
-    """The transformers model inside a PEFT wrapper (or ``lm`` itself)."""
-    return lm.get_base_model() if isinstance(lm, PeftModel) else lm

@@ -13,7 +13,6 @@ from transformers import PreTrainedModel
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.backbone import VisionBackbone
 from vlmtrain.model.inputs import ImageBatch, ModelInput
-from vlmtrain.model.lm import base_model
 from vlmtrain.model.pooling import GeometryMismatch, Pooling
 from vlmtrain.model.projector import Projector
 from vlmtrain.text.tokenizers import IGNORE_INDEX
@@ -72,7 +71,8 @@ class VisionLanguageModel(nn.Module):
         self.lm = lm
         self.image_token_id = image_token_id
         self.geometry = geometry
-        self._lm_keeps_logits = "logits_to_keep" in inspect.signature(base_model(lm).forward).parameters
+        transformers_lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # inside a PEFT wrapper
+        self._lm_keeps_logits = "logits_to_keep" in inspect.signature(transformers_lm.forward).parameters
 
     def parts(self) -> dict[str, nn.Module]:
         """The four parts, by the names recipes use for freezing and learning rates."""

@@ -14,12 +14,8 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.text.chat import chat_segments, generation_prompt
 from vlmtrain.text.conversation import as_template_messages
+from vlmtrain.text.prompt import TextError, prompt_ids
 from vlmtrain.text.tokenizers import IGNORE_INDEX
-
-
-class TextError(ValueError):
-    """A sample whose text cannot be encoded (its image markers, its chat template); the pipeline skips and
-    counts it."""
 
 
 @dataclass(frozen=True)
@@ -49,24 +45,8 @@ class TextEncoder:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else ()
 
     def encode_prompt(self, prompt: str, image_tokens: list[int]) -> list[int]:
-        """The prompt's token ids (after a BOS token when the tokenizer has one and the prompt does not start
-        with it, as chat templates do); image ``i`` becomes ``image_tokens[i]`` placeholders.
-
-        Several markers in ``prompt`` place the images one for one; a single marker (or none: the front)
-        stands for all of the sample's images in order, so one template serves samples with 0, 1 or many.
-        Raises :class:`TextError` when markers and images cannot be matched.
-        """
-        pieces = prompt.split(self.image_token)
-        if len(pieces) - 1 != len(image_tokens):
-            if len(pieces) > 2:
-                raise TextError(f"prompt has {len(pieces) - 1} image markers for {len(image_tokens)} images")
-            before, after = pieces if len(pieces) == 2 else ("", pieces[0])
-            pieces = [before] + [""] * (len(image_tokens) - 1) + [after] if image_tokens else [before + after]
-        bos = self.tokenizer.bos_token
-        input_ids = [self.tokenizer.bos_token_id] if bos is not None and not prompt.startswith(bos) else []
-        for piece, count in zip(pieces, image_tokens + [0], strict=True):
-            input_ids += [*self._ids(piece), *[self.image_token_id] * count]
-        return input_ids
+        """The prompt's token ids, image ``i`` as ``image_tokens[i]`` placeholders (:func:`.prompt.prompt_ids`)."""
+        return prompt_ids(self.tokenizer, prompt, self.image_token, self.image_token_id, image_tokens, self._ids)
 
     def encode(self, prompt: str, target: str, image_tokens: list[int]) -> EncodedText:
         """Encode one training sample: the prompt (see :meth:`encode_prompt`), then the target and EOS, which

@@ -1,0 +1,1 @@
+"""Export formats: how a trained model leaves the framework (see :mod:`vlmtrain.export`)."""

@@ -1,0 +1,31 @@
+"""The configuration of a vlmtrain model as a transformers model (shipped in every export; no vlmtrain).
+
+``description`` is the model description vlmtrain trained from (vision/config.json's ``model``: backbone
+kind and settings, pooling, projector, levels, image token); ``text_config`` the language model's config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
+
+
+class VlmtrainConfig(PretrainedConfig):
+    """A mixed-budget vision encoder, pooling and projector in front of a causal LM."""
+
+    model_type = "vlmtrain"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        description: dict[str, Any] | None = None,
+        text_config: dict[str, Any] | PretrainedConfig | None = None,
+        image_token_id: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(text_config, dict):
+            text_config = CONFIG_MAPPING[text_config["model_type"]](**text_config)
+        self.description = description or {}
+        self.text_config = text_config
+        self.image_token_id = image_token_id
+        super().__init__(**kwargs)

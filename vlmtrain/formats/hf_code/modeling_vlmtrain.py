@@ -1,0 +1,98 @@
+"""A vlmtrain model as one transformers model (shipped in every export; imports torch and transformers only).
+
+The vision side is vlmtrain's own code, shipped beside this file; the language model is any transformers
+causal LM built from ``config.text_config``. Its submodules are registered under the names of the export's
+weight files (``backbone.*``, ``pooling.*``, ``projector.*`` from vision/model.safetensors; the LM's own
+names from lm/), which model.safetensors.index.json maps, so that the folder holds each weight once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_vlmtrain import VlmtrainConfig
+from .geometry import Geometry
+from .model_backbones import BACKBONES
+from .model_inputs import ImageBatch
+from .model_pooling import build_pooling
+from .model_projector import Projector
+from .model_vlm import VisionLanguageModel
+
+IMAGE_INPUTS = ("pixel_values", "pixel_positions", "patch_grids", "token_grids", "image_sample_index")
+
+
+class VlmtrainForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """Images (from the export's processor, each at its own budget) and text in, next-token logits out."""
+
+    config_class = VlmtrainConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: VlmtrainConfig) -> None:
+        super().__init__(config)
+        description = config.description
+        vision, pooling = description["vision"], description["pooling"]
+        kind = BACKBONES[vision["kind"]]
+        backbone = kind.build(vision["settings"], None)
+        geometry = Geometry(kind.patch_size(vision["settings"]), pooling["size"], tuple(description["levels"]))
+        lm = AutoModelForCausalLM.from_config(config.text_config)
+        width = lm.get_input_embeddings().embedding_dim
+        projector = Projector(backbone.width, description["projector"]["hidden_size"] or width, width)
+        pool = build_pooling(pooling["kind"], geometry.pool, backbone.width, pooling["heads"])
+        # the composition, not a submodule: its parts are, under the weight files' names
+        object.__setattr__(self, "vlm", VisionLanguageModel(backbone, pool, projector, lm, config.image_token_id, geometry))
+        for name in ("backbone", "pooling", "projector"):
+            self.add_module(name, getattr(self.vlm, name))
+        for name, child in lm.named_children():
+            self.add_module(name, child)
+        self._tied_weights_keys = getattr(lm, "_tied_weights_keys", None)
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """transformers builds the model on the meta device and loads the weights; what no file holds is set
+        here: vlmtrain modules recompute their non-persistent buffers, the LM's modules are the LM's."""
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+        else:
+            super()._init_weights(module)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.vlm.lm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> torch.nn.Module | None:
+        return self.vlm.lm.get_output_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_positions: torch.Tensor | None = None,
+        patch_grids: torch.Tensor | None = None,
+        token_grids: torch.Tensor | None = None,
+        image_sample_index: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """The LM's output, each image placeholder in ``input_ids`` replaced by its visual token."""
+        if inputs_embeds is None:
+            if pixel_values is not None:
+                images = ImageBatch(pixel_values, pixel_positions, patch_grids, token_grids, image_sample_index)
+                inputs_embeds = self.vlm.embed(input_ids, images)
+            else:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+        return self.vlm.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The images go in with the prompt only; later steps read them from the cache."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache = inputs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            for name in IMAGE_INPUTS:
+                inputs.pop(name, None)
+        return inputs

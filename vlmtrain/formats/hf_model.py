@@ -1,0 +1,114 @@
+"""The export folder as one transformers model: ``AutoModelForImageTextToText.from_pretrained(OUT,
+trust_remote_code=True)`` and ``AutoProcessor.from_pretrained(OUT, trust_remote_code=True)``, in a Python
+with torch and transformers only.
+
+At the folder's root: the modelling, configuration and processing code (``hf_code/``), the vlmtrain modules
+that code runs (copied, their imports made relative: the same code that trained the model), ``config.json``
+(the model description and the LM's config), ``processor_config.json`` with the tokenizer, and
+``model.safetensors.index.json``, which maps every weight to the file that already holds it (``vision/``
+and ``lm/``), so that no weight is stored twice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from vlmtrain.geometry import Geometry
+
+CODE = Path(__file__).parent / "hf_code"
+SHIPPED = {  # the vlmtrain modules the shipped code imports (they need torch, transformers, numpy, PIL only)
+    "vlmtrain.errors": "errors",
+    "vlmtrain.geometry": "geometry",
+    "vlmtrain.pixels": "pixels",
+    "vlmtrain.text.prompt": "text_prompt",
+    "vlmtrain.text.tokenizers": "text_tokenizers",
+    "vlmtrain.model.attention": "model_attention",
+    "vlmtrain.model.backbone": "model_backbone",
+    "vlmtrain.model.hf_vision": "model_hf_vision",
+    "vlmtrain.model.backbones": "model_backbones",
+    "vlmtrain.model.pooling": "model_pooling",
+    "vlmtrain.model.projector": "model_projector",
+    "vlmtrain.model.inputs": "model_inputs",
+    "vlmtrain.model.vlm": "model_vlm",
+}
+AUTO_MAP = {
+    "AutoConfig": "configuration_vlmtrain.VlmtrainConfig",
+    "AutoModelForImageTextToText": "modeling_vlmtrain.VlmtrainForConditionalGeneration",
+}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def shipped_source(module: str) -> str:
+    """The source of vlmtrain ``module`` with its vlmtrain imports made relative to the export folder."""
+
+    def relative(match: re.Match) -> str:
+        indent, name = match.groups()
+        if name not in SHIPPED:
+            raise RuntimeError(f"{module} imports {name}, which exports do not ship (see SHIPPED)")
+        return f"{indent}from .{SHIPPED[name]} import"
+
+    source = Path(importlib.util.find_spec(module).origin).read_text()
+    shipped = re.sub(r"^(\s*)from (vlmtrain[\w.]*) import", relative, source, flags=re.MULTILINE)
+    if re.search(r"^\s*(from|import) vlmtrain", shipped, flags=re.MULTILINE):
+        raise RuntimeError(f"{module} imports vlmtrain in a form exports cannot ship (write: from vlmtrain.x import y)")
+    return shipped
+
+
+def weight_map(out: Path, folder: str) -> dict[str, str]:
+    """Every weight in ``out/folder`` (one safetensors file or an index of shards) → its file, from ``out``."""
+    index = out / folder / INDEX_FILE
+    if index.is_file():
+        return {name: f"{folder}/{file}" for name, file in json.loads(index.read_text())["weight_map"].items()}
+    with safe_open(str(out / folder / "model.safetensors"), framework="pt") as handle:
+        return dict.fromkeys(handle.keys(), f"{folder}/model.safetensors")
+
+
+def write_transformers_model(
+    out: Path,
+    description: dict[str, Any],
+    geometry: Geometry,
+    lm: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    folders: tuple[str, str],
+) -> None:
+    """Make ``out`` (whose ``folders``, vision then LM, hold the weights) load as one transformers model."""
+    for file in sorted(CODE.glob("*.py")):
+        shutil.copyfile(file, out / file.name)
+    for module, name in SHIPPED.items():
+        (out / f"{name}.py").write_text(shipped_source(module))
+    text_config = lm.config.to_dict()
+    config = {
+        "model_type": "vlmtrain",
+        "architectures": ["VlmtrainForConditionalGeneration"],
+        "auto_map": AUTO_MAP,
+        "description": description,
+        "text_config": text_config,
+        "image_token_id": tokenizer.convert_tokens_to_ids(description["lm"]["image_token"]),
+        "tie_word_embeddings": text_config.get("tie_word_embeddings", False),
+        "dtype": text_config.get("dtype", "float32"),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    weights = {name: file for folder in folders for name, file in weight_map(out, folder).items()}
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weights}, indent=1))
+    processor = {
+        "patch_size": geometry.patch_size,
+        "pool": geometry.pool,
+        "levels": list(geometry.levels),
+        "default_budget": description["default_budget"],
+        "image_token": description["lm"]["image_token"],
+        "processor_class": "VlmtrainProcessor",
+        "auto_map": {"AutoProcessor": "processing_vlmtrain.VlmtrainProcessor"},
+    }
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=1))
+    tokenizer.save_pretrained(out)
+    generation = out / folders[1] / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, out / "generation_config.json")

@@ -1,0 +1,46 @@
+"""A prompt with image markers as token ids, each marker expanded to its image's placeholder tokens.
+
+Used by training's text encoder and by every exported model's processor, so that a prompt becomes the same
+ids everywhere; depends on transformers only (an export ships this file)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+
+class TextError(ValueError):
+    """A sample whose text cannot be encoded (its image markers, its chat template); the pipeline skips and
+    counts it."""
+
+
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    image_token: str,
+    image_token_id: int,
+    image_tokens: Sequence[int],
+    tokenize: Callable[[str], Sequence[int]] | None = None,
+) -> list[int]:
+    """The prompt's token ids (after a BOS token when the tokenizer has one and the prompt does not start
+    with it, as chat templates do); image ``i`` becomes ``image_tokens[i]`` placeholders.
+
+    Several markers in ``prompt`` place the images one for one; a single marker (or none: the front)
+    stands for all of the sample's images in order, so one template serves samples with 0, 1 or many.
+    Text between markers is tokenized piece by piece (``tokenize``: the tokenizer without special tokens).
+    Raises :class:`TextError` when markers and images cannot be matched.
+    """
+    tokenize = tokenize or (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
+    image_tokens = list(image_tokens)
+    pieces = prompt.split(image_token)
+    if len(pieces) - 1 != len(image_tokens):
+        if len(pieces) > 2:
+            raise TextError(f"prompt has {len(pieces) - 1} image markers for {len(image_tokens)} images")
+        before, after = pieces if len(pieces) == 2 else ("", pieces[0])
+        pieces = [before] + [""] * (len(image_tokens) - 1) + [after] if image_tokens else [before + after]
+    bos = tokenizer.bos_token
+    input_ids = [tokenizer.bos_token_id] if bos is not None and not prompt.startswith(bos) else []
+    for piece, count in zip(pieces, image_tokens + [0], strict=True):
+        input_ids += [*tokenize(piece), *[image_token_id] * count]
+    return input_ids
