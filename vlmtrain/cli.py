@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -80,9 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     budgets = parse_budgets(args.budgets) if args.budgets else None
     names = args.names.split(",") if args.names else None
     out = args.out or args.models[0] / "eval"
-    if any("=" not in condition for condition in args.where):
-        raise UserError(f"--where takes FIELD=VALUE, got {args.where}")
-    where = dict(condition.split("=", 1) for condition in args.where)
+    where = parse_where(args.where)
     text = {name: getattr(args, name) for name in ("prompt", "prompt_field", "target_field") if getattr(args, name) is not None}
     results = evaluate(
         args.models,
@@ -104,6 +103,43 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
     if args.wandb:
         log_to_wandb(results, out, args.wandb_project, offline=not args.wandb_online)
+
+
+def cmd_label_budgets(args: argparse.Namespace) -> None:
+    from vlmtrain.data.sources import expand_shards
+    from vlmtrain.evaluate import open_model
+    from vlmtrain.selector.labels import label_budgets
+
+    labels = label_budgets(open_model(args.model), expand_shards(args.data), args.limit, parse_where(args.where))
+    labels.save(args.out)
+    images, levels = labels.features.shape[0], len(labels.levels)
+    print(f"labelled {images} images ({len(set(labels.keys))} samples) at {levels} levels in {labels.seconds:.1f} s "
+          f"({labels.seconds / max(images, 1) * 1000:.1f} ms per image, all levels): {args.out}")
+    means = labels.losses.mean(dim=0).tolist()
+    print("mean loss per level: " + ", ".join(f"{level}: {loss:.3f}" for level, loss in zip(labels.levels, means, strict=True)))
+
+
+def cmd_train_selector(args: argparse.Namespace) -> None:
+    from vlmtrain.inference import SELECTOR_DIR, load
+    from vlmtrain.selector.labels import BudgetLabels
+    from vlmtrain.selector.train import train_selector
+
+    labels = BudgetLabels.read(args.labels)
+    levels = list(load(args.export).geometry.levels)
+    if labels.levels != levels:
+        raise UserError(f"{args.labels}: labels for levels {labels.levels}, but {args.export} serves {levels}")
+    selector, report = train_selector(labels, steps=args.steps, hidden=args.hidden)
+    selector.save(args.export / SELECTOR_DIR)
+    (args.export / SELECTOR_DIR / "report.json").write_text(json.dumps(report, indent=1))
+    print(f"selector ({sum(p.numel() for p in selector.parameters()):,} parameters) written to {args.export / SELECTOR_DIR}: "
+          + ", ".join(f"{name} {value:.4g}" for name, value in report.items()))
+
+
+def parse_where(conditions: list[str]) -> dict[str, str]:
+    """``--where FIELD=VALUE`` options as a dict; anything else is one line."""
+    if any("=" not in condition for condition in conditions):
+        raise UserError(f"--where takes FIELD=VALUE, got {conditions}")
+    return dict(condition.split("=", 1) for condition in conditions)
 
 
 def parse_budgets(text: str) -> list[int]:
@@ -212,6 +248,21 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--wandb-online", action="store_true", help="log online (default: offline)")
     sub.set_defaults(handler=cmd_eval)
 
+    sub = commands.add_parser("label-budgets", help="the model's loss at every level on each sample: the selector's labels")
+    sub.add_argument("model", type=Path, help="an export folder or a run directory")
+    sub.add_argument("--data", required=True, help="shard spec, e.g. data/generated/demo/train-{000000..000003}.tar")
+    sub.add_argument("--limit", type=int, default=256, help="samples to label")
+    sub.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE", help="only samples with FIELD=VALUE")
+    sub.add_argument("--out", type=Path, required=True, help="folder for labels.json and labels.safetensors")
+    sub.set_defaults(handler=cmd_label_budgets)
+
+    sub = commands.add_parser("train-selector", help="train the budget selector of an export on budget labels")
+    sub.add_argument("export", type=Path, help="the export folder (the selector is written into it)")
+    sub.add_argument("--labels", type=Path, required=True, help="a folder written by label-budgets")
+    sub.add_argument("--steps", type=int, default=400)
+    sub.add_argument("--hidden", type=int, default=64)
+    sub.set_defaults(handler=cmd_train_selector)
+
     sub = commands.add_parser("demo-data", help="render the demo task (words on real photos) into shards")
     sub.add_argument("--out", type=Path, default=Path("data/generated/demo"))
     sub.add_argument("--train", type=int, default=2048)
@@ -268,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("VLMTRAIN_DEBUG", "") not in ("", "0") or "--debug" in argv
     args = parser().parse_args([arg for arg in argv if arg != "--debug"])
     show_logs()
-    if args.command in ("fit", "export", "eval"):
+    if args.command in ("fit", "export", "eval", "label-budgets"):
         import torch
 
         if not torch.cuda.is_available():  # what DeepSpeed would pick, said so it does not warn about it

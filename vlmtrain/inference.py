@@ -29,6 +29,7 @@ from vlmtrain.model.inputs import ImageBatch
 from vlmtrain.model.lm import lm_tokenizer
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.pixels import image_patches, to_rgb
+from vlmtrain.selector.model import BudgetSelector, load_selector, question_embedding, selector_features
 from vlmtrain.text.chat import stop_tokens
 from vlmtrain.text.conversation import check_conversation, parse_messages
 from vlmtrain.text.encoding import TextEncoder
@@ -38,6 +39,22 @@ VISION_PARTS = ("backbone", "pooling", "projector")
 VISION_DIR, LM_DIR, ADAPTER_DIR = "vision", "lm", "lm-adapter"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 DESCRIPTION_KEY = "vlmtrain.model"  # the description's copy in the weights file's metadata
+
+
+AUTO_TOLERANCE = 0.05  # budget="auto": the loss gap (nats per target token) a smaller budget may cost
+SELECTOR_DIR = "selector"
+
+
+def auto_tolerance(budget: str) -> float:
+    """The tolerance of ``"auto"`` (the default) or ``"auto:TOL"``; anything else is refused in one line."""
+    name, _, value = budget.partition(":")
+    try:
+        tolerance = float(value) if value else AUTO_TOLERANCE
+    except ValueError:
+        tolerance = float("nan")
+    if name != "auto" or not tolerance >= 0:
+        raise UserError(f"budget {budget!r}: a level, a list of levels, 'auto' or 'auto:TOL' with TOL >= 0 (e.g. auto:0.1)")
+    return tolerance
 
 
 class ExportedModel:
@@ -51,6 +68,7 @@ class ExportedModel:
         self.description = description
         self.text_format = text
         self.text = TextEncoder(tokenizer, description.lm.image_token)
+        self.selector: BudgetSelector | None = None  # set by load() when the export has one
 
     @property
     def geometry(self) -> Geometry:
@@ -65,17 +83,32 @@ class ExportedModel:
             raise ValueError(f"{len(budgets)} budgets for {len(images)} images")
         return budgets
 
+    @torch.no_grad()
+    def auto_budgets(
+        self, images: Sequence[Image.Image], prompt: str | None, messages: list[dict[str, Any]] | None, tolerance: float
+    ) -> list[int]:
+        """The selector's budget for each image: the smallest level whose predicted loss gap, from the image at
+        the lowest level and the question's text, is at most ``tolerance`` (nats per target token)."""
+        if self.selector is None:
+            raise UserError("this model has no budget selector (vlmtrain label-budgets, then vlmtrain train-selector)")
+        input_ids, batch = self.inputs(images, prompt, self.geometry.levels[0], messages)
+        visual = self.model.encode_images(batch).float()
+        question = question_embedding(self.model.lm.get_input_embeddings(), input_ids[0], self.model.image_token_id)
+        return self.selector.choose(selector_features(visual, batch.token_counts, question), tolerance)
+
     def inputs(
         self,
         images: Sequence[Image.Image],
         prompt: str | None = None,
-        budget: int | Sequence[int] | None = None,
+        budget: int | str | Sequence[int] | None = None,
         messages: list[dict[str, Any]] | None = None,
     ) -> tuple[torch.Tensor, ImageBatch]:
         """Token ids of the prompt, or of ``messages`` through the chat template up to the assistant's next
         turn, with each image's placeholders; and the images cut at their budgets."""
         if prompt is not None and messages is not None:
             raise ValueError("give a prompt or messages, not both")
+        if isinstance(budget, str):
+            budget = self.auto_budgets(images, prompt, messages, auto_tolerance(budget))
         device = next(self.model.parameters()).device
         items = []
         for image, image_budget in zip(images, self.budgets_for(images, budget), strict=True):
@@ -97,7 +130,7 @@ class ExportedModel:
         self,
         images: Sequence[Image.Image],
         prompt: str | None = None,
-        budget: int | Sequence[int] | None = None,
+        budget: int | str | Sequence[int] | None = None,
         messages: list[dict[str, Any]] | None = None,
     ) -> torch.Tensor:
         """Next-token logits ``(1, L, vocab)`` for the prompt (or conversation) with the images."""
@@ -110,14 +143,15 @@ class ExportedModel:
         self,
         images: Sequence[Image.Image],
         prompt: str | None = None,
-        budget: int | Sequence[int] | None = None,
+        budget: int | str | Sequence[int] | None = None,
         max_new_tokens: int = 64,
         messages: list[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> str:
         """Greedy (or ``kwargs``-configured) continuation of the prompt, or the assistant's next turn in
         ``messages`` (``role``/``content`` turns, ``<image>`` markers or image parts placing the images), as
-        text. One budget per image, or one for all."""
+        text. One budget per image, or one for all, or ``"auto"`` / ``"auto:TOL"``: the budget selector's
+        choice for each image (:meth:`auto_budgets`)."""
         input_ids, images_batch = self.inputs(images, prompt, budget, messages)
         embeds = self.model.embed(input_ids, images_batch)
         settings = {
@@ -199,4 +233,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         if misfits:
             raise UserError(f"{path / VISION_DIR / WEIGHTS_FILE}: {name}.{misfits[0]} does not fit the described model")
         part.load_state_dict(state)
-    return ExportedModel(model.to(device=device, dtype=dtype), tokenizer, description, text)
+    exported = ExportedModel(model.to(device=device, dtype=dtype), tokenizer, description, text)
+    if (path / SELECTOR_DIR).is_dir():
+        exported.selector = load_selector(path / SELECTOR_DIR, list(description.levels)).to(device)
+    return exported

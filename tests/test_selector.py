@@ -1,0 +1,97 @@
+"""The automatic budget: labels are the model's own losses at each level; a selector trained on labels where
+small text needs the high level and large text does not picks exactly that on held-back images; the export
+carries it and ``budget="auto"`` uses it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TINY, built, small_recipe
+from safetensors.torch import load_file, save_file
+
+from vlmtrain.cli import main
+from vlmtrain.config import DecodingConfig, load_recipe
+from vlmtrain.data.builder import BatchBuilder
+from vlmtrain.data.demo import make_demo_shards
+from vlmtrain.data.images import decode_image
+from vlmtrain.data.samples import RawSample
+from vlmtrain.data.sources import read_shard
+from vlmtrain.errors import UserError
+from vlmtrain.export import write_export
+from vlmtrain.inference import ExportedModel, load
+from vlmtrain.selector.labels import label_budgets
+from vlmtrain.text.tokenizers import IGNORE_INDEX
+
+
+def exported(recipe) -> ExportedModel:
+    module = built(recipe)
+    return ExportedModel(module.model, module.plan.tokenizer, module.plan.model, recipe.data.text)
+
+
+@torch.no_grad()
+def test_budget_labels_are_the_models_loss_at_each_level_and_the_selectors_features(demo_dir, tmp_path):
+    model = exported(small_recipe(demo_dir, tmp_path / "run"))
+    shard = f"{demo_dir}/val-000000.tar"
+    labels = label_budgets(model, [shard], limit=4)
+    samples = [s for s in read_shard(shard) if isinstance(s, RawSample)][:4]
+    assert labels.keys == [s.key for s in samples] and labels.levels == [70, 140]
+    builder = BatchBuilder(model.geometry, model.text, model.text_format, DecodingConfig())
+    embeddings = model.model.lm.get_input_embeddings()
+    for row, sample in enumerate(samples):  # one sample at a time, unpacked: full logits, cross-entropy by hand
+        for column, level in enumerate(labels.levels):
+            inputs = builder.collate([builder.encode(sample, level)], level).inputs
+            logits, targets = model.model(inputs)[0, :-1], inputs.labels[0, 1:]
+            counted = targets != IGNORE_INDEX
+            expected = F.cross_entropy(logits[counted], targets[counted])
+            assert labels.losses[row, column] == pytest.approx(float(expected), rel=1e-5)
+        inputs = builder.collate([builder.encode(sample, 70)], 70).inputs
+        ids = inputs.input_ids[0]
+        question = ids[(inputs.labels[0] == IGNORE_INDEX) & (ids != model.model.image_token_id)]
+        visual = model.model.encode_images(inputs.images)
+        expected = torch.cat([visual.mean(dim=0), embeddings(question).mean(dim=0)])
+        torch.testing.assert_close(labels.features[row], expected, rtol=1e-5, atol=1e-6)
+    assert labels.gaps().min() == 0 and (labels.gaps().min(dim=1).values == 0).all()
+
+
+@pytest.mark.slow
+def test_a_selector_trained_where_small_text_needs_1120_picks_1120_for_small_and_70_for_large_text(tmp_path, capsys):
+    # the demo's ViT, pre-trained to read the words; labels: small text loses 1 nat/token below 1120, large nothing
+    demo_dir = tmp_path / "demo"
+    make_demo_shards(demo_dir, train_samples=96, val_samples=16, seed=2, samples_per_shard=48)
+    recipe = load_recipe(TINY, [f"run_dir={tmp_path / 'run'}", "budget.levels=[70,1120]", "budget.default=70", "logger=none"])
+    write_export(exported(recipe), recipe, tmp_path / "export")
+    train = f"{demo_dir}/train-{{000000..000001}}.tar"
+    labels = tmp_path / "labels"
+    assert main(["label-budgets", str(tmp_path / "export"), "--data", train, "--limit", "96", "--out", str(labels)]) == 0
+    assert "labelled 96 images (96 samples) at 2 levels" in capsys.readouterr().out
+    sizes = {s.key: s.record["size"] for index in range(2) for s in read_shard(f"{demo_dir}/train-{index:06d}.tar")}
+    keys = json.loads((labels / "labels.json").read_text())["keys"]
+    tensors = load_file(labels / "labels.safetensors")
+    tensors["losses"] = torch.tensor([[1.0 if sizes[key] == "small" else 0.0, 0.0] for key in keys])
+    save_file(tensors, labels / "labels.safetensors")
+    assert main(["train-selector", str(tmp_path / "export"), "--labels", str(labels)]) == 0
+
+    model = load(tmp_path / "export")
+    held_back = [s for s in read_shard(f"{demo_dir}/val-000000.tar") if isinstance(s, RawSample)]
+    assert {s.record["size"] for s in held_back} == {"small", "large"}
+    for sample in held_back:
+        image = decode_image(sample.images[0], max_pixels=10**8)
+        chosen = model.auto_budgets([image], None, None, tolerance=0.5)  # halfway between the two labels' gaps
+        assert chosen == [1120 if sample.record["size"] == "small" else 70], sample.key
+        assert model.inputs([image], budget="auto:0.5")[1].token_counts.tolist() == [
+            model.geometry.image(image.height, image.width, chosen[0]).tokens
+        ]
+    assert isinstance(model.generate([image], budget="auto:0.5", max_new_tokens=2), str)
+    with pytest.raises(UserError, match="'auto:x'"):
+        model.generate([image], budget="auto:x")
+
+
+def test_auto_without_a_selector_is_one_line(demo_dir, tmp_path):
+    recipe = small_recipe(demo_dir, tmp_path / "run")
+    write_export(exported(recipe), recipe, tmp_path / "export")
+    image = decode_image(next(s for s in read_shard(f"{demo_dir}/val-000000.tar")).images[0], max_pixels=10**8)
+    with pytest.raises(UserError, match="no budget selector"):
+        load(tmp_path / "export").generate([image], budget="auto")

@@ -1,0 +1,108 @@
+"""Labels for free: the model's own loss on each sample at every level it serves, with the selector's
+features (each image's visual tokens at the lowest level, its question's text), in one pass per level."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlmtrain.config import DecodingConfig, TextConfig
+from vlmtrain.data.builder import BatchBuilder
+from vlmtrain.data.pipeline import EvalStream
+from vlmtrain.errors import UserError
+from vlmtrain.inference import ExportedModel
+from vlmtrain.model.inputs import ModelInput
+from vlmtrain.selector.model import question_embedding, selector_features
+from vlmtrain.text.tokenizers import IGNORE_INDEX
+
+
+@dataclass
+class BudgetLabels:
+    """One row per image: its sample's key, the selector's features, and the sample's mean target-token loss
+    at each level (a multi-image sample's loss, all its images at that level, labels each of its images)."""
+
+    keys: list[str]
+    features: torch.Tensor  # (images, 2 * width)
+    losses: torch.Tensor  # (images, levels)
+    levels: list[int]
+    seconds: float
+
+    def gaps(self) -> torch.Tensor:
+        """Each level's loss above the best level's, per image: what the selector learns to predict."""
+        return self.losses - self.losses.min(dim=1, keepdim=True).values
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"features": self.features.contiguous(), "losses": self.losses.contiguous()}
+        save_file(tensors, str(directory / "labels.safetensors"))
+        summary = {"levels": self.levels, "keys": self.keys, "seconds": self.seconds}
+        (directory / "labels.json").write_text(json.dumps(summary))
+
+    @classmethod
+    def read(cls, directory: Path) -> BudgetLabels:
+        if not (directory / "labels.json").is_file():
+            raise UserError(f"{directory}: no labels.json (write it with vlmtrain label-budgets)")
+        summary = json.loads((directory / "labels.json").read_text())
+        tensors = load_file(str(directory / "labels.safetensors"))
+        return cls(summary["keys"], tensors["features"], tensors["losses"], summary["levels"], summary["seconds"])
+
+
+def sample_questions(model: ExportedModel, inputs: ModelInput) -> list[torch.Tensor]:
+    """Each sample's question embedding: its text tokens that carry no label (prompt, earlier turns)."""
+    embeddings = model.model.lm.get_input_embeddings()
+    owners, asked = inputs.sample_ids, inputs.labels == IGNORE_INDEX
+    return [
+        question_embedding(embeddings, inputs.input_ids[(owners == row) & asked], model.model.image_token_id)
+        for row in range(inputs.size)
+    ]
+
+
+@torch.no_grad()
+def label_budgets(
+    model: ExportedModel,
+    urls: list[str],
+    limit: int,
+    where: dict[str, str] | None = None,
+    text: TextConfig | None = None,
+    batch_tokens: int = 8192,
+) -> BudgetLabels:
+    """The loss of the first ``limit`` samples of ``urls`` at each of the model's levels, and their features."""
+    levels = list(model.geometry.levels)
+    fields = replace(text or model.text_format, max_length=sys.maxsize)
+    builder = BatchBuilder(model.geometry, model.text, fields, DecodingConfig(fast=True, max_image_pixels=10**9))
+    began = time.perf_counter()
+    losses: dict[str, dict[int, float]] = {}
+    features: dict[str, torch.Tensor] = {}
+    for level in levels:
+        stream = EvalStream(urls, builder, level, limit, batch_tokens, max_batch_size=64, where=where)
+        for pairs, batch in stream.batches():
+            inputs = batch.inputs
+            per_sample = model.model.sample_losses(inputs)
+            mean = per_sample.loss_sum / per_sample.tokens.clamp(min=1)
+            for row, (sample, _) in enumerate(pairs):
+                losses.setdefault(sample.key, {})[level] = float(mean[row])
+            if level == levels[0]:  # the selector's inputs, as generate(budget="auto") computes them
+                images = inputs.images
+                per_image = model.model.encode_images(images).float().split(images.token_counts.tolist())
+                for row, ((sample, _), question) in enumerate(zip(pairs, sample_questions(model, inputs), strict=True)):
+                    mine = torch.nonzero(images.sample_index == row).squeeze(1).tolist()
+                    if mine:
+                        visual = torch.cat([per_image[index] for index in mine])
+                        features[sample.key] = selector_features(visual, images.token_counts[mine], question)
+    keys = [key for key in features if len(losses.get(key, {})) == len(levels)]
+    if not keys:
+        raise UserError(f"no usable sample with images in {urls[:1]}... for this model's prompt and target field")
+    rows = [(key, image) for key in keys for image in features[key]]
+    return BudgetLabels(
+        keys=[key for key, _ in rows],
+        features=torch.stack([image for _, image in rows]),
+        losses=torch.tensor([[losses[key][level] for level in levels] for key, _ in rows]),
+        levels=levels,
+        seconds=time.perf_counter() - began,
+    )
