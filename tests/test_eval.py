@@ -32,6 +32,7 @@ FIELDS = {
     "latency_ms",
     "latency_p10_ms",
     "latency_p90_ms",
+    "chosen",
 }
 
 

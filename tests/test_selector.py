@@ -20,6 +20,7 @@ from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import read_shard
 from vlmtrain.errors import UserError
+from vlmtrain.evaluate import evaluate
 from vlmtrain.export import write_export
 from vlmtrain.inference import ExportedModel, load
 from vlmtrain.selector.labels import label_budgets
@@ -85,6 +86,17 @@ def test_a_selector_trained_where_small_text_needs_1120_picks_1120_for_small_and
             model.geometry.image(image.height, image.width, chosen[0]).tokens
         ]
     assert isinstance(model.generate([image], budget="auto:0.5", max_new_tokens=2), str)
+
+    # eval puts auto beside the fixed budgets: what it chose, and the visual tokens that cost
+    data = f"{demo_dir}/val-000000.tar"
+    results = evaluate([tmp_path / "export"], data, [70, 1120, "auto:0.5"], limit=16, out=tmp_path / "eval", generate=False)
+    fixed70, fixed1120, auto = results["models"][0]["budgets"]
+    small = sum(s.record["size"] == "small" for s in held_back)
+    assert auto["budget"] == "auto:0.5" and auto["chosen"] == {"70": 16 - small, "1120": small}
+    spent = [model.geometry.image(*s.sizes[0], 1120 if s.record["size"] == "small" else 70).tokens for s in held_back]
+    assert auto["visual_tokens_per_image"] == pytest.approx(sum(spent) / 16)
+    assert fixed70["visual_tokens_per_image"] < auto["visual_tokens_per_image"] < fixed1120["visual_tokens_per_image"]
+    assert (tmp_path / "eval" / "eval.png").is_file()
     with pytest.raises(UserError, match="'auto:x'"):
         model.generate([image], budget="auto:x")
 

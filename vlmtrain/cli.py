@@ -142,14 +142,20 @@ def parse_where(conditions: list[str]) -> dict[str, str]:
     return dict(condition.split("=", 1) for condition in conditions)
 
 
-def parse_budgets(text: str) -> list[int]:
-    """``--budgets 70,280,1120`` → [70, 280, 1120]; anything else is one line naming what is wrong."""
+def parse_budgets(text: str) -> list[int | str]:
+    """``--budgets 70,280,1120,auto,auto:0.2`` → [70, 280, 1120, "auto", "auto:0.2"]; anything else is one
+    line naming what is wrong."""
+    from vlmtrain.inference import auto_tolerance
+
     parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() for part in parts):
-        raise UserError(f"--budgets {text!r} must be token levels separated by commas, e.g. 70,280,1120")
-    budgets = [int(part) for part in parts]
+    if not all(part.isdigit() or part.startswith("auto") for part in parts):
+        raise UserError(f"--budgets {text!r} must be token levels or auto[:TOL] separated by commas, e.g. 70,280,1120,auto")
+    budgets: list[int | str] = [int(part) if part.isdigit() else part for part in parts]
     for budget in budgets:
-        check_budget(budget)
+        if isinstance(budget, int):
+            check_budget(budget)
+        else:
+            auto_tolerance(budget)
     return budgets
 
 
@@ -227,7 +233,11 @@ def parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("eval", help="quality and cost of one or several models at each budget, on the same shards")
     sub.add_argument("models", type=Path, nargs="+", help="export folders or run directories")
     sub.add_argument("--data", required=True, help="shard spec, e.g. data/generated/demo/val-000000.tar")
-    sub.add_argument("--budgets", help="comma-separated, e.g. 70,280,1120 (default: every level the model serves)")
+    sub.add_argument(
+        "--budgets",
+        help="comma-separated levels, and auto or auto:TOL for the model's budget selector, e.g. 70,280,1120,auto,auto:0.2 "
+        "(default: every level the model serves)",
+    )
     sub.add_argument("--limit", type=int, default=64, help="samples per budget")
     sub.add_argument("--names", help="comma-separated names for the models (default: folder names)")
     sub.add_argument("--out", type=Path, help="folder for eval.json and eval.png (default: FIRST_MODEL/eval)")

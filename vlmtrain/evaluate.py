@@ -13,6 +13,7 @@ import json
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -21,21 +22,23 @@ import torch
 from vlmtrain.config import DecodingConfig, TextConfig
 from vlmtrain.data.builder import BatchBuilder, Question
 from vlmtrain.data.pipeline import EvalStream
+from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import expand_shards
 from vlmtrain.errors import UserError
 from vlmtrain.geometry import LEVELS
-from vlmtrain.inference import ExportedModel
+from vlmtrain.inference import ExportedModel, auto_tolerance
 from vlmtrain.model.inputs import ImageBatch
 from vlmtrain.reporting import progress
+from vlmtrain.selector.model import batch_features
 from vlmtrain.text.chat import stop_tokens
 from vlmtrain.train.layout import LAST_EVALUATION
 
 
 @dataclass
 class BudgetResult:
-    """One model at one budget."""
+    """One model at one budget (a level, or ``auto[:TOL]``: the model's selector picks per image)."""
 
-    budget: int
+    budget: int | str
     samples: int
     images: int
     loss: float
@@ -47,6 +50,7 @@ class BudgetResult:
     latency_ms: float  # median
     latency_p10_ms: float
     latency_p90_ms: float
+    chosen: dict[str, int] | None = None  # auto: how many images the selector put at each level
 
 
 def open_model(path: Path) -> ExportedModel:
@@ -119,6 +123,33 @@ def answer(model: ExportedModel, question: Question, prompt: torch.Tensor, embed
     return model.tokenizer.decode(output[0], skip_special_tokens=True)
 
 
+class AutoBudgets:
+    """``budget="auto[:TOL]"`` in evaluation: each sample's images at the budgets the model's selector picks
+    from the sample at the lowest level; the time that takes is kept per sample, to count in its latency."""
+
+    def __init__(self, model: ExportedModel, builder: BatchBuilder, tolerance: float) -> None:
+        if model.selector is None:
+            raise UserError("budget auto: this model has no budget selector (run label-budgets, then train-selector)")
+        self.model, self.builder, self.tolerance = model, builder, tolerance
+        self.seconds: dict[str, float] = {}
+        self.chosen: Counter[int] = Counter()
+
+    @torch.no_grad()
+    def __call__(self, sample: RawSample) -> tuple[int, ...]:
+        device = next(self.model.model.parameters()).device
+        lowest = self.model.geometry.levels[0]
+        began = clock(device)
+        try:
+            inputs = self.builder.collate([self.builder.encode(sample, lowest)], lowest).inputs.to(device)
+        except SampleError:
+            return (lowest,) * len(sample.sizes)  # the stream skips and counts it
+        features = batch_features(self.model.model, inputs)[0]
+        chosen = self.model.selector.choose(features, self.tolerance) if len(features) else []
+        self.seconds[sample.key] = clock(device) - began
+        self.chosen.update(chosen)
+        return tuple(chosen)
+
+
 LATENCY_SAMPLES = 8
 EXAMPLES = 8  # generations kept per budget in eval.json, to read what the model says
 
@@ -136,7 +167,7 @@ class Example:
 def evaluate_budget(
     model: ExportedModel,
     urls: list[str],
-    budget: int,
+    budget: int | str,
     limit: int,
     batch_tokens: int,
     generate: bool,
@@ -155,7 +186,8 @@ def evaluate_budget(
     loss_sum = correct = tokens = samples = images = visual = 0
     seconds = 0.0
     exact, recall, latencies, examples = [], [], [], []
-    stream = EvalStream(urls, builder, budget, limit, batch_tokens, max_batch_size=64, where=where)
+    auto = AutoBudgets(model, builder, auto_tolerance(budget)) if isinstance(budget, str) else None
+    stream = EvalStream(urls, builder, auto or budget, limit, batch_tokens, max_batch_size=64, where=where)
     for pairs, batch in stream.batches():
         inputs = batch.inputs.to(device)
         if samples == 0:  # warm-up at this budget (kernels, allocator, caches), untimed
@@ -165,7 +197,7 @@ def evaluate_budget(
                 prefill(model, question, first_images(inputs.images, 0, question.images))
         began = clock(device)
         losses = model.model.sample_losses(inputs)
-        seconds += clock(device) - began
+        seconds += clock(device) - began + (sum(auto.seconds.get(s.key, 0.0) for s, _ in pairs) if auto else 0.0)
         loss_sum += float(losses.loss_sum.sum())
         correct += int(losses.correct.sum())
         tokens += int(losses.tokens.sum())
@@ -177,7 +209,7 @@ def evaluate_budget(
                 if not generate and len(latencies) >= LATENCY_SAMPLES:
                     break
                 prompt, embeds, latency = prefill(model, question, first_images(inputs.images, row, question.images))
-                latencies.append(latency)
+                latencies.append(latency + (auto.seconds.get(sample.key, 0.0) if auto else 0.0))
                 if generate:
                     generated = answer(model, question, prompt, embeds, max_new_tokens)
                     exact.append(generated.strip() == question.target.strip())
@@ -199,6 +231,7 @@ def evaluate_budget(
         latency_ms=1000 * percentile(latencies, 0.5),
         latency_p10_ms=1000 * percentile(latencies, 0.1),
         latency_p90_ms=1000 * percentile(latencies, 0.9),
+        chosen={str(level): auto.chosen[level] for level in model.geometry.levels} if auto else None,
     )
     return result, examples
 
@@ -206,7 +239,7 @@ def evaluate_budget(
 def evaluate(
     models: list[Path],
     data: str,
-    budgets: list[int] | None,
+    budgets: list[int | str] | None,
     limit: int,
     out: Path,
     names: list[str] | None = None,
@@ -231,7 +264,7 @@ def evaluate(
         evaluated = [evaluate_budget(model, urls, b, limit, batch_tokens, generate, max_new_tokens, where, fields)
                      for b in progress(levels, f"evaluating {name} budget by budget", len(levels))]
         rows, examples = [row for row, _ in evaluated], [found for _, found in evaluated]
-        untrained = [budget for budget in levels if budget not in model.geometry.levels]
+        untrained = [budget for budget in levels if isinstance(budget, int) and budget not in model.geometry.levels]
         trained = ", ".join(map(str, model.geometry.levels))
         warnings = [f"trained at {trained} only: {', '.join(map(str, untrained))} never seen in training"] if untrained else []
         results["models"].append(
@@ -253,51 +286,52 @@ def evaluate(
 
 
 def plot(results: dict, path: Path) -> None:
-    """Two panels: quality (token accuracy, and exact match when generated) and latency, against budget."""
+    """Three panels, a line per model for its fixed budgets and a dashed one for auto (a point per tolerance):
+    quality against visual tokens per image, latency against visual tokens, quality against latency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (quality, latency) = plt.subplots(1, 2, figsize=(11, 4.4))
+    figure, (by_tokens, latency, by_latency) = plt.subplots(1, 3, figsize=(16, 4.6))
     samples = max(row["samples"] for model in results["models"] for row in model["budgets"])
     where = "".join(f", {field}={value}" for field, value in results.get("where", {}).items())
     figure.suptitle(f"{results['data']}{where}: {samples} samples per budget", fontsize=9)
     for model in results["models"]:
-        rows = model["budgets"]
-        budgets = [row["budget"] for row in rows]
-        line = quality.plot(
-            budgets, [row["token_accuracy"] for row in rows], marker="o", label=f"{model['name']}: token accuracy"
-        )[0]
-        if rows[0]["exact_match"] is not None:
-            quality.plot(
-                budgets,
-                [row["exact_match"] for row in rows],
-                marker="s",
-                linestyle="--",
-                color=line.get_color(),
-                label=f"{model['name']}: exact match",
-            )
-        medians = [row["latency_ms"] for row in rows]
-        spread = [[m - row["latency_p10_ms"] for m, row in zip(medians, rows, strict=True)],
-                  [row["latency_p90_ms"] - m for m, row in zip(medians, rows, strict=True)]]
-        latency.errorbar(budgets, medians, yerr=spread, marker="o", capsize=3, color=line.get_color(), label=model["name"])
-    for axis, title, label in (
-        (quality, "quality vs budget", "share of targets right"),
-        (latency, "latency vs budget", "ms per question (prefill): median, 10th-90th pct."),
+        color = None
+        for auto in (False, True):
+            rows = [row for row in model["budgets"] if isinstance(row["budget"], str) == auto]
+            rows.sort(key=lambda row: row["visual_tokens_per_image"])
+            if not rows:
+                continue
+            label = f"{model['name']}: {'auto' if auto else 'fixed budgets'}"
+            style = {"marker": "D" if auto else "o", "linestyle": "--" if auto else "-", "label": label}
+            tokens = [row["visual_tokens_per_image"] for row in rows]
+            quality = [row["exact_match"] if row["exact_match"] is not None else row["token_accuracy"] for row in rows]
+            medians = [row["latency_ms"] for row in rows]
+            spread = [[m - row["latency_p10_ms"] for m, row in zip(medians, rows, strict=True)],
+                      [row["latency_p90_ms"] - m for m, row in zip(medians, rows, strict=True)]]
+            color = by_tokens.plot(tokens, quality, color=color, **style)[0].get_color()
+            latency.errorbar(tokens, medians, yerr=spread, capsize=3, color=color, **style)
+            by_latency.plot(medians, quality, color=color, **style)
+            for row, x, y in zip(rows, tokens, quality, strict=True):
+                by_tokens.annotate(str(row["budget"]), (x, y), fontsize=6, textcoords="offset points", xytext=(3, 3))
+    quality_label = "exact match (token accuracy without generation)"
+    for axis, title, xlabel, ylabel in (
+        (by_tokens, "quality vs visual tokens", "visual tokens per image", quality_label),
+        (latency, "latency vs visual tokens", "visual tokens per image", "ms per question (prefill): median, p10-p90"),
+        (by_latency, "quality vs latency", "ms per question (median)", quality_label),
     ):
         axis.set_xscale("log")
-        axis.set_xticks(sorted({row["budget"] for m in results["models"] for row in m["budgets"]}))
         axis.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        axis.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
-        axis.set_xlabel("visual-token budget")
-        axis.set_ylabel(label)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
         axis.set_title(title)
         axis.grid(alpha=0.3)
-    quality.set_ylim(-0.02, 1.02)
+        axis.legend(fontsize=7)
+    by_tokens.set_ylim(-0.02, 1.02)
+    by_latency.set_ylim(-0.02, 1.02)
     latency.set_ylim(bottom=0)
-    quality.legend(fontsize=7)
-    latency.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -223,6 +223,12 @@ def latency_spread(row: dict[str, Any]) -> str:
     return f" ({row['latency_p10_ms']:.1f}-{row['latency_p90_ms']:.1f})" if "latency_p10_ms" in row else ""
 
 
+def budget_cell(row: dict[str, Any]) -> str:
+    """A row's budget; for auto, with how many images the selector put at each level."""
+    chosen = ", ".join(f"{level}: {count}" for level, count in (row.get("chosen") or {}).items() if count)
+    return f"{row['budget']} ({chosen})" if chosen else str(row["budget"])
+
+
 def results_table(model_results: dict[str, Any]) -> str:
     """A Markdown table of one model's evaluation, a row per budget."""
     rows = [
@@ -233,7 +239,7 @@ def results_table(model_results: dict[str, Any]) -> str:
         exact = "-" if row.get("exact_match") is None else f"{row['exact_match']:.1%}"
         recall = "-" if row.get("word_recall") is None else f"{row['word_recall']:.1%}"
         rows.append(
-            f"| {row['budget']} | {row['loss']:.3f} | {row['token_accuracy']:.1%} | {exact} | {recall} | "
+            f"| {budget_cell(row)} | {row['loss']:.3f} | {row['token_accuracy']:.1%} | {exact} | {recall} | "
             f"{row['visual_tokens_per_image']:.0f} | {row['images_per_s']:.1f} | "
             f"{row['latency_ms']:.1f} ms{latency_spread(row)} |"
         )

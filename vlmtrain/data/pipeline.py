@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from torch.utils.data import IterableDataset, get_worker_info
@@ -234,13 +234,13 @@ class TrainStream(IterableDataset):
 
 class EvalStream(IterableDataset):
     """The first ``limit`` usable samples of ``urls`` (those whose record matches ``where``), in order,
-    batched at one fixed ``budget``."""
+    batched at one fixed ``budget``, or at the budgets per image that ``budget(sample)`` chooses."""
 
     def __init__(
         self,
         urls: list[str],
         builder: BatchBuilder,
-        budget: int,
+        budget: int | Callable[[RawSample], Budgets],
         limit: int,
         batch_tokens: int,
         max_batch_size: int,
@@ -276,15 +276,21 @@ class EvalStream(IterableDataset):
         for sample in self.samples():
             if used >= self.limit:
                 break
-            encoded = encode_all(self.builder, [(sample, self.budget)], self.skips)[0]
+            budgets = self.budget(sample) if callable(self.budget) else self.budget
+            encoded = encode_all(self.builder, [(sample, budgets)], self.skips)[0]
             if encoded is None:
                 continue
-            cost = self.builder.cost(sample, self.builder.text_tokens(sample), (self.budget,))
+            cost = self.builder.cost(sample, self.builder.text_tokens(sample), (budgets,))
             if pending and (total + cost > self.batch_tokens or len(pending) == self.max_batch_size):
-                yield pending, self.builder.collate([item for _, item in pending], self.budget, self.packed)
+                yield pending, self.collate(pending)
                 pending, total = [], 0
             pending.append((sample, encoded))
             total += cost
             used += 1
         if pending:
-            yield pending, self.builder.collate([item for _, item in pending], self.budget, self.packed)
+            yield pending, self.collate(pending)
+
+    def collate(self, pending: list[tuple[RawSample, EncodedSample]]) -> Batch:
+        """One batch: at the stream's budget, or with its images at budgets of their own."""
+        budget = None if callable(self.budget) else self.budget
+        return self.builder.collate([item for _, item in pending], budget, self.packed)

@@ -17,9 +17,7 @@ from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.pipeline import EvalStream
 from vlmtrain.errors import UserError
 from vlmtrain.inference import ExportedModel
-from vlmtrain.model.inputs import ModelInput
-from vlmtrain.selector.model import question_embedding, selector_features
-from vlmtrain.text.tokenizers import IGNORE_INDEX
+from vlmtrain.selector.model import batch_features
 
 
 @dataclass
@@ -53,16 +51,6 @@ class BudgetLabels:
         return cls(summary["keys"], tensors["features"], tensors["losses"], summary["levels"], summary["seconds"])
 
 
-def sample_questions(model: ExportedModel, inputs: ModelInput) -> list[torch.Tensor]:
-    """Each sample's question embedding: its text tokens that carry no label (prompt, earlier turns)."""
-    embeddings = model.model.lm.get_input_embeddings()
-    owners, asked = inputs.sample_ids, inputs.labels == IGNORE_INDEX
-    return [
-        question_embedding(embeddings, inputs.input_ids[(owners == row) & asked], model.model.image_token_id)
-        for row in range(inputs.size)
-    ]
-
-
 @torch.no_grad()
 def label_budgets(
     model: ExportedModel,
@@ -88,13 +76,9 @@ def label_budgets(
             for row, (sample, _) in enumerate(pairs):
                 losses.setdefault(sample.key, {})[level] = float(mean[row])
             if level == levels[0]:  # the selector's inputs, as generate(budget="auto") computes them
-                images = inputs.images
-                per_image = model.model.encode_images(images).float().split(images.token_counts.tolist())
-                for row, ((sample, _), question) in enumerate(zip(pairs, sample_questions(model, inputs), strict=True)):
-                    mine = torch.nonzero(images.sample_index == row).squeeze(1).tolist()
-                    if mine:
-                        visual = torch.cat([per_image[index] for index in mine])
-                        features[sample.key] = selector_features(visual, images.token_counts[mine], question)
+                for (sample, _), found in zip(pairs, batch_features(model.model, inputs), strict=True):
+                    if len(found):
+                        features[sample.key] = found
     keys = [key for key in features if len(losses.get(key, {})) == len(levels)]
     if not keys:
         raise UserError(f"no usable sample with images in {urls[:1]}... for this model's prompt and target field")

@@ -11,6 +11,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmtrain.errors import UserError
+from vlmtrain.model.inputs import ModelInput
+from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.text.tokenizers import IGNORE_INDEX
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -68,3 +71,19 @@ def question_embedding(embeddings: nn.Module, input_ids: torch.Tensor, image_tok
     """``(width,)``: the mean input embedding of a question's text tokens (image placeholders left out)."""
     text = input_ids[input_ids != image_token_id]
     return embeddings(text).float().mean(dim=0)
+
+
+def batch_features(model: VisionLanguageModel, inputs: ModelInput) -> list[torch.Tensor]:
+    """The selector's features of each sample of a batch (``(its images, 2 * width)``; its images should be
+    at the lowest level): the question is the sample's text that carries no label (prompt, earlier turns)."""
+    embeddings = model.lm.get_input_embeddings()
+    images = inputs.images
+    per_image = model.encode_images(images).float().split(images.token_counts.tolist())
+    owners, asked = inputs.sample_ids, inputs.labels == IGNORE_INDEX
+    found = []
+    for row in range(inputs.size):
+        mine = torch.nonzero(images.sample_index == row).squeeze(1).tolist()
+        question = question_embedding(embeddings, inputs.input_ids[(owners == row) & asked], model.image_token_id)
+        visual = torch.cat([per_image[index] for index in mine]) if mine else per_image[0][:0]
+        found.append(selector_features(visual, images.token_counts[mine], question))
+    return found
