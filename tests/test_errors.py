@@ -121,9 +121,16 @@ def test_resume_auto_without_a_checkpoint_says_the_run_starts_from_step_0(demo_d
         (("geometry", "0x480"), "error: image size '0x480' must be positive"),
         (
             ("eval", "x", "--data", "y", "--budgets", "70,abc"),
-            "error: --budgets '70,abc' must be token levels separated by commas",
+            "error: --budgets '70,abc' must be token levels or auto[:TOL] separated by commas",
         ),
-        (("eval", "x", "--data", "y", "--budgets", ","), "error: --budgets ',' must be token levels separated by commas"),
+        (
+            ("eval", "x", "--data", "y", "--budgets", ","),
+            "error: --budgets ',' must be token levels or auto[:TOL] separated by commas",
+        ),
+        (
+            ("eval", "x", "--data", "y", "--budgets", "70,auto:x"),
+            "error: budget 'auto:x': a level, a list of levels, 'auto' or 'auto:TOL' with TOL >= 0 (e.g. auto:0.1)",
+        ),
         (
             ("eval", "x", "--data", "y", "--budgets", "70,100"),
             "error: token budget 100 is not allowed; allowed levels: 70, 140, 280, 560, 1120",

@@ -87,6 +87,22 @@ def test_a_selector_trained_where_small_text_needs_1120_picks_1120_for_small_and
         ]
     assert isinstance(model.generate([image], budget="auto:0.5", max_new_tokens=2), str)
 
+    # auto reuses the selector's pass at 70: the encoder runs again only for the images it sends higher
+    first = {size: next(s for s in held_back if s.record["size"] == size) for size in ("small", "large")}
+    small, large = (decode_image(first[size].images[0], max_pixels=10**8) for size in ("small", "large"))
+    patches = []
+    model.model.backbone.register_forward_hook(lambda module, args, output: patches.append(len(args[0])))
+    prompt = "<image> and <image>: "
+    for pair, budgets in (([small, large], [1120, 70]), ([large, large], [70, 70])):
+        patches.clear()
+        found = model.logits(pair, prompt, budget="auto:0.5")
+        at = [model.geometry.image(i.height, i.width, b).patches for i, b in zip(pair, budgets, strict=True)]
+        selector_pass = sum(model.geometry.image(i.height, i.width, 70).patches for i in pair)
+        higher = [count for count, b in zip(at, budgets, strict=True) if b != 70]
+        assert patches == [selector_pass, *([sum(higher)] if higher else [])]
+        expected = model.logits(pair, prompt, budget=budgets)
+        torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
+
     # eval puts auto beside the fixed budgets: what it chose, and the visual tokens that cost
     data = f"{demo_dir}/val-000000.tar"
     results = evaluate([tmp_path / "export"], data, [70, 1120, "auto:0.5"], limit=16, out=tmp_path / "eval", generate=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,17 @@ def auto_tolerance(budget: str) -> float:
     return tolerance
 
 
+@dataclass
+class AutoChoice:
+    """What ``budget="auto"`` decided for one request: a budget per image, and the lowest-level pass the
+    selector ran (prompt ids, images, visual tokens), reused for the images it leaves at the lowest level."""
+
+    budgets: list[int]
+    input_ids: torch.Tensor
+    batch: ImageBatch
+    visual: torch.Tensor
+
+
 class ExportedModel:
     """A model ready for use: prepare images at any budget (one per image), get logits, generate text."""
 
@@ -84,17 +95,50 @@ class ExportedModel:
         return budgets
 
     @torch.no_grad()
-    def auto_budgets(
+    def auto_choice(
         self, images: Sequence[Image.Image], prompt: str | None, messages: list[dict[str, Any]] | None, tolerance: float
-    ) -> list[int]:
+    ) -> AutoChoice:
         """The selector's budget for each image: the smallest level whose predicted loss gap, from the image at
-        the lowest level and the question's text, is at most ``tolerance`` (nats per target token)."""
+        the lowest level and the question's text, is at most ``tolerance`` (nats per target token); with the
+        lowest-level pass it ran, to reuse."""
         if self.selector is None:
             raise UserError("this model has no budget selector (vlmtrain label-budgets, then vlmtrain train-selector)")
         input_ids, batch = self.inputs(images, prompt, self.geometry.levels[0], messages)
-        visual = self.model.encode_images(batch).float()
+        visual = self.model.encode_images(batch)
         question = question_embedding(self.model.lm.get_input_embeddings(), input_ids[0], self.model.image_token_id)
-        return self.selector.choose(selector_features(visual, batch.token_counts, question), tolerance)
+        budgets = self.selector.choose(selector_features(visual.float(), batch.token_counts, question), tolerance)
+        return AutoChoice(budgets, input_ids, batch, visual)
+
+    def auto_budgets(
+        self, images: Sequence[Image.Image], prompt: str | None, messages: list[dict[str, Any]] | None, tolerance: float
+    ) -> list[int]:
+        """The selector's budget for each image (:meth:`auto_choice`)."""
+        return self.auto_choice(images, prompt, messages, tolerance).budgets
+
+    @torch.no_grad()
+    def embeddings(
+        self,
+        images: Sequence[Image.Image],
+        prompt: str | None,
+        budget: int | str | Sequence[int] | None,
+        messages: list[dict[str, Any]] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, LM input embeddings). With ``budget="auto[:TOL]"`` the selector's pass at the lowest
+        level is reused for the images it leaves there: only the others go through the encoder again."""
+        if not isinstance(budget, str):
+            input_ids, batch = self.inputs(images, prompt, budget, messages)
+            return input_ids, self.model.embed(input_ids, batch)
+        choice = self.auto_choice(images, prompt, messages, auto_tolerance(budget))
+        lowest = self.geometry.levels[0]
+        again = [index for index, chosen in enumerate(choice.budgets) if chosen != lowest]
+        if not again:
+            return choice.input_ids, self.model.embed(choice.input_ids, choice.batch, visual=choice.visual)
+        input_ids, batch = self.inputs(images, prompt, choice.budgets, messages)
+        encoded = self.model.encode_images(batch.select(again)).split(batch.token_counts[again].tolist())
+        visual = dict(zip(again, encoded, strict=True))
+        reused = choice.visual.split(choice.batch.token_counts.tolist())
+        tokens = torch.cat([visual.get(index, reused[index]) for index in range(len(images))])
+        return input_ids, self.model.embed(input_ids, batch, visual=tokens)
 
     def inputs(
         self,
@@ -134,8 +178,7 @@ class ExportedModel:
         messages: list[dict[str, Any]] | None = None,
     ) -> torch.Tensor:
         """Next-token logits ``(1, L, vocab)`` for the prompt (or conversation) with the images."""
-        input_ids, images_batch = self.inputs(images, prompt, budget, messages)
-        embeds = self.model.embed(input_ids, images_batch)
+        input_ids, embeds = self.embeddings(images, prompt, budget, messages)
         return self.model.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
 
     @torch.no_grad()
@@ -152,8 +195,7 @@ class ExportedModel:
         ``messages`` (``role``/``content`` turns, ``<image>`` markers or image parts placing the images), as
         text. One budget per image, or one for all, or ``"auto"`` / ``"auto:TOL"``: the budget selector's
         choice for each image (:meth:`auto_budgets`)."""
-        input_ids, images_batch = self.inputs(images, prompt, budget, messages)
-        embeds = self.model.embed(input_ids, images_batch)
+        input_ids, embeds = self.embeddings(images, prompt, budget, messages)
         settings = {
             "max_new_tokens": max_new_tokens,
             "do_sample": False,

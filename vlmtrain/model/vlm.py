@@ -97,17 +97,23 @@ class VisionLanguageModel(nn.Module):
         )
 
     def embed(
-        self, input_ids: torch.Tensor, images: ImageBatch, sample_ids: torch.Tensor | None = None, samples: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        images: ImageBatch,
+        sample_ids: torch.Tensor | None = None,
+        samples: int | None = None,
+        visual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """LM input embeddings with each image placeholder replaced by its visual token (placeholders row-major
-        are the images' tokens in order); ``sample_ids`` gives each token's sample (default: one per row)."""
+        are the images' tokens in order); ``sample_ids`` gives each token's sample (default: one per row);
+        ``visual``: the images' visual tokens when the caller has them already (:meth:`encode_images`)."""
         if sample_ids is None:
             sample_ids, samples = row_ids(input_ids), input_ids.shape[0]
         placeholders = check_placeholders(input_ids, sample_ids.clamp(min=0), samples, self.image_token_id, images)
         embeds = self.lm.get_input_embeddings()(input_ids)
         if images.count == 0:
             return embeds + 0.0 * self.encode_images(self.dummy_images(input_ids.device)).sum().to(embeds.dtype)
-        visual = self.encode_images(images).to(embeds.dtype)
+        visual = (self.encode_images(images) if visual is None else visual).to(embeds.dtype)
         return embeds.masked_scatter(placeholders[..., None], visual)
 
     def _embed_inputs(self, inputs: ModelInput) -> torch.Tensor:
