@@ -17,7 +17,8 @@ pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
-python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+# -W ignore: numpy is not installed yet at this point, and torch warns about that on import
+python -W ignore -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
 python -c "import deepspeed" 2>/dev/null || {
     pip install -q -c "$constraints" "setuptools>=69" wheel ninja packaging psutil py-cpuinfo
     DS_BUILD_OPS=${DS_BUILD_OPS:-0} DS_BUILD_SHM_COMM=${DS_BUILD_SHM_COMM:-1} \
