@@ -72,6 +72,7 @@ def error_of(overrides: list[str]) -> str:
         ("budget.mode=random", "budget.mode: 'random' is not one of sample, matryoshka"),
         ("model.pooling.kind=avg", "model.pooling.kind: 'avg' is not one of average, attention"),
         ("model.pooling.size=0", "model.pooling.size: must be > 0, got 0"),
+        ("model.projector.kind=linear", "model.projector.kind: 'linear' is not one of mlp, gemma4"),
         (
             "model.vision.backbone=siglip",
             "model.vision.backbone: 'siglip' is not one of native, siglip2, gemma4, dinov2; did you mean 'siglip2'?",
@@ -122,6 +123,10 @@ def test_bad_recipes_give_one_clear_line(override, expected):
             "data.batching.batch_tokens: 2400 cannot hold one image at the largest budget plus data.text.max_length (2490)",
         ),
         (["model.lm.lora.rank=4", "optim.lm.trainable=false"], "model.lm.lora.rank: LoRA adapters need optim.lm.trainable: true"),
+        (
+            ["model.projector.kind=gemma4", "model.projector.hidden_size=64"],
+            "model.projector.hidden_size: the gemma4 projector has no hidden layer",
+        ),
         (["model.lm.lora.rank=4", "model.lm.adapter=/some/adapter"], "model.lm.adapter: give either new LoRA adapters"),
         (
             ["data.train=''", "data.sources=[{spec: a.tar, weight: 2}, {spec: b.tar}]"],

@@ -159,11 +159,21 @@ def untrained_export(demo_dir: Path, tmp_path: Path, *overrides: str) -> tuple[E
     return model, tmp_path / "export"
 
 
-@pytest.mark.parametrize("pooling", ["average", "attention"])
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
-def test_every_backbone_and_pooling_exports_and_loads_to_the_same_logits_at_every_budget(demo_dir, tmp_path, backbone, pooling):
+@pytest.mark.parametrize(
+    "backbone, pooling, projector",
+    [(backbone, pooling, "mlp") for backbone in sorted(BACKBONES) for pooling in ("average", "attention")]
+    + [("gemma4", "average", "gemma4")],  # Gemma 4's tower, pooling and embedder
+)
+def test_every_backbone_and_pooling_exports_and_loads_to_the_same_logits_at_every_budget(
+    demo_dir, tmp_path, backbone, pooling, projector
+):
     model, out = untrained_export(
-        demo_dir, tmp_path, *BACKBONES[backbone], f"model.pooling.kind={pooling}", "model.pooling.heads=2"
+        demo_dir,
+        tmp_path,
+        *BACKBONES[backbone],
+        f"model.pooling.kind={pooling}",
+        "model.pooling.heads=2",
+        f"model.projector.kind={projector}",
     )
     loaded = load(out)
     assert type(loaded.model.backbone) is type(model.model.backbone) and type(loaded.model.pooling) is type(model.model.pooling)
@@ -269,6 +279,8 @@ def test_every_backbone_and_pooling_loads_as_one_transformers_model_with_the_sam
             folder = tmp_path / f"{backbone}-{pooling}"
             overrides = (*BACKBONES[backbone], f"model.pooling.kind={pooling}", "model.pooling.heads=2")
             exports[folder.name] = untrained_export(demo_dir, folder, *overrides)[1]
+    gemma4_parts = (*BACKBONES["gemma4"], "model.projector.kind=gemma4")  # Gemma 4's tower, pooling and embedder
+    exports["gemma4-embedder"] = untrained_export(demo_dir, tmp_path / "gemma4-embedder", *gemma4_parts)[1]
     check_transformers_model(exports, tmp_path)
 
 

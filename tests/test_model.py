@@ -596,3 +596,18 @@ def test_a_lora_adapter_holds_only_what_trained_and_reloads_to_the_same_logits(t
         expected = trained.eval()(input_ids=tokens).logits
         torch.testing.assert_close(reloaded.eval()(input_ids=tokens).logits, expected, rtol=0, atol=0)
         torch.testing.assert_close(reloaded.merge_and_unload()(input_ids=tokens).logits, expected)
+
+
+def test_the_gemma4_projector_is_gemma4s_multimodal_embedder():
+    from transformers import Gemma4TextConfig, Gemma4VisionConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4MultimodalEmbedder
+
+    from vlmtrain.model.projector import build_projector
+
+    torch.manual_seed(0)
+    projector = build_projector("gemma4", 48, None, 64)
+    embedder = Gemma4MultimodalEmbedder(Gemma4VisionConfig(hidden_size=48), Gemma4TextConfig(hidden_size=64))
+    embedder.load_state_dict(projector.state_dict())  # the same names: a native Gemma 4 checkpoint's embed_vision
+    tokens = torch.randn(10, 48) * 30
+    torch.testing.assert_close(projector(tokens), embedder(tokens), rtol=0, atol=0)
+    assert projector.hidden_size is None and sum(p.numel() for p in projector.parameters()) == 48 * 64

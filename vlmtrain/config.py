@@ -28,6 +28,7 @@ from vlmtrain.geometry import LEVELS, BudgetError, Geometry
 BACKBONES = ("native", "siglip2", "gemma4", "dinov2")
 STEMS = ("conv", "linear")
 POOLINGS = ("average", "attention")
+PROJECTORS = ("mlp", "gemma4")
 LOGGERS = ("wandb", "csv", "none")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 LR_SCHEDULES = ("cosine", "constant")
@@ -81,8 +82,11 @@ class PoolingConfig:
 
 @dataclass
 class ProjectorConfig:
-    """Norm + MLP from the vision width to the language model's width."""
+    """From the vision width to the language model's width: ``mlp`` (LayerNorm, then a two-layer GELU MLP of
+    ``hidden_size``, default the LM's width) or ``gemma4`` (Gemma 4's embedder: RMSNorm without scale, then
+    one linear map without bias; no hidden size)."""
 
+    kind: str = "mlp"
     hidden_size: int | None = None
 
 
@@ -449,8 +453,19 @@ def _numbers(node: Any, key: str = "") -> Iterator[tuple[str, float]]:
 
 def validate(recipe: Recipe, source: str = "recipe") -> None:
     """Every rule of a recipe: those of each section, then those across sections."""
-    checks = (_check_numbers, _check_budget, _check_vision, _check_pooling, _check_lm, _check_optim, _check_data, _check_trainer,
-              _check_run, _check_across)
+    checks = (
+        _check_numbers,
+        _check_budget,
+        _check_vision,
+        _check_pooling,
+        _check_projector,
+        _check_lm,
+        _check_optim,
+        _check_data,
+        _check_trainer,
+        _check_run,
+        _check_across,
+    )
     try:
         for check in checks:
             check(recipe)
@@ -520,6 +535,14 @@ def _check_pooling(recipe: Recipe) -> None:
             pass  # the budget section names its own mistakes
         except UserError as error:
             raise _Invalid("model.pooling.size", str(error)) from None
+
+
+def _check_projector(recipe: Recipe) -> None:
+    projector = recipe.model.projector
+    _choice("model.projector.kind", projector.kind, PROJECTORS)
+    if projector.hidden_size is not None:
+        _require(projector.kind == "mlp", "model.projector.hidden_size", f"the {projector.kind} projector has no hidden layer")
+        _positive("model.projector.hidden_size", projector.hidden_size)
 
 
 def _check_lm(recipe: Recipe) -> None:

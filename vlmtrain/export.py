@@ -86,7 +86,7 @@ def exported_description(trained: ExportedModel, keep_adapter: bool) -> ModelDes
     vision = replace(description.vision, weights=None, gradient_checkpointing=False)
     lm = replace(description.lm, path=LM_DIR, hf_config={}, tokenizer=None, gradient_checkpointing=False, lora=LoraConfig(),
                  adapter=ADAPTER_DIR if keep_adapter and isinstance(trained.model.lm, PeftModel) else None)
-    projector = replace(description.projector, hidden_size=trained.model.projector.mlp[0].out_features)
+    projector = replace(description.projector, hidden_size=trained.model.projector.hidden_size)
     return replace(description, vision=vision, lm=lm, projector=projector)
 
 

@@ -34,7 +34,7 @@ from vlmtrain.text.chat import stop_tokens
 from vlmtrain.text.conversation import check_conversation, parse_messages
 from vlmtrain.text.encoding import TextEncoder
 
-EXPORT_FORMAT = "vlmtrain-model/2"
+EXPORT_FORMAT = "vlmtrain-model/3"  # 3: the projector has a kind
 VISION_PARTS = ("backbone", "pooling", "projector")
 VISION_DIR, LM_DIR, ADAPTER_DIR = "vision", "lm", "lm-adapter"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"

@@ -12,7 +12,7 @@ from vlmtrain.model.backbones import BACKBONES
 from vlmtrain.model.description import ModelDescription
 from vlmtrain.model.lm import build_lm, is_adapter_parameter
 from vlmtrain.model.pooling import build_pooling
-from vlmtrain.model.projector import Projector
+from vlmtrain.model.projector import build_projector
 from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.seeding import mix
 
@@ -44,6 +44,6 @@ def build_model(description: ModelDescription, tokenizer: PreTrainedTokenizerBas
     lm = build_lm(description.lm, tokenizer)
     lm_width = lm.get_input_embeddings().embedding_dim
     torch.manual_seed(mix(seed, 4))
-    projector = Projector(backbone.width, description.projector.hidden_size or lm_width, lm_width)
+    projector = build_projector(description.projector.kind, backbone.width, description.projector.hidden_size, lm_width)
     image_token_id = tokenizer.convert_tokens_to_ids(description.lm.image_token)
     return VisionLanguageModel(backbone, pooling, projector, lm, image_token_id, geometry)

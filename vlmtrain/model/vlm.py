@@ -14,7 +14,6 @@ from vlmtrain.geometry import Geometry
 from vlmtrain.model.backbone import VisionBackbone
 from vlmtrain.model.inputs import ImageBatch, ModelInput
 from vlmtrain.model.pooling import GeometryMismatch, Pooling
-from vlmtrain.model.projector import Projector
 from vlmtrain.text.tokenizers import IGNORE_INDEX
 
 
@@ -57,7 +56,7 @@ class VisionLanguageModel(nn.Module):
         self,
         backbone: VisionBackbone,
         pooling: Pooling,
-        projector: Projector,
+        projector: nn.Module,
         lm: PreTrainedModel,
         image_token_id: int,
         geometry: Geometry,

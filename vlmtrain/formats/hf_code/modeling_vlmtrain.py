@@ -18,7 +18,7 @@ from .geometry import Geometry
 from .model_backbones import BACKBONES
 from .model_inputs import ImageBatch
 from .model_pooling import build_pooling
-from .model_projector import Projector
+from .model_projector import build_projector
 from .model_vlm import VisionLanguageModel
 
 IMAGE_INPUTS = ("pixel_values", "pixel_positions", "patch_grids", "token_grids", "image_sample_index")
@@ -42,7 +42,8 @@ class VlmtrainForConditionalGeneration(PreTrainedModel, GenerationMixin):
         geometry = Geometry(kind.patch_size(vision["settings"]), pooling["size"], tuple(description["levels"]))
         lm = AutoModelForCausalLM.from_config(config.text_config)
         width = lm.get_input_embeddings().embedding_dim
-        projector = Projector(backbone.width, description["projector"]["hidden_size"] or width, width)
+        projection = description["projector"]
+        projector = build_projector(projection["kind"], backbone.width, projection["hidden_size"], width)
         pool = build_pooling(pooling["kind"], geometry.pool, backbone.width, pooling["heads"])
         # the composition, not a submodule: its parts are, under the weight files' names
         object.__setattr__(self, "vlm", VisionLanguageModel(backbone, pool, projector, lm, config.image_token_id, geometry))
