@@ -29,7 +29,6 @@ from vlmtrain.model.backbone import NativeViT
 from vlmtrain.model.backbones import BACKBONES
 from vlmtrain.model.description import describe_model
 from vlmtrain.model.inputs import ImageBatch
-from vlmtrain.pixels import image_patches
 
 TRAIN_SEED, VAL_SEED = 11, 12
 BATCH_PATCHES, MAX_BATCH = 2560, 32
@@ -52,12 +51,8 @@ class Reader(nn.Module):
 
 def image_batch(samples: list, geometry: Geometry, budget: int) -> tuple[ImageBatch, torch.Tensor]:
     """The samples' images at ``budget`` and their word indices (the reader averages patch features, no pooling)."""
-    images = []
-    for index, (image, _) in enumerate(samples):
-        shape = geometry.image(image.height, image.width, budget)
-        images.append((*image_patches(image, shape, geometry.patch_size), shape, index))
-    words = torch.tensor([WORDS.index(record["text"]) for _, record in samples])
-    return ImageBatch.stack(images, 3 * geometry.patch_size**2), words
+    images = ImageBatch.of_images([image for image, _ in samples], budget, geometry, samples=range(len(samples)))
+    return images, torch.tensor([WORDS.index(record["text"]) for _, record in samples])
 
 
 def legible(record: dict, budget: int, levels: tuple[int, ...]) -> bool:

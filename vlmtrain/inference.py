@@ -28,7 +28,6 @@ from vlmtrain.model.description import ModelDescription, first_difference, read_
 from vlmtrain.model.inputs import ImageBatch
 from vlmtrain.model.lm import lm_tokenizer
 from vlmtrain.model.vlm import VisionLanguageModel
-from vlmtrain.pixels import image_patches, to_rgb
 from vlmtrain.selector.model import BudgetSelector, load_selector, question_embedding, selector_features
 from vlmtrain.text.chat import stop_tokens
 from vlmtrain.text.conversation import check_conversation, parse_messages
@@ -84,15 +83,6 @@ class ExportedModel:
     @property
     def geometry(self) -> Geometry:
         return self.model.geometry
-
-    def budgets_for(self, images: Sequence[Image.Image], budget: int | Sequence[int] | None) -> list[int]:
-        """One budget per image: the default, one for all, or one each."""
-        if budget is None:
-            budget = self.description.default_budget
-        budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
-        if len(budgets) != len(images):
-            raise ValueError(f"{len(budgets)} budgets for {len(images)} images")
-        return budgets
 
     @torch.no_grad()
     def auto_choice(
@@ -154,13 +144,8 @@ class ExportedModel:
         if isinstance(budget, str):
             budget = self.auto_budgets(images, prompt, messages, auto_tolerance(budget))
         device = next(self.model.parameters()).device
-        items = []
-        for image, image_budget in zip(images, self.budgets_for(images, budget), strict=True):
-            image = to_rgb(image)
-            geometry = self.geometry.image(image.height, image.width, image_budget)
-            items.append((*image_patches(image, geometry, self.geometry.patch_size), geometry, 0))
-        batch = ImageBatch.stack(items, patch_dim=3 * self.geometry.patch_size**2)
-        counts = [geometry.tokens for *_, geometry, _ in items]
+        batch = ImageBatch.of_images(images, self.description.default_budget if budget is None else budget, self.geometry)
+        counts = batch.token_counts.tolist()
         if messages is not None:
             stored, _, _ = parse_messages(messages)
             check_conversation(stored, len(images), answered=False)

@@ -8,11 +8,14 @@ restart at every sample, the sample each token belongs to).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
+from PIL import Image
 
-from vlmtrain.geometry import ImageGeometry
+from vlmtrain.geometry import Geometry, ImageGeometry
+from vlmtrain.pixels import image_patches, to_rgb
 
 
 @dataclass
@@ -52,6 +55,22 @@ class ImageBatch:
             token_grids=torch.tensor([geometry.token_grid for *_, geometry, _ in images], dtype=torch.long).view(-1, 2),
             sample_index=torch.tensor([index for *_, index in images], dtype=torch.long),
         )
+
+    @classmethod
+    def of_images(
+        cls, images: Sequence[Image.Image], budget: int | Sequence[int], geometry: Geometry, samples: Sequence[int] | None = None
+    ) -> ImageBatch:
+        """PIL images as the model takes them, each at ``budget`` (one for all, or one per image), of sample
+        ``samples[i]`` (default 0): what inference and every exported processor feed the model."""
+        budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
+        if len(budgets) != len(images):
+            raise ValueError(f"{len(budgets)} budgets for {len(images)} images")
+        items = []
+        for image, image_budget, sample in zip(images, budgets, samples or [0] * len(images), strict=True):
+            image = to_rgb(image)
+            shape = geometry.image(image.height, image.width, image_budget)
+            items.append((*image_patches(image, shape, geometry.patch_size), shape, sample))
+        return cls.stack(items, patch_dim=3 * geometry.patch_size**2)
 
     def select(self, chosen: list[int]) -> ImageBatch:
         """Images ``chosen`` (indices, in this order) as a batch of their own, their sample index kept."""

@@ -15,7 +15,6 @@ from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
 from .geometry import Geometry
 from .model_inputs import ImageBatch
-from .pixels import image_patches, to_rgb
 from .text_prompt import prompt_ids
 
 
@@ -50,20 +49,11 @@ class VlmtrainProcessor(ProcessorMixin):
         return_tensors: str = "pt",
     ) -> BatchFeature:
         """One prompt and its images (several markers place them one for one; one marker stands for all)."""
-        budget = self.default_budget if budget is None else budget
-        budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
-        if len(budgets) != len(images):
-            raise ValueError(f"{len(budgets)} budgets for {len(images)} images")
-        items = []
-        for image, image_budget in zip(images, budgets, strict=True):
-            image = to_rgb(image)
-            geometry = self.geometry.image(image.height, image.width, image_budget)
-            items.append((*image_patches(image, geometry, self.geometry.patch_size), geometry, 0))
-        ids = prompt_ids(self.tokenizer, text, self.image_token, self.image_token_id, [g.tokens for *_, g, _ in items])
+        batch = ImageBatch.of_images(images, self.default_budget if budget is None else budget, self.geometry)
+        ids = prompt_ids(self.tokenizer, text, self.image_token, self.image_token_id, batch.token_counts.tolist())
         input_ids = torch.tensor([ids])
         features: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        if items:
-            batch = ImageBatch.stack(items, patch_dim=3 * self.geometry.patch_size**2)
+        if batch.count:
             features |= {
                 "pixel_values": batch.pixels,
                 "pixel_positions": batch.positions,
