@@ -3,8 +3,9 @@
 Per budget: loss and token accuracy over target tokens (teacher forcing), exact match and word recall of
 greedy generations (each assistant turn of a conversation is one question), visual tokens per image,
 images per second (batched) and latency per question (prefill, one at a time: median and 10th-90th
-percentiles, after an untimed warm-up at that budget). Writes ``eval.json`` and ``eval.png`` (quality and
-latency against budget, a line per model), and points each evaluated run directory at them.
+percentiles, after an untimed warm-up at that budget); a budget may also be ``auto[:TOL]``, the model's
+selector choosing per image. Writes ``eval.json`` and ``eval.png`` (quality and latency against visual
+tokens, quality against latency; a line per model), and points each evaluated run directory at them.
 """
 
 from __future__ import annotations
@@ -128,8 +129,7 @@ class AutoBudgets:
     from the sample at the lowest level; the time that takes is kept per sample, to count in its latency."""
 
     def __init__(self, model: ExportedModel, builder: BatchBuilder, tolerance: float) -> None:
-        if model.selector is None:
-            raise UserError("budget auto: this model has no budget selector (run label-budgets, then train-selector)")
+        self.selector = model.budget_selector()
         self.model, self.builder, self.tolerance = model, builder, tolerance
         self.seconds: dict[str, float] = {}
         self.chosen: Counter[int] = Counter()
@@ -144,7 +144,7 @@ class AutoBudgets:
         except SampleError:
             return (lowest,) * len(sample.sizes)  # the stream skips and counts it
         features = batch_features(self.model.model, inputs)[0]
-        chosen = self.model.selector.choose(features, self.tolerance) if len(features) else []
+        chosen = self.selector.choose(features, self.tolerance) if len(features) else []
         self.seconds[sample.key] = clock(device) - began
         self.chosen.update(chosen)
         return tuple(chosen)

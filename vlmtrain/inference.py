@@ -84,6 +84,12 @@ class ExportedModel:
     def geometry(self) -> Geometry:
         return self.model.geometry
 
+    def budget_selector(self) -> BudgetSelector:
+        """The export's budget selector, for ``budget="auto"``; one line when it has none."""
+        if self.selector is None:
+            raise UserError("this model has no budget selector (vlmtrain label-budgets, then vlmtrain train-selector)")
+        return self.selector
+
     @torch.no_grad()
     def auto_choice(
         self, images: Sequence[Image.Image], prompt: str | None, messages: list[dict[str, Any]] | None, tolerance: float
@@ -91,12 +97,11 @@ class ExportedModel:
         """The selector's budget for each image: the smallest level whose predicted loss gap, from the image at
         the lowest level and the question's text, is at most ``tolerance`` (nats per target token); with the
         lowest-level pass it ran, to reuse."""
-        if self.selector is None:
-            raise UserError("this model has no budget selector (vlmtrain label-budgets, then vlmtrain train-selector)")
+        selector = self.budget_selector()
         input_ids, batch = self.inputs(images, prompt, self.geometry.levels[0], messages)
         visual = self.model.encode_images(batch)
         question = question_embedding(self.model.lm.get_input_embeddings(), input_ids[0], self.model.image_token_id)
-        budgets = self.selector.choose(selector_features(visual.float(), batch.token_counts, question), tolerance)
+        budgets = selector.choose(selector_features(visual.float(), batch.token_counts, question), tolerance)
         return AutoChoice(budgets, input_ids, batch, visual)
 
     def auto_budgets(
