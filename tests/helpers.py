@@ -20,6 +20,7 @@ from vlmtrain.geometry import Geometry
 from vlmtrain.model.inputs import ImageBatch
 from vlmtrain.pixels import image_patches
 from vlmtrain.plan import plan_run
+from vlmtrain.text.tokenizers import build_byte_tokenizer
 from vlmtrain.train.module import VLMModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,21 @@ TINY_LLAMA = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 4096,
 }
+TINY_GEMMA4_TEXT = {  # a Gemma 4 text LM: one sliding-window layer (window 8, shorter than a prompt), one global
+    "model_type": "gemma4_text",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "global_head_dim": 16,
+    "hidden_size_per_layer_input": 0,
+    "sliding_window": 8,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "max_position_embeddings": 4096,
+}
+GEMMA4_IMAGE_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>"}
 GEMMA4_TOWER = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -148,3 +164,17 @@ def save_as_full_checkpoint(model: torch.nn.Module, folder: Path, model_type: st
     tensors = {prefix + name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     tensors["model.language_model.embed_tokens.weight"] = torch.zeros(4, 4)
     save_file(tensors, str(folder / "model.safetensors"))
+
+
+def gemma4_tokenizer(folder: Path) -> Path:
+    """A tokenizer folder (the byte tokenizer) that declares Gemma 4's image, begin- and end-of-image tokens
+    as Gemma 4's tokenizer does, so that its processor can expand images."""
+    tokenizer = build_byte_tokenizer(GEMMA4_IMAGE_TOKENS["image_token"])
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [GEMMA4_IMAGE_TOKENS["boi_token"], GEMMA4_IMAGE_TOKENS["eoi_token"]]},
+        replace_extra_special_tokens=False,
+    )
+    tokenizer.save_pretrained(folder)
+    config_file = folder / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **GEMMA4_IMAGE_TOKENS}))
+    return folder

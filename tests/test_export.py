@@ -4,6 +4,7 @@ refused with one line naming the file and key."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,7 +12,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DINOV2_TOWER, ENV, GEMMA4_TOWER, IMAGES, LORA, SIGLIP2_TOWER, TINY, TINY_LLAMA, built, small_recipe
+from helpers import (
+    DINOV2_TOWER,
+    ENV,
+    GEMMA4_IMAGE_TOKENS,
+    GEMMA4_TOWER,
+    IMAGES,
+    LORA,
+    SIGLIP2_TOWER,
+    TINY,
+    TINY_GEMMA4_TEXT,
+    TINY_LLAMA,
+    built,
+    gemma4_tokenizer,
+    run_cli,
+    small_overrides,
+    small_recipe,
+)
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 from PIL import Image
 from safetensors.torch import load_file
@@ -355,3 +372,181 @@ def test_export_refuses_what_is_not_a_run_and_an_existing_folder(demo_dir, tmp_p
         export(tmp_path / "run", tmp_path / "out")
     with pytest.raises(UserError, match="already exists"):
         export(tmp_path / "run", tmp_path)
+
+
+GEMMA4_SHAPED = (  # Gemma 4's tower, its own 3x3 average pooling, Gemma 4's embedder, a Gemma 4 text LM
+    *BACKBONES["gemma4"],
+    "model.projector.kind=gemma4",
+    f"model.lm.hf_config={json.dumps(TINY_GEMMA4_TEXT)}",
+    f"model.lm.image_token={GEMMA4_IMAGE_TOKENS['image_token']}",
+    f"data.text.prompt='{GEMMA4_IMAGE_TOKENS['image_token']}'",
+)
+
+
+def at_budget(image: Image.Image, geometry, budget: int) -> Image.Image:
+    """``image`` resized beforehand to a size the budget keeps as it is, so that neither processor resamples
+    it (vlmtrain's and Gemma 4's resampling differ by up to a grey level)."""
+    size = (image.height, image.width)
+    for _ in range(8):
+        if geometry.image(*size, budget).resize == size:
+            return image.convert("RGB").resize(size[::-1], Image.BICUBIC)
+        size = geometry.image(*size, budget).resize
+    raise AssertionError(f"no size that budget {budget} keeps near {image.size}")
+
+
+@pytest.fixture(scope="module")
+def gemma4_export(demo_dir, tmp_path_factory) -> tuple[ExportedModel, Path]:
+    """A Gemma 4-shaped model with random weights, and its export."""
+    folder = tmp_path_factory.mktemp("gemma4")
+    tokenizer = gemma4_tokenizer(folder / "tokenizer")
+    return untrained_export(demo_dir, folder, *GEMMA4_SHAPED, f"model.lm.tokenizer={tokenizer}")
+
+
+@pytest.mark.slow
+def test_a_gemma4_shaped_model_exports_as_native_gemma4_with_the_training_logits_at_every_budget(gemma4_export):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, Gemma4ForConditionalGeneration
+
+    model, out = gemma4_export
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma4" and "auto_map" not in config and not list(out.glob("*.py"))
+    assert not (out / "lm").exists() and not (out / "vision" / "model.safetensors").exists()  # each weight once
+    native, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert type(native) is Gemma4ForConditionalGeneration
+    assert not any(info.values()), info  # every weight found, none left over
+    native.eval()
+    tokenizer, image_processor = AutoTokenizer.from_pretrained(out), AutoImageProcessor.from_pretrained(out)
+    boi, image, eoi = (GEMMA4_IMAGE_TOKENS[name] for name in ("boi_token", "image_token", "eoi_token"))
+    loaded = load(out)
+    for budget in model.geometry.levels:
+        for count in (1, 2):
+            pictures_at_budget = []
+            for path in pictures()[:count]:
+                picture = at_budget(Image.open(path), model.geometry, budget)
+                pictures_at_budget.append((picture, model.geometry.image(picture.height, picture.width, budget).tokens))
+            images = [picture for picture, _ in pictures_at_budget]
+            # Gemma 4's layout, written out: each image is <|image> + its soft tokens + <image|>
+            text = "<bos>Look " + "".join(f"{boi}{image * tokens}{eoi}" for _, tokens in pictures_at_budget) + " and say: "
+            input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            prompt = f"Look {image} and say: " if count == 1 else f"Look {image}{image} and say: "
+            assert torch.equal(model.inputs(images, prompt, budget=budget)[0], input_ids)
+            pixels = image_processor(images, max_soft_tokens=budget, return_tensors="pt")
+            with torch.no_grad():
+                served = native(
+                    input_ids=input_ids, pixel_values=pixels["pixel_values"], image_position_ids=pixels["image_position_ids"]
+                ).logits
+            trained = model.logits(images, prompt, budget=budget)
+            torch.testing.assert_close(served, trained, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(loaded.logits(images, prompt, budget=budget), trained, atol=1e-5, rtol=1e-5)
+    generated = native.generate(
+        input_ids=input_ids, pixel_values=pixels["pixel_values"], image_position_ids=pixels["image_position_ids"],
+        max_new_tokens=6, do_sample=False,
+    )[0, input_ids.shape[1] :]
+    expected = model.generate(images, prompt, budget=budget, max_new_tokens=6)
+    assert tokenizer.decode(generated, skip_special_tokens=True) == expected
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None,
+    reason="transformers' Gemma4Processor needs torchvision (its video processor)",
+)
+def test_the_native_gemma4_processor_encodes_as_training_did(gemma4_export):
+    from transformers import AutoProcessor
+
+    model, out = gemma4_export
+    processor = AutoProcessor.from_pretrained(out)
+    image = GEMMA4_IMAGE_TOKENS["image_token"]
+    prompt = f"<bos>Look {image}{image} and say: "
+    for budget in model.geometry.levels:
+        images = [at_budget(Image.open(path), model.geometry, budget) for path in pictures()]
+        served = processor(text=prompt, images=images, images_kwargs={"max_soft_tokens": budget}, return_tensors="pt")
+        assert torch.equal(served["input_ids"], model.inputs(images, prompt, budget=budget)[0])
+
+
+def test_a_gemma4_tower_with_another_projector_is_exported_with_remote_code_saying_why(demo_dir, tmp_path):
+    recipe = small_recipe(demo_dir, tmp_path / "run", *BACKBONES["gemma4"])
+    module = built(recipe)
+    model = ExportedModel(module.model, module.plan.tokenizer, module.plan.model, recipe.data.text)
+    line = write_export(model, recipe, tmp_path / "export")
+    assert line.endswith("not native Gemma 4: model.projector.kind is mlp, not gemma4")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "vlmtrain"
+
+
+def test_an_lm_with_per_layer_inputs_is_refused_in_one_line():
+    # Gemma 4 E2B/E4B look per-layer embeddings up by token id; image positions have none
+    with pytest.raises(UserError, match=r"hidden_size_per_layer_input=8, e\.g\. Gemma 4 E2B/E4B"):
+        build_lm(LMConfig(hf_config={**TINY_GEMMA4_TEXT, "hidden_size_per_layer_input": 8}), build_byte_tokenizer())
+
+
+@pytest.mark.slow
+def test_a_recipe_starting_from_a_whole_gemma4_checkpoint_computes_what_gemma4_does(demo_dir, tmp_path):
+    # a Gemma 4 release is one checkpoint: the recipe reads its tower, its embedder and its text model from it
+    from transformers import AutoTokenizer, Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    folder = gemma4_tokenizer(tmp_path / "gemma4")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    special = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    torch.manual_seed(0)
+    reference = Gemma4ForConditionalGeneration(
+        Gemma4Config(
+            text_config={**TINY_GEMMA4_TEXT, "vocab_size": len(tokenizer), **special},
+            vision_config={**GEMMA4_TOWER, "model_type": "gemma4_vision"},
+            audio_config=None,
+            **{f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA4_IMAGE_TOKENS.items()},
+        )
+    ).eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():  # away from the initial ones (norms of ones, zero biases)
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    reference.save_pretrained(folder)
+    recipe = small_recipe(
+        demo_dir,
+        tmp_path / "run",
+        "model.vision.backbone=gemma4",
+        f"model.vision.path={folder}",
+        "model.vision.patch_size=null",
+        "model.pooling.size=null",
+        "model.projector.kind=gemma4",
+        f"model.lm.path={folder}",
+        "model.lm.hf_config=null",
+        f"model.lm.image_token={GEMMA4_IMAGE_TOKENS['image_token']}",
+        GEMMA4_SHAPED[-1],  # the prompt with Gemma 4's image token
+    )
+    module = built(recipe)
+    model = ExportedModel(module.model, module.plan.tokenizer, module.plan.model, recipe.data.text)
+    prompt = f"Look {GEMMA4_IMAGE_TOKENS['image_token']} and say: "
+    for budget in model.geometry.levels:
+        image = at_budget(Image.open(pictures()[0]), model.geometry, budget)
+        input_ids, _ = model.inputs([image], prompt, budget=budget)
+        pixels = Gemma4ImageProcessorPil(max_soft_tokens=budget)([image], return_tensors="pt")
+        with torch.no_grad():
+            expected = reference(
+                input_ids=input_ids, pixel_values=pixels["pixel_values"], image_position_ids=pixels["image_position_ids"]
+            ).logits
+        torch.testing.assert_close(model.logits([image], prompt, budget=budget), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_gemma4_shaped_run_trains_packed_and_vlmtrain_export_writes_native_gemma4(demo_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    tokenizer = gemma4_tokenizer(tmp_path / "tokenizer")
+    run_dir = tmp_path / "run"
+    overrides = small_overrides(demo_dir, run_dir, *GEMMA4_SHAPED, f"model.lm.tokenizer={tokenizer}", "trainer.max_steps=2")
+    run_cli([*overrides, "data.val=null"])  # packed rows, vlmtrain_varlen with the LM's sliding-window layer
+    result = subprocess.run(
+        [sys.executable, "-m", "vlmtrain.cli", "export", str(run_dir), str(tmp_path / "export")],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "a native Gemma 4 checkpoint (Gemma4ForConditionalGeneration and Gemma4Processor" in result.stdout
+    trained = trained_model(run_dir)[0]
+    native = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").eval()
+    image = at_budget(Image.open(pictures()[0]), trained.geometry, 140)
+    prompt = f"Look {GEMMA4_IMAGE_TOKENS['image_token']} and say: "
+    input_ids, _ = trained.inputs([image], prompt, budget=140)
+    pixels = Gemma4ImageProcessorPil(max_soft_tokens=140)([image], return_tensors="pt")
+    with torch.no_grad():
+        served = native(input_ids=input_ids, pixel_values=pixels["pixel_values"], image_position_ids=pixels["image_position_ids"])
+    torch.testing.assert_close(served.logits, trained.logits([image], prompt, budget=140), atol=1e-5, rtol=1e-5)

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import GEMMA4_TOWER, SIGLIP2_TOWER, TINY_LLAMA, image_batch, image_rows, save_as_full_checkpoint, single
+from helpers import (
+    GEMMA4_TOWER,
+    SIGLIP2_TOWER,
+    TINY_GEMMA4_TEXT,
+    TINY_LLAMA,
+    image_batch,
+    image_rows,
+    save_as_full_checkpoint,
+    single,
+)
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Config, Dinov2Model, Gemma4VisionConfig, Gemma4VisionModel, Siglip2VisionConfig, Siglip2VisionModel
@@ -62,8 +71,8 @@ def test_native_vit_gives_each_packed_image_what_it_gives_the_image_alone(stem):
         torch.testing.assert_close(packed[image_rows(images, index)], expected, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("causal", "kv_heads"), [(False, 4), (True, 4), (True, 2)])
-def test_packed_attention_equals_a_block_diagonal_mask(causal: bool, kv_heads: int):
+@pytest.mark.parametrize(("causal", "kv_heads", "window"), [(False, 4, None), (True, 4, None), (True, 2, None), (True, 2, 3)])
+def test_packed_attention_equals_a_block_diagonal_mask(causal: bool, kv_heads: int, window: int | None):
     from vlmtrain.model.attention import Segments
 
     lengths = [6, 5, 6, 4, 1, 6]
@@ -73,6 +82,8 @@ def test_packed_attention_equals_a_block_diagonal_mask(causal: bool, kv_heads: i
     mask = sequence[:, None] == sequence[None, :]
     if causal:
         mask &= torch.ones_like(mask).tril()
+    if window is not None:  # each query sees itself and the two keys before it
+        mask &= ~torch.ones_like(mask).tril(-window)
     repeat = 4 // kv_heads
     expected = F.scaled_dot_product_attention(
         q.transpose(0, 1),
@@ -80,7 +91,7 @@ def test_packed_attention_equals_a_block_diagonal_mask(causal: bool, kv_heads: i
         v.repeat_interleave(repeat, 1).transpose(0, 1),
         attn_mask=mask,
     ).transpose(0, 1)
-    got = Segments.of_lengths(lengths, q.device).attend(q, k, v, causal=causal)
+    got = Segments.of_lengths(lengths, q.device).attend(q, k, v, causal=causal, window=window)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
 
 
@@ -505,8 +516,16 @@ def test_packed_position_ids_restart_at_every_sample_and_attention_stays_inside_
             torch.testing.assert_close(packed[start : start + length], alone, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_lm_packed_rows_attend_per_sample_with_every_attention_implementation(kv_heads: int):
+@pytest.mark.parametrize(
+    "lm_config",
+    [
+        {**TINY_LLAMA, "num_attention_heads": 4, "num_key_value_heads": 4},
+        {**TINY_LLAMA, "num_attention_heads": 4, "num_key_value_heads": 2},
+        {**TINY_GEMMA4_TEXT, "sliding_window": 4},  # a sliding-window layer (window 4 < the longest sample, 12)
+    ],
+    ids=["llama", "llama-gqa", "gemma4-sliding"],
+)
+def test_lm_packed_rows_attend_per_sample_with_every_attention_implementation(lm_config: dict):
     """vlmtrain_varlen (offsets given, or found from position ids) equals transformers' sdpa with its
     block-diagonal mask, and each sample's logits equal the sample alone; rows with a padding mask go to SDPA."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -515,7 +534,7 @@ def test_lm_packed_rows_attend_per_sample_with_every_attention_implementation(kv
     from vlmtrain.model.attention import VARLEN
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(**{**TINY_LLAMA, "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": 50})
+    config = AutoConfig.for_model(**{**lm_config, "vocab_size": 50, "pad_token_id": 0})
     lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     lengths = [7, 1, 12, 5]
     sequences = [torch.randint(0, 50, (n,)).tolist() for n in lengths]

@@ -69,9 +69,8 @@ def cmd_shards(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from vlmtrain.export import export
 
-    out = export(args.source, args.out, keep_adapter=args.keep_adapter, evaluation=args.eval)
-    whole = "" if args.keep_adapter else "; loads as one transformers model (AutoModelForImageTextToText, trust_remote_code)"
-    print(f"exported to {out}: lm/ (Hugging Face), vision/ (safetensors + config), recipe.yaml, README.md{whole}")
+    export(args.source, args.out, keep_adapter=args.keep_adapter, evaluation=args.eval,
+           report=lambda line: print(f"exported to {args.out}: {line}; recipe.yaml, README.md"))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

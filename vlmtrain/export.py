@@ -12,6 +12,10 @@
                             torch and transformers only; the index points at vision/ and lm/, no weight is
                             stored twice); not with ``keep_adapter`` (see :mod:`vlmtrain.formats.hf_model`)
 
+A model with Gemma 4's shapes is written instead as a native Gemma 4 checkpoint at OUT's root (config,
+weights under Gemma 4's names, tokenizer, processor: :mod:`vlmtrain.formats.gemma4`), with the description
+in OUT/vision/config.json; vlmtrain reads its weights from the root (``layout: gemma4``), none is stored twice.
+
 Reads ``trained.safetensors`` from the checkpoint (no pickle, no DeepSpeed) and rebuilds what did not
 train from the run's recipe, so the recipe's pretrained folders must be where they were during training.
 """
@@ -21,30 +25,36 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
 
 from vlmtrain.config import LoraConfig, Recipe, load_recipe, recipe_to_yaml
 from vlmtrain.errors import UserError
+from vlmtrain.formats.gemma4 import native_gemma4_mismatch, write_native_gemma4
 from vlmtrain.formats.hf_model import write_transformers_model
 from vlmtrain.inference import (
     ADAPTER_DIR,
     CONFIG_FILE,
     DESCRIPTION_KEY,
     EXPORT_FORMAT,
+    GEMMA4_LAYOUT,
     LM_DIR,
     VISION_DIR,
     VISION_PARTS,
+    VLMTRAIN_LAYOUT,
     WEIGHTS_FILE,
     ExportedModel,
 )
 from vlmtrain.model.build import build_model, set_trainable
 from vlmtrain.model.description import ModelDescription, canonical_json
 from vlmtrain.model.lm import save_adapter_folder
+from vlmtrain.model.vlm import VisionLanguageModel
 from vlmtrain.plan import RunPlan, plan_run
 from vlmtrain.train.layout import CHECKPOINTS, TRAINED, last_evaluation, latest_checkpoint
 
@@ -79,12 +89,38 @@ def trained_model(source: Path) -> tuple[ExportedModel, RunPlan, Path]:
     return ExportedModel(model, plan.tokenizer, plan.model, plan.recipe.data.text), plan, run_dir
 
 
-def exported_description(trained: ExportedModel, keep_adapter: bool) -> ModelDescription:
+def merged_lm(trained: ExportedModel, keep_adapter: bool) -> PreTrainedModel:
+    """The LM an export stores: LoRA merged in (or, with ``keep_adapter``, unloaded: the base), in a copy, so
+    the trained model stays as it was."""
+    lm = trained.model.lm
+    if not isinstance(lm, PeftModel):
+        return lm
+    return copy.deepcopy(lm).unload() if keep_adapter else copy.deepcopy(lm).merge_and_unload()
+
+
+def export_layout(trained: ExportedModel, lm: PreTrainedModel, keep_adapter: bool) -> tuple[str, str]:
+    """(layout, a line saying what the folder is): ``gemma4`` for a model with Gemma 4's shapes
+    (:mod:`vlmtrain.formats.gemma4`), ``vlmtrain`` otherwise; the line says why a Gemma 4 tower is not
+    exported natively."""
+    if keep_adapter and isinstance(trained.model.lm, PeftModel):
+        return VLMTRAIN_LAYOUT, "the base LM in lm/ and its LoRA adapter in lm-adapter/ (loads with vlmtrain.load)"
+    mismatch = native_gemma4_mismatch(trained.description.to_dict(), lm, trained.tokenizer)
+    if mismatch is None:
+        return GEMMA4_LAYOUT, "a native Gemma 4 checkpoint (Gemma4ForConditionalGeneration and Gemma4Processor, no remote code)"
+    line = "one transformers model (AutoModelForImageTextToText, trust_remote_code)"
+    if trained.description.vision.kind == "gemma4":
+        line += f"; not native Gemma 4: {mismatch}"
+    return VLMTRAIN_LAYOUT, line
+
+
+def exported_description(trained: ExportedModel, keep_adapter: bool, layout: str) -> ModelDescription:
     """The description an export folder holds: the run's, with the projector's width resolved, the weights
-    in the folder (nothing to start from, LoRA merged or in ``lm-adapter/``)."""
+    in the folder (nothing to start from, LoRA merged or in ``lm-adapter/``; a native Gemma 4 folder is its
+    own LM folder)."""
     description = trained.description
     vision = replace(description.vision, weights=None, gradient_checkpointing=False)
-    lm = replace(description.lm, path=LM_DIR, hf_config={}, tokenizer=None, gradient_checkpointing=False, lora=LoraConfig(),
+    lm = replace(description.lm, path="." if layout == GEMMA4_LAYOUT else LM_DIR, hf_config={}, tokenizer=None,
+                 gradient_checkpointing=False, lora=LoraConfig(),
                  adapter=ADAPTER_DIR if keep_adapter and isinstance(trained.model.lm, PeftModel) else None)
     projector = replace(description.projector, hidden_size=trained.model.projector.hidden_size)
     return replace(description, vision=vision, lm=lm, projector=projector)
@@ -95,16 +131,25 @@ def refuse_existing(out: Path) -> None:
         raise UserError(f"{out} already exists; choose another folder")
 
 
-def export(source: Path, out: Path, keep_adapter: bool = False, evaluation: Path | None = None) -> Path:
+def export(
+    source: Path,
+    out: Path,
+    keep_adapter: bool = False,
+    evaluation: Path | None = None,
+    report: Callable[[str], None] | None = None,
+) -> Path:
     """Write the export folder of a run or checkpoint; returns ``out``. The folder is written under a
-    temporary name and renamed when complete, so a failed export leaves nothing behind."""
+    temporary name and renamed when complete, so a failed export leaves nothing behind. ``report`` is given
+    one line saying what the folder is."""
     refuse_existing(out)  # before the model is built
     if evaluation is not None and evaluation.is_dir():
         evaluation = evaluation / "eval.json"
     if evaluation is not None and not evaluation.is_file():
         raise UserError(f"--eval {evaluation}: no such eval.json (vlmtrain eval writes one)")
     trained, plan, run_dir = trained_model(source)
-    write_export(trained, plan.recipe, out, keep_adapter, evaluation or last_evaluation(run_dir), run_dir)
+    line = write_export(trained, plan.recipe, out, keep_adapter, evaluation or last_evaluation(run_dir), run_dir)
+    if report is not None:
+        report(line)
     return out
 
 
@@ -115,17 +160,19 @@ def write_export(
     keep_adapter: bool = False,
     evaluation: Path | None = None,
     run_dir: Path | None = None,
-) -> None:
+) -> str:
     """Write ``trained`` (made by ``recipe``, in ``run_dir``) as an export folder ``out`` (see the module
-    docstring); the files go to a temporary folder renamed when complete, so a failure leaves nothing behind."""
+    docstring); the files go to a temporary folder renamed when complete, so a failure leaves nothing behind.
+    Returns a line saying what the folder is."""
     refuse_existing(out)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        _write_files(trained, recipe, partial, keep_adapter, evaluation_of(evaluation, run_dir) if evaluation else None)
+        line = _write_files(trained, recipe, partial, keep_adapter, evaluation_of(evaluation, run_dir) if evaluation else None)
         partial.rename(out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    return line
 
 
 def evaluation_of(evaluation: Path, run_dir: Path | None) -> dict[str, Any]:
@@ -137,34 +184,37 @@ def evaluation_of(evaluation: Path, run_dir: Path | None) -> dict[str, Any]:
     return {**results, "models": own or models[:1]}
 
 
-def _write_files(trained: ExportedModel, recipe: Recipe, out: Path, keep_adapter: bool, evaluation: dict | None) -> None:
-    description = exported_description(trained, keep_adapter)
+def _write_files(trained: ExportedModel, recipe: Recipe, out: Path, keep_adapter: bool, evaluation: dict | None) -> str:
+    lm = merged_lm(trained, keep_adapter)
+    layout, line = export_layout(trained, lm, keep_adapter)
+    description = exported_description(trained, keep_adapter, layout)
     (out / VISION_DIR).mkdir(parents=True)
-    model = trained.model
-    vision = {
-        f"{part}.{name}": tensor.contiguous()
-        for part in VISION_PARTS
-        for name, tensor in getattr(model, part).state_dict().items()
-    }
-    save_file(vision, str(out / VISION_DIR / WEIGHTS_FILE), metadata={DESCRIPTION_KEY: canonical_json(description)})
-    config = {"format": EXPORT_FORMAT, "model": description.to_dict(), "text": asdict(trained.text_format)}
+    config = {"format": EXPORT_FORMAT, "layout": layout, "model": description.to_dict(), "text": asdict(trained.text_format)}
     (out / VISION_DIR / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-    lm = model.lm
-    if isinstance(lm, PeftModel):  # merged or unloaded in a copy: the trained model stays as it was
+    metadata = {DESCRIPTION_KEY: canonical_json(description)}
+    model = trained.model
+    if layout == GEMMA4_LAYOUT:
+        composed = VisionLanguageModel(model.backbone, model.pooling, model.projector, lm, model.image_token_id, model.geometry)
+        write_native_gemma4(out, composed, description.to_dict(), trained.tokenizer, metadata)
+    else:
+        vision = {
+            f"{part}.{name}": tensor.contiguous()
+            for part in VISION_PARTS
+            for name, tensor in getattr(model, part).state_dict().items()
+        }
+        save_file(vision, str(out / VISION_DIR / WEIGHTS_FILE), metadata=metadata)
         if description.lm.adapter is not None:
-            save_adapter_folder(lm, out / ADAPTER_DIR)
-            lm = copy.deepcopy(lm).unload()
-        else:
-            lm = copy.deepcopy(lm).merge_and_unload()
-    lm.save_pretrained(out / LM_DIR, safe_serialization=True)
-    trained.tokenizer.save_pretrained(out / LM_DIR)
-    if description.lm.adapter is None:  # the LM whole: the folder is also one transformers model
-        write_transformers_model(out, description.to_dict(), trained.geometry, lm, trained.tokenizer, (VISION_DIR, LM_DIR))
+            save_adapter_folder(model.lm, out / ADAPTER_DIR)
+        lm.save_pretrained(out / LM_DIR, safe_serialization=True)
+        trained.tokenizer.save_pretrained(out / LM_DIR)
+        if description.lm.adapter is None:  # the LM whole: the folder is also one transformers model
+            write_transformers_model(out, description.to_dict(), trained.geometry, lm, trained.tokenizer, (VISION_DIR, LM_DIR))
     (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    (out / "README.md").write_text(model_card(recipe, description, trained.text_format.prompt, evaluation))
+    (out / "README.md").write_text(model_card(recipe, description, layout, trained.text_format.prompt, evaluation))
+    return line
 
 
-def model_card(recipe: Recipe, description: ModelDescription, prompt: str, evaluation: dict | None) -> str:
+def model_card(recipe: Recipe, description: ModelDescription, layout: str, prompt: str, evaluation: dict | None) -> str:
     """A README for the export folder: what the model is, how to load it, and its per-budget results."""
     geometry = description.geometry()
     cell = geometry.cell
@@ -179,7 +229,11 @@ def model_card(recipe: Recipe, description: ModelDescription, prompt: str, evalu
         ),
         "",
         f"- vision encoder: {description.vision.kind}, pooling: {description.pooling.kind}",
-        "- language model: `lm/` (loads with `transformers.AutoModelForCausalLM.from_pretrained`)",
+        (
+            "- the folder is a native Gemma 4 checkpoint (`Gemma4ForConditionalGeneration`, `Gemma4Processor`)"
+            if layout == GEMMA4_LAYOUT
+            else "- language model: `lm/` (loads with `transformers.AutoModelForCausalLM.from_pretrained`)"
+        ),
         f"- image token: `{description.lm.image_token}`; prompt template: `{prompt!r}`",
         "",
         "```python",
@@ -189,7 +243,22 @@ def model_card(recipe: Recipe, description: ModelDescription, prompt: str, evalu
         f'print(model.generate([Image.open("page.png")], budget={max(geometry.levels)}))',
         "```",
     ]
-    if description.lm.adapter is None:
+    if layout == GEMMA4_LAYOUT:
+        lines += [
+            "",
+            "With transformers alone (or anything that serves Gemma 4; the budget is `max_soft_tokens`):",
+            "",
+            "```python",
+            "from PIL import Image",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor",
+            'model = AutoModelForImageTextToText.from_pretrained("PATH/TO/THIS/FOLDER")',
+            'processor = AutoProcessor.from_pretrained("PATH/TO/THIS/FOLDER")',
+            f'inputs = processor(text={prompt!r}, images=[Image.open("page.png")], return_tensors="pt",',
+            f'                   images_kwargs={{"max_soft_tokens": {max(geometry.levels)}}})',
+            "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs['input_ids'].shape[1]:]))",
+            "```",
+        ]
+    elif description.lm.adapter is None:
         lines += [
             "",
             "With transformers alone (the folder ships its modelling and processing code):",

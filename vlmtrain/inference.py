@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.config import RecipeError, TextConfig, structured
 from vlmtrain.errors import UserError
+from vlmtrain.formats.gemma4 import vlmtrain_weights
 from vlmtrain.geometry import Geometry
 from vlmtrain.model.build import build_model
 from vlmtrain.model.description import ModelDescription, first_difference, read_description
@@ -36,6 +37,7 @@ from vlmtrain.text.encoding import TextEncoder
 EXPORT_FORMAT = "vlmtrain-model/3"  # 3: the projector has a kind
 VISION_PARTS = ("backbone", "pooling", "projector")
 VISION_DIR, LM_DIR, ADAPTER_DIR = "vision", "lm", "lm-adapter"
+VLMTRAIN_LAYOUT, GEMMA4_LAYOUT = "vlmtrain", "gemma4"  # where an export's weights are (vlmtrain.export)
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 DESCRIPTION_KEY = "vlmtrain.model"  # the description's copy in the weights file's metadata
 
@@ -208,9 +210,9 @@ def _read_json(path: Path) -> Any:
         raise UserError(f"{path}: not valid JSON: {error}") from None
 
 
-def read_export(path: Path) -> tuple[ModelDescription, TextConfig]:
-    """The description and text format of the export at ``path``, checked against the copy of the
-    description kept in its weights file."""
+def read_export(path: Path) -> tuple[ModelDescription, TextConfig, str]:
+    """The description, text format and layout (where the weights are) of the export at ``path``, the
+    description checked against the copy kept in its weights files."""
     config_file = path / VISION_DIR / CONFIG_FILE
     config = _read_json(config_file)
     if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
@@ -224,7 +226,13 @@ def read_export(path: Path) -> tuple[ModelDescription, TextConfig]:
         text = structured(TextConfig, [config["text"]], str(config_file), "text.")
     except RecipeError as error:
         raise UserError(str(error)) from None
-    weights_file = path / VISION_DIR / WEIGHTS_FILE
+    layout = config.get("layout", VLMTRAIN_LAYOUT)
+    if layout not in (VLMTRAIN_LAYOUT, GEMMA4_LAYOUT):
+        raise UserError(f"{config_file}: layout {layout!r} is not {VLMTRAIN_LAYOUT!r} or {GEMMA4_LAYOUT!r}")
+    if layout == VLMTRAIN_LAYOUT:
+        weights_file = path / VISION_DIR / WEIGHTS_FILE
+    else:  # a native checkpoint: every shard keeps the description
+        weights_file = min(path.glob("*.safetensors"), default=path / WEIGHTS_FILE)
     if not weights_file.is_file():
         raise UserError(f"{weights_file}: missing (not a complete vlmtrain export)")
     with safe_open(str(weights_file), framework="pt") as handle:
@@ -238,13 +246,13 @@ def read_export(path: Path) -> tuple[ModelDescription, TextConfig]:
             f"{config_file}: model.{key} is {found!r}, but the weights were exported with {expected!r}; "
             "the config was edited after export (restore it, or export again)"
         )
-    return description, text
+    return description, text, layout
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ExportedModel:
     """Load an export folder for inference (no Lightning, no DeepSpeed, no pickle)."""
     path = Path(path)
-    description, text = read_export(path)
+    description, text, layout = read_export(path)
     lm = description.lm
     for folder in filter(None, (lm.path, lm.adapter)):
         if not (path / folder).is_dir():
@@ -253,7 +261,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     tokenizer = lm_tokenizer(local.lm)
     with torch.random.fork_rng(devices=[]):  # building seeds torch's generator; the caller's stays as it was
         model = build_model(local, tokenizer)
-    weights = load_file(path / VISION_DIR / WEIGHTS_FILE)
+    if layout == GEMMA4_LAYOUT:
+        weights = vlmtrain_weights(path, VISION_PARTS)
+    else:
+        weights = load_file(path / VISION_DIR / WEIGHTS_FILE)
     for name in VISION_PARTS:
         part = getattr(model, name)
         state = {key[len(name) + 1 :]: value for key, value in weights.items() if key.startswith(name + ".")}
@@ -263,7 +274,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
             | {key for key in state.keys() & expected.keys() if state[key].shape != expected[key].shape}
         )
         if misfits:
-            raise UserError(f"{path / VISION_DIR / WEIGHTS_FILE}: {name}.{misfits[0]} does not fit the described model")
+            raise UserError(f"{path}: weights {name}.{misfits[0]} do not fit the described model")
         part.load_state_dict(state)
     exported = ExportedModel(model.to(device=device, dtype=dtype), tokenizer, description, text)
     if (path / SELECTOR_DIR).is_dir():

@@ -54,24 +54,42 @@ class Segments:
         return self._groups
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None = None, dropout: float = 0.0
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool,
+        scale: float | None = None,
+        dropout: float = 0.0,
+        window: int | None = None,
     ) -> torch.Tensor:
-        """``(T, heads, dim)`` queries, ``(T, kv_heads, dim)`` keys and values → ``(T, heads, dim)``."""
+        """``(T, heads, dim)`` queries, ``(T, kv_heads, dim)`` keys and values → ``(T, heads, dim)``; with a
+        sliding ``window`` (causal only), each token attends to itself and the ``window - 1`` before it, as
+        transformers' sliding-window layers do."""
+        if window is not None and not causal:
+            raise ValueError("a sliding window needs causal attention")
         gqa = q.shape[1] != k.shape[1]
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not dropout and varlen_available():
             from torch.nn.attention.varlen import varlen_attn
 
-            window = (-1, 0) if causal else (-1, -1)
+            sides = (-1 if window is None else window - 1, 0) if causal else (-1, -1)
             cu = self.cu_seqlens
-            return varlen_attn(q, k, v, cu, cu, self.longest, self.longest, scale=scale, window_size=window, enable_gqa=gqa)
+            return varlen_attn(q, k, v, cu, cu, self.longest, self.longest, scale=scale, window_size=sides, enable_gqa=gqa)
         out = torch.empty_like(q)
         for length, rows in self.groups():
             dense = [x[rows].view(-1, length, *x.shape[1:]).transpose(1, 2) for x in (q, k, v)]
+            band = None if window is None or window >= length else sliding_window_band(length, window, q.device)
             attended = F.scaled_dot_product_attention(
-                *dense, dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=gqa
-            )  # no mask: SDPA may pick its flash kernel
+                *dense, attn_mask=band, dropout_p=dropout, is_causal=causal and band is None, scale=scale, enable_gqa=gqa
+            )  # no mask unless a window is shorter than the sequences: SDPA may pick its flash kernel
             out = out.index_copy(0, rows, attended.transpose(1, 2).reshape(-1, *q.shape[1:]))
         return out
+
+
+def sliding_window_band(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """``(length, length)`` boolean mask: query ``i`` sees keys ``i - window + 1`` to ``i``."""
+    offsets = torch.arange(length, device=device)[:, None] - torch.arange(length, device=device)[None, :]
+    return (offsets >= 0) & (offsets < window)
 
 
 def varlen_available() -> bool:
@@ -111,9 +129,9 @@ def varlen_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+    if kwargs.get("softcap") is not None:
         raise ValueError(
-            f"attn_implementation {VARLEN} has no sliding-window or soft-capped attention (this LM uses them): "
+            f"attn_implementation {VARLEN} has no soft-capped attention (this LM uses it): "
             "use flash_attention_2 with packing, or data.batching.packing: false"
         )
     batch, heads, length, dim = query.shape
@@ -131,7 +149,9 @@ def varlen_attention_forward(
 
     segments = lm_segments(cu, int(longest))
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    out = segments.attend(flat(query), flat(key), flat(value), causal, scale=scaling, dropout=dropout if module.training else 0.0)
+    dropout = dropout if module.training else 0.0
+    window = kwargs.get("sliding_window")
+    out = segments.attend(flat(query), flat(key), flat(value), causal, scale=scaling, dropout=dropout, window=window)
     return out.view(batch, length, heads, dim), None
 
 

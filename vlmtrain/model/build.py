@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from vlmtrain.config import OptimConfig, PartConfig
 from vlmtrain.model.backbones import BACKBONES
 from vlmtrain.model.description import ModelDescription
+from vlmtrain.model.hf_vision import load_gemma4_embedder
 from vlmtrain.model.lm import build_lm, is_adapter_parameter
 from vlmtrain.model.pooling import build_pooling
 from vlmtrain.model.projector import build_projector
@@ -45,5 +46,7 @@ def build_model(description: ModelDescription, tokenizer: PreTrainedTokenizerBas
     lm_width = lm.get_input_embeddings().embedding_dim
     torch.manual_seed(mix(seed, 4))
     projector = build_projector(description.projector.kind, backbone.width, description.projector.hidden_size, lm_width)
+    if description.projector.kind == "gemma4" and vision.kind == "gemma4" and vision.weights is not None:
+        load_gemma4_embedder(projector, vision.weights)  # a Gemma 4 checkpoint's tower comes with its embedder
     image_token_id = tokenizer.convert_tokens_to_ids(description.lm.image_token)
     return VisionLanguageModel(backbone, pooling, projector, lm, image_token_id, geometry)

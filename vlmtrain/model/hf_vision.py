@@ -184,6 +184,22 @@ def load_tower(spec: TowerSpec, config: PreTrainedConfig, path: str | None, attn
     return spec.backbone_class(model)
 
 
+GEMMA4_EMBEDDER_PREFIXES = ("model.embed_vision.", "embed_vision.")
+
+
+def load_gemma4_embedder(projector: nn.Module, path: str) -> bool:
+    """Load Gemma 4's multimodal embedder into a ``gemma4`` projector from the whole Gemma 4 checkpoint at
+    ``path`` (the one its tower comes from); False when the folder holds none (a vision-only folder)."""
+    if read_config(path).get("model_type") == TOWERS["gemma4"].model_type:
+        return False
+    try:
+        state = _tower_tensors(Path(path), GEMMA4_EMBEDDER_PREFIXES)
+    except ValueError:  # no weights under those prefixes
+        return False
+    load_weights(projector, state)
+    return True
+
+
 def load_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """``module.load_state_dict(state)``, also when DeepSpeed ZeRO-3 created its parameters partitioned:
     they are gathered, filled (rank 0's values are kept) and partitioned again."""

@@ -10,8 +10,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.utils import logging as transformers_logging
 
 from vlmtrain.config import LMConfig, LoraConfig
+from vlmtrain.errors import UserError
 from vlmtrain.model import attention  # noqa: F401 (registers the vlmtrain_varlen attention with transformers)
 from vlmtrain.text.tokenizers import load_tokenizer
 
@@ -32,11 +34,38 @@ def folder_config(path: str) -> PretrainedConfig:
     return lm_config
 
 
+# Whole vision-language checkpoints whose language model is read on its own: model_type → where the LM's
+# weights are (a transformers key_mapping from the checkpoint's names to the causal LM's).
+WHOLE_CHECKPOINT_LMS = {"gemma4": {r"^model\.language_model\.": "model."}}
+
+
+def load_folder_lm(path: str, attn_implementation: str) -> PreTrainedModel:
+    """The causal LM in folder ``path``: a causal LM's folder, or the text model of a whole checkpoint of a
+    kind in :data:`WHOLE_CHECKPOINT_LMS` (e.g. a Gemma 4 release, whose vision tower the recipe reads too)."""
+    lm_config = folder_config(path)
+    options = {"local_files_only": True, "dtype": torch.get_default_dtype(), "attn_implementation": attn_implementation}
+    key_mapping = WHOLE_CHECKPOINT_LMS.get(lm_config.model_type)
+    if key_mapping is None:
+        return AutoModelForCausalLM.from_pretrained(path, config=lm_config, **options)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its report lists the checkpoint's other parts as unexpected
+    try:
+        lm, info = AutoModelForCausalLM.from_pretrained(
+            path, config=lm_config.get_text_config(), key_mapping=key_mapping, output_loading_info=True, **options
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{path}: {len(missing)} weights of its language model missing, e.g. {missing[:3]}")
+    return lm
+
+
 def build_lm(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel | PeftModel:
     """The causal LM, with room in its embedding table for the tokenizer's image token, and LoRA adapters,
     new or from an adapter folder, if asked.
 
-    From ``config.path`` (local files only) or, with random weights, from ``config.hf_config``: a
+    From ``config.path`` (local files only, :func:`load_folder_lm`) or, with random weights, from ``config.hf_config``: a
     config-built LM takes its vocabulary size and special token ids from the tokenizer. Weights are
     created in the default dtype, which the trainer's precision sets (fp32, or bf16 for ``bf16-true``);
     under DeepSpeed ZeRO-3 transformers creates and loads them partitioned.
@@ -44,13 +73,7 @@ def build_lm(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrained
     if config.path is not None:
         if not Path(config.path).is_dir():
             raise FileNotFoundError(f"language model folder {config.path!r} not found (only local paths are read)")
-        lm = AutoModelForCausalLM.from_pretrained(
-            config.path,
-            config=folder_config(config.path),
-            local_files_only=True,
-            dtype=torch.get_default_dtype(),
-            attn_implementation=config.attn_implementation,
-        )
+        lm = load_folder_lm(config.path, config.attn_implementation)
     else:
         values = dict(config.hf_config)
         model_type = values.pop("model_type")
@@ -61,6 +84,12 @@ def build_lm(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrained
             AutoConfig.for_model(model_type, **values),
             dtype=torch.get_default_dtype(),
             attn_implementation=config.attn_implementation,
+        )
+    if getattr(lm.config, "hidden_size_per_layer_input", None):
+        raise UserError(
+            f"model.lm: this {lm.config.model_type} LM has per-layer input embeddings (hidden_size_per_layer_input="
+            f"{lm.config.hidden_size_per_layer_input}, e.g. Gemma 4 E2B/E4B), looked up from token ids that image "
+            "positions do not have; vlmtrain does not train such LMs yet"
         )
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:  # the image token, when the vocabulary lacked it
         add_token_rows(lm, len(tokenizer))

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.text.chat import chat_segments, generation_prompt
 from vlmtrain.text.conversation import as_template_messages
-from vlmtrain.text.prompt import TextError, prompt_ids
+from vlmtrain.text.prompt import TextError, image_bounds, image_span, prompt_ids
 from vlmtrain.text.tokenizers import IGNORE_INDEX
 
 
@@ -35,6 +35,7 @@ class TextEncoder:
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no id for the image token {image_token!r}")
+        self.bounds = image_bounds(tokenizer, image_token)
         self._ids = lru_cache(maxsize=16384)(self._tokenize)  # a sample's text is measured, then encoded
 
     @property
@@ -69,7 +70,7 @@ class TextEncoder:
         ids: list[int] = []
         for index, piece in enumerate(pieces):
             if index:
-                ids += [self.image_token_id] * image_tokens[images_before + index - 1]
+                ids += image_span(self.bounds, self.image_token_id, image_tokens[images_before + index - 1])
             ids += self._ids(piece)
         return ids
 

@@ -10,6 +10,21 @@ from collections.abc import Callable, Sequence
 from transformers import PreTrainedTokenizerBase
 
 
+def image_bounds(tokenizer: PreTrainedTokenizerBase, image_token: str) -> tuple[list[int], list[int]]:
+    """The ids that open and close each image's placeholders: the tokenizer's ``boi_token`` and ``eoi_token``
+    when it declares them and ``image_token`` is its own image token (Gemma 3 and 4: what their processors
+    write around an image, so a model trains on the layout it is served with); none otherwise."""
+    boi, eoi = getattr(tokenizer, "boi_token", None), getattr(tokenizer, "eoi_token", None)
+    if boi is None or eoi is None or getattr(tokenizer, "image_token", None) != image_token:
+        return [], []
+    return [tokenizer.convert_tokens_to_ids(boi)], [tokenizer.convert_tokens_to_ids(eoi)]
+
+
+def image_span(bounds: tuple[list[int], list[int]], image_token_id: int, count: int) -> list[int]:
+    """One image in a token sequence: its ``count`` placeholders inside its bounds (:func:`image_bounds`)."""
+    return [*bounds[0], *[image_token_id] * count, *bounds[1]]
+
+
 class TextError(ValueError):
     """A sample whose text cannot be encoded (its image markers, its chat template); the pipeline skips and
     counts it."""
@@ -24,7 +39,7 @@ def prompt_ids(
     tokenize: Callable[[str], Sequence[int]] | None = None,
 ) -> list[int]:
     """The prompt's token ids (after a BOS token when the tokenizer has one and the prompt does not start
-    with it, as chat templates do); image ``i`` becomes ``image_tokens[i]`` placeholders.
+    with it, as chat templates do); image ``i`` becomes ``image_tokens[i]`` placeholders (:func:`image_span`).
 
     Several markers in ``prompt`` place the images one for one; a single marker (or none: the front)
     stands for all of the sample's images in order, so one template serves samples with 0, 1 or many.
@@ -41,6 +56,9 @@ def prompt_ids(
         pieces = [before] + [""] * (len(image_tokens) - 1) + [after] if image_tokens else [before + after]
     bos = tokenizer.bos_token
     input_ids = [tokenizer.bos_token_id] if bos is not None and not prompt.startswith(bos) else []
-    for piece, count in zip(pieces, image_tokens + [0], strict=True):
-        input_ids += [*tokenize(piece), *[image_token_id] * count]
+    bounds = image_bounds(tokenizer, image_token)
+    for index, piece in enumerate(pieces):
+        input_ids += tokenize(piece)
+        if index < len(image_tokens):
+            input_ids += image_span(bounds, image_token_id, image_tokens[index])
     return input_ids

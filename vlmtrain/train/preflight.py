@@ -69,12 +69,22 @@ def config_keys(config_class: type) -> set[str]:
     )
 
 
-def _unknown_keys(source: str, key: str, values: dict[str, Any], valid: set[str], what: str) -> None:
+def consumed_by(config_class: type, name: str, value: Any) -> bool:
+    """Whether ``config_class`` reads the undeclared key ``name`` itself (Gemma 4's ``global_head_dim``
+    goes into its per-layer settings): a key it does not read stays behind as a plain attribute."""
+    try:
+        return not hasattr(config_class(**{name: value}), name)
+    except Exception:  # read, and refused: the model's build says why
+        return True
+
+
+def _unknown_keys(source: str, key: str, values: dict[str, Any], config_class: type) -> None:
+    valid = config_keys(config_class)
     for name in sorted(values):
-        if name not in valid:
+        if name not in valid and not consumed_by(config_class, name, values[name]):
             close = difflib.get_close_matches(name, sorted(valid), n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            _fail(source, f"{key}.{name}", f"not a key of {what}{hint}")
+            _fail(source, f"{key}.{name}", f"not a key of {config_class.__name__}{hint}")
 
 
 def check_paths(recipe: Recipe, source: str) -> None:
@@ -106,13 +116,13 @@ def check_hf_configs(recipe: Recipe, source: str) -> None:
             _fail(source, "model.lm.hf_config.model_type", f"{model_type!r} is not a transformers model type{hint}")
         config_class = CONFIG_MAPPING[model_type]
         overrides = {k: v for k, v in lm.hf_config.items() if k != "model_type"}
-        _unknown_keys(source, "model.lm.hf_config", overrides, config_keys(config_class), config_class.__name__)
+        _unknown_keys(source, "model.lm.hf_config", overrides, config_class)
     vision = recipe.model.vision
     if vision.hf_config and vision.backbone != "native":
         from vlmtrain.model.hf_vision import TOWERS
 
         config_class = TOWERS[vision.backbone].config_class
-        _unknown_keys(source, "model.vision.hf_config", vision.hf_config, config_keys(config_class), config_class.__name__)
+        _unknown_keys(source, "model.vision.hf_config", vision.hf_config, config_class)
 
 
 def check_devices(recipe: Recipe, source: str) -> None:

@@ -1,0 +1,142 @@
+"""An export as a native Gemma 4 checkpoint: ``Gemma4ForConditionalGeneration`` with Gemma 4's tokenizer
+and image processor, no remote code, so whatever serves Gemma 4 serves the model (``max_soft_tokens`` per
+image is the budget).
+
+A model has Gemma 4's shapes when its parts are Gemma 4's: the vision tower (backbone ``gemma4``), the
+tower's own average pooling, Gemma 4's multimodal embedder as projector (``projector.kind: gemma4``) and a
+Gemma 4 text LM, with a tokenizer that declares Gemma 4's image, begin- and end-of-image tokens (training
+then writes each image as Gemma 4's processor does, :func:`vlmtrain.text.prompt.image_bounds`). Its
+weights are then Gemma 4's weights under other names (:data:`NATIVE_NAMES`): the tower's output scaling
+and standardisation, applied after pooling by transformers and before it by vlmtrain, are affine and
+commute with the average.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from safetensors import safe_open
+from transformers import Gemma4Config, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+from vlmtrain.model.vlm import VisionLanguageModel
+
+# vlmtrain's names (VisionLanguageModel's state dict, LoRA merged) → Gemma4ForConditionalGeneration's
+NATIVE_NAMES = (
+    ("backbone.model.", "model.vision_tower."),
+    ("projector.", "model.embed_vision."),
+    ("lm.model.", "model.language_model."),
+    ("lm.lm_head.", "lm_head."),
+)
+GEMMA4_LEVELS = (70, 140, 280, 560, 1120)  # the max_soft_tokens Gemma 4's image processor takes
+TEXT_MODEL_TYPE = "gemma4_text"
+
+
+def native_gemma4_mismatch(description: dict[str, Any], lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Why the described model (with its merged ``lm`` and ``tokenizer``) cannot be a native Gemma 4
+    checkpoint, in a few words; None when it can."""
+    vision, pooling, projector = description["vision"], description["pooling"], description["projector"]
+    image_token = description["lm"]["image_token"]
+    own_pool = vision["settings"].get("pooling_kernel_size")
+    checks = (
+        (vision["kind"] == "gemma4", f"model.vision.backbone is {vision['kind']}, not gemma4"),
+        (pooling["kind"] == "average", f"model.pooling.kind is {pooling['kind']}, not average"),
+        (pooling["size"] == own_pool, f"model.pooling.size is {pooling['size']}, the tower pools {own_pool}x{own_pool}"),
+        (projector["kind"] == "gemma4", f"model.projector.kind is {projector['kind']}, not gemma4"),
+        (lm.config.model_type == TEXT_MODEL_TYPE, f"the language model is {lm.config.model_type}, not {TEXT_MODEL_TYPE}"),
+        (set(description["levels"]) <= set(GEMMA4_LEVELS), f"levels {description['levels']} are not all Gemma 4's"),
+        (
+            getattr(tokenizer, "image_token", None) == image_token and all(
+                getattr(tokenizer, name, None) for name in ("boi_token", "eoi_token")
+            ),
+            f"the tokenizer does not declare {image_token!r} as its image_token with a boi_token and eoi_token",
+        ),
+        (getattr(lm.config, "use_bidirectional_attention", None) != "all", "the LM attends bidirectionally everywhere"),
+    )
+    return next((reason for ok, reason in checks if not ok), None)
+
+
+def native_name(name: str) -> str:
+    """Gemma 4's name for the vlmtrain weight ``name``."""
+    for ours, theirs in NATIVE_NAMES:
+        if name.startswith(ours):
+            return theirs + name[len(ours) :]
+    raise ValueError(f"{name}: no place in a Gemma 4 checkpoint")
+
+
+def vlmtrain_weights(folder: Path, parts: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The weights of vlmtrain ``parts`` (e.g. backbone, projector) in a native Gemma 4 export, under
+    vlmtrain's names (the inverse of :func:`native_name`)."""
+    inverse = [(theirs, ours) for ours, theirs in NATIVE_NAMES if ours.split(".")[0] in parts]
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                for theirs, ours in inverse:
+                    if name.startswith(theirs):
+                        weights[ours + name[len(theirs) :]] = handle.get_tensor(name)
+    return weights
+
+
+def gemma4_config(description: dict[str, Any], lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Gemma4Config:
+    """The checkpoint's config: the tower's and the LM's own, the tokenizer's image token ids. An LM that
+    attends bidirectionally within images when served ("vision") was trained attending causally (vlmtrain
+    runs the text model alone): the config says what it was trained to compute."""
+    text_config = lm.config.to_dict()
+    if text_config.get("use_bidirectional_attention") == "vision":
+        text_config["use_bidirectional_attention"] = None
+    ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, name)) for name in ("image_token", "boi_token", "eoi_token")}
+    config = Gemma4Config(
+        text_config=text_config,
+        vision_config={**description["vision"]["settings"], "model_type": "gemma4_vision"},
+        audio_config=None,
+        image_token_id=ids["image_token"],
+        boi_token_id=ids["boi_token"],
+        eoi_token_id=ids["eoi_token"],
+        tie_word_embeddings=lm.config.tie_word_embeddings,
+    )
+    config.architectures = ["Gemma4ForConditionalGeneration"]
+    config.dtype = lm.config.dtype
+    return config
+
+
+def processor_config(description: dict[str, Any], patch_size: int) -> dict[str, Any]:
+    """``processor_config.json`` of Gemma 4's processor: the image processor at the model's patch size and
+    pool, ``max_soft_tokens`` its default budget (any of its levels per call: ``images_kwargs``)."""
+    budget, pool = description["default_budget"], description["pooling"]["size"]
+    image_processor = Gemma4ImageProcessorPil(patch_size=patch_size, pooling_kernel_size=pool, max_soft_tokens=budget)
+    image_processor = json.loads(image_processor.to_json_string())
+    image_processor["image_processor_type"] = "Gemma4ImageProcessor"  # transformers picks the backend it has
+    return {
+        "processor_class": "Gemma4Processor",
+        "image_seq_length": budget,
+        "image_processor": image_processor,
+        "feature_extractor": json.loads(Gemma4AudioFeatureExtractor().to_json_string()),
+        "video_processor": {"video_processor_type": "Gemma4VideoProcessor"},
+    }
+
+
+def write_native_gemma4(
+    out: Path,
+    model: VisionLanguageModel,
+    description: dict[str, Any],
+    tokenizer: PreTrainedTokenizerBase,
+    metadata: dict[str, str],
+) -> None:
+    """Write ``model`` (its LM merged) as a native Gemma 4 checkpoint in ``out``: config, weights (sharded,
+    each file's metadata with ``metadata``), tokenizer, processor."""
+    config = gemma4_config(description, model.lm, tokenizer)
+    config.save_pretrained(out)
+    state = {native_name(name): tensor for name, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_torch_state_dict(state, out, metadata={"format": "pt", **metadata})
+    tokenizer.save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps(processor_config(description, model.geometry.patch_size), indent=1))
+    if model.lm.generation_config is not None:
+        model.lm.generation_config.save_pretrained(out)
