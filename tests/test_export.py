@@ -550,3 +550,14 @@ def test_a_gemma4_shaped_run_trains_packed_and_vlmtrain_export_writes_native_gem
     with torch.no_grad():
         served = native(input_ids=input_ids, pixel_values=pixels["pixel_values"], image_position_ids=pixels["image_position_ids"])
     torch.testing.assert_close(served.logits, trained.logits([image], prompt, budget=140), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("version", "accepted"), [("4.57.1", False), ("5.22.0", False), ("5.23.0", True), ("5.24.0.dev0", True)])
+def test_the_shipped_code_refuses_a_transformers_too_old_for_it_in_one_line(version: str, accepted: bool):
+    from vlmtrain.formats.hf_code.configuration_vlmtrain import require_transformers
+
+    if accepted:
+        require_transformers(version)
+    else:
+        with pytest.raises(ImportError, match=rf"needs transformers >= 5\.23, found {version}"):
+            require_transformers(version)

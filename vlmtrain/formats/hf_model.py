@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import transformers
 from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -94,6 +95,7 @@ def write_transformers_model(
         "image_token_id": tokenizer.convert_tokens_to_ids(description["lm"]["image_token"]),
         "tie_word_embeddings": text_config.get("tie_word_embeddings", False),
         "dtype": text_config.get("dtype", "float32"),
+        "transformers_version": transformers.__version__,
     }
     (out / "config.json").write_text(json.dumps(config, indent=1))
     weights = {name: file for folder in folders for name, file in weight_map(out, folder).items()}

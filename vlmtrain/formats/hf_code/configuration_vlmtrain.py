@@ -7,7 +7,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import transformers
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
+
+TRANSFORMERS_NEEDED = (5, 23)  # the shipped code uses transformers 5's attention and masking interfaces
+
+
+def require_transformers(version: str) -> None:
+    """Refuse, in one line, a transformers older than :data:`TRANSFORMERS_NEEDED` (the shipped modules would
+    fail on an import deep inside instead)."""
+    found = tuple(int(part) for part in version.split(".")[:2])
+    if found < TRANSFORMERS_NEEDED:
+        needed = ".".join(map(str, TRANSFORMERS_NEEDED))
+        install = f"pip install 'transformers>={needed},<6'"
+        raise ImportError(f"this model's code needs transformers >= {needed}, found {version}: {install}")
+
+
+require_transformers(transformers.__version__)
 
 
 class VlmtrainConfig(PretrainedConfig):
