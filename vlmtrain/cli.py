@@ -331,8 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("fit", "export", "eval", "label-budgets"):
         import torch
 
+        from vlmtrain.train.run import quiet_dependencies
+
         if not torch.cuda.is_available():  # what DeepSpeed would pick, said so it does not warn about it
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        quiet_dependencies()  # building a model with LoRA (export, eval) warns like training does
     try:
         args.handler(args)
     except (UserError, FileNotFoundError) as error:
