@@ -167,12 +167,15 @@ def measure(spec: str, overrides: list[str], levels: list[int], steps: int, pack
 
 
 def stem_canvases(grids: list[list[int]], bins: tuple[int, ...]) -> tuple[int, int]:
-    """(patches, canvas patches) of the conv stem when it runs per bin (several ZeRO-3 processes): each image
-    of a bin on a canvas of the bin's most rows × most columns. (One process runs it per grid: no padding.)"""
-    members: dict[int, list[list[int]]] = {}
-    for rows, cols in grids:
-        members.setdefault(next((b for b, cap in enumerate(bins) if rows * cols <= cap), len(bins) - 1), []).append([rows, cols])
-    canvas = sum(len(group) * max(r for r, _ in group) * max(c for _, c in group) for group in members.values())
+    """(patches, canvas patches) of the conv stem when it runs per bin and aspect class (several ZeRO-3
+    processes): each image of a group on a canvas of the group's most rows x most columns. (One process runs
+    it per grid: no padding.)"""
+    from vlmtrain.model.backbone import STEM_ASPECT_CLASSES, bin_members
+
+    members = bin_members([tuple(grid) for grid in grids], bins, STEM_ASPECT_CLASSES)
+    canvas = sum(
+        len(group) * max(grids[i][0] for i in group) * max(grids[i][1] for i in group) for group in members if group
+    )
     return sum(rows * cols for rows, cols in grids), canvas
 
 

@@ -130,3 +130,24 @@ def test_chat_templates_resolve_from_a_name_a_file_or_text(tmp_path):
     assert resolve_chat_template(str(tmp_path / "t.jinja")) == LLAMA3 and resolve_chat_template(LLAMA3) == LLAMA3
     with pytest.raises(UserError, match="neither a template, a file, nor one of chatml"):
         resolve_chat_template("chatm")
+
+
+def test_a_tokenizer_with_begin_and_end_of_image_tokens_wraps_every_image_in_them(tmp_path):
+    # Gemma 4's processor writes <|image> + the soft tokens + <image|>; training writes the same for a tokenizer
+    # that declares them around its own image token, in conversations as in prompts
+    from helpers import GEMMA4_IMAGE_TOKENS, gemma4_tokenizer
+
+    tokenizer = load_tokenizer(str(gemma4_tokenizer(tmp_path / "gemma4")), GEMMA4_IMAGE_TOKENS["image_token"])
+    encoder = TextEncoder(tokenizer, GEMMA4_IMAGE_TOKENS["image_token"])
+    boi, image, eoi = (tokenizer.convert_tokens_to_ids(GEMMA4_IMAGE_TOKENS[n]) for n in ("boi_token", "image_token", "eoi_token"))
+    encoded = encoder.encode_chat(CONVERSATION, IMAGE_TOKENS, "all_assistant_turns")
+    ids = encoded.input_ids
+    spans = [ids[start : ids.index(eoi, start) + 1] for start, token in enumerate(ids) if token == boi]
+    assert spans == [[boi, *[image] * count, eoi] for count in IMAGE_TOKENS]
+    assert all(label == IGNORE_INDEX for label, token in zip(encoded.labels, ids, strict=True) if token in (boi, eoi))
+    # what a sample costs counts the bounds: its text measured without images, plus its images' tokens
+    unexpanded = encoder.encode_chat(CONVERSATION, [0, 0, 0], "all_assistant_turns").input_ids
+    assert len(ids) == len(unexpanded) + sum(IMAGE_TOKENS) and unexpanded.count(boi) == 3
+    # with another image token the tokenizer's bounds are not used
+    other = TextEncoder(load_tokenizer(str(tmp_path / "gemma4"), "<image>"), "<image>")
+    assert boi not in other.encode_chat(CONVERSATION, IMAGE_TOKENS, "all_assistant_turns").input_ids

@@ -38,7 +38,7 @@ from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import read_shard
 from vlmtrain.errors import UserError
 from vlmtrain.geometry import Geometry
-from vlmtrain.model.backbone import NativeViT
+from vlmtrain.model.backbone import NativeViT, aspect_class
 from vlmtrain.model.backbones import BACKBONES, TowerKind
 from vlmtrain.model.build import build_model
 from vlmtrain.model.description import describe_model
@@ -558,21 +558,27 @@ def test_lm_packed_rows_attend_per_sample_with_every_attention_implementation(lm
 
 @pytest.mark.parametrize("lockstep", [False, True])
 def test_images_of_several_budget_levels_run_in_bins_and_equal_each_image_alone(monkeypatch, lockstep: bool):
-    """One process: the conv stem runs per grid; several (ZeRO-3): per bin, on canvases. Same features."""
+    """One process: the conv stem runs per grid; several (ZeRO-3): once per bin and aspect class, every one
+    called (blank when empty), images of a like shape on one canvas. Same features."""
     monkeypatch.setattr("vlmtrain.model.backbone.in_lockstep", lambda: lockstep)
     torch.manual_seed(0)
     geometry = Geometry(patch_size=8, pool=2)
     vit = NativeViT(patch_size=8, width=32, depth=1, heads=2, stem="conv").eval()
     vit.bins = (70 * 4, 280 * 4)
-    sizes = [((60, 90), 280), ((40, 40), 70), ((90, 50), 280), ((30, 100), 70)]
+    sizes = [((60, 90), 280), ((40, 40), 70), ((90, 50), 280), ((30, 100), 70), ((50, 90), 280)]
     parts = [image_batch(geometry, [size], budget, seed=index) for index, (size, budget) in enumerate(sizes)]
     packed = ImageBatch(
         *(torch.cat([getattr(part, name) for part in parts]) for name in ("pixels", "positions", "patch_grids", "token_grids")),
         torch.arange(len(parts)),
     )
-    assert len({tuple(grid) for grid in packed.patch_grids.tolist()}) == 4  # four grids, two bins
+    grids = [tuple(grid) for grid in packed.patch_grids.tolist()]
+    assert len(set(grids)) == 5 and aspect_class(grids[0], 8) == aspect_class(grids[4], 8)  # two grids share a canvas
+    calls = []
+    vit.stem.convs[0].register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
     with torch.no_grad():
         together = vit(packed.pixels, packed.positions, packed.patch_grids)
+    assert (len(calls), sum(calls)) == ((2 * 8, 2 * 8 - 4 + 5) if lockstep else (5, 5))  # 4 groups hold the 5 images
+    with torch.no_grad():
         for index, part in enumerate(parts):
             alone = vit(part.pixels, part.positions, part.patch_grids)
             torch.testing.assert_close(together[image_rows(packed, index)], alone, atol=2e-5, rtol=1e-4)

@@ -75,6 +75,26 @@ def in_lockstep() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
+WIDEST_ASPECT = 4.0  # aspect classes split log(rows / cols) evenly from 1:4 to 4:1; wider images join the ends
+
+
+def aspect_class(grid: tuple[int, int], classes: int) -> int:
+    """Which of ``classes`` equal steps of log aspect ratio (1:4 to 4:1) the patch grid falls in."""
+    rows, cols = grid
+    position = (math.log(rows / cols) / math.log(WIDEST_ASPECT) + 1) / 2  # 0 at 1:4, 1 at 4:1
+    return min(classes - 1, max(0, int(position * classes)))
+
+
+def bin_members(grids: list[tuple[int, int]], bins: tuple[int, ...], aspect_classes: int = 1) -> list[list[int]]:
+    """The images of each (bin, aspect class), bin after bin: an image goes to the first bin whose most
+    patches it does not exceed (the last if none), and within it to its :func:`aspect_class`."""
+    members: list[list[int]] = [[] for _ in range(len(bins) * aspect_classes)]
+    for index, (rows, cols) in enumerate(grids):
+        level = next((b for b, cap in enumerate(bins) if rows * cols <= cap), len(bins) - 1)
+        members[level * aspect_classes + aspect_class((rows, cols), aspect_classes)].append(index)
+    return members
+
+
 def run_in_bins(
     pixels: torch.Tensor,
     positions: torch.Tensor,
@@ -83,16 +103,17 @@ def run_in_bins(
     width: int,
     dtype: torch.dtype,
     dense: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    aspect_classes: int = 1,
 ) -> torch.Tensor:
     """Features ``(P, width)`` of packed images from ``dense(pixels (n, N, .), positions (n, N, 2), grids (n, 2))``,
-    called once per bin of patch counts (``bins``: the most patches of each; an image goes to the first bin it
-    fits): the images of a bin are padded to its longest (positions -1 there), so images of one budget level,
-    nearly equal in length, share a call with little padding. With several processes every bin is called,
-    an empty one on a blank one-patch image, so that all ranks call each module equally often."""
+    called once per bin of patch counts (``bins``: the most patches of each; :func:`bin_members`): the images
+    of a bin are padded to its longest (positions -1 there), so images of one budget level, nearly equal in
+    length, share a call with little padding. ``aspect_classes`` > 1 splits each bin by aspect ratio too, for
+    a ``dense`` that pads in 2-D (a conv stem's canvases: rows and columns each as many as the most). With
+    several processes every (bin, class) is called, an empty one on a blank one-patch image, so that all
+    ranks call each module equally often."""
     counts = patch_grids.prod(1).tolist()
-    members: list[list[int]] = [[] for _ in bins]
-    for index, count in enumerate(counts):
-        members[next((b for b, cap in enumerate(bins) if count <= cap), len(bins) - 1)].append(index)
+    members = bin_members([tuple(grid) for grid in patch_grids.tolist()], bins, aspect_classes)
     pieces_pixels, pieces_positions = pixels.split(counts), positions.split(counts)
     offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
     out = pixels.new_zeros(pixels.shape[0], width, dtype=dtype)
@@ -214,6 +235,9 @@ class LinearStem(nn.Module):
         return self.proj(unit_pixels(pixels, self.proj.weight.dtype) * 2.0 - 1.0)
 
 
+STEM_ASPECT_CLASSES = 8  # under ZeRO-3 the conv stem's canvases pad a few percent, not half (docs/data-pipeline.md)
+
+
 class ConvStem(nn.Module):
     """Stride-2 3×3 convolutions over each whole image, down to one vector per patch.
 
@@ -240,8 +264,9 @@ class ConvStem(nn.Module):
         self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor, bins: tuple[int, ...] = (2**62,)
     ) -> torch.Tensor:
         """The convolutions run once per patch grid over the images of that grid (:func:`run_by_grid`: nothing
-        padded) or, when several processes must call them equally often, once per bin (:func:`run_in_bins`),
-        each image at the top left of a canvas as large as the bin's largest grid; everything outside an image
+        padded) or, when several processes must call them equally often, once per bin and aspect class
+        (:func:`run_in_bins`), each image at the top left of a canvas of the group's most rows and most columns
+        (images of one level and a like shape, so the canvases are mostly image); everything outside an image
         is zeroed after every layer, as its own zero padding would be, so each image gets exactly what it
         would get alone."""
         dtype = self.convs[0].weight.dtype
@@ -270,7 +295,8 @@ class ConvStem(nn.Module):
             return out
 
         if in_lockstep():
-            return self.norm(run_in_bins(pixels, positions, patch_grids, bins, self.width, dtype, dense))
+            features = run_in_bins(pixels, positions, patch_grids, bins, self.width, dtype, dense, STEM_ASPECT_CLASSES)
+            return self.norm(features)
 
         def one_grid(images: torch.Tensor, places: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
             return dense(images, places, patch_grids.new_tensor([grid]).expand(images.shape[0], 2))
