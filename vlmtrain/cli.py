@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("fit", "export", "eval", "label-budgets"):
         import torch
 
-        from vlmtrain.train.run import quiet_dependencies
+        from vlmtrain.dependencies import quiet_dependencies
 
         if not torch.cuda.is_available():  # what DeepSpeed would pick, said so it does not warn about it
             os.environ.setdefault("DS_ACCELERATOR", "cpu")

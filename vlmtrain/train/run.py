@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 import signal
 import uuid
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from vlmtrain.config import Recipe, RecipeError, recipe_to_yaml, recipe_values
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.datamodule import ShardDataModule
+from vlmtrain.dependencies import quiet_dependencies
 from vlmtrain.errors import RunInterrupted
 from vlmtrain.plan import RunPlan
 from vlmtrain.text.encoding import TextEncoder
@@ -32,23 +31,6 @@ from vlmtrain.train.progress import ProgressLog, StepProgressBar, on_a_terminal
 from vlmtrain.train.strategy import build_strategy, device_count, node_count
 
 RECIPE_FILE = "recipe.yaml"
-
-
-class _DropAdverts(logging.Filter):
-    """Lightning advertises a cloud logger on every run; users of this framework do not need to see it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
-
-
-def quiet_dependencies() -> None:
-    """Silence Lightning's advert and warnings that dependencies raise about their own internals."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated")  # inside DeepSpeed
-    warnings.filterwarnings("ignore", message=r"When saving the DeepSpeed Stage 3 checkpoint")  # export consolidates
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")  # inside PEFT
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # frozen parts, on purpose
 
 
 def prepare_run_dir(recipe: Recipe) -> Path:
