@@ -56,6 +56,7 @@ TINY_GEMMA4_TEXT = {  # a Gemma 4 text LM: one sliding-window layer (window 8, s
     "max_position_embeddings": 4096,
 }
 GEMMA4_IMAGE_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>"}
+GEMMA4_AUDIO_TOKENS = {"audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}  # its processor needs them
 GEMMA4_TOWER = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -168,13 +169,12 @@ def save_as_full_checkpoint(model: torch.nn.Module, folder: Path, model_type: st
 
 def gemma4_tokenizer(folder: Path) -> Path:
     """A tokenizer folder (the byte tokenizer) that declares Gemma 4's image, begin- and end-of-image tokens
-    as Gemma 4's tokenizer does, so that its processor can expand images."""
+    (and its audio ones) as Gemma 4's tokenizer does, so that its processor can expand images."""
     tokenizer = build_byte_tokenizer(GEMMA4_IMAGE_TOKENS["image_token"])
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [GEMMA4_IMAGE_TOKENS["boi_token"], GEMMA4_IMAGE_TOKENS["eoi_token"]]},
-        replace_extra_special_tokens=False,
-    )
+    named = {**GEMMA4_IMAGE_TOKENS, **GEMMA4_AUDIO_TOKENS}
+    others = [token for name, token in named.items() if name != "image_token"]
+    tokenizer.add_special_tokens({"additional_special_tokens": others}, replace_extra_special_tokens=False)
     tokenizer.save_pretrained(folder)
     config_file = folder / "tokenizer_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **GEMMA4_IMAGE_TOKENS}))
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **named}))
     return folder

@@ -32,6 +32,7 @@ from helpers import (
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 from vlmtrain.config import LMConfig, load_recipe
 from vlmtrain.errors import UserError
@@ -404,7 +405,7 @@ def gemma4_export(demo_dir, tmp_path_factory) -> tuple[ExportedModel, Path]:
 
 @pytest.mark.slow
 def test_a_gemma4_shaped_model_exports_as_native_gemma4_with_the_training_logits_at_every_budget(gemma4_export):
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, Gemma4ForConditionalGeneration
+    from transformers import Gemma4ForConditionalGeneration
 
     model, out = gemma4_export
     config = json.loads((out / "config.json").read_text())
@@ -445,21 +446,39 @@ def test_a_gemma4_shaped_model_exports_as_native_gemma4_with_the_training_logits
     assert tokenizer.decode(generated, skip_special_tokens=True) == expected
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("torchvision") is None,
-    reason="transformers' Gemma4Processor needs torchvision (its video processor)",
-)
-def test_the_native_gemma4_processor_encodes_as_training_did(gemma4_export):
-    from transformers import AutoProcessor
+def native_processor(folder: Path):
+    """The folder's Gemma4Processor: AutoProcessor where torchvision is installed; without it (transformers
+    cannot build Gemma 4's video processor) from the image processor, feature extractor and tokenizer the
+    folder holds, with no video processor."""
+    from unittest import mock
 
+    from transformers import AutoFeatureExtractor, AutoProcessor, Gemma4Processor, ProcessorMixin
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return AutoProcessor.from_pretrained(folder)
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, argument: None):
+        return Gemma4Processor(
+            feature_extractor=AutoFeatureExtractor.from_pretrained(folder),
+            image_processor=AutoImageProcessor.from_pretrained(folder),
+            tokenizer=AutoTokenizer.from_pretrained(folder),
+            video_processor=None,
+        )
+
+
+@pytest.mark.slow
+def test_the_native_gemma4_processor_encodes_as_training_did(gemma4_export):
     model, out = gemma4_export
-    processor = AutoProcessor.from_pretrained(out)
+    processor = native_processor(out)
     image = GEMMA4_IMAGE_TOKENS["image_token"]
-    prompt = f"<bos>Look {image}{image} and say: "
     for budget in model.geometry.levels:
         images = [at_budget(Image.open(path), model.geometry, budget) for path in pictures()]
-        served = processor(text=prompt, images=images, images_kwargs={"max_soft_tokens": budget}, return_tensors="pt")
-        assert torch.equal(served["input_ids"], model.inputs(images, prompt, budget=budget)[0])
+        for prompt in (f"<bos>Look {image} and say: ", f"<bos>Look {image}{image} and say: "):
+            chosen = images[: prompt.count(image)]
+            served = processor(text=prompt, images=chosen, images_kwargs={"max_soft_tokens": budget}, return_tensors="pt")
+            assert torch.equal(served["input_ids"], model.inputs(chosen, prompt, budget=budget)[0])
+            with torch.no_grad():
+                logits = AutoModelForImageTextToText.from_pretrained(out).eval()(**served).logits
+            torch.testing.assert_close(logits, model.logits(chosen, prompt, budget=budget), atol=1e-5, rtol=1e-5)
 
 
 def test_a_gemma4_tower_with_another_projector_is_exported_with_remote_code_saying_why(demo_dir, tmp_path):
@@ -480,7 +499,7 @@ def test_an_lm_with_per_layer_inputs_is_refused_in_one_line():
 @pytest.mark.slow
 def test_a_recipe_starting_from_a_whole_gemma4_checkpoint_computes_what_gemma4_does(demo_dir, tmp_path):
     # a Gemma 4 release is one checkpoint: the recipe reads its tower, its embedder and its text model from it
-    from transformers import AutoTokenizer, Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
     folder = gemma4_tokenizer(tmp_path / "gemma4")
@@ -528,7 +547,6 @@ def test_a_recipe_starting_from_a_whole_gemma4_checkpoint_computes_what_gemma4_d
 
 @pytest.mark.slow
 def test_a_gemma4_shaped_run_trains_packed_and_vlmtrain_export_writes_native_gemma4(demo_dir, tmp_path):
-    from transformers import AutoModelForImageTextToText
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
     tokenizer = gemma4_tokenizer(tmp_path / "tokenizer")

@@ -35,6 +35,7 @@ NATIVE_NAMES = (
 )
 GEMMA4_LEVELS = (70, 140, 280, 560, 1120)  # the max_soft_tokens Gemma 4's image processor takes
 TEXT_MODEL_TYPE = "gemma4_text"
+AUDIO_TOKENS = ("audio_token", "boa_token", "eoa_token")
 
 
 def native_gemma4_mismatch(description: dict[str, Any], lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -55,6 +56,10 @@ def native_gemma4_mismatch(description: dict[str, Any], lm: PreTrainedModel, tok
                 getattr(tokenizer, name, None) for name in ("boi_token", "eoi_token")
             ),
             f"the tokenizer does not declare {image_token!r} as its image_token with a boi_token and eoi_token",
+        ),
+        (  # Gemma4Processor refuses every call without them (transformers 5.24), images or not
+            all(getattr(tokenizer, name, None) for name in AUDIO_TOKENS),
+            f"the tokenizer does not declare Gemma 4's {', '.join(AUDIO_TOKENS)}, which Gemma4Processor needs",
         ),
         (getattr(lm.config, "use_bidirectional_attention", None) != "all", "the LM attends bidirectionally everywhere"),
     )
