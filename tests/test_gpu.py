@@ -64,6 +64,33 @@ def check_flash_kernel_runs(model: VisionLanguageModel, device: str) -> None:
     assert features.shape == (images.pixels.shape[0], backbone.width) and bool(torch.isfinite(features).all())
 
 
+def check_sliding_window_attention(device: str) -> None:
+    """Packed causal attention with a sliding window (Gemma 4's sliding layers) in bf16 on ``device`` (torch's
+    varlen kernel on a GPU, SDPA with a band mask elsewhere) against an fp32 block-diagonal banded mask."""
+    from vlmtrain.model.attention import Segments
+
+    torch.manual_seed(0)
+    lengths, window = [37, 5, 64, 20], 16
+    q, k, v = (torch.randn(sum(lengths), heads, 64) for heads in (4, 2, 2))
+    sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    offsets = torch.arange(sum(lengths))[:, None] - torch.arange(sum(lengths))[None, :]
+    mask = (sequence[:, None] == sequence[None, :]) & (offsets >= 0) & (offsets < window)
+    dense = [x.repeat_interleave(4 // x.shape[1], 1).transpose(0, 1) for x in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*dense, attn_mask=mask).transpose(0, 1)
+    half = [x.to(device, torch.bfloat16) for x in (q, k, v)]
+    got = Segments.of_lengths(lengths, torch.device(device)).attend(*half, causal=True, window=window)
+    torch.testing.assert_close(got.float().cpu(), expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+def test_packed_attention_keeps_a_sliding_window_in_bf16_on_gpu():
+    check_sliding_window_attention("cuda")
+
+
+def test_packed_attention_keeps_a_sliding_window_in_bf16_on_cpu():
+    check_sliding_window_attention("cpu")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backbone, pooling", CASES)
 def test_bf16_autocast_forward_and_backward_stay_close_to_fp32_on_gpu(demo_dir, caption_dir, tmp_path, backbone, pooling):
