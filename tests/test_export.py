@@ -299,7 +299,11 @@ def test_every_backbone_and_pooling_loads_as_one_transformers_model_with_the_sam
             exports[folder.name] = untrained_export(demo_dir, folder, *overrides)[1]
     gemma4_parts = (*BACKBONES["gemma4"], "model.projector.kind=gemma4")  # Gemma 4's tower, pooling and embedder
     exports["gemma4-embedder"] = untrained_export(demo_dir, tmp_path / "gemma4-embedder", *gemma4_parts)[1]
+    lora, _ = untrained_export(demo_dir, tmp_path / "lora", *LORA)  # the adapter kept apart, merged at loading
+    write_export(lora, small_recipe(demo_dir, tmp_path / "lora" / "run", *LORA), tmp_path / "lora-kept", keep_adapter=True)
+    exports["lora-kept"] = tmp_path / "lora-kept"
     check_transformers_model(exports, tmp_path)
+    assert json.loads((tmp_path / "lora-kept" / "config.json").read_text())["adapter"] == "lm-adapter"
 
 
 @pytest.fixture(scope="module")

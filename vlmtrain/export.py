@@ -10,7 +10,8 @@
     OUT/config.json, *.py, model.safetensors.index.json, processor_config.json, tokenizer files
                             the folder as one transformers model with its processor (remote code that needs
                             torch and transformers only; the index points at vision/ and lm/, no weight is
-                            stored twice); not with ``keep_adapter`` (see :mod:`vlmtrain.formats.hf_model`)
+                            stored twice; with ``keep_adapter`` the adapter is merged in at loading; see
+                            :mod:`vlmtrain.formats.hf_model`)
 
 A model with Gemma 4's shapes is written instead as a native Gemma 4 checkpoint at OUT's root (config,
 weights under Gemma 4's names, tokenizer, processor: :mod:`vlmtrain.formats.gemma4`), with the description
@@ -103,7 +104,10 @@ def export_layout(trained: ExportedModel, lm: PreTrainedModel, keep_adapter: boo
     (:mod:`vlmtrain.formats.gemma4`), ``vlmtrain`` otherwise; the line says why a Gemma 4 tower is not
     exported natively."""
     if keep_adapter and isinstance(trained.model.lm, PeftModel):
-        return VLMTRAIN_LAYOUT, "the base LM in lm/ and its LoRA adapter in lm-adapter/ (loads with vlmtrain.load)"
+        return VLMTRAIN_LAYOUT, (
+            "the base LM in lm/, its LoRA adapter in lm-adapter/; one transformers model (AutoModelForImageTextToText, "
+            "trust_remote_code), the adapter merged in at loading"
+        )
     mismatch = native_gemma4_mismatch(trained.description.to_dict(), lm, trained.tokenizer)
     if mismatch is None:
         return GEMMA4_LAYOUT, "a native Gemma 4 checkpoint (Gemma4ForConditionalGeneration and Gemma4Processor, no remote code)"
@@ -207,8 +211,9 @@ def _write_files(trained: ExportedModel, recipe: Recipe, out: Path, keep_adapter
             save_adapter_folder(model.lm, out / ADAPTER_DIR)
         lm.save_pretrained(out / LM_DIR, safe_serialization=True)
         trained.tokenizer.save_pretrained(out / LM_DIR)
-        if description.lm.adapter is None:  # the LM whole: the folder is also one transformers model
-            write_transformers_model(out, description.to_dict(), trained.geometry, lm, trained.tokenizer, (VISION_DIR, LM_DIR))
+        write_transformers_model(
+            out, description.to_dict(), trained.geometry, lm, trained.tokenizer, (VISION_DIR, LM_DIR), description.lm.adapter
+        )
     (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     (out / "README.md").write_text(model_card(recipe, description, layout, trained.text_format.prompt, evaluation))
     return line
@@ -258,7 +263,7 @@ def model_card(recipe: Recipe, description: ModelDescription, layout: str, promp
             "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs['input_ids'].shape[1]:]))",
             "```",
         ]
-    elif description.lm.adapter is None:
+    else:
         lines += [
             "",
             "With transformers alone (the folder ships its modelling and processing code):",

@@ -79,8 +79,10 @@ def write_transformers_model(
     lm: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     folders: tuple[str, str],
+    adapter: str | None = None,
 ) -> None:
-    """Make ``out`` (whose ``folders``, vision then LM, hold the weights) load as one transformers model."""
+    """Make ``out`` (whose ``folders``, vision then LM, hold the weights; ``adapter``, a LoRA adapter folder
+    merged in at loading) load as one transformers model."""
     for file in sorted(CODE.glob("*.py")):
         shutil.copyfile(file, out / file.name)
     for module, name in SHIPPED.items():
@@ -93,6 +95,7 @@ def write_transformers_model(
         "description": description,
         "text_config": text_config,
         "image_token_id": tokenizer.convert_tokens_to_ids(description["lm"]["image_token"]),
+        "adapter": adapter,
         "tie_word_embeddings": text_config.get("tie_word_embeddings", False),
         "dtype": text_config.get("dtype", "float32"),
         "transformers_version": transformers.__version__,

@@ -1,7 +1,8 @@
 """The configuration of a vlmtrain model as a transformers model (shipped in every export; no vlmtrain).
 
 ``description`` is the model description vlmtrain trained from (vision/config.json's ``model``: backbone
-kind and settings, pooling, projector, levels, image token); ``text_config`` the language model's config."""
+kind and settings, pooling, projector, levels, image token); ``text_config`` the language model's config;
+``adapter`` the export's LoRA adapter folder, merged in at loading (an export made with ``--keep-adapter``)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class VlmtrainConfig(PretrainedConfig):
         description: dict[str, Any] | None = None,
         text_config: dict[str, Any] | PretrainedConfig | None = None,
         image_token_id: int | None = None,
+        adapter: str | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -44,4 +46,5 @@ class VlmtrainConfig(PretrainedConfig):
         self.description = description or {}
         self.text_config = text_config
         self.image_token_id = image_token_id
+        self.adapter = adapter
         super().__init__(**kwargs)

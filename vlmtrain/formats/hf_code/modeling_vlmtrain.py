@@ -7,9 +7,13 @@ names from lm/), which model.safetensors.index.json maps, so that the folder hol
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -54,6 +58,16 @@ class VlmtrainForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self._tied_weights_keys = getattr(lm, "_tied_weights_keys", None)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any) -> Any:
+        """transformers' loading; then the LoRA adapter that an export made with ``--keep-adapter`` keeps beside
+        the base language model (``config.adapter``, a folder of the export) is merged in."""
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.config.adapter:
+            merge_lora(model, Path(pretrained_model_name_or_path) / model.config.adapter)
+        return loaded
+
     def _init_weights(self, module: torch.nn.Module) -> None:
         """transformers builds the model on the meta device and loads the weights; what no file holds is set
         here: vlmtrain modules recompute their non-persistent buffers, the LM's modules are the LM's."""
@@ -97,3 +111,24 @@ class VlmtrainForConditionalGeneration(PreTrainedModel, GenerationMixin):
             for name in IMAGE_INPUTS:
                 inputs.pop(name, None)
         return inputs
+
+
+def merge_lora(model: torch.nn.Module, folder: Path) -> None:
+    """Add a PEFT LoRA adapter's update, ``B @ A`` times ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), to
+    each weight it adapts; the adapter's module names are the language model's, which this model keeps at its
+    root. Only plain LoRA (what vlmtrain trains) is read; anything else is refused in one line."""
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    plain = settings.get("peft_type") == "LORA" and settings.get("bias", "none") == "none" and not any(
+        settings.get(name) for name in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
+    )
+    if not plain:
+        raise ValueError(f"{folder}: not a plain LoRA adapter (DoRA, biases, per-layer ranks); merge it with PEFT")
+    rank = settings["r"]
+    scale = settings["lora_alpha"] / (math.sqrt(rank) if settings.get("use_rslora") else rank)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    with torch.no_grad():
+        for name, down in tensors.items():
+            if name.endswith(".lora_A.weight"):
+                up = tensors[name.removesuffix(".lora_A.weight") + ".lora_B.weight"]
+                weight = model.get_submodule(name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")).weight
+                weight += (up.float() @ down.float() * scale).to(weight.dtype)
