@@ -549,6 +549,7 @@ def chat_builder(levels=LEVELS) -> BatchBuilder:
     return BatchBuilder(Geometry(16, 2, levels), text, TextConfig(max_length=400), DecodingConfig())
 
 
+@pytest.mark.slow
 def test_independent_budgets_give_each_image_its_own_draw_and_keep_fixed_ones(chat_dir):
     builder = chat_builder()
     schedule = BudgetSchedule.uniform(seed=4, per_image="independent")

@@ -9,7 +9,9 @@ the key.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 import math
 import types
 import typing
@@ -317,7 +319,7 @@ def recipe_from_configs(configs: list[DictConfig], source: str = "recipe") -> Re
     them out of run directories and W&B (they may hold secrets)."""
     recipe = structured(Recipe, configs, source)
     try:
-        raw = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Recipe), *configs), resolve=False)
+        raw = OmegaConf.to_container(OmegaConf.merge(schema_defaults(Recipe), *configs), resolve=False)
     except oc_errors.OmegaConfBaseException:
         raw = {}
     recipe._from_environment = {key: value for key, value in _leaves(raw) if isinstance(value, str) and "${oc.env:" in value}
@@ -350,12 +352,23 @@ def recipe_values(recipe: Recipe) -> dict[str, Any]:
     return values
 
 
+@functools.cache
+def _schema_node(schema: type) -> DictConfig:
+    return OmegaConf.structured(schema)
+
+
+def schema_defaults(schema: type) -> DictConfig:
+    """``OmegaConf.structured(schema)``, built once per schema and copied (building it is most of the cost
+    of reading a recipe)."""
+    return copy.deepcopy(_schema_node(schema))
+
+
 def structured(schema: type[Schema], configs: list[Any], source: str, prefix: str = "") -> Schema:
     """``configs`` (mappings) merged over the dataclass ``schema``'s defaults, interpolations resolved, as
     ``schema`` objects; an unknown, renamed, missing or mistyped key raises :class:`RecipeError` naming it
     (after ``prefix``, where the values sit inside a larger file)."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), *configs)
+        merged = OmegaConf.merge(schema_defaults(schema), *configs)
         OmegaConf.resolve(merged)
         return OmegaConf.to_object(merged)
     except oc_errors.ConfigKeyError as error:
