@@ -47,7 +47,7 @@ def check_bf16_close_to_fp32(model: VisionLanguageModel, builder, caption_dir, d
             loss = model.sample_losses(inputs).mean()
         loss.backward()
         grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
-        results[name] = (float(loss), grads)
+        results[name] = (float(loss.detach()), grads)
     assert results["bf16"][0] == pytest.approx(results["fp32"][0], rel=BF16_LOSS_RTOL)
     assert float(F.cosine_similarity(results["bf16"][1], results["fp32"][1], dim=0)) > BF16_GRAD_COSINE
 
