@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 from huggingface_hub import save_torch_state_dict
-from safetensors import safe_open
 from transformers import Gemma4Config, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
+from vlmtrain.geometry import LEVELS
+from vlmtrain.model.hf_vision import prefixed_tensors
 from vlmtrain.model.vlm import VisionLanguageModel
 
 # vlmtrain's names (VisionLanguageModel's state dict, LoRA merged) → Gemma4ForConditionalGeneration's
@@ -33,7 +34,6 @@ NATIVE_NAMES = (
     ("lm.model.", "model.language_model."),
     ("lm.lm_head.", "lm_head."),
 )
-GEMMA4_LEVELS = (70, 140, 280, 560, 1120)  # the max_soft_tokens Gemma 4's image processor takes
 TEXT_MODEL_TYPE = "gemma4_text"
 AUDIO_TOKENS = ("audio_token", "boa_token", "eoa_token")
 
@@ -50,7 +50,7 @@ def native_gemma4_mismatch(description: dict[str, Any], lm: PreTrainedModel, tok
         (pooling["size"] == own_pool, f"model.pooling.size is {pooling['size']}, the tower pools {own_pool}x{own_pool}"),
         (projector["kind"] == "gemma4", f"model.projector.kind is {projector['kind']}, not gemma4"),
         (lm.config.model_type == TEXT_MODEL_TYPE, f"the language model is {lm.config.model_type}, not {TEXT_MODEL_TYPE}"),
-        (set(description["levels"]) <= set(GEMMA4_LEVELS), f"levels {description['levels']} are not all Gemma 4's"),
+        (set(description["levels"]) <= set(LEVELS), f"levels {description['levels']} are not all Gemma 4's"),
         (
             getattr(tokenizer, "image_token", None) == image_token and all(
                 getattr(tokenizer, name, None) for name in ("boi_token", "eoi_token")
@@ -77,14 +77,10 @@ def native_name(name: str) -> str:
 def vlmtrain_weights(folder: Path, parts: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The weights of vlmtrain ``parts`` (e.g. backbone, projector) in a native Gemma 4 export, under
     vlmtrain's names (the inverse of :func:`native_name`)."""
-    inverse = [(theirs, ours) for ours, theirs in NATIVE_NAMES if ours.split(".")[0] in parts]
     weights: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                for theirs, ours in inverse:
-                    if name.startswith(theirs):
-                        weights[ours + name[len(theirs) :]] = handle.get_tensor(name)
+    for ours, theirs in NATIVE_NAMES:
+        if ours.split(".")[0] in parts:
+            weights |= {ours + name: tensor for name, tensor in prefixed_tensors(folder, (theirs,)).items()}
     return weights
 
 

@@ -142,7 +142,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return json.loads(config_file.read_text())
 
 
-def _tower_tensors(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def prefixed_tensors(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Tensors under the first of ``prefixes`` found in the folder's safetensors files, prefix removed."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -175,7 +175,7 @@ def load_tower(spec: TowerSpec, config: PreTrainedConfig, path: str | None, attn
         missing = info["missing_keys"]
     else:
         model = spec.model_class(config)
-        state = _tower_tensors(Path(path), spec.prefixes)
+        state = prefixed_tensors(Path(path), spec.prefixes)
         missing = [name for name in model.state_dict() if name not in state]
         if not missing:
             load_weights(model, state)
@@ -187,17 +187,14 @@ def load_tower(spec: TowerSpec, config: PreTrainedConfig, path: str | None, attn
 GEMMA4_EMBEDDER_PREFIXES = ("model.embed_vision.", "embed_vision.")
 
 
-def load_gemma4_embedder(projector: nn.Module, path: str) -> bool:
+def load_gemma4_embedder(projector: nn.Module, path: str) -> None:
     """Load Gemma 4's multimodal embedder into a ``gemma4`` projector from the whole Gemma 4 checkpoint at
-    ``path`` (the one its tower comes from); False when the folder holds none (a vision-only folder)."""
-    if read_config(path).get("model_type") == TOWERS["gemma4"].model_type:
-        return False
+    ``path`` (the one its tower comes from); nothing when the folder holds none (a vision-only folder)."""
     try:
-        state = _tower_tensors(Path(path), GEMMA4_EMBEDDER_PREFIXES)
+        state = prefixed_tensors(Path(path), GEMMA4_EMBEDDER_PREFIXES)
     except ValueError:  # no weights under those prefixes
-        return False
+        return
     load_weights(projector, state)
-    return True
 
 
 def load_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
