@@ -39,9 +39,9 @@ from vlmtrain.data.pipeline import TrainStream
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.shards import write_shards
 from vlmtrain.data.sources import Source, read_shard
-from vlmtrain.geometry import LEVELS, Geometry
+from vlmtrain.modeling.geometry import LEVELS, Geometry
+from vlmtrain.modeling.tokenizers import build_byte_tokenizer
 from vlmtrain.text.encoding import TextEncoder
-from vlmtrain.text.tokenizers import build_byte_tokenizer
 
 ASPECTS = [(4, 3), (3, 2), (16, 9), (1, 1), (3, 4), (2, 3), (9, 16), (3, 1), (1, 3), (21, 9)]
 GEOMETRY = Geometry(patch_size=16, pool=3)  # Gemma 4's

@@ -170,7 +170,7 @@ def stem_canvases(grids: list[list[int]], bins: tuple[int, ...]) -> tuple[int, i
     """(patches, canvas patches) of the conv stem when it runs per bin and aspect class (several ZeRO-3
     processes): each image of a group on a canvas of the group's most rows x most columns. (One process runs
     it per grid: no padding.)"""
-    from vlmtrain.model.backbone import STEM_ASPECT_CLASSES, bin_members
+    from vlmtrain.modeling.backbone import STEM_ASPECT_CLASSES, bin_members
 
     members = bin_members([tuple(grid) for grid in grids], bins, STEM_ASPECT_CLASSES)
     canvas = sum(

@@ -104,7 +104,7 @@ def count_flops(forward_backward, inputs: list) -> float:
     which the counter does not know, gives way to SDPA per sequence length (the same arithmetic)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vlmtrain.model import attention
+    from vlmtrain.modeling import attention
 
     varlen, attention.varlen_available = attention.varlen_available, lambda: False
     try:

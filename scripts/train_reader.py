@@ -24,11 +24,11 @@ from torch import nn
 
 from vlmtrain.config import load_recipe
 from vlmtrain.data.demo import WORDS, render_sample
-from vlmtrain.geometry import Geometry
-from vlmtrain.model.backbone import NativeViT
-from vlmtrain.model.backbones import BACKBONES
 from vlmtrain.model.description import describe_model
-from vlmtrain.model.inputs import ImageBatch
+from vlmtrain.modeling.backbone import NativeViT
+from vlmtrain.modeling.backbones import BACKBONES
+from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.inputs import ImageBatch
 
 TRAIN_SEED, VAL_SEED = 11, 12
 BATCH_PATCHES, MAX_BATCH = 2560, 32

@@ -16,11 +16,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vlmtrain.config import Recipe, load_recipe
-from vlmtrain.geometry import Geometry
-from vlmtrain.model.inputs import ImageBatch
-from vlmtrain.pixels import image_patches
+from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.inputs import ImageBatch
+from vlmtrain.modeling.pixels import image_patches
+from vlmtrain.modeling.tokenizers import build_byte_tokenizer
 from vlmtrain.plan import plan_run
-from vlmtrain.text.tokenizers import build_byte_tokenizer
 from vlmtrain.train.module import VLMModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from vlmtrain.budget import BudgetSchedule
-from vlmtrain.geometry import LEVELS
+from vlmtrain.modeling.geometry import LEVELS
 
 UNIFORM = (1.0,) * 5
 

@@ -11,9 +11,9 @@ import pytest
 from helpers import ROOT
 
 from vlmtrain.errors import UserError
+from vlmtrain.modeling.tokenizers import IGNORE_INDEX, build_byte_tokenizer, load_tokenizer
 from vlmtrain.text.chat import CHATML, ChatTemplateError, resolve_chat_template, stop_tokens
 from vlmtrain.text.encoding import TextEncoder
-from vlmtrain.text.tokenizers import IGNORE_INDEX, build_byte_tokenizer, load_tokenizer
 
 LLAMA3 = (
     "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"

@@ -13,7 +13,7 @@ from PIL import Image
 
 from vlmtrain.config import load_recipe
 from vlmtrain.evaluate import evaluate
-from vlmtrain.export import export, trained_model
+from vlmtrain.export.write import export, trained_model
 from vlmtrain.inference import load
 from vlmtrain.train.run import fit
 

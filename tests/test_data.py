@@ -26,9 +26,9 @@ from vlmtrain.data.samples import RawSample, SampleError, parse_sample
 from vlmtrain.data.shards import write_shards
 from vlmtrain.data.sources import ShardSequence, Source, StreamId, expand_shards, read_shard
 from vlmtrain.errors import UserError
-from vlmtrain.geometry import LEVELS, Geometry
+from vlmtrain.modeling.geometry import LEVELS, Geometry
+from vlmtrain.modeling.tokenizers import IGNORE_INDEX, build_byte_tokenizer
 from vlmtrain.text.encoding import TextEncoder
-from vlmtrain.text.tokenizers import IGNORE_INDEX, build_byte_tokenizer
 
 GEOMETRY = Geometry(patch_size=16, pool=2)
 UNIFORM = BudgetSchedule(LEVELS, (1.0,) * 5, seed=3)

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmtrain.config import load_recipe
 from vlmtrain.data.sources import ShardSequence, Source, StreamId
-from vlmtrain.model.backbone import NativeViT
+from vlmtrain.modeling.backbone import NativeViT
 from vlmtrain.train.layout import latest_checkpoint
 from vlmtrain.train.module import ranks_agree
 
@@ -187,7 +187,7 @@ def pretrained_dir(tmp_path_factory) -> Path:
 
     from vlmtrain.config import LMConfig
     from vlmtrain.model.lm import build_lm
-    from vlmtrain.text.tokenizers import build_byte_tokenizer
+    from vlmtrain.modeling.tokenizers import build_byte_tokenizer
 
     out = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(1)
@@ -263,9 +263,9 @@ def test_torchrun_launch_takes_devices_and_nodes_from_its_environment(demo_dir, 
 
 def test_zero3_with_lora_on_an_lm_lacking_the_image_token_saves_an_adapter_that_reloads(demo_dir, tmp_path):
     from vlmtrain.config import LMConfig
-    from vlmtrain.export import export, trained_model
+    from vlmtrain.export.write import export, trained_model
     from vlmtrain.model.lm import build_lm
-    from vlmtrain.text.tokenizers import build_byte_tokenizer
+    from vlmtrain.modeling.tokenizers import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer(image_token="<img>")  # the base vocabulary lacks <image>
     build_lm(LMConfig(hf_config=TINY_LLAMA), tokenizer).save_pretrained(tmp_path / "llama")

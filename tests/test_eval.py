@@ -15,8 +15,8 @@ from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import read_shard
 from vlmtrain.errors import UserError
 from vlmtrain.evaluate import evaluate, word_recall
-from vlmtrain.export import export, trained_model
-from vlmtrain.text.tokenizers import IGNORE_INDEX
+from vlmtrain.export.write import export, trained_model
+from vlmtrain.modeling.tokenizers import IGNORE_INDEX
 from vlmtrain.train.run import fit
 
 FIELDS = {

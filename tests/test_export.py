@@ -36,10 +36,10 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTo
 
 from vlmtrain.config import LMConfig, load_recipe
 from vlmtrain.errors import UserError
-from vlmtrain.export import export, trained_model, write_export
+from vlmtrain.export.write import export, trained_model, write_export
 from vlmtrain.inference import ExportedModel, load
 from vlmtrain.model.lm import build_lm
-from vlmtrain.text.tokenizers import build_byte_tokenizer
+from vlmtrain.modeling.tokenizers import build_byte_tokenizer
 from vlmtrain.train.layout import latest_checkpoint
 
 CASES = {"70": [70], "140": [140], "70+140": [70, 140]}  # the last: one budget per image
@@ -576,7 +576,7 @@ def test_a_gemma4_shaped_run_trains_packed_and_vlmtrain_export_writes_native_gem
 
 @pytest.mark.parametrize(("version", "accepted"), [("4.57.1", False), ("5.22.0", False), ("5.23.0", True), ("5.24.0.dev0", True)])
 def test_the_shipped_code_refuses_a_transformers_too_old_for_it_in_one_line(version: str, accepted: bool):
-    from vlmtrain.formats.hf_code.configuration_vlmtrain import require_transformers
+    from vlmtrain.modeling.configuration_vlmtrain import require_transformers
 
     if accepted:
         require_transformers(version)

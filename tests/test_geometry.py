@@ -14,8 +14,8 @@ from PIL import Image
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil, get_aspect_ratio_preserving_size
 
 from vlmtrain.errors import UserError
-from vlmtrain.geometry import LEVELS, BudgetError, Geometry, geometry_table, parse_size
-from vlmtrain.pixels import patch_positions, patchify, to_rgb
+from vlmtrain.modeling.geometry import LEVELS, BudgetError, Geometry, geometry_table, parse_size
+from vlmtrain.modeling.pixels import patch_positions, patchify, to_rgb
 
 GEMMA4 = Geometry(patch_size=16, pool=3)
 IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"

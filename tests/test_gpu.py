@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import read_shard
-from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.modeling.vlm import VisionLanguageModel
 from vlmtrain.train.run import batch_builder
 
 BF16_LOSS_RTOL = 2e-2  # bf16 keeps 8 bits of mantissa (~0.4 % per operation), a few layers deep
@@ -67,7 +67,7 @@ def check_flash_kernel_runs(model: VisionLanguageModel, device: str) -> None:
 def check_sliding_window_attention(device: str) -> None:
     """Packed causal attention with a sliding window (Gemma 4's sliding layers) in bf16 on ``device`` (torch's
     varlen kernel on a GPU, SDPA with a band mask elsewhere) against an fp32 block-diagonal banded mask."""
-    from vlmtrain.model.attention import Segments
+    from vlmtrain.modeling.attention import Segments
 
     torch.manual_seed(0)
     lengths, window = [37, 5, 64, 20], 16

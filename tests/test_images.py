@@ -12,8 +12,8 @@ from transformers.models.gemma4.image_processing_pil_gemma4 import convert_image
 
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import SampleError
-from vlmtrain.geometry import Geometry
-from vlmtrain.pixels import patch_positions, patchify, to_rgb
+from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.pixels import patch_positions, patchify, to_rgb
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

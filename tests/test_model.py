@@ -37,17 +37,17 @@ from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import read_shard
 from vlmtrain.errors import UserError
-from vlmtrain.geometry import Geometry
-from vlmtrain.model.backbone import NativeViT, aspect_class
-from vlmtrain.model.backbones import BACKBONES, TowerKind
 from vlmtrain.model.build import build_model
 from vlmtrain.model.description import describe_model
-from vlmtrain.model.hf_vision import TOWERS
-from vlmtrain.model.inputs import ImageBatch, ModelInput
 from vlmtrain.model.lm import build_lm, lm_tokenizer, save_adapter_folder
-from vlmtrain.model.pooling import AttentionPooling, AveragePooling, GeometryMismatch, gather_windows
+from vlmtrain.modeling.backbone import NativeViT, aspect_class
+from vlmtrain.modeling.backbones import BACKBONES, TowerKind
+from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.hf_vision import TOWERS
+from vlmtrain.modeling.inputs import ImageBatch, ModelInput
+from vlmtrain.modeling.pooling import AttentionPooling, AveragePooling, GeometryMismatch, gather_windows
+from vlmtrain.modeling.tokenizers import IGNORE_INDEX, build_byte_tokenizer
 from vlmtrain.text.encoding import TextEncoder
-from vlmtrain.text.tokenizers import IGNORE_INDEX, build_byte_tokenizer
 
 
 def load_tower(kind: str, path: str | None, hf_config: dict) -> torch.nn.Module:
@@ -73,7 +73,7 @@ def test_native_vit_gives_each_packed_image_what_it_gives_the_image_alone(stem):
 
 @pytest.mark.parametrize(("causal", "kv_heads", "window"), [(False, 4, None), (True, 4, None), (True, 2, None), (True, 2, 3)])
 def test_packed_attention_equals_a_block_diagonal_mask(causal: bool, kv_heads: int, window: int | None):
-    from vlmtrain.model.attention import Segments
+    from vlmtrain.modeling.attention import Segments
 
     lengths = [6, 5, 6, 4, 1, 6]
     q = torch.randn(sum(lengths), 4, 8)
@@ -438,7 +438,7 @@ def test_one_sample_trains_one_image_at_1120_and_the_other_at_70_in_one_pass(cha
 
 def test_losses_are_attributed_to_each_images_budget_in_proportion():
     from vlmtrain.data.batch import Batch
-    from vlmtrain.model.vlm import SampleLosses
+    from vlmtrain.modeling.vlm import SampleLosses
     from vlmtrain.train.module import losses_by_budget
 
     # sample 0: images at 1120 and 70; sample 1: one at 70; sample 2: text only
@@ -531,7 +531,7 @@ def test_lm_packed_rows_attend_per_sample_with_every_attention_implementation(lm
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from vlmtrain.data.batch import pack_text
-    from vlmtrain.model.attention import VARLEN
+    from vlmtrain.modeling.attention import VARLEN
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(**{**lm_config, "vocab_size": 50, "pad_token_id": 0})
@@ -560,7 +560,7 @@ def test_lm_packed_rows_attend_per_sample_with_every_attention_implementation(lm
 def test_images_of_several_budget_levels_run_in_bins_and_equal_each_image_alone(monkeypatch, lockstep: bool):
     """One process: the conv stem runs per grid; several (ZeRO-3): once per bin and aspect class, every one
     called (blank when empty), images of a like shape on one canvas. Same features."""
-    monkeypatch.setattr("vlmtrain.model.backbone.in_lockstep", lambda: lockstep)
+    monkeypatch.setattr("vlmtrain.modeling.backbone.in_lockstep", lambda: lockstep)
     torch.manual_seed(0)
     geometry = Geometry(patch_size=8, pool=2)
     vit = NativeViT(patch_size=8, width=32, depth=1, heads=2, stem="conv").eval()
@@ -627,7 +627,7 @@ def test_the_gemma4_projector_is_gemma4s_multimodal_embedder():
     from transformers import Gemma4TextConfig, Gemma4VisionConfig
     from transformers.models.gemma4.modeling_gemma4 import Gemma4MultimodalEmbedder
 
-    from vlmtrain.model.projector import build_projector
+    from vlmtrain.modeling.projector import build_projector
 
     torch.manual_seed(0)
     projector = build_projector("gemma4", 48, None, 64)

@@ -21,10 +21,10 @@ from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import read_shard
 from vlmtrain.errors import UserError
 from vlmtrain.evaluate import evaluate
-from vlmtrain.export import write_export
+from vlmtrain.export.write import write_export
 from vlmtrain.inference import ExportedModel, load
+from vlmtrain.modeling.tokenizers import IGNORE_INDEX
 from vlmtrain.selector.labels import label_budgets
-from vlmtrain.text.tokenizers import IGNORE_INDEX
 
 
 def exported(recipe) -> ExportedModel:

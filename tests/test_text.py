@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from vlmtrain.modeling.tokenizers import IGNORE_INDEX, build_byte_tokenizer, load_tokenizer
 from vlmtrain.text.encoding import TextEncoder, TextError
-from vlmtrain.text.tokenizers import IGNORE_INDEX, build_byte_tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_the_text_length_limit_counts_text_not_image_tokens(encoder, tmp_path):
     from vlmtrain.config import DecodingConfig, TextConfig
     from vlmtrain.data.builder import BatchBuilder
     from vlmtrain.data.samples import RawSample, SampleError
-    from vlmtrain.geometry import Geometry
+    from vlmtrain.modeling.geometry import Geometry
 
     builder = BatchBuilder(Geometry(16, 1), encoder, TextConfig(prompt="<image>", max_length=6), DecodingConfig())
     assert builder.text_tokens(RawSample("a", {"text": "word"})) == 6  # bos + 4 bytes + eos

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
-from vlmtrain.geometry import DEFAULT_BUDGET, LEVELS, BudgetError, check_levels
+from vlmtrain.modeling.geometry import DEFAULT_BUDGET, LEVELS, BudgetError, check_levels
 from vlmtrain.seeding import text_id, unit
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from omegaconf import errors as oc_errors
 
 from vlmtrain.budget import BudgetSchedule, check_budget_settings
 from vlmtrain.errors import UserError
-from vlmtrain.geometry import LEVELS, BudgetError, Geometry
+from vlmtrain.modeling.geometry import LEVELS, BudgetError, Geometry
 
 BACKBONES = ("native", "siglip2", "gemma4", "dinov2")
 STEMS = ("conv", "linear")
@@ -111,7 +111,7 @@ class LMConfig:
     hf_config: dict[str, Any] | None = field(default_factory=dict)  # null clears it (a recipe switching to a path)
     tokenizer: str | None = None
     image_token: str = "<image>"
-    attn_implementation: str = "vlmtrain_varlen"  # packed rows attend per sample (vlmtrain/model/attention.py)
+    attn_implementation: str = "vlmtrain_varlen"  # packed rows attend per sample (vlmtrain/modeling/attention.py)
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     adapter: str | None = None

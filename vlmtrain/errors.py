@@ -1,8 +1,9 @@
-"""Errors a user fixes from the message alone; the CLI prints them as one line, without a traceback."""
+"""Errors a user fixes from the message alone (:class:`UserError`, defined with the model code that raises it
+too) and a run stopped by a signal; the CLI prints each as one line, without a traceback."""
 
+from vlmtrain.modeling.errors import UserError
 
-class UserError(Exception):
-    """Base of errors caused by input the user controls: recipes, budgets, annotation files, paths."""
+__all__ = ["RunInterrupted", "UserError"]
 
 
 class RunInterrupted(Exception):

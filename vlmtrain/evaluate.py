@@ -26,9 +26,9 @@ from vlmtrain.data.pipeline import EvalStream
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import expand_shards
 from vlmtrain.errors import UserError
-from vlmtrain.geometry import LEVELS
 from vlmtrain.inference import ExportedModel, auto_tolerance
-from vlmtrain.model.inputs import ImageBatch
+from vlmtrain.modeling.geometry import LEVELS
+from vlmtrain.modeling.inputs import ImageBatch
 from vlmtrain.reporting import progress
 from vlmtrain.selector.model import batch_features
 from vlmtrain.text.chat import stop_tokens
@@ -56,7 +56,7 @@ class BudgetResult:
 
 def open_model(path: Path) -> ExportedModel:
     """An export folder, or a run directory (its latest checkpoint), ready for evaluation."""
-    from vlmtrain.export import trained_model
+    from vlmtrain.export.write import trained_model
     from vlmtrain.inference import load
 
     if (path / "vision" / "config.json").is_file():

@@ -22,13 +22,13 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.config import RecipeError, TextConfig, structured
 from vlmtrain.errors import UserError
-from vlmtrain.formats.gemma4 import vlmtrain_weights
-from vlmtrain.geometry import Geometry
+from vlmtrain.families.gemma4 import vlmtrain_weights
 from vlmtrain.model.build import build_model
 from vlmtrain.model.description import ModelDescription, first_difference, read_description
-from vlmtrain.model.inputs import ImageBatch
 from vlmtrain.model.lm import lm_tokenizer
-from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.inputs import ImageBatch
+from vlmtrain.modeling.vlm import VisionLanguageModel
 from vlmtrain.selector.model import BudgetSelector, load_selector, question_embedding, selector_features
 from vlmtrain.text.chat import stop_tokens
 from vlmtrain.text.conversation import check_conversation, parse_messages

@@ -9,9 +9,9 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.config import Recipe
-from vlmtrain.geometry import Geometry
 from vlmtrain.model.description import ModelDescription, describe_model
 from vlmtrain.model.lm import lm_tokenizer
+from vlmtrain.modeling.geometry import Geometry
 from vlmtrain.text.chat import resolve_chat_template
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from vlmtrain.model.inputs import ModelInput
-from vlmtrain.text.tokenizers import IGNORE_INDEX
+from vlmtrain.modeling.inputs import ModelInput
+from vlmtrain.modeling.tokenizers import IGNORE_INDEX
 
 
 @dataclass

@@ -13,9 +13,9 @@ from vlmtrain.config import DecodingConfig, TextConfig
 from vlmtrain.data.batch import Batch, pack_text, pad_text
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import RawSample, SampleError
-from vlmtrain.geometry import Geometry, ImageGeometry
-from vlmtrain.model.inputs import ImageBatch, ModelInput
-from vlmtrain.pixels import image_patches
+from vlmtrain.modeling.geometry import Geometry, ImageGeometry
+from vlmtrain.modeling.inputs import ImageBatch, ModelInput
+from vlmtrain.modeling.pixels import image_patches
 from vlmtrain.text.chat import ChatTemplateError
 from vlmtrain.text.conversation import image_count, text_of
 from vlmtrain.text.encoding import EncodedText, TextEncoder, TextError

@@ -19,8 +19,8 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from vlmtrain.data.shards import ShardReport, write_shards
-from vlmtrain.geometry import Geometry
-from vlmtrain.pixels import to_rgb
+from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.pixels import to_rgb
 from vlmtrain.reporting import progress
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"

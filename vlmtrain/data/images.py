@@ -1,4 +1,4 @@
-"""Decoding image bytes to RGB (the pixels themselves: :mod:`vlmtrain.pixels`)."""
+"""Decoding image bytes to RGB (the pixels themselves: :mod:`vlmtrain.modeling.pixels`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 from PIL import Image, ImageOps
 
 from vlmtrain.data.samples import SampleError
-from vlmtrain.pixels import to_rgb
+from vlmtrain.modeling.pixels import to_rgb
 
 _SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees
 

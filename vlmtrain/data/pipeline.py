@@ -24,7 +24,7 @@ from vlmtrain.data.builder import BatchBuilder, Budgets, EncodedSample
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import Arrival, Position, ShardSequence, Source, StreamId, read_shard, stream_samples
 from vlmtrain.errors import UserError
-from vlmtrain.geometry import BudgetError
+from vlmtrain.modeling.geometry import BudgetError
 from vlmtrain.seeding import rng
 
 log = logging.getLogger(__name__)

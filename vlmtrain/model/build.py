@@ -8,13 +8,13 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.config import OptimConfig, PartConfig
-from vlmtrain.model.backbones import BACKBONES
 from vlmtrain.model.description import ModelDescription
-from vlmtrain.model.hf_vision import load_gemma4_embedder
 from vlmtrain.model.lm import build_lm, is_adapter_parameter
-from vlmtrain.model.pooling import build_pooling
-from vlmtrain.model.projector import build_projector
-from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.modeling.backbones import BACKBONES
+from vlmtrain.modeling.hf_vision import load_gemma4_embedder
+from vlmtrain.modeling.pooling import build_pooling
+from vlmtrain.modeling.projector import build_projector
+from vlmtrain.modeling.vlm import VisionLanguageModel
 from vlmtrain.seeding import mix
 
 

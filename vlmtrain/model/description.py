@@ -15,8 +15,8 @@ from typing import Any
 from vlmtrain.budget import default_budget
 from vlmtrain.config import BudgetConfig, LMConfig, ModelConfig, PoolingConfig, ProjectorConfig, RecipeError, structured
 from vlmtrain.errors import UserError
-from vlmtrain.geometry import Geometry
-from vlmtrain.model.backbones import BACKBONES
+from vlmtrain.modeling.backbones import BACKBONES
+from vlmtrain.modeling.geometry import Geometry
 
 
 @dataclass

@@ -14,8 +14,8 @@ from transformers.utils import logging as transformers_logging
 
 from vlmtrain.config import LMConfig, LoraConfig
 from vlmtrain.errors import UserError
-from vlmtrain.model import attention  # noqa: F401 (registers the vlmtrain_varlen attention with transformers)
-from vlmtrain.text.tokenizers import load_tokenizer
+from vlmtrain.modeling import attention  # noqa: F401 (registers the vlmtrain_varlen attention with transformers)
+from vlmtrain.modeling.tokenizers import load_tokenizer
 
 
 def lm_tokenizer(config: LMConfig) -> PreTrainedTokenizerBase:

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmtrain.errors import UserError
-from vlmtrain.model.inputs import ModelInput
-from vlmtrain.model.vlm import VisionLanguageModel
-from vlmtrain.text.tokenizers import IGNORE_INDEX
+from vlmtrain.modeling.inputs import ModelInput
+from vlmtrain.modeling.tokenizers import IGNORE_INDEX
+from vlmtrain.modeling.vlm import VisionLanguageModel
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 

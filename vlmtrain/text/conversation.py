@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmtrain.geometry import LEVELS
+from vlmtrain.modeling.geometry import LEVELS
 
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -12,10 +12,10 @@ from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
 
+from vlmtrain.modeling.prompt import TextError, image_bounds, image_span, prompt_ids
+from vlmtrain.modeling.tokenizers import IGNORE_INDEX
 from vlmtrain.text.chat import chat_segments, generation_prompt
 from vlmtrain.text.conversation import as_template_messages
-from vlmtrain.text.prompt import TextError, image_bounds, image_span, prompt_ids
-from vlmtrain.text.tokenizers import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from vlmtrain.config import OptimConfig
 from vlmtrain.data.batch import Batch, Step
 from vlmtrain.model.build import build_model, part_settings, set_trainable
-from vlmtrain.model.vlm import SampleLosses, VisionLanguageModel
+from vlmtrain.modeling.vlm import SampleLosses, VisionLanguageModel
 from vlmtrain.plan import RunPlan
 from vlmtrain.seeding import mix
 

@@ -119,7 +119,7 @@ def check_hf_configs(recipe: Recipe, source: str) -> None:
         _unknown_keys(source, "model.lm.hf_config", overrides, config_class)
     vision = recipe.model.vision
     if vision.hf_config and vision.backbone != "native":
-        from vlmtrain.model.hf_vision import TOWERS
+        from vlmtrain.modeling.hf_vision import TOWERS
 
         config_class = TOWERS[vision.backbone].config_class
         _unknown_keys(source, "model.vision.hf_config", vision.hf_config, config_class)

@@ -24,7 +24,7 @@ from transformers import (
     Siglip2VisionModel,
 )
 
-from vlmtrain.model.backbone import VisionBackbone, canvases, run_by_grid, run_in_bins, unit_pixels
+from .backbone import VisionBackbone, canvases, run_by_grid, run_in_bins, unit_pixels
 
 
 class Siglip2Backbone(VisionBackbone):

@@ -11,10 +11,10 @@
                             the folder as one transformers model with its processor (remote code that needs
                             torch and transformers only; the index points at vision/ and lm/, no weight is
                             stored twice; with ``keep_adapter`` the adapter is merged in at loading; see
-                            :mod:`vlmtrain.formats.hf_model`)
+                            :mod:`vlmtrain.export.transformers_model`)
 
 A model with Gemma 4's shapes is written instead as a native Gemma 4 checkpoint at OUT's root (config,
-weights under Gemma 4's names, tokenizer, processor: :mod:`vlmtrain.formats.gemma4`), with the description
+weights under Gemma 4's names, tokenizer, processor: :mod:`vlmtrain.families.gemma4`), with the description
 in OUT/vision/config.json; vlmtrain reads its weights from the root (``layout: gemma4``), none is stored twice.
 
 Reads ``trained.safetensors`` from the checkpoint (no pickle, no DeepSpeed) and rebuilds what did not
@@ -37,8 +37,9 @@ from transformers import PreTrainedModel
 
 from vlmtrain.config import LoraConfig, Recipe, load_recipe, recipe_to_yaml
 from vlmtrain.errors import UserError
-from vlmtrain.formats.gemma4 import native_gemma4_mismatch, write_native_gemma4
-from vlmtrain.formats.hf_model import write_transformers_model
+from vlmtrain.export.card import model_card
+from vlmtrain.export.transformers_model import write_transformers_model
+from vlmtrain.families.gemma4 import native_gemma4_mismatch, write_native_gemma4
 from vlmtrain.inference import (
     ADAPTER_DIR,
     CONFIG_FILE,
@@ -55,7 +56,7 @@ from vlmtrain.inference import (
 from vlmtrain.model.build import build_model, set_trainable
 from vlmtrain.model.description import ModelDescription, canonical_json
 from vlmtrain.model.lm import save_adapter_folder
-from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.modeling.vlm import VisionLanguageModel
 from vlmtrain.plan import RunPlan, plan_run
 from vlmtrain.train.layout import CHECKPOINTS, TRAINED, last_evaluation, latest_checkpoint
 
@@ -101,7 +102,7 @@ def merged_lm(trained: ExportedModel, keep_adapter: bool) -> PreTrainedModel:
 
 def export_layout(trained: ExportedModel, lm: PreTrainedModel, keep_adapter: bool) -> tuple[str, str]:
     """(layout, a line saying what the folder is): ``gemma4`` for a model with Gemma 4's shapes
-    (:mod:`vlmtrain.formats.gemma4`), ``vlmtrain`` otherwise; the line says why a Gemma 4 tower is not
+    (:mod:`vlmtrain.families.gemma4`), ``vlmtrain`` otherwise; the line says why a Gemma 4 tower is not
     exported natively."""
     if keep_adapter and isinstance(trained.model.lm, PeftModel):
         return VLMTRAIN_LAYOUT, (
@@ -217,104 +218,3 @@ def _write_files(trained: ExportedModel, recipe: Recipe, out: Path, keep_adapter
     (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     (out / "README.md").write_text(model_card(recipe, description, layout, trained.text_format.prompt, evaluation))
     return line
-
-
-def model_card(recipe: Recipe, description: ModelDescription, layout: str, prompt: str, evaluation: dict | None) -> str:
-    """A README for the export folder: what the model is, how to load it, and its per-budget results."""
-    geometry = description.geometry()
-    cell = geometry.cell
-    lines = [
-        f"# {recipe.name}",
-        "",
-        "A vision-language model with a mixed-budget vision encoder, trained with vlmtrain. One image is",
-        f"represented by at most {', '.join(map(str, geometry.levels))} visual tokens, chosen per image",
-        (
-            f"(patch {geometry.patch_size}, pool {geometry.pool}: one token per {cell}x{cell} pixels; "
-            f"default {description.default_budget})."
-        ),
-        "",
-        f"- vision encoder: {description.vision.kind}, pooling: {description.pooling.kind}",
-        (
-            "- the folder is a native Gemma 4 checkpoint (`Gemma4ForConditionalGeneration`, `Gemma4Processor`)"
-            if layout == GEMMA4_LAYOUT
-            else "- language model: `lm/` (loads with `transformers.AutoModelForCausalLM.from_pretrained`)"
-        ),
-        f"- image token: `{description.lm.image_token}`; prompt template: `{prompt!r}`",
-        "",
-        "```python",
-        "import vlmtrain",
-        "from PIL import Image",
-        'model = vlmtrain.load("PATH/TO/THIS/FOLDER")',
-        f'print(model.generate([Image.open("page.png")], budget={max(geometry.levels)}))',
-        "```",
-    ]
-    if layout == GEMMA4_LAYOUT:
-        lines += [
-            "",
-            "With transformers alone (or anything that serves Gemma 4; the budget is `max_soft_tokens`):",
-            "",
-            "```python",
-            "from PIL import Image",
-            "from transformers import AutoModelForImageTextToText, AutoProcessor",
-            'model = AutoModelForImageTextToText.from_pretrained("PATH/TO/THIS/FOLDER")',
-            'processor = AutoProcessor.from_pretrained("PATH/TO/THIS/FOLDER")',
-            f'inputs = processor(text={prompt!r}, images=[Image.open("page.png")], return_tensors="pt",',
-            f'                   images_kwargs={{"max_soft_tokens": {max(geometry.levels)}}})',
-            "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs['input_ids'].shape[1]:]))",
-            "```",
-        ]
-    else:
-        lines += [
-            "",
-            "With transformers alone (the folder ships its modelling and processing code):",
-            "",
-            "```python",
-            "from PIL import Image",
-            "from transformers import AutoModelForImageTextToText, AutoProcessor",
-            'model = AutoModelForImageTextToText.from_pretrained("PATH/TO/THIS/FOLDER", trust_remote_code=True)',
-            'processor = AutoProcessor.from_pretrained("PATH/TO/THIS/FOLDER", trust_remote_code=True)',
-            f'inputs = processor({prompt!r}, [Image.open("page.png")], budget={max(geometry.levels)})',
-            "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs['input_ids'].shape[1]:]))",
-            "```",
-        ]
-    if evaluation is not None:
-        model = evaluation["models"][0]
-        samples = max(row["samples"] for row in model["budgets"])
-        lines += [
-            "",
-            "## Results by budget",
-            "",
-            f"Evaluated on `{evaluation.get('data', '?')}`, {samples} samples per budget.",
-            "",
-            results_table(model),
-        ]
-    lines += ["", "## Training recipe", "", "See `recipe.yaml`."]
-    return "\n".join(lines) + "\n"
-
-
-def latency_spread(row: dict[str, Any]) -> str:
-    """`` (p10-p90)`` of a row's latency (absent from evaluations written before it was measured)."""
-    return f" ({row['latency_p10_ms']:.1f}-{row['latency_p90_ms']:.1f})" if "latency_p10_ms" in row else ""
-
-
-def budget_cell(row: dict[str, Any]) -> str:
-    """A row's budget; for auto, with how many images the selector put at each level."""
-    chosen = ", ".join(f"{level}: {count}" for level, count in (row.get("chosen") or {}).items() if count)
-    return f"{row['budget']} ({chosen})" if chosen else str(row["budget"])
-
-
-def results_table(model_results: dict[str, Any]) -> str:
-    """A Markdown table of one model's evaluation, a row per budget."""
-    rows = [
-        "| budget | loss | token accuracy | exact match | word recall | visual tokens / image | images/s | latency (p10-p90) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in model_results["budgets"]:
-        exact = "-" if row.get("exact_match") is None else f"{row['exact_match']:.1%}"
-        recall = "-" if row.get("word_recall") is None else f"{row['word_recall']:.1%}"
-        rows.append(
-            f"| {budget_cell(row)} | {row['loss']:.3f} | {row['token_accuracy']:.1%} | {exact} | {recall} | "
-            f"{row['visual_tokens_per_image']:.0f} | {row['images_per_s']:.1f} | "
-            f"{row['latency_ms']:.1f} ms{latency_spread(row)} |"
-        )
-    return "\n".join(rows)

@@ -5,7 +5,7 @@ image is the budget).
 A model has Gemma 4's shapes when its parts are Gemma 4's: the vision tower (backbone ``gemma4``), the
 tower's own average pooling, Gemma 4's multimodal embedder as projector (``projector.kind: gemma4``) and a
 Gemma 4 text LM, with a tokenizer that declares Gemma 4's image, begin- and end-of-image tokens (training
-then writes each image as Gemma 4's processor does, :func:`vlmtrain.text.prompt.image_bounds`). Its
+then writes each image as Gemma 4's processor does, :func:`vlmtrain.modeling.prompt.image_bounds`). Its
 weights are then Gemma 4's weights under other names (:data:`NATIVE_NAMES`): the tower's output scaling
 and standardisation, applied after pooling by transformers and before it by vlmtrain, are affine and
 commute with the average.
@@ -23,9 +23,9 @@ from transformers import Gemma4Config, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
-from vlmtrain.geometry import LEVELS
-from vlmtrain.model.hf_vision import prefixed_tensors
-from vlmtrain.model.vlm import VisionLanguageModel
+from vlmtrain.modeling.geometry import LEVELS
+from vlmtrain.modeling.hf_vision import prefixed_tensors
+from vlmtrain.modeling.vlm import VisionLanguageModel
 
 # vlmtrain's names (VisionLanguageModel's state dict, LoRA merged) → Gemma4ForConditionalGeneration's
 NATIVE_NAMES = (

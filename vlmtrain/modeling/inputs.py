@@ -14,8 +14,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from PIL import Image
 
-from vlmtrain.geometry import Geometry, ImageGeometry
-from vlmtrain.pixels import image_patches, to_rgb
+from .geometry import Geometry, ImageGeometry
+from .pixels import image_patches, to_rgb
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlmtrain.geometry import ImageGeometry
+from .geometry import ImageGeometry
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

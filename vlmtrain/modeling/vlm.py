@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from vlmtrain.geometry import Geometry
-from vlmtrain.model.backbone import VisionBackbone
-from vlmtrain.model.inputs import ImageBatch, ModelInput
-from vlmtrain.model.pooling import GeometryMismatch, Pooling
-from vlmtrain.text.tokenizers import IGNORE_INDEX
+from .backbone import VisionBackbone
+from .geometry import Geometry
+from .inputs import ImageBatch, ModelInput
+from .pooling import GeometryMismatch, Pooling
+from .tokenizers import IGNORE_INDEX
 
 
 @dataclass

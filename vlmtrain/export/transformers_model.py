@@ -2,8 +2,8 @@
 trust_remote_code=True)`` and ``AutoProcessor.from_pretrained(OUT, trust_remote_code=True)``, in a Python
 with torch and transformers only.
 
-At the folder's root: the modelling, configuration and processing code (``hf_code/``), the vlmtrain modules
-that code runs (copied, their imports made relative: the same code that trained the model), ``config.json``
+At the folder's root: the modules of :mod:`vlmtrain.modeling` (the modelling, configuration and processing
+code and the vlmtrain modules they run, copied as they are: the same code that trained the model), ``config.json``
 (the model description and the LM's config), ``processor_config.json`` with the tokenizer, and
 ``model.safetensors.index.json``, which maps every weight to the file that already holds it (``vision/``
 and ``lm/``), so that no weight is stored twice.
@@ -11,9 +11,7 @@ and ``lm/``), so that no weight is stored twice.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,45 +20,15 @@ import transformers
 from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from vlmtrain.geometry import Geometry
+import vlmtrain.modeling
+from vlmtrain.modeling.geometry import Geometry
 
-CODE = Path(__file__).parent / "hf_code"
-SHIPPED = {  # the vlmtrain modules the shipped code imports (they need torch, transformers, numpy, PIL only)
-    "vlmtrain.errors": "errors",
-    "vlmtrain.geometry": "geometry",
-    "vlmtrain.pixels": "pixels",
-    "vlmtrain.text.prompt": "text_prompt",
-    "vlmtrain.text.tokenizers": "text_tokenizers",
-    "vlmtrain.model.attention": "model_attention",
-    "vlmtrain.model.backbone": "model_backbone",
-    "vlmtrain.model.hf_vision": "model_hf_vision",
-    "vlmtrain.model.backbones": "model_backbones",
-    "vlmtrain.model.pooling": "model_pooling",
-    "vlmtrain.model.projector": "model_projector",
-    "vlmtrain.model.inputs": "model_inputs",
-    "vlmtrain.model.vlm": "model_vlm",
-}
+SHIPPED = Path(vlmtrain.modeling.__file__).parent  # every module in it is copied, as it is
 AUTO_MAP = {
     "AutoConfig": "configuration_vlmtrain.VlmtrainConfig",
     "AutoModelForImageTextToText": "modeling_vlmtrain.VlmtrainForConditionalGeneration",
 }
 INDEX_FILE = "model.safetensors.index.json"
-
-
-def shipped_source(module: str) -> str:
-    """The source of vlmtrain ``module`` with its vlmtrain imports made relative to the export folder."""
-
-    def relative(match: re.Match) -> str:
-        indent, name = match.groups()
-        if name not in SHIPPED:
-            raise RuntimeError(f"{module} imports {name}, which exports do not ship (see SHIPPED)")
-        return f"{indent}from .{SHIPPED[name]} import"
-
-    source = Path(importlib.util.find_spec(module).origin).read_text()
-    shipped = re.sub(r"^(\s*)from (vlmtrain[\w.]*) import", relative, source, flags=re.MULTILINE)
-    if re.search(r"^\s*(from|import) vlmtrain", shipped, flags=re.MULTILINE):
-        raise RuntimeError(f"{module} imports vlmtrain in a form exports cannot ship (write: from vlmtrain.x import y)")
-    return shipped
 
 
 def weight_map(out: Path, folder: str) -> dict[str, str]:
@@ -83,10 +51,9 @@ def write_transformers_model(
 ) -> None:
     """Make ``out`` (whose ``folders``, vision then LM, hold the weights; ``adapter``, a LoRA adapter folder
     merged in at loading) load as one transformers model."""
-    for file in sorted(CODE.glob("*.py")):
-        shutil.copyfile(file, out / file.name)
-    for module, name in SHIPPED.items():
-        (out / f"{name}.py").write_text(shipped_source(module))
+    for file in sorted(SHIPPED.glob("*.py")):
+        if file.name != "__init__.py":
+            shutil.copyfile(file, out / file.name)
     text_config = lm.config.to_dict()
     config = {
         "model_type": "vlmtrain",

@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .backbones import BACKBONES
 from .configuration_vlmtrain import VlmtrainConfig
 from .geometry import Geometry
-from .model_backbones import BACKBONES
-from .model_inputs import ImageBatch
-from .model_pooling import build_pooling
-from .model_projector import build_projector
-from .model_vlm import VisionLanguageModel
+from .inputs import ImageBatch
+from .pooling import build_pooling
+from .projector import build_projector
+from .vlm import VisionLanguageModel
 
 IMAGE_INPUTS = ("pixel_values", "pixel_positions", "patch_grids", "token_grids", "image_sample_index")
 

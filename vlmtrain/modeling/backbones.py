@@ -13,9 +13,9 @@ from typing import Any, Protocol
 from safetensors.torch import load_file
 from transformers import PreTrainedConfig
 
-from vlmtrain.errors import UserError
-from vlmtrain.model.backbone import NativeViT, VisionBackbone
-from vlmtrain.model.hf_vision import TOWERS, TowerSpec, load_tower, load_weights, read_config
+from .backbone import NativeViT, VisionBackbone
+from .errors import UserError
+from .hf_vision import TOWERS, TowerSpec, load_tower, load_weights, read_config
 
 
 class VisionSection(Protocol):
@@ -53,7 +53,7 @@ class BackboneKind:
 
 
 class NativeKind(BackboneKind):
-    """The compact ViT of :mod:`vlmtrain.model.backbone`, its settings from the recipe's fields, its
+    """The compact ViT of :mod:`vlmtrain.modeling.backbone`, its settings from the recipe's fields, its
     pretrained weights (if any) from a .safetensors file."""
 
     def settings(self, vision: VisionSection) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlmtrain.model.attention import Segments
+from .attention import Segments
 
 
 @dataclass(frozen=True)

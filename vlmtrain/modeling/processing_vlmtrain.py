@@ -14,8 +14,8 @@ from PIL import Image
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
 from .geometry import Geometry
-from .model_inputs import ImageBatch
-from .text_prompt import prompt_ids
+from .inputs import ImageBatch
+from .prompt import prompt_ids
 
 
 class VlmtrainProcessor(ProcessorMixin):

@@ -1,0 +1,7 @@
+"""``python -m vlmtrain.cli``: the ``vlmtrain`` command."""
+
+import sys
+
+from vlmtrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model families: what a whole family of checkpoints (Gemma 4) knows beyond the parts vlmtrain assembles."""

@@ -1,1 +1,0 @@
-"""Export formats: how a trained model leaves the framework (see :mod:`vlmtrain.export`)."""
