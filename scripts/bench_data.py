@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vlmtrain.budget import BudgetSchedule
-from vlmtrain.config import BatchingConfig, DataConfig, DecodingConfig, TextConfig
 from vlmtrain.data.builder import BatchBuilder
+from vlmtrain.data.config import BatchingConfig, DataConfig, DecodingConfig, TextConfig
 from vlmtrain.data.datamodule import _unbatched
 from vlmtrain.data.demo import PHOTOS, _photo
 from vlmtrain.data.pipeline import TrainStream

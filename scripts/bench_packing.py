@@ -110,8 +110,9 @@ def measure(spec: str, overrides: list[str], levels: list[int], steps: int, pack
     import torch
 
     from vlmtrain.config import load_recipe
-    from vlmtrain.model.build import build_model, set_trainable
+    from vlmtrain.families import build_model
     from vlmtrain.plan import plan_run
+    from vlmtrain.train.optim import set_trainable
     from vlmtrain.train.run import build_datamodule
 
     recipe = load_recipe(

@@ -40,8 +40,9 @@ def measure(recipe_path: str, overrides: list[str], levels: list[int], steps: in
     import torch
 
     from vlmtrain.config import load_recipe
-    from vlmtrain.model.build import build_model, set_trainable
+    from vlmtrain.families import build_model
     from vlmtrain.plan import plan_run
+    from vlmtrain.train.optim import set_trainable
     from vlmtrain.train.run import build_datamodule
 
     recipe = load_recipe(recipe_path, [*overrides, f"budget.levels={levels}", "budget.default=null", "budget.weights=null"])

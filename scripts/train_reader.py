@@ -89,7 +89,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe, ["model.vision.path=null"])
     description = describe_model(recipe.model, recipe.budget)
     torch.manual_seed(0)
-    reader = Reader(BACKBONES[description.vision.kind].build(description.vision.settings, None))
+    reader = Reader(BACKBONES[description.vision.kind].build(description.vision.settings))
     geometry = description.geometry()
     levels = geometry.levels
     train = [render_sample(index, TRAIN_SEED) for index in range(args.train)]

@@ -16,9 +16,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vlmtrain.budget import BudgetSchedule
-from vlmtrain.config import BatchingConfig, DataConfig, DecodingConfig, TextConfig
 from vlmtrain.data.annotations import read_annotations
 from vlmtrain.data.builder import BatchBuilder
+from vlmtrain.data.config import BatchingConfig, DataConfig, DecodingConfig, TextConfig
 from vlmtrain.data.datamodule import _unbatched
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.pipeline import DataError, EvalStream, SkipLog, StreamState, TrainStream

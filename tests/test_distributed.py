@@ -185,7 +185,7 @@ def pretrained_dir(tmp_path_factory) -> Path:
     """A tiny Llama with its tokenizer, and a tiny Gemma 4 vision tower inside a whole-VLM checkpoint."""
     from transformers import Gemma4VisionConfig, Gemma4VisionModel
 
-    from vlmtrain.config import LMConfig
+    from vlmtrain.model.config import LMConfig
     from vlmtrain.model.lm import build_lm
     from vlmtrain.modeling.tokenizers import build_byte_tokenizer
 
@@ -262,8 +262,8 @@ def test_torchrun_launch_takes_devices_and_nodes_from_its_environment(demo_dir, 
 
 
 def test_zero3_with_lora_on_an_lm_lacking_the_image_token_saves_an_adapter_that_reloads(demo_dir, tmp_path):
-    from vlmtrain.config import LMConfig
     from vlmtrain.export.write import export, trained_model
+    from vlmtrain.model.config import LMConfig
     from vlmtrain.model.lm import build_lm
     from vlmtrain.modeling.tokenizers import build_byte_tokenizer
 

@@ -58,8 +58,8 @@ def figures_by_hand(run_dir, urls: list[str], budget: int, limit: int, max_new_t
     """Loss, token accuracy, exact match, word recall and visual tokens of the first ``limit`` samples, one
     sample at a time: cross-entropy of full-sequence logits over the target tokens, and greedy decoding by
     repeated full forward passes (no KV cache, no ``generate``)."""
-    from vlmtrain.config import DecodingConfig
     from vlmtrain.data.builder import BatchBuilder
+    from vlmtrain.data.config import DecodingConfig
 
     model = trained_model(run_dir)[0]
     builder = BatchBuilder(model.geometry, model.text, model.text_format, DecodingConfig())

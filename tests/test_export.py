@@ -34,10 +34,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-from vlmtrain.config import LMConfig, load_recipe
+from vlmtrain.config import load_recipe
 from vlmtrain.errors import UserError
 from vlmtrain.export.write import export, trained_model, write_export
 from vlmtrain.inference import ExportedModel, load
+from vlmtrain.model.config import LMConfig
 from vlmtrain.model.lm import build_lm
 from vlmtrain.modeling.tokenizers import build_byte_tokenizer
 from vlmtrain.train.layout import latest_checkpoint
@@ -583,3 +584,20 @@ def test_the_shipped_code_refuses_a_transformers_too_old_for_it_in_one_line(vers
     else:
         with pytest.raises(ImportError, match=rf"needs transformers >= 5\.23, found {version}"):
             require_transformers(version)
+
+
+def test_the_shipped_modules_import_each_other_relatively():
+    # an export copies vlmtrain/modeling/*.py into its folder, where vlmtrain is not installed: an absolute
+    # import of vlmtrain there fails only when the export is loaded
+    import ast
+
+    import vlmtrain.modeling
+
+    absolute = []
+    for file in sorted(Path(vlmtrain.modeling.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            absolute += [f"{file.name}:{node.lineno} {name}" for name in names if name.split(".")[0] == "vlmtrain"]
+    assert absolute == []

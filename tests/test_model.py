@@ -23,27 +23,20 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Config, Dinov2Model, Gemma4VisionConfig, Gemma4VisionModel, Siglip2VisionConfig, Siglip2VisionModel
 
-from vlmtrain.config import (
-    BudgetConfig,
-    DecodingConfig,
-    LMConfig,
-    LoraConfig,
-    ModelConfig,
-    PoolingConfig,
-    TextConfig,
-    VisionConfig,
-)
+from vlmtrain.budget import BudgetConfig
 from vlmtrain.data.builder import BatchBuilder
+from vlmtrain.data.config import DecodingConfig, TextConfig
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import read_shard
 from vlmtrain.errors import UserError
-from vlmtrain.model.build import build_model
+from vlmtrain.families import build_model
+from vlmtrain.model.config import LMConfig, LoraConfig, ModelConfig, PoolingConfig, VisionConfig
 from vlmtrain.model.description import describe_model
 from vlmtrain.model.lm import build_lm, lm_tokenizer, save_adapter_folder
+from vlmtrain.model.pretrained import pretrained_backbone
 from vlmtrain.modeling.backbone import NativeViT, aspect_class
-from vlmtrain.modeling.backbones import BACKBONES, TowerKind
+from vlmtrain.modeling.backbones import BACKBONES, TOWERS, TowerKind
 from vlmtrain.modeling.geometry import Geometry
-from vlmtrain.modeling.hf_vision import TOWERS
 from vlmtrain.modeling.inputs import ImageBatch, ModelInput
 from vlmtrain.modeling.pooling import AttentionPooling, AveragePooling, GeometryMismatch, gather_windows
 from vlmtrain.modeling.tokenizers import IGNORE_INDEX, build_byte_tokenizer
@@ -53,8 +46,8 @@ from vlmtrain.text.encoding import TextEncoder
 def load_tower(kind: str, path: str | None, hf_config: dict) -> torch.nn.Module:
     """The registry's backbone ``kind`` as a recipe with this path and hf_config would build it."""
     vision = VisionConfig(backbone=kind, path=path, hf_config=hf_config, patch_size=None)
-    registry = BACKBONES[kind]
-    return registry.build(registry.settings(vision), path)
+    settings = BACKBONES[kind].settings(vision)
+    return BACKBONES[kind].build(settings) if path is None else pretrained_backbone(kind, settings, path)
 
 
 @pytest.mark.parametrize("stem", ["conv", "linear"])
@@ -360,18 +353,18 @@ def test_native_backbone_starts_from_weights_in_a_safetensors_file(tmp_path):
     native = BACKBONES["native"]
     settings = native.settings(VisionConfig(backbone="native", patch_size=16, width=64, depth=1, heads=4))
     torch.manual_seed(5)
-    source = native.build(settings, None)
+    source = native.build(settings)
     save_file(source.state_dict(), tmp_path / "vit.safetensors")
     torch.manual_seed(6)
-    loaded = native.build(settings, str(tmp_path / "vit.safetensors"))
+    loaded = pretrained_backbone("native", settings, str(tmp_path / "vit.safetensors"))
     images = image_batch(Geometry(16, 1), [(40, 70)], 70)
     with torch.no_grad():
         expected = source(images.pixels, images.positions, images.patch_grids)
         assert torch.equal(loaded(images.pixels, images.positions, images.patch_grids), expected)
     with pytest.raises(ValueError, match="does not fit the recipe's native backbone: .*check width"):
-        native.build({**settings, "width": 128}, str(tmp_path / "vit.safetensors"))
+        pretrained_backbone("native", {**settings, "width": 128}, str(tmp_path / "vit.safetensors"))
     with pytest.raises(FileNotFoundError, match="model.vision.path"):
-        native.build(settings, str(tmp_path / "missing.safetensors"))
+        pretrained_backbone("native", settings, str(tmp_path / "missing.safetensors"))
 
 
 def test_the_shipped_reader_weights_fit_the_demo_recipe():
@@ -379,14 +372,12 @@ def test_the_shipped_reader_weights_fit_the_demo_recipe():
 
     root = Path(__file__).resolve().parents[1]
     description = describe_model(load_recipe(root / "recipes" / "tiny.yaml").model, BudgetConfig())
-    backbone = BACKBONES["native"].build(description.vision.settings, str(root / description.vision.weights))
+    backbone = pretrained_backbone("native", description.vision.settings, str(root / description.vision.weights))
     assert torch.equal(backbone.stem.norm.weight, load_file(root / description.vision.weights)["stem.norm.weight"])
 
 
-def test_the_registry_holds_every_backbone_the_recipe_names():
-    from vlmtrain.config import BACKBONES as NAMES
-
-    assert sorted(BACKBONES) == sorted(NAMES)
+def test_the_registry_holds_the_native_vit_and_every_tower():
+    assert set(BACKBONES) == {"native", *TOWERS}
     assert all(isinstance(BACKBONES[name], TowerKind) and BACKBONES[name].spec is TOWERS[name] for name in TOWERS)
 
 

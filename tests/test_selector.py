@@ -13,8 +13,9 @@ from helpers import TINY, built, small_recipe
 from safetensors.torch import load_file, save_file
 
 from vlmtrain.cli import main
-from vlmtrain.config import DecodingConfig, load_recipe
+from vlmtrain.config import load_recipe
 from vlmtrain.data.builder import BatchBuilder
+from vlmtrain.data.config import DecodingConfig
 from vlmtrain.data.demo import make_demo_shards
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import RawSample

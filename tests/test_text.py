@@ -92,8 +92,8 @@ def test_unusable_text_is_refused(encoder, prompt, target, tokens, message):
 def test_the_text_length_limit_counts_text_not_image_tokens(encoder, tmp_path):
     """A sample's text (prompt, target, BOS and EOS; not its image placeholders) may be data.text.max_length
     tokens long; a longer one is skipped as text_too_long."""
-    from vlmtrain.config import DecodingConfig, TextConfig
     from vlmtrain.data.builder import BatchBuilder
+    from vlmtrain.data.config import DecodingConfig, TextConfig
     from vlmtrain.data.samples import RawSample, SampleError
     from vlmtrain.modeling.geometry import Geometry
 

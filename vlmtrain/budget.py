@@ -1,6 +1,6 @@
-"""The budget schedule, and the two rules about budgets that the rest of the system calls: whether budget
-settings are valid (:func:`check_budget_settings`) and how many LM tokens a sample costs in a step
-(:func:`step_cost`).
+"""The recipe's budget section, the budget schedule, and the two rules about budgets that the rest of the
+system calls: whether budget settings are valid (:func:`check_budget_settings`) and how many LM tokens a
+sample costs in a step (:func:`step_cost`).
 
 The schedule is a pure function of (seed, step), so every rank and every data worker agree without
 talking and a resumed run continues the same schedule.
@@ -11,18 +11,28 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import TYPE_CHECKING
 
 from vlmtrain.modeling.geometry import DEFAULT_BUDGET, LEVELS, BudgetError, check_levels
 from vlmtrain.seeding import text_id, unit
 
-if TYPE_CHECKING:
-    from vlmtrain.config import BudgetConfig
-
 MODES = ("sample", "matryoshka")
 PER_IMAGE = ("shared", "independent")
+
+
+@dataclass
+class BudgetConfig:
+    """The recipe's ``budget`` section: token budgets trained, their sampling weights, and the budget used when
+    none is given (``default`` null: 280, or the level nearest to it when the levels leave 280 out).
+    ``per_image: shared`` gives all images of a batch its budget; ``independent`` draws each image's own. A
+    budget fixed in a record wins. Its rules: :func:`check_budget_settings`."""
+
+    levels: list[int] = field(default_factory=lambda: list(LEVELS))
+    weights: list[float] | None = None
+    mode: str = "sample"
+    default: int | None = None
+    per_image: str = "shared"
 
 
 def check_budget_settings(

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from vlmtrain.config import DecodingConfig, TextConfig
 from vlmtrain.data.builder import BatchBuilder, Question
+from vlmtrain.data.config import DecodingConfig, TextConfig
 from vlmtrain.data.pipeline import EvalStream
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import expand_shards

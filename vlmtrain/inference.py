@@ -20,10 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
-from vlmtrain.config import RecipeError, TextConfig, structured
+from vlmtrain.config import RecipeError, structured
+from vlmtrain.data.config import TextConfig
 from vlmtrain.errors import UserError
+from vlmtrain.families import build_model
 from vlmtrain.families.gemma4 import vlmtrain_weights
-from vlmtrain.model.build import build_model
 from vlmtrain.model.description import ModelDescription, first_difference, read_description
 from vlmtrain.model.lm import lm_tokenizer
 from vlmtrain.modeling.geometry import Geometry

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from vlmtrain.budget import step_cost
-from vlmtrain.config import DecodingConfig, TextConfig
 from vlmtrain.data.batch import Batch, pack_text, pad_text
+from vlmtrain.data.config import DecodingConfig, TextConfig
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.modeling.geometry import Geometry, ImageGeometry

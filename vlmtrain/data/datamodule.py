@@ -11,9 +11,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from vlmtrain.budget import BudgetSchedule
-from vlmtrain.config import DataConfig
 from vlmtrain.data.batch import Step
 from vlmtrain.data.builder import BatchBuilder
+from vlmtrain.data.config import DataConfig
 from vlmtrain.data.pipeline import EvalStream, StreamState, TrainStream
 from vlmtrain.data.sources import ShardSequence, Source, StreamId, expand_shards
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlmtrain.budget import BudgetSchedule
-from vlmtrain.config import DataConfig
 from vlmtrain.data.batch import Batch, DataPosition, Step
 from vlmtrain.data.buckets import BucketPool, Waiting
 from vlmtrain.data.builder import BatchBuilder, Budgets, EncodedSample
+from vlmtrain.data.config import DataConfig
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import Arrival, Position, ShardSequence, Source, StreamId, read_shard, stream_samples
 from vlmtrain.errors import UserError

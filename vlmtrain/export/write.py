@@ -35,11 +35,12 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from vlmtrain.config import LoraConfig, Recipe, load_recipe, recipe_to_yaml
+from vlmtrain.config import Recipe, load_recipe, recipe_to_yaml
 from vlmtrain.errors import UserError
 from vlmtrain.export.card import model_card
 from vlmtrain.export.transformers_model import write_transformers_model
-from vlmtrain.families.gemma4 import native_gemma4_mismatch, write_native_gemma4
+from vlmtrain.families import ASSEMBLED, build_model, family_of
+from vlmtrain.families.gemma4 import write_native_gemma4
 from vlmtrain.inference import (
     ADAPTER_DIR,
     CONFIG_FILE,
@@ -53,12 +54,13 @@ from vlmtrain.inference import (
     WEIGHTS_FILE,
     ExportedModel,
 )
-from vlmtrain.model.build import build_model, set_trainable
+from vlmtrain.model.config import LoraConfig
 from vlmtrain.model.description import ModelDescription, canonical_json
 from vlmtrain.model.lm import save_adapter_folder
 from vlmtrain.modeling.vlm import VisionLanguageModel
 from vlmtrain.plan import RunPlan, plan_run
 from vlmtrain.train.layout import CHECKPOINTS, TRAINED, last_evaluation, latest_checkpoint
+from vlmtrain.train.optim import set_trainable
 
 
 def locate(source: Path) -> tuple[Path, Path]:
@@ -101,20 +103,21 @@ def merged_lm(trained: ExportedModel, keep_adapter: bool) -> PreTrainedModel:
 
 
 def export_layout(trained: ExportedModel, lm: PreTrainedModel, keep_adapter: bool) -> tuple[str, str]:
-    """(layout, a line saying what the folder is): ``gemma4`` for a model with Gemma 4's shapes
-    (:mod:`vlmtrain.families.gemma4`), ``vlmtrain`` otherwise; the line says why a Gemma 4 tower is not
-    exported natively."""
+    """(layout, a line saying what the folder is): the family's own checkpoint when the model has its shapes
+    (:meth:`~vlmtrain.families.assembled.Family.native_mismatch`), ``vlmtrain`` otherwise; the line says why a
+    model of a family with a native form is not exported in it."""
     if keep_adapter and isinstance(trained.model.lm, PeftModel):
         return VLMTRAIN_LAYOUT, (
             "the base LM in lm/, its LoRA adapter in lm-adapter/; one transformers model (AutoModelForImageTextToText, "
             "trust_remote_code), the adapter merged in at loading"
         )
-    mismatch = native_gemma4_mismatch(trained.description.to_dict(), lm, trained.tokenizer)
+    family = family_of(trained.description)
+    mismatch = family.native_mismatch(trained.description, lm, trained.tokenizer)
     if mismatch is None:
-        return GEMMA4_LAYOUT, "a native Gemma 4 checkpoint (Gemma4ForConditionalGeneration and Gemma4Processor, no remote code)"
+        return family.name, family.native_form
     line = "one transformers model (AutoModelForImageTextToText, trust_remote_code)"
-    if trained.description.vision.kind == "gemma4":
-        line += f"; not native Gemma 4: {mismatch}"
+    if family is not ASSEMBLED:
+        line += f"; not native {family.title}: {mismatch}"
     return VLMTRAIN_LAYOUT, line
 
 

@@ -1,1 +1,29 @@
-"""Model families: what a whole family of checkpoints (Gemma 4) knows beyond the parts vlmtrain assembles."""
+"""Model families, the one registry the rest of the code asks: which family a model is of, how it is built
+(:func:`build_model`, the one builder that training, export and loading all use), how a family's whole
+checkpoints are read, and its native export.
+
+A family lives in its own module: :mod:`.assembled` (the default: models vlmtrain assembles from parts, and
+the base of every family) and :mod:`.gemma4`. A new family is one module and one entry in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+from vlmtrain.families.assembled import ASSEMBLED, Family
+from vlmtrain.families.gemma4 import GEMMA4
+from vlmtrain.model.description import ModelDescription
+from vlmtrain.modeling.vlm import VisionLanguageModel
+
+FAMILIES: tuple[Family, ...] = (GEMMA4,)  # asked in order; a model none of them concerns is assembled
+CHECKPOINT_LMS = {model_type: keys for family in FAMILIES for model_type, keys in family.checkpoint_lms.items()}
+
+
+def family_of(description: ModelDescription) -> Family:
+    """The family of the described model."""
+    return next((family for family in FAMILIES if family.concerns(description)), ASSEMBLED)
+
+
+def build_model(description: ModelDescription, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> VisionLanguageModel:
+    """The model ``description`` describes, built by its family (:meth:`Family.build`)."""
+    return family_of(description).build(description, tokenizer, seed, CHECKPOINT_LMS)

@@ -1,6 +1,8 @@
-"""An export as a native Gemma 4 checkpoint: ``Gemma4ForConditionalGeneration`` with Gemma 4's tokenizer
-and image processor, no remote code, so whatever serves Gemma 4 serves the model (``max_soft_tokens`` per
-image is the budget).
+"""Gemma 4 as a family: a whole Gemma 4 checkpoint read into vlmtrain's parts (its tower, by the tower kind's
+prefixes; its multimodal embedder as the ``gemma4`` projector; its text model as the LM), and a model with
+Gemma 4's shapes exported as a native Gemma 4 checkpoint: ``Gemma4ForConditionalGeneration`` with Gemma 4's
+tokenizer and image processor, no remote code, so whatever serves Gemma 4 serves the model
+(``max_soft_tokens`` per image is the budget).
 
 A model has Gemma 4's shapes when its parts are Gemma 4's: the vision tower (backbone ``gemma4``), the
 tower's own average pooling, Gemma 4's multimodal embedder as projector (``projector.kind: gemma4``) and a
@@ -23,8 +25,11 @@ from transformers import Gemma4Config, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
+from vlmtrain.families.assembled import Family
+from vlmtrain.model.description import ModelDescription
+from vlmtrain.model.lm import KeyMappings
+from vlmtrain.model.pretrained import load_weights, prefixed_tensors
 from vlmtrain.modeling.geometry import LEVELS
-from vlmtrain.modeling.hf_vision import prefixed_tensors
 from vlmtrain.modeling.vlm import VisionLanguageModel
 
 # vlmtrain's names (VisionLanguageModel's state dict, LoRA merged) → Gemma4ForConditionalGeneration's
@@ -38,32 +43,67 @@ TEXT_MODEL_TYPE = "gemma4_text"
 AUDIO_TOKENS = ("audio_token", "boa_token", "eoa_token")
 
 
-def native_gemma4_mismatch(description: dict[str, Any], lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """Why the described model (with its merged ``lm`` and ``tokenizer``) cannot be a native Gemma 4
-    checkpoint, in a few words; None when it can."""
-    vision, pooling, projector = description["vision"], description["pooling"], description["projector"]
-    image_token = description["lm"]["image_token"]
-    own_pool = vision["settings"].get("pooling_kernel_size")
-    checks = (
-        (vision["kind"] == "gemma4", f"model.vision.backbone is {vision['kind']}, not gemma4"),
-        (pooling["kind"] == "average", f"model.pooling.kind is {pooling['kind']}, not average"),
-        (pooling["size"] == own_pool, f"model.pooling.size is {pooling['size']}, the tower pools {own_pool}x{own_pool}"),
-        (projector["kind"] == "gemma4", f"model.projector.kind is {projector['kind']}, not gemma4"),
-        (lm.config.model_type == TEXT_MODEL_TYPE, f"the language model is {lm.config.model_type}, not {TEXT_MODEL_TYPE}"),
-        (set(description["levels"]) <= set(LEVELS), f"levels {description['levels']} are not all Gemma 4's"),
-        (
-            getattr(tokenizer, "image_token", None) == image_token and all(
-                getattr(tokenizer, name, None) for name in ("boi_token", "eoi_token")
+class Gemma4Family(Family):
+    """Every model with Gemma 4's vision tower: built as assembled models are, with the embedder of the
+    checkpoint the tower comes from; exported natively when all its parts are Gemma 4's."""
+
+    name = "gemma4"
+    title = "Gemma 4"
+    checkpoint_lms = {"gemma4": {r"^model\.language_model\.": "model."}}
+    native_form = "a native Gemma 4 checkpoint (Gemma4ForConditionalGeneration and Gemma4Processor, no remote code)"
+
+    def concerns(self, description: ModelDescription) -> bool:
+        return description.vision.kind == "gemma4"
+
+    def build(
+        self, description: ModelDescription, tokenizer: PreTrainedTokenizerBase, seed: int, checkpoint_lms: KeyMappings
+    ) -> VisionLanguageModel:
+        model = super().build(description, tokenizer, seed, checkpoint_lms)
+        if description.projector.kind == "gemma4" and description.vision.weights is not None:
+            load_embedder(model.projector, description.vision.weights)  # a Gemma 4 checkpoint's tower comes with it
+        return model
+
+    def native_mismatch(
+        self, description: ModelDescription, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> str | None:
+        """Why the described model (with its merged ``lm`` and ``tokenizer``) cannot be a native Gemma 4
+        checkpoint, in a few words; None when it can."""
+        vision, pooling, projector = description.vision, description.pooling, description.projector
+        image_token = description.lm.image_token
+        own_pool = vision.settings.get("pooling_kernel_size")
+        checks = (
+            (vision.kind == "gemma4", f"model.vision.backbone is {vision.kind}, not gemma4"),
+            (pooling.kind == "average", f"model.pooling.kind is {pooling.kind}, not average"),
+            (pooling.size == own_pool, f"model.pooling.size is {pooling.size}, the tower pools {own_pool}x{own_pool}"),
+            (projector.kind == "gemma4", f"model.projector.kind is {projector.kind}, not gemma4"),
+            (lm.config.model_type == TEXT_MODEL_TYPE, f"the language model is {lm.config.model_type}, not {TEXT_MODEL_TYPE}"),
+            (set(description.levels) <= set(LEVELS), f"levels {description.levels} are not all Gemma 4's"),
+            (
+                getattr(tokenizer, "image_token", None) == image_token and all(
+                    getattr(tokenizer, name, None) for name in ("boi_token", "eoi_token")
+                ),
+                f"the tokenizer does not declare {image_token!r} as its image_token with a boi_token and eoi_token",
             ),
-            f"the tokenizer does not declare {image_token!r} as its image_token with a boi_token and eoi_token",
-        ),
-        (  # Gemma4Processor refuses every call without them (transformers 5.24), images or not
-            all(getattr(tokenizer, name, None) for name in AUDIO_TOKENS),
-            f"the tokenizer does not declare Gemma 4's {', '.join(AUDIO_TOKENS)}, which Gemma4Processor needs",
-        ),
-        (getattr(lm.config, "use_bidirectional_attention", None) != "all", "the LM attends bidirectionally everywhere"),
-    )
-    return next((reason for ok, reason in checks if not ok), None)
+            (  # Gemma4Processor refuses every call without them (transformers 5.24), images or not
+                all(getattr(tokenizer, name, None) for name in AUDIO_TOKENS),
+                f"the tokenizer does not declare Gemma 4's {', '.join(AUDIO_TOKENS)}, which Gemma4Processor needs",
+            ),
+            (getattr(lm.config, "use_bidirectional_attention", None) != "all", "the LM attends bidirectionally everywhere"),
+        )
+        return next((reason for ok, reason in checks if not ok), None)
+
+
+EMBEDDER_PREFIXES = ("model.embed_vision.", "embed_vision.")
+
+
+def load_embedder(projector: torch.nn.Module, path: str) -> None:
+    """Load Gemma 4's multimodal embedder into a ``gemma4`` projector from the whole Gemma 4 checkpoint at
+    ``path`` (the one its tower comes from); nothing when the folder holds none (a vision-only folder)."""
+    try:
+        state = prefixed_tensors(Path(path), EMBEDDER_PREFIXES)
+    except ValueError:  # no weights under those prefixes
+        return
+    load_weights(projector, state)
 
 
 def native_name(name: str) -> str:
@@ -141,3 +181,6 @@ def write_native_gemma4(
     (out / "processor_config.json").write_text(json.dumps(processor_config(description, model.geometry.patch_size), indent=1))
     if model.lm.generation_config is not None:
         model.lm.generation_config.save_pretrained(out)
+
+
+GEMMA4 = Gemma4Family()

@@ -12,9 +12,10 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from vlmtrain.budget import default_budget
-from vlmtrain.config import BudgetConfig, LMConfig, ModelConfig, PoolingConfig, ProjectorConfig, RecipeError, structured
+from vlmtrain.budget import BudgetConfig, default_budget
+from vlmtrain.config import RecipeError, structured
 from vlmtrain.errors import UserError
+from vlmtrain.model.config import LMConfig, ModelConfig, PoolingConfig, ProjectorConfig
 from vlmtrain.modeling.backbones import BACKBONES
 from vlmtrain.modeling.geometry import Geometry
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import logging as transformers_logging
 
-from vlmtrain.config import LMConfig, LoraConfig
 from vlmtrain.errors import UserError
+from vlmtrain.model.config import LMConfig, LoraConfig
 from vlmtrain.modeling import attention  # noqa: F401 (registers the vlmtrain_varlen attention with transformers)
 from vlmtrain.modeling.tokenizers import load_tokenizer
 
@@ -34,17 +35,16 @@ def folder_config(path: str) -> PretrainedConfig:
     return lm_config
 
 
-# Whole vision-language checkpoints whose language model is read on its own: model_type → where the LM's
-# weights are (a transformers key_mapping from the checkpoint's names to the causal LM's).
-WHOLE_CHECKPOINT_LMS = {"gemma4": {r"^model\.language_model\.": "model."}}
+KeyMappings = Mapping[str, Mapping[str, str]]  # a whole checkpoint's model_type → where its LM's weights are
 
 
-def load_folder_lm(path: str, attn_implementation: str) -> PreTrainedModel:
-    """The causal LM in folder ``path``: a causal LM's folder, or the text model of a whole checkpoint of a
-    kind in :data:`WHOLE_CHECKPOINT_LMS` (e.g. a Gemma 4 release, whose vision tower the recipe reads too)."""
+def load_folder_lm(path: str, attn_implementation: str, key_mappings: KeyMappings) -> PreTrainedModel:
+    """The causal LM in folder ``path``: a causal LM's folder, or the text model of a whole vision-language
+    checkpoint whose model_type ``key_mappings`` knows (a transformers key_mapping from the checkpoint's names
+    to the causal LM's; e.g. a Gemma 4 release, whose vision tower the recipe reads too)."""
     lm_config = folder_config(path)
     options = {"local_files_only": True, "dtype": torch.get_default_dtype(), "attn_implementation": attn_implementation}
-    key_mapping = WHOLE_CHECKPOINT_LMS.get(lm_config.model_type)
+    key_mapping = key_mappings.get(lm_config.model_type)
     if key_mapping is None:
         return AutoModelForCausalLM.from_pretrained(path, config=lm_config, **options)
     verbosity = transformers_logging.get_verbosity()
@@ -61,11 +61,14 @@ def load_folder_lm(path: str, attn_implementation: str) -> PreTrainedModel:
     return lm
 
 
-def build_lm(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel | PeftModel:
+def build_lm(
+    config: LMConfig, tokenizer: PreTrainedTokenizerBase, key_mappings: KeyMappings | None = None
+) -> PreTrainedModel | PeftModel:
     """The causal LM, with room in its embedding table for the tokenizer's image token, and LoRA adapters,
     new or from an adapter folder, if asked.
 
-    From ``config.path`` (local files only, :func:`load_folder_lm`) or, with random weights, from ``config.hf_config``: a
+    From ``config.path`` (local files only; the LM of a whole checkpoint whose model_type ``key_mappings`` knows,
+    :func:`load_folder_lm`) or, with random weights, from ``config.hf_config``: a
     config-built LM takes its vocabulary size and special token ids from the tokenizer. Weights are
     created in the default dtype, which the trainer's precision sets (fp32, or bf16 for ``bf16-true``);
     under DeepSpeed ZeRO-3 transformers creates and loads them partitioned.
@@ -73,7 +76,7 @@ def build_lm(config: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrained
     if config.path is not None:
         if not Path(config.path).is_dir():
             raise FileNotFoundError(f"language model folder {config.path!r} not found (only local paths are read)")
-        lm = load_folder_lm(config.path, config.attn_implementation)
+        lm = load_folder_lm(config.path, config.attn_implementation, key_mappings or {})
     else:
         values = dict(config.hf_config)
         model_type = values.pop("model_type")

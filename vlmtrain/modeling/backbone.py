@@ -304,6 +304,9 @@ class ConvStem(nn.Module):
         return self.norm(run_by_grid(pixels, positions, patch_grids, self.width, dtype, one_grid))
 
 
+STEM_CLASSES = {"conv": ConvStem, "linear": LinearStem}  # by the names the registry checks (.backbones.STEMS)
+
+
 class NativeViT(VisionBackbone):
     """A compact ViT built from the recipe: a conv (or linear) patch stem, 2-D RoPE blocks, final LayerNorm."""
 
@@ -322,10 +325,9 @@ class NativeViT(VisionBackbone):
         self.patch_size = patch_size
         self.width = width
         self.gradient_checkpointing = gradient_checkpointing
-        stems = {"conv": ConvStem, "linear": LinearStem}
-        if stem not in stems:
-            raise ValueError(f"unknown stem {stem!r}; choose conv or linear")
-        self.stem = stems[stem](patch_size, width)
+        if stem not in STEM_CLASSES:
+            raise ValueError(f"unknown stem {stem!r}; choose {' or '.join(STEM_CLASSES)}")
+        self.stem = STEM_CLASSES[stem](patch_size, width)
         self.rope = Rope2D(width // heads, rope_theta)
         self.blocks = nn.ModuleList(ViTBlock(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)

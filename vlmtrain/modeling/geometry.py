@@ -11,20 +11,18 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import UserError
+from .errors import InvalidSetting, UserError
 
 LEVELS: tuple[int, ...] = (70, 140, 280, 560, 1120)
 DEFAULT_BUDGET = 280
 MAX_UPSCALE = 8  # a 640x640 image may become at most 8 times larger at the largest level (Gemma 4: 2.5)
 
 
-class BudgetError(UserError, ValueError):
+class BudgetError(InvalidSetting):
     """A token budget or budget setting that is not allowed; ``key`` names the setting (e.g. ``levels[1]``)."""
 
     def __init__(self, message: str, key: str = "") -> None:
-        super().__init__(f"{key}: {message}" if key else message)
-        self.key = key
-        self.message = message
+        super().__init__(key, message)
 
 
 def check_budget(budget: int, levels: tuple[int, ...] = LEVELS) -> int:

@@ -1,28 +1,12 @@
-"""Hugging Face vision towers as backbones: SigLIP2 NaFlex and Gemma 4's vision encoder.
-
-Built from a config (random weights) or loaded from a local folder holding either the vision model
-alone or a whole vision-language checkpoint (only the tower's tensors are read). Nothing is downloaded.
+"""Hugging Face vision towers as backbones: SigLIP2 NaFlex, Gemma 4's vision encoder and DINOv2, each around
+the transformers model of its kind (registered in :mod:`.backbones`). Pretrained weights are read elsewhere
+(:mod:`vlmtrain.model.pretrained`): an export builds a tower empty and fills it from its own files.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
 import torch
-from safetensors import safe_open
 from torch import nn
-from transformers import (
-    Dinov2Config,
-    Dinov2Model,
-    Gemma4VisionConfig,
-    Gemma4VisionModel,
-    PreTrainedConfig,
-    Siglip2VisionConfig,
-    Siglip2VisionModel,
-)
 
 from .backbone import VisionBackbone, canvases, run_by_grid, run_in_bins, unit_pixels
 
@@ -31,7 +15,7 @@ class Siglip2Backbone(VisionBackbone):
     """SigLIP2 NaFlex: pixels normalised to [-1, 1], per-image ``spatial_shapes`` for its resized position table;
     its own attention mask over the padding of each bin of images (:func:`run_in_bins`)."""
 
-    def __init__(self, model: Siglip2VisionModel) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.patch_size = model.config.patch_size
@@ -58,7 +42,7 @@ class Gemma4Backbone(VisionBackbone):
     so average pooling of these features equals Gemma4VisionModel's output exactly.
     """
 
-    def __init__(self, model: Gemma4VisionModel) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.patch_size = model.config.patch_size
@@ -84,7 +68,7 @@ class Dinov2Backbone(VisionBackbone):
     steps must then hold one grid, see the recipe rules); the class and register tokens are dropped, the
     patch tokens kept."""
 
-    def __init__(self, model: Dinov2Model) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.patch_size = model.config.patch_size
@@ -110,101 +94,4 @@ class Dinov2Backbone(VisionBackbone):
         return run_by_grid(pixels, positions, patch_grids, self.width, dtype, dense)
 
 
-@dataclass(frozen=True)
-class TowerSpec:
-    """How to find one kind of vision tower: its classes, model_type, and the weight prefixes to read in a
-    whole-model checkpoint that transformers cannot load the tower from (empty: it can)."""
-
-    model_class: type[nn.Module]
-    config_class: type[PreTrainedConfig]
-    backbone_class: type[VisionBackbone]
-    model_type: str
-    prefixes: tuple[str, ...]
-    config_defaults: dict[str, Any]
-
-
-TOWERS: dict[str, TowerSpec] = {
-    "siglip2": TowerSpec(
-        Siglip2VisionModel, Siglip2VisionConfig, Siglip2Backbone, "siglip2_vision_model", (), {"vision_use_head": False}
-    ),
-    "gemma4": TowerSpec(
-        Gemma4VisionModel, Gemma4VisionConfig, Gemma4Backbone, "gemma4_vision", ("model.vision_tower.", "vision_tower."), {}
-    ),
-    "dinov2": TowerSpec(Dinov2Model, Dinov2Config, Dinov2Backbone, "dinov2", (), {}),
-}
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of a local model folder."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: no config.json (expected a local Hugging Face model folder)")
-    return json.loads(config_file.read_text())
-
-
-def prefixed_tensors(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Tensors under the first of ``prefixes`` found in the folder's safetensors files, prefix removed."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no .safetensors weights")
-    tensors: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in prefixes}
-    for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                for prefix in prefixes:
-                    if name.startswith(prefix):
-                        tensors[prefix][name[len(prefix) :]] = handle.get_tensor(name)
-    found = [prefix for prefix in prefixes if tensors[prefix]]
-    if not found:
-        raise ValueError(f"{path}: no weights under {' or '.join(prefixes)}")
-    return tensors[found[0]]
-
-
-def load_tower(spec: TowerSpec, config: PreTrainedConfig, path: str | None, attn_implementation: str = "sdpa") -> VisionBackbone:
-    """The tower ``spec`` with ``config``: random weights (``path`` None) or loaded from a local folder.
-
-    transformers loads the folder when it can (it renames legacy weight names, and under DeepSpeed ZeRO-3
-    loads them partitioned); a whole-model checkpoint it cannot take the tower from is read by prefix."""
-    config._attn_implementation = attn_implementation
-    if path is None:
-        return spec.backbone_class(spec.model_class(config))
-    if read_config(path).get("model_type") == spec.model_type or not spec.prefixes:
-        model, info = spec.model_class.from_pretrained(
-            path, config=config, local_files_only=True, dtype=torch.get_default_dtype(), output_loading_info=True
-        )
-        missing = info["missing_keys"]
-    else:
-        model = spec.model_class(config)
-        state = prefixed_tensors(Path(path), spec.prefixes)
-        missing = [name for name in model.state_dict() if name not in state]
-        if not missing:
-            load_weights(model, state)
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} {spec.model_type} weights missing, e.g. {sorted(missing)[:3]}")
-    return spec.backbone_class(model)
-
-
-GEMMA4_EMBEDDER_PREFIXES = ("model.embed_vision.", "embed_vision.")
-
-
-def load_gemma4_embedder(projector: nn.Module, path: str) -> None:
-    """Load Gemma 4's multimodal embedder into a ``gemma4`` projector from the whole Gemma 4 checkpoint at
-    ``path`` (the one its tower comes from); nothing when the folder holds none (a vision-only folder)."""
-    try:
-        state = prefixed_tensors(Path(path), GEMMA4_EMBEDDER_PREFIXES)
-    except ValueError:  # no weights under those prefixes
-        return
-    load_weights(projector, state)
-
-
-def load_weights(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """``module.load_state_dict(state)``, also when DeepSpeed ZeRO-3 created its parameters partitioned:
-    they are gathered, filled (rank 0's values are kept) and partitioned again."""
-    parameters = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    if not parameters:
-        module.load_state_dict(state, strict=False)
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=0):
-        module.load_state_dict(state, strict=False)
+TOWER_BACKBONES = {backbone.__name__: backbone for backbone in (Siglip2Backbone, Gemma4Backbone, Dinov2Backbone)}

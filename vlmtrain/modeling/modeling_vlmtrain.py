@@ -42,7 +42,7 @@ class VlmtrainForConditionalGeneration(PreTrainedModel, GenerationMixin):
         description = config.description
         vision, pooling = description["vision"], description["pooling"]
         kind = BACKBONES[vision["kind"]]
-        backbone = kind.build(vision["settings"], None)
+        backbone = kind.build(vision["settings"])
         geometry = Geometry(kind.patch_size(vision["settings"]), pooling["size"], tuple(description["levels"]))
         lm = AutoModelForCausalLM.from_config(config.text_config)
         width = lm.get_input_embeddings().embedding_dim

@@ -6,6 +6,8 @@ the text's placeholders expect them; a mismatch between patches and promised gri
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -81,10 +83,14 @@ class AttentionPooling(Pooling):
         return mean + attended.view(tokens, width)
 
 
+POOLINGS: dict[str, Callable[[int, int, int], Pooling]] = {  # kind → build(pool, width, heads)
+    "average": lambda pool, width, heads: AveragePooling(pool),
+    "attention": AttentionPooling,
+}
+
+
 def build_pooling(kind: str, pool: int, width: int, heads: int) -> Pooling:
-    """The pooling named ``kind`` (``average`` or ``attention``)."""
-    if kind == "average":
-        return AveragePooling(pool)
-    if kind == "attention":
-        return AttentionPooling(pool, width, heads)
-    raise ValueError(f"unknown pooling {kind!r}; choose average or attention")
+    """The pooling named ``kind`` (one of :data:`POOLINGS`)."""
+    if kind not in POOLINGS:
+        raise ValueError(f"unknown pooling {kind!r}; choose {' or '.join(POOLINGS)}")
+    return POOLINGS[kind](pool, width, heads)

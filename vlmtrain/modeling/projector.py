@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -36,10 +39,23 @@ class Gemma4Projector(nn.Module):
         return self.embedding_projection(normed.to(dtype))
 
 
+@dataclass(frozen=True)
+class ProjectorKind:
+    """How to build one kind of projector: ``build(vision_width, hidden_size, lm_width)``; whether it has a hidden
+    layer (whose size a recipe may set)."""
+
+    build: Callable[[int, int | None, int], nn.Module]
+    hidden_layer: bool
+
+
+PROJECTORS: dict[str, ProjectorKind] = {
+    "mlp": ProjectorKind(lambda vision, hidden, lm: Projector(vision, hidden or lm, lm), hidden_layer=True),
+    "gemma4": ProjectorKind(lambda vision, hidden, lm: Gemma4Projector(vision, lm), hidden_layer=False),
+}
+
+
 def build_projector(kind: str, vision_width: int, hidden_size: int | None, lm_width: int) -> nn.Module:
-    """The projector named ``kind`` (``mlp``: ``hidden_size`` defaults to ``lm_width``; ``gemma4``)."""
-    if kind == "mlp":
-        return Projector(vision_width, hidden_size or lm_width, lm_width)
-    if kind == "gemma4":
-        return Gemma4Projector(vision_width, lm_width)
-    raise ValueError(f"unknown projector {kind!r}; choose mlp or gemma4")
+    """The projector named ``kind`` (one of :data:`PROJECTORS`; ``mlp``: ``hidden_size`` defaults to ``lm_width``)."""
+    if kind not in PROJECTORS:
+        raise ValueError(f"unknown projector {kind!r}; choose {' or '.join(PROJECTORS)}")
+    return PROJECTORS[kind].build(vision_width, hidden_size, lm_width)

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmtrain.config import DecodingConfig, TextConfig
 from vlmtrain.data.builder import BatchBuilder
+from vlmtrain.data.config import DecodingConfig, TextConfig
 from vlmtrain.data.pipeline import EvalStream
 from vlmtrain.errors import UserError
 from vlmtrain.inference import ExportedModel

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -13,10 +12,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from vlmtrain.config import OptimConfig
 from vlmtrain.data.batch import Batch, Step
-from vlmtrain.model.build import build_model, part_settings, set_trainable
+from vlmtrain.families import build_model
 from vlmtrain.modeling.vlm import SampleLosses, VisionLanguageModel
 from vlmtrain.plan import RunPlan
 from vlmtrain.seeding import mix
+from vlmtrain.train.optim import parameter_groups, part_settings, set_trainable
 
 
 @dataclass
@@ -220,22 +220,9 @@ class VLMModule(L.LightningModule):
             frozen = {f"model.{name}" for name, p in named if not p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
-    def parameter_groups(self) -> Iterator[dict]:
-        """One AdamW group per trainable part, and one without weight decay for its biases and norms."""
-        for name, part in self.model.parts().items():
-            settings = part_settings(self.recipe.optim)[name]
-            params = [p for p in part.parameters() if p.requires_grad]
-            if not settings.trainable or not params:
-                continue
-            matrices = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]  # ZeRO-3 shards are flat
-            vectors = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
-            for group, suffix, decay in ((matrices, "", self.recipe.optim.weight_decay), (vectors, "/no_decay", 0.0)):
-                if group:
-                    yield {"params": group, "lr": settings.lr, "weight_decay": decay, "name": name + suffix}
-
     def configure_optimizers(self) -> dict:
         optim = self.recipe.optim
-        optimizer = torch.optim.AdamW(list(self.parameter_groups()), betas=tuple(optim.betas))
+        optimizer = torch.optim.AdamW(list(parameter_groups(self.model, optim)), betas=tuple(optim.betas))
         total = self.recipe.trainer.max_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, optim.warmup_steps, total, optim.schedule, optim.min_lr_ratio)

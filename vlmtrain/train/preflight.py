@@ -16,6 +16,7 @@ import torch
 from vlmtrain.config import Recipe, RecipeError
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import expand_shards, read_shard
+from vlmtrain.modeling.backbones import BACKBONES, TowerKind
 from vlmtrain.train.layout import TRAINED, resume_checkpoint
 
 if TYPE_CHECKING:  # the plan's modules are heavy; the recipe checks run before anything heavy is imported
@@ -118,11 +119,9 @@ def check_hf_configs(recipe: Recipe, source: str) -> None:
         overrides = {k: v for k, v in lm.hf_config.items() if k != "model_type"}
         _unknown_keys(source, "model.lm.hf_config", overrides, config_class)
     vision = recipe.model.vision
-    if vision.hf_config and vision.backbone != "native":
-        from vlmtrain.modeling.hf_vision import TOWERS
-
-        config_class = TOWERS[vision.backbone].config_class
-        _unknown_keys(source, "model.vision.hf_config", vision.hf_config, config_class)
+    kind = BACKBONES[vision.backbone]
+    if vision.hf_config and isinstance(kind, TowerKind):  # the native ViT takes no hf_config (the recipe rules)
+        _unknown_keys(source, "model.vision.hf_config", vision.hf_config, kind.spec.config_class)
 
 
 def check_devices(recipe: Recipe, source: str) -> None:
@@ -240,7 +239,8 @@ def check_resume(plan: RunPlan, source: str, checkpoint: Path | None) -> None:
         return
     from safetensors import safe_open
 
-    from vlmtrain.model.build import build_model, set_trainable
+    from vlmtrain.families import build_model
+    from vlmtrain.train.optim import set_trainable
 
     with safe_open(str(checkpoint.parent / TRAINED), framework="pt") as handle:
         found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}

@@ -1,0 +1,67 @@
+"""The default family: models that vlmtrain assembles from parts (a native ViT, SigLIP2, DINOv2 or Gemma 4's
+tower; a pooling; a projector; any causal LM), and the base every other family builds on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from vlmtrain.model.description import ModelDescription
+from vlmtrain.model.lm import KeyMappings, build_lm
+from vlmtrain.model.pretrained import pretrained_backbone
+from vlmtrain.modeling.backbones import BACKBONES
+from vlmtrain.modeling.pooling import build_pooling
+from vlmtrain.modeling.projector import build_projector
+from vlmtrain.modeling.vlm import VisionLanguageModel
+from vlmtrain.seeding import mix
+
+
+class Family:
+    """What a model family knows: which models it is (:meth:`concerns`), how to build one from a description and
+    read its whole checkpoints (:meth:`build`, :attr:`checkpoint_lms`), and whether a model can be exported in
+    the family's own checkpoint format (:meth:`native_mismatch`)."""
+
+    name = "assembled"
+    title = "assembled"
+    checkpoint_lms: KeyMappings = {}  # model_type of the family's whole checkpoints → where their LM's weights are
+    native_form = ""  # what an export in the family's own checkpoint format is, in a few words
+
+    def concerns(self, description: ModelDescription) -> bool:
+        """Whether ``description`` is a model of this family (its parts are the family's)."""
+        return False
+
+    def build(
+        self, description: ModelDescription, tokenizer: PreTrainedTokenizerBase, seed: int, checkpoint_lms: KeyMappings
+    ) -> VisionLanguageModel:
+        """The model ``description`` describes (``checkpoint_lms``: every family's, an LM folder may be any family's
+        whole checkpoint). Each part's random initialisation depends only on (seed, part): how another part is
+        built (loaded, partitioned by ZeRO-3, given adapters) cannot change it."""
+        geometry = description.geometry()
+        vision = description.vision
+        torch.manual_seed(mix(seed, 1))
+        if vision.weights is None:
+            backbone = BACKBONES[vision.kind].build(vision.settings, vision.gradient_checkpointing)
+        else:
+            backbone = pretrained_backbone(vision.kind, vision.settings, vision.weights, vision.gradient_checkpointing)
+        backbone.bins = tuple(level * geometry.pool**2 for level in geometry.levels)  # images of a level run together
+        torch.manual_seed(mix(seed, 2))
+        pooling = build_pooling(description.pooling.kind, geometry.pool, backbone.width, description.pooling.heads)
+        torch.manual_seed(mix(seed, 3))
+        lm = build_lm(description.lm, tokenizer, checkpoint_lms)
+        lm_width = lm.get_input_embeddings().embedding_dim
+        torch.manual_seed(mix(seed, 4))
+        projector = build_projector(description.projector.kind, backbone.width, description.projector.hidden_size, lm_width)
+        image_token_id = tokenizer.convert_tokens_to_ids(description.lm.image_token)
+        return VisionLanguageModel(backbone, pooling, projector, lm, image_token_id, geometry)
+
+    def native_mismatch(
+        self, description: dict[str, Any], lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> str | None:
+        """Why the described model (with its merged ``lm`` and ``tokenizer``) cannot be written as the family's
+        own checkpoint, in a few words; None when it can."""
+        return f"the {self.title} family has no native checkpoint format"
+
+
+ASSEMBLED = Family()

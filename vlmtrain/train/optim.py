@@ -1,0 +1,40 @@
+"""What trains and how fast: each part frozen or trained as the recipe's ``optim`` section says (an LM with
+LoRA adapters trains only them), and AdamW's parameter groups, one per trained part."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from peft import PeftModel
+
+from vlmtrain.config import OptimConfig, PartConfig
+from vlmtrain.model.lm import is_adapter_parameter
+from vlmtrain.modeling.vlm import VisionLanguageModel
+
+
+def part_settings(optim: OptimConfig) -> dict[str, PartConfig]:
+    """The recipe's settings of each part, by the names of :meth:`VisionLanguageModel.parts`."""
+    return {"vision": optim.vision, "pooling": optim.pooling, "projector": optim.projector, "lm": optim.lm}
+
+
+def set_trainable(model: VisionLanguageModel, optim: OptimConfig) -> None:
+    """Freeze or unfreeze each part as the recipe says; an LM with LoRA adapters trains only the adapters."""
+    for name, part in model.parts().items():
+        part.requires_grad_(part_settings(optim)[name].trainable)
+    if isinstance(model.lm, PeftModel):
+        for parameter_name, parameter in model.lm.named_parameters():
+            parameter.requires_grad_(optim.lm.trainable and is_adapter_parameter(parameter_name))
+
+
+def parameter_groups(model: VisionLanguageModel, optim: OptimConfig) -> Iterator[dict]:
+    """One AdamW group per trainable part, and one without weight decay for its biases and norms."""
+    for name, part in model.parts().items():
+        settings = part_settings(optim)[name]
+        params = [p for p in part.parameters() if p.requires_grad]
+        if not settings.trainable or not params:
+            continue
+        matrices = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]  # ZeRO-3 shards are flat
+        vectors = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+        for group, suffix, decay in ((matrices, "", optim.weight_decay), (vectors, "/no_decay", 0.0)):
+            if group:
+                yield {"params": group, "lr": settings.lr, "weight_decay": decay, "name": name + suffix}
