@@ -131,7 +131,7 @@ def measure(spec: str, overrides: list[str], levels: list[int], steps: int, pack
         ],
     )
     plan = plan_run(recipe)
-    model = build_model(plan.model, plan.tokenizer, recipe.seed)
+    model = build_model(plan.model, plan.start, plan.tokenizer, recipe.seed)
     set_trainable(model, recipe.optim)
     model.train()
     stream = build_datamodule(plan).train_dataloader().dataset

@@ -49,7 +49,7 @@ def measure(recipe_path: str, overrides: list[str], levels: list[int], steps: in
     plan = plan_run(recipe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with device:  # weights made where they train (a real-size model initialises in seconds on a GPU)
-        model = build_model(plan.model, plan.tokenizer, recipe.seed)
+        model = build_model(plan.model, plan.start, plan.tokenizer, recipe.seed)
     set_trainable(model, recipe.optim)
     model = model.to(device).train()
     stream = build_datamodule(plan).train_dataloader().dataset

@@ -16,6 +16,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vlmtrain.config import Recipe, load_recipe
+from vlmtrain.export.format import TextFormat
+from vlmtrain.inference import ExportedModel
 from vlmtrain.modeling.geometry import Geometry
 from vlmtrain.modeling.inputs import ImageBatch
 from vlmtrain.modeling.pixels import image_patches
@@ -109,6 +111,12 @@ def built(recipe: Recipe) -> VLMModule:
     module = VLMModule(plan_run(recipe))
     module.configure_model()
     return module
+
+
+def in_use(module: VLMModule) -> ExportedModel:
+    """A training module's model as a model in use (what an export of it would load as)."""
+    plan = module.plan
+    return ExportedModel(module.model, plan.tokenizer, plan.model, TextFormat.of(plan.recipe.data.text))
 
 
 def run_cli(overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

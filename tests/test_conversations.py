@@ -13,8 +13,8 @@ from PIL import Image
 
 from vlmtrain.config import load_recipe
 from vlmtrain.evaluate import evaluate
-from vlmtrain.export.write import export, trained_model
-from vlmtrain.inference import load
+from vlmtrain.export.write import export
+from vlmtrain.inference import load, open_run
 from vlmtrain.train.run import fit
 
 CHAT = ROOT / "recipes" / "chat-tiny.yaml"
@@ -83,7 +83,7 @@ def test_the_export_answers_a_conversation_with_a_budget_per_image_as_training_c
     record = next(r for r in json.loads((chat_dir / "val.json").read_text()) if len(r.get("image", [])) == 2)
     images = [Image.open(chat_dir / "images" / name) for name in record["image"]]
     messages = [{"role": "user", "content": record["conversations"][0]["value"]}]
-    trained = trained_model(run_dir)[0]
+    trained = open_run(run_dir)
     exported = load(export(run_dir, tmp_path / "export"))
     for budgets in ([1120, 70], [70, 1120]):
         torch.testing.assert_close(

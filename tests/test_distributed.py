@@ -262,7 +262,8 @@ def test_torchrun_launch_takes_devices_and_nodes_from_its_environment(demo_dir, 
 
 
 def test_zero3_with_lora_on_an_lm_lacking_the_image_token_saves_an_adapter_that_reloads(demo_dir, tmp_path):
-    from vlmtrain.export.write import export, trained_model
+    from vlmtrain.export.write import export
+    from vlmtrain.inference import open_run
     from vlmtrain.model.config import LMConfig
     from vlmtrain.model.lm import build_lm
     from vlmtrain.modeling.tokenizers import build_byte_tokenizer
@@ -277,7 +278,7 @@ def test_zero3_with_lora_on_an_lm_lacking_the_image_token_saves_an_adapter_that_
     run_cli(overrides)
     saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert saved and all("lora_" in name for name in saved)  # not the embedding matrices the image token grew
-    trained = trained_model(tmp_path / "run")[0]
+    trained = open_run(tmp_path / "run")
     image_token = trained.tokenizer.convert_tokens_to_ids("<image>")
     base = build_lm(LMConfig(path=str(tmp_path / "llama")), trained.tokenizer)  # rebuilt in one process, no ZeRO-3
     reloaded = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()

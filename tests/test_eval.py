@@ -14,8 +14,10 @@ from PIL import Image
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import read_shard
 from vlmtrain.errors import UserError
-from vlmtrain.evaluate import evaluate, word_recall
-from vlmtrain.export.write import export, trained_model
+from vlmtrain.evaluate import evaluate
+from vlmtrain.evaluate.metrics import word_recall
+from vlmtrain.export.write import export
+from vlmtrain.inference import open_run
 from vlmtrain.modeling.tokenizers import IGNORE_INDEX
 from vlmtrain.train.run import fit
 
@@ -61,8 +63,8 @@ def figures_by_hand(run_dir, urls: list[str], budget: int, limit: int, max_new_t
     from vlmtrain.data.builder import BatchBuilder
     from vlmtrain.data.config import DecodingConfig
 
-    model = trained_model(run_dir)[0]
-    builder = BatchBuilder(model.geometry, model.text, model.text_format, DecodingConfig())
+    model = open_run(run_dir)
+    builder = BatchBuilder(model.geometry, model.text, model.text_format.text_config(max_length=10**6), DecodingConfig())
     samples = [s for url in urls for s in read_shard(url) if isinstance(s, RawSample)][:limit]
     loss_sum = correct = tokens = visual = images = 0
     exact, recall, examples = [], [], []
@@ -165,7 +167,7 @@ def test_word_recall():
 
 @pytest.mark.slow
 def test_results_reach_wandb_offline(trained_run, demo_dir, tmp_path):
-    from vlmtrain.evaluate import log_to_wandb
+    from vlmtrain.evaluate.plot import log_to_wandb
 
     results = evaluate([trained_run], f"{demo_dir}/val-000000.tar", budgets=[70], limit=2, out=tmp_path, generate=False)
     log_to_wandb(results, tmp_path, project="vlmtrain-test", offline=True)

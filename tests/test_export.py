@@ -25,6 +25,7 @@ from helpers import (
     TINY_LLAMA,
     built,
     gemma4_tokenizer,
+    in_use,
     run_cli,
     small_overrides,
     small_recipe,
@@ -36,8 +37,8 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTo
 
 from vlmtrain.config import load_recipe
 from vlmtrain.errors import UserError
-from vlmtrain.export.write import export, trained_model, write_export
-from vlmtrain.inference import ExportedModel, load
+from vlmtrain.export.write import export, write_export
+from vlmtrain.inference import ExportedModel, load, open_run
 from vlmtrain.model.config import LMConfig
 from vlmtrain.model.lm import build_lm
 from vlmtrain.modeling.tokenizers import build_byte_tokenizer
@@ -123,7 +124,7 @@ def check_export(export_dir: Path, expected: dict[str, torch.Tensor], tmp_path: 
 @pytest.mark.slow
 def test_export_of_a_ddp_run_gives_the_training_logits_at_every_budget(ddp_lora_run, tmp_path):
     run_dir, _ = ddp_lora_run
-    expected = reference_logits(trained_model(run_dir)[0])
+    expected = reference_logits(open_run(run_dir))
     out = export(run_dir, tmp_path / "export")
     written = {p.name for p in out.iterdir()}
     assert {"README.md", "lm", "recipe.yaml", "vision", "config.json", "model.safetensors.index.json"} <= written
@@ -138,7 +139,7 @@ def test_export_of_a_zero3_lora_run_matches_deepspeeds_own_consolidation(zero3_l
     consolidated = convert_zero_checkpoint_to_fp32_state_dict(state, tmp_path / "consolidated.pt")["state_dict"]
     module = built(load_recipe(TINY, overrides))
     module.load_state_dict(consolidated, strict=False)
-    expected = reference_logits(ExportedModel(module.model, module.plan.tokenizer, module.plan.model, module.recipe.data.text))
+    expected = reference_logits(in_use(module))
     check_export(export(run_dir, tmp_path / "merged"), expected, tmp_path)
     check_export(export(run_dir, tmp_path / "adapter", keep_adapter=True), expected, tmp_path)
     assert (tmp_path / "adapter" / "lm-adapter" / "adapter_model.safetensors").is_file()
@@ -173,7 +174,7 @@ def untrained_export(demo_dir: Path, tmp_path: Path, *overrides: str) -> tuple[E
     with torch.no_grad():
         for parameter in module.model.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    model = ExportedModel(module.model, module.plan.tokenizer, module.plan.model, recipe.data.text)
+    model = in_use(module)
     write_export(model, recipe, tmp_path / "export")
     return model, tmp_path / "export"
 
@@ -489,7 +490,7 @@ def test_the_native_gemma4_processor_encodes_as_training_did(gemma4_export):
 def test_a_gemma4_tower_with_another_projector_is_exported_with_remote_code_saying_why(demo_dir, tmp_path):
     recipe = small_recipe(demo_dir, tmp_path / "run", *BACKBONES["gemma4"])
     module = built(recipe)
-    model = ExportedModel(module.model, module.plan.tokenizer, module.plan.model, recipe.data.text)
+    model = in_use(module)
     line = write_export(model, recipe, tmp_path / "export")
     assert line.endswith("not native Gemma 4: model.projector.kind is mlp, not gemma4")
     assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "vlmtrain"
@@ -537,7 +538,7 @@ def test_a_recipe_starting_from_a_whole_gemma4_checkpoint_computes_what_gemma4_d
         GEMMA4_SHAPED[-1],  # the prompt with Gemma 4's image token
     )
     module = built(recipe)
-    model = ExportedModel(module.model, module.plan.tokenizer, module.plan.model, recipe.data.text)
+    model = in_use(module)
     prompt = f"Look {GEMMA4_IMAGE_TOKENS['image_token']} and say: "
     for budget in model.geometry.levels:
         image = at_budget(Image.open(pictures()[0]), model.geometry, budget)
@@ -564,7 +565,7 @@ def test_a_gemma4_shaped_run_trains_packed_and_vlmtrain_export_writes_native_gem
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "a native Gemma 4 checkpoint (Gemma4ForConditionalGeneration and Gemma4Processor" in result.stdout
-    trained = trained_model(run_dir)[0]
+    trained = open_run(run_dir)
     native = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").eval()
     image = at_budget(Image.open(pictures()[0]), trained.geometry, 140)
     prompt = f"Look {GEMMA4_IMAGE_TOKENS['image_token']} and say: "

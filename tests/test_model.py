@@ -31,7 +31,7 @@ from vlmtrain.data.sources import read_shard
 from vlmtrain.errors import UserError
 from vlmtrain.families import build_model
 from vlmtrain.model.config import LMConfig, LoraConfig, ModelConfig, PoolingConfig, VisionConfig
-from vlmtrain.model.description import describe_model
+from vlmtrain.model.description import Start, describe_model
 from vlmtrain.model.lm import build_lm, lm_tokenizer, save_adapter_folder
 from vlmtrain.model.pretrained import pretrained_backbone
 from vlmtrain.modeling.backbone import NativeViT, aspect_class
@@ -266,7 +266,7 @@ def tiny_model():
         lm=LMConfig(hf_config=TINY_LLAMA),
     )
     tokenizer = lm_tokenizer(config.lm)
-    model = build_model(describe_model(config, BudgetConfig()), tokenizer)
+    model = build_model(describe_model(config, BudgetConfig()), Start.of(config), tokenizer)
     fields = TextConfig(prompt="Look: <image> says", target_field="text", max_length=96)
     return model, BatchBuilder(model.geometry, TextEncoder(tokenizer, "<image>"), fields, DecodingConfig())
 
@@ -371,9 +371,9 @@ def test_the_shipped_reader_weights_fit_the_demo_recipe():
     from vlmtrain.config import load_recipe
 
     root = Path(__file__).resolve().parents[1]
-    description = describe_model(load_recipe(root / "recipes" / "tiny.yaml").model, BudgetConfig())
-    backbone = pretrained_backbone("native", description.vision.settings, str(root / description.vision.weights))
-    assert torch.equal(backbone.stem.norm.weight, load_file(root / description.vision.weights)["stem.norm.weight"])
+    model = load_recipe(root / "recipes" / "tiny.yaml").model
+    backbone = pretrained_backbone("native", describe_model(model, BudgetConfig()).vision.settings, str(root / model.vision.path))
+    assert torch.equal(backbone.stem.norm.weight, load_file(root / model.vision.path)["stem.norm.weight"])
 
 
 def test_the_registry_holds_the_native_vit_and_every_tower():
@@ -403,7 +403,7 @@ def test_one_sample_trains_one_image_at_1120_and_the_other_at_70_in_one_pass(cha
     config = ModelConfig(vision=vision, pooling=PoolingConfig(size=1), lm=LMConfig(hf_config=TINY_LLAMA))
     tokenizer = lm_tokenizer(config.lm)
     torch.manual_seed(0)
-    model = build_model(describe_model(config, BudgetConfig()), tokenizer)
+    model = build_model(describe_model(config, BudgetConfig()), Start.of(config), tokenizer)
     builder = BatchBuilder(model.geometry, TextEncoder(tokenizer, "<image>"), TextConfig(max_length=400), DecodingConfig())
     sample = next(
         s

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, built, small_recipe
+from helpers import TINY, built, in_use, small_recipe
 from safetensors.torch import load_file, save_file
 
 from vlmtrain.cli import main
@@ -30,7 +30,7 @@ from vlmtrain.selector.labels import label_budgets
 
 def exported(recipe) -> ExportedModel:
     module = built(recipe)
-    return ExportedModel(module.model, module.plan.tokenizer, module.plan.model, recipe.data.text)
+    return in_use(module)
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def test_budget_labels_are_the_models_loss_at_each_level_and_the_selectors_featu
     labels = label_budgets(model, [shard], limit=4)
     samples = [s for s in read_shard(shard) if isinstance(s, RawSample)][:4]
     assert labels.keys == [s.key for s in samples] and labels.levels == [70, 140]
-    builder = BatchBuilder(model.geometry, model.text, model.text_format, DecodingConfig())
+    builder = BatchBuilder(model.geometry, model.text, model.text_format.text_config(max_length=10**6), DecodingConfig())
     embeddings = model.model.lm.get_input_embeddings()
     for row, sample in enumerate(samples):  # one sample at a time, unpacked: full logits, cross-entropy by hand
         for column, level in enumerate(labels.levels):

@@ -1,50 +1,43 @@
-"""Using an exported model (see :mod:`vlmtrain.export`) without Lightning or DeepSpeed: weights come from
-safetensors and settings from JSON only, never from a pickle.
+"""Using a model: an export folder (:func:`load`, without Lightning or DeepSpeed: weights come from safetensors
+and settings from JSON only, never from a pickle) or a run directory (:func:`open_run`), as one
+:class:`ExportedModel` that prepares images at any budget (one per image, or the selector's choice), gives
+logits, generates, and offers evaluation its steps (losses, prefill, generation from embeddings).
 
 The export's ``vision/config.json`` holds the model description (:mod:`vlmtrain.model.description`), which
-is built through the same builder as in training; the weights file keeps its own copy of the description,
-so a config edited after export is refused, naming the key, instead of computing something else.
+is built through the same builder as in training; the weights files keep their own copy of the description,
+so a config edited after export is refused, naming the key, instead of computing something else
+(:mod:`vlmtrain.export.format`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
-from vlmtrain.config import RecipeError, structured
-from vlmtrain.data.config import TextConfig
 from vlmtrain.errors import UserError
+from vlmtrain.export.format import CONFIG_FILE, SELECTOR_DIR, VISION_DIR, VISION_PARTS, TextFormat
+from vlmtrain.export.layouts import read_export
+from vlmtrain.export.run import trained_model
 from vlmtrain.families import build_model
-from vlmtrain.families.gemma4 import vlmtrain_weights
-from vlmtrain.model.description import ModelDescription, first_difference, read_description
+from vlmtrain.model.config import LMConfig
+from vlmtrain.model.description import ModelDescription, Start
 from vlmtrain.model.lm import lm_tokenizer
 from vlmtrain.modeling.geometry import Geometry
-from vlmtrain.modeling.inputs import ImageBatch
-from vlmtrain.modeling.vlm import VisionLanguageModel
-from vlmtrain.selector.model import BudgetSelector, load_selector, question_embedding, selector_features
+from vlmtrain.modeling.inputs import ImageBatch, ModelInput
+from vlmtrain.modeling.vlm import SampleLosses, VisionLanguageModel
+from vlmtrain.selector.model import BudgetSelector, batch_features, load_selector, question_embedding, selector_features
 from vlmtrain.text.chat import stop_tokens
 from vlmtrain.text.conversation import check_conversation, parse_messages
 from vlmtrain.text.encoding import TextEncoder
-
-EXPORT_FORMAT = "vlmtrain-model/3"  # 3: the projector has a kind
-VISION_PARTS = ("backbone", "pooling", "projector")
-VISION_DIR, LM_DIR, ADAPTER_DIR = "vision", "lm", "lm-adapter"
-VLMTRAIN_LAYOUT, GEMMA4_LAYOUT = "vlmtrain", "gemma4"  # where an export's weights are (vlmtrain.export)
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-DESCRIPTION_KEY = "vlmtrain.model"  # the description's copy in the weights file's metadata
-
+from vlmtrain.train.layout import RECIPE_FILE
 
 AUTO_TOLERANCE = 0.05  # budget="auto": the loss gap (nats per target token) a smaller budget may cost
-SELECTOR_DIR = "selector"
 
 
 def auto_tolerance(budget: str) -> float:
@@ -74,7 +67,7 @@ class ExportedModel:
     """A model ready for use: prepare images at any budget (one per image), get logits, generate text."""
 
     def __init__(
-        self, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, description: ModelDescription, text: TextConfig
+        self, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, description: ModelDescription, text: TextFormat
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -151,7 +144,7 @@ class ExportedModel:
             raise ValueError("give a prompt or messages, not both")
         if isinstance(budget, str):
             budget = self.auto_budgets(images, prompt, messages, auto_tolerance(budget))
-        device = next(self.model.parameters()).device
+        device = self.device
         batch = ImageBatch.of_images(images, self.description.default_budget if budget is None else budget, self.geometry)
         counts = batch.token_counts.tolist()
         if messages is not None:
@@ -189,83 +182,63 @@ class ExportedModel:
         text. One budget per image, or one for all, or ``"auto"`` / ``"auto:TOL"``: the budget selector's
         choice for each image (:meth:`auto_budgets`)."""
         input_ids, embeds = self.embeddings(images, prompt, budget, messages)
+        return self.continue_from(input_ids, embeds, messages is not None, max_new_tokens, **kwargs)
+
+    @torch.no_grad()
+    def continue_from(
+        self, input_ids: torch.Tensor, embeds: torch.Tensor, chat: bool, max_new_tokens: int = 64, **kwargs: Any
+    ) -> str:
+        """The greedy (or ``kwargs``-configured) continuation of a prompt given as its ids and LM input embeddings
+        (:meth:`embeddings`, :meth:`prefill`): up to the end of the assistant's turn for a conversation
+        (``chat``), else up to EOS."""
         settings = {
             "max_new_tokens": max_new_tokens,
             "do_sample": False,
             "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": stop_tokens(self.tokenizer, self.description.lm.image_token)
-            if messages is not None
-            else self.tokenizer.eos_token_id,
+            "eos_token_id": stop_tokens(self.tokenizer, self.description.lm.image_token) if chat else self.tokenizer.eos_token_id,
             **kwargs,
         }
         output = self.model.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), **settings)
         return self.tokenizer.decode(output[0], skip_special_tokens=True)
 
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, images: ImageBatch) -> torch.Tensor:
+        """A prompt's ids ``(1, L)`` and its images through the encoder and the LM (what answering costs before
+        its first token); returns the LM input embeddings, to continue from (:meth:`continue_from`)."""
+        embeds = self.model.embed(input_ids, images)
+        self.model.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), use_cache=False)
+        return embeds
 
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise UserError(f"{path}: missing (not a complete vlmtrain export)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as error:
-        raise UserError(f"{path}: not valid JSON: {error}") from None
+    @torch.no_grad()
+    def selector_features(self, inputs: ModelInput) -> list[torch.Tensor]:
+        """The budget selector's features of each sample of a batch (its images at the lowest level)."""
+        return batch_features(self.model, inputs)
 
+    @torch.no_grad()
+    def sample_losses(self, inputs: ModelInput) -> SampleLosses:
+        """Per sample: target-token loss sum, target tokens and tokens predicted right (teacher forcing)."""
+        return self.model.sample_losses(inputs)
 
-def read_export(path: Path) -> tuple[ModelDescription, TextConfig, str]:
-    """The description, text format and layout (where the weights are) of the export at ``path``, the
-    description checked against the copy kept in its weights files."""
-    config_file = path / VISION_DIR / CONFIG_FILE
-    config = _read_json(config_file)
-    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
-        found = config.get("format") if isinstance(config, dict) else None
-        raise UserError(f"{config_file}: format {found!r} is not {EXPORT_FORMAT!r} (not an export of this vlmtrain version)")
-    for key in ("model", "text"):
-        if key not in config:
-            raise UserError(f"{config_file}: {key}: missing")
-    description = read_description(config["model"], str(config_file), "model.")
-    try:
-        text = structured(TextConfig, [config["text"]], str(config_file), "text.")
-    except RecipeError as error:
-        raise UserError(str(error)) from None
-    layout = config.get("layout", VLMTRAIN_LAYOUT)
-    if layout not in (VLMTRAIN_LAYOUT, GEMMA4_LAYOUT):
-        raise UserError(f"{config_file}: layout {layout!r} is not {VLMTRAIN_LAYOUT!r} or {GEMMA4_LAYOUT!r}")
-    if layout == VLMTRAIN_LAYOUT:
-        weights_file = path / VISION_DIR / WEIGHTS_FILE
-    else:  # a native checkpoint: every shard keeps the description
-        weights_file = min(path.glob("*.safetensors"), default=path / WEIGHTS_FILE)
-    if not weights_file.is_file():
-        raise UserError(f"{weights_file}: missing (not a complete vlmtrain export)")
-    with safe_open(str(weights_file), framework="pt") as handle:
-        stored = (handle.metadata() or {}).get(DESCRIPTION_KEY)
-    if stored is None:
-        raise UserError(f"{weights_file}: holds no model description (not written by vlmtrain export)")
-    difference = first_difference(description.to_dict(), json.loads(stored))
-    if difference is not None:
-        key, found, expected = difference
-        raise UserError(
-            f"{config_file}: model.{key} is {found!r}, but the weights were exported with {expected!r}; "
-            "the config was edited after export (restore it, or export again)"
-        )
-    return description, text, layout
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ExportedModel:
     """Load an export folder for inference (no Lightning, no DeepSpeed, no pickle)."""
     path = Path(path)
-    description, text, layout = read_export(path)
-    lm = description.lm
-    for folder in filter(None, (lm.path, lm.adapter)):
-        if not (path / folder).is_dir():
-            raise UserError(f"{path / folder}: missing (not a complete vlmtrain export)")
-    local = replace(description, lm=replace(lm, path=str(path / lm.path), adapter=str(path / lm.adapter) if lm.adapter else None))
-    tokenizer = lm_tokenizer(local.lm)
+    config, layout = read_export(path)
+    description = config.model
+    lm = LMConfig(
+        path=str(path / layout.lm_folder),
+        adapter=str(path / config.adapter) if config.adapter else None,
+        image_token=description.lm.image_token,
+        attn_implementation=description.lm.attn_implementation,
+    )
+    tokenizer = lm_tokenizer(lm)
     with torch.random.fork_rng(devices=[]):  # building seeds torch's generator; the caller's stays as it was
-        model = build_model(local, tokenizer)
-    if layout == GEMMA4_LAYOUT:
-        weights = vlmtrain_weights(path, VISION_PARTS)
-    else:
-        weights = load_file(path / VISION_DIR / WEIGHTS_FILE)
+        model = build_model(description, Start(lm), tokenizer)
+    weights = layout.vision_weights(path)
     for name in VISION_PARTS:
         part = getattr(model, name)
         state = {key[len(name) + 1 :]: value for key, value in weights.items() if key.startswith(name + ".")}
@@ -277,7 +250,22 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         if misfits:
             raise UserError(f"{path}: weights {name}.{misfits[0]} do not fit the described model")
         part.load_state_dict(state)
-    exported = ExportedModel(model.to(device=device, dtype=dtype), tokenizer, description, text)
+    exported = ExportedModel(model.to(device=device, dtype=dtype), tokenizer, description, config.text)
     if (path / SELECTOR_DIR).is_dir():
         exported.selector = load_selector(path / SELECTOR_DIR, list(description.levels)).to(device)
     return exported
+
+
+def open_run(path: Path) -> ExportedModel:
+    """A run directory (its latest checkpoint) or a checkpoint, as a model ready for use."""
+    trained = trained_model(path)
+    return ExportedModel(trained.model, trained.tokenizer, trained.description, trained.text_format)
+
+
+def open_model(path: Path) -> ExportedModel:
+    """An export folder, or a run directory (its latest checkpoint), ready for use."""
+    if (path / VISION_DIR / CONFIG_FILE).is_file():
+        return load(path)
+    if (path / RECIPE_FILE).is_file():
+        return open_run(path)
+    raise UserError(f"{path}: neither an export folder (vision/config.json) nor a run directory (recipe.yaml)")

@@ -1,5 +1,6 @@
 """The run plan: what a recipe decides before anything is built, made once and handed to the model side and
-the data side alike: the model description (and so the geometry), the budget schedule and the tokenizer."""
+the data side alike: the model description (and so the geometry), what the model starts from, the budget
+schedule and the tokenizer."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.config import Recipe
-from vlmtrain.model.description import ModelDescription, describe_model
+from vlmtrain.model.description import ModelDescription, Start, describe_model
 from vlmtrain.model.lm import lm_tokenizer
 from vlmtrain.modeling.geometry import Geometry
 from vlmtrain.text.chat import resolve_chat_template
@@ -21,6 +22,7 @@ class RunPlan:
 
     recipe: Recipe
     model: ModelDescription
+    start: Start
     geometry: Geometry
     schedule: BudgetSchedule
     tokenizer: PreTrainedTokenizerBase
@@ -34,4 +36,5 @@ def plan_run(recipe: Recipe) -> RunPlan:
     template = resolve_chat_template(recipe.data.text.chat_template)
     if template is not None:
         tokenizer.chat_template = template
-    return RunPlan(recipe, model, model.geometry(), BudgetSchedule.of(recipe.budget, recipe.seed), tokenizer)
+    schedule = BudgetSchedule.of(recipe.budget, recipe.seed)
+    return RunPlan(recipe, model, Start.of(recipe.model), model.geometry(), schedule, tokenizer)

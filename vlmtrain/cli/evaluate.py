@@ -11,7 +11,8 @@ from vlmtrain.modeling.geometry import check_budget
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from vlmtrain.evaluate import evaluate, log_to_wandb
+    from vlmtrain.evaluate import evaluate
+    from vlmtrain.evaluate.plot import log_to_wandb
     from vlmtrain.export.card import results_table
 
     budgets = parse_budgets(args.budgets) if args.budgets else None
@@ -43,7 +44,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_label_budgets(args: argparse.Namespace) -> None:
     from vlmtrain.data.sources import expand_shards
-    from vlmtrain.evaluate import open_model
+    from vlmtrain.inference import open_model
     from vlmtrain.selector.labels import label_budgets
 
     labels = label_budgets(open_model(args.model), expand_shards(args.data), args.limit, parse_where(args.where))
@@ -56,7 +57,8 @@ def cmd_label_budgets(args: argparse.Namespace) -> None:
 
 
 def cmd_train_selector(args: argparse.Namespace) -> None:
-    from vlmtrain.inference import SELECTOR_DIR, load
+    from vlmtrain.export.format import SELECTOR_DIR
+    from vlmtrain.inference import load
     from vlmtrain.selector.labels import BudgetLabels
     from vlmtrain.selector.train import train_selector
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from vlmtrain.config import Recipe
-from vlmtrain.inference import GEMMA4_LAYOUT
+from vlmtrain.export.format import Layout
 from vlmtrain.model.description import ModelDescription
 
 
-def model_card(recipe: Recipe, description: ModelDescription, layout: str, prompt: str, evaluation: dict | None) -> str:
-    """A README for the export folder: what the model is, how to load it, and its per-budget results."""
+def model_card(recipe: Recipe, description: ModelDescription, layout: Layout, prompt: str, evaluation: dict | None) -> str:
+    """A README for the export folder: what the model is, how to load it (the layout's own lines), and its
+    per-budget results."""
     geometry = description.geometry()
     cell = geometry.cell
     lines = [
@@ -24,11 +25,7 @@ def model_card(recipe: Recipe, description: ModelDescription, layout: str, promp
         ),
         "",
         f"- vision encoder: {description.vision.kind}, pooling: {description.pooling.kind}",
-        (
-            "- the folder is a native Gemma 4 checkpoint (`Gemma4ForConditionalGeneration`, `Gemma4Processor`)"
-            if layout == GEMMA4_LAYOUT
-            else "- language model: `lm/` (loads with `transformers.AutoModelForCausalLM.from_pretrained`)"
-        ),
+        layout.card_summary,
         f"- image token: `{description.lm.image_token}`; prompt template: `{prompt!r}`",
         "",
         "```python",
@@ -38,35 +35,7 @@ def model_card(recipe: Recipe, description: ModelDescription, layout: str, promp
         f'print(model.generate([Image.open("page.png")], budget={max(geometry.levels)}))',
         "```",
     ]
-    if layout == GEMMA4_LAYOUT:
-        lines += [
-            "",
-            "With transformers alone (or anything that serves Gemma 4; the budget is `max_soft_tokens`):",
-            "",
-            "```python",
-            "from PIL import Image",
-            "from transformers import AutoModelForImageTextToText, AutoProcessor",
-            'model = AutoModelForImageTextToText.from_pretrained("PATH/TO/THIS/FOLDER")',
-            'processor = AutoProcessor.from_pretrained("PATH/TO/THIS/FOLDER")',
-            f'inputs = processor(text={prompt!r}, images=[Image.open("page.png")], return_tensors="pt",',
-            f'                   images_kwargs={{"max_soft_tokens": {max(geometry.levels)}}})',
-            "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs['input_ids'].shape[1]:]))",
-            "```",
-        ]
-    else:
-        lines += [
-            "",
-            "With transformers alone (the folder ships its modelling and processing code):",
-            "",
-            "```python",
-            "from PIL import Image",
-            "from transformers import AutoModelForImageTextToText, AutoProcessor",
-            'model = AutoModelForImageTextToText.from_pretrained("PATH/TO/THIS/FOLDER", trust_remote_code=True)',
-            'processor = AutoProcessor.from_pretrained("PATH/TO/THIS/FOLDER", trust_remote_code=True)',
-            f'inputs = processor({prompt!r}, [Image.open("page.png")], budget={max(geometry.levels)})',
-            "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs['input_ids'].shape[1]:]))",
-            "```",
-        ]
+    lines += layout.card_usage(prompt, max(geometry.levels))
     if evaluation is not None:
         model = evaluation["models"][0]
         samples = max(row["samples"] for row in model["budgets"])

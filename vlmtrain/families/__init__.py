@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.families.assembled import ASSEMBLED, Family
 from vlmtrain.families.gemma4 import GEMMA4
-from vlmtrain.model.description import ModelDescription
+from vlmtrain.model.description import ModelDescription, Start
 from vlmtrain.modeling.vlm import VisionLanguageModel
 
 FAMILIES: tuple[Family, ...] = (GEMMA4,)  # asked in order; a model none of them concerns is assembled
@@ -24,6 +24,8 @@ def family_of(description: ModelDescription) -> Family:
     return next((family for family in FAMILIES if family.concerns(description)), ASSEMBLED)
 
 
-def build_model(description: ModelDescription, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> VisionLanguageModel:
-    """The model ``description`` describes, built by its family (:meth:`Family.build`)."""
-    return family_of(description).build(description, tokenizer, seed, CHECKPOINT_LMS)
+def build_model(
+    description: ModelDescription, start: Start, tokenizer: PreTrainedTokenizerBase, seed: int = 0
+) -> VisionLanguageModel:
+    """The model ``description`` describes, its weights from ``start``, built by its family (:meth:`Family.build`)."""
+    return family_of(description).build(description, start, tokenizer, seed, CHECKPOINT_LMS)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from vlmtrain.model.description import ModelDescription
+from vlmtrain.model.description import ModelDescription, Start
 from vlmtrain.model.lm import KeyMappings, build_lm
 from vlmtrain.model.pretrained import pretrained_backbone
 from vlmtrain.modeling.backbones import BACKBONES
@@ -21,35 +21,40 @@ from vlmtrain.seeding import mix
 class Family:
     """What a model family knows: which models it is (:meth:`concerns`), how to build one from a description and
     read its whole checkpoints (:meth:`build`, :attr:`checkpoint_lms`), and whether a model can be exported in
-    the family's own checkpoint format (:meth:`native_mismatch`)."""
+    the family's own checkpoint format (:attr:`native_layout`, :meth:`native_mismatch`)."""
 
     name = "assembled"
     title = "assembled"
     checkpoint_lms: KeyMappings = {}  # model_type of the family's whole checkpoints → where their LM's weights are
-    native_form = ""  # what an export in the family's own checkpoint format is, in a few words
+    native_layout: Any = None  # the family's own checkpoint format as an export layout (vlmtrain.export.format.Layout)
 
     def concerns(self, description: ModelDescription) -> bool:
         """Whether ``description`` is a model of this family (its parts are the family's)."""
         return False
 
     def build(
-        self, description: ModelDescription, tokenizer: PreTrainedTokenizerBase, seed: int, checkpoint_lms: KeyMappings
+        self,
+        description: ModelDescription,
+        start: Start,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        checkpoint_lms: KeyMappings,
     ) -> VisionLanguageModel:
-        """The model ``description`` describes (``checkpoint_lms``: every family's, an LM folder may be any family's
-        whole checkpoint). Each part's random initialisation depends only on (seed, part): how another part is
-        built (loaded, partitioned by ZeRO-3, given adapters) cannot change it."""
+        """The model ``description`` describes, its weights from ``start`` (``checkpoint_lms``: every family's, an
+        LM folder may be any family's whole checkpoint). Each part's random initialisation depends only on
+        (seed, part): how another part is built (loaded, partitioned by ZeRO-3, given adapters) cannot change it."""
         geometry = description.geometry()
         vision = description.vision
         torch.manual_seed(mix(seed, 1))
-        if vision.weights is None:
-            backbone = BACKBONES[vision.kind].build(vision.settings, vision.gradient_checkpointing)
+        if start.vision_weights is None:
+            backbone = BACKBONES[vision.kind].build(vision.settings, start.vision_checkpointing)
         else:
-            backbone = pretrained_backbone(vision.kind, vision.settings, vision.weights, vision.gradient_checkpointing)
+            backbone = pretrained_backbone(vision.kind, vision.settings, start.vision_weights, start.vision_checkpointing)
         backbone.bins = tuple(level * geometry.pool**2 for level in geometry.levels)  # images of a level run together
         torch.manual_seed(mix(seed, 2))
         pooling = build_pooling(description.pooling.kind, geometry.pool, backbone.width, description.pooling.heads)
         torch.manual_seed(mix(seed, 3))
-        lm = build_lm(description.lm, tokenizer, checkpoint_lms)
+        lm = build_lm(start.lm, tokenizer, checkpoint_lms)
         lm_width = lm.get_input_embeddings().embedding_dim
         torch.manual_seed(mix(seed, 4))
         projector = build_projector(description.projector.kind, backbone.width, description.projector.hidden_size, lm_width)

@@ -26,7 +26,7 @@ from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeat
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
 from vlmtrain.families.assembled import Family
-from vlmtrain.model.description import ModelDescription
+from vlmtrain.model.description import ModelDescription, Start
 from vlmtrain.model.lm import KeyMappings
 from vlmtrain.model.pretrained import load_weights, prefixed_tensors
 from vlmtrain.modeling.geometry import LEVELS
@@ -43,6 +43,65 @@ TEXT_MODEL_TYPE = "gemma4_text"
 AUDIO_TOKENS = ("audio_token", "boa_token", "eoa_token")
 
 
+class Gemma4Layout:
+    """An export as a native Gemma 4 checkpoint at the folder's root, its writer beside its reader."""
+
+    name = "gemma4"
+    lm_folder = "."  # the checkpoint is its own language model's folder
+    summary = "a native Gemma 4 checkpoint (Gemma4ForConditionalGeneration and Gemma4Processor, no remote code)"
+    card_summary = "- the folder is a native Gemma 4 checkpoint (`Gemma4ForConditionalGeneration`, `Gemma4Processor`)"
+
+    def card_usage(self, prompt: str, budget: int) -> list[str]:
+        """The model card's lines on serving the folder with transformers alone."""
+        return [
+            "",
+            "With transformers alone (or anything that serves Gemma 4; the budget is `max_soft_tokens`):",
+            "",
+            "```python",
+            "from PIL import Image",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor",
+            'model = AutoModelForImageTextToText.from_pretrained("PATH/TO/THIS/FOLDER")',
+            'processor = AutoProcessor.from_pretrained("PATH/TO/THIS/FOLDER")',
+            f'inputs = processor(text={prompt!r}, images=[Image.open("page.png")], return_tensors="pt",',
+            f'                   images_kwargs={{"max_soft_tokens": {budget}}})',
+            "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs['input_ids'].shape[1]:]))",
+            "```",
+        ]
+
+    def write(
+        self,
+        out: Path,
+        model: VisionLanguageModel,
+        description: ModelDescription,
+        tokenizer: PreTrainedTokenizerBase,
+        metadata: dict[str, str],
+        adapter: str | None = None,
+    ) -> None:
+        """Write ``model`` (its LM merged: a native checkpoint keeps no ``adapter``) into ``out``: config,
+        weights under Gemma 4's names (sharded, each file's metadata with ``metadata``), tokenizer, processor."""
+        config = gemma4_config(description, model.lm, tokenizer)
+        config.save_pretrained(out)
+        state = {native_name(name): tensor for name, tensor in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_torch_state_dict(state, out, metadata={"format": "pt", **metadata})
+        tokenizer.save_pretrained(out)
+        (out / "processor_config.json").write_text(json.dumps(processor_config(description, model.geometry.patch_size), indent=1))
+        if model.lm.generation_config is not None:
+            model.lm.generation_config.save_pretrained(out)
+
+    def weights_file(self, folder: Path) -> Path:
+        return min(folder.glob("*.safetensors"), default=folder / "model.safetensors")  # every shard keeps the description
+
+    def vision_weights(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The tower's and the embedder's weights under vlmtrain's names (the inverse of :func:`native_name`)."""
+        weights: dict[str, torch.Tensor] = {}
+        for ours, theirs in NATIVE_NAMES:
+            if not ours.startswith("lm."):
+                weights |= {ours + name: tensor for name, tensor in prefixed_tensors(folder, (theirs,)).items()}
+        return weights
+
+
 class Gemma4Family(Family):
     """Every model with Gemma 4's vision tower: built as assembled models are, with the embedder of the
     checkpoint the tower comes from; exported natively when all its parts are Gemma 4's."""
@@ -50,17 +109,22 @@ class Gemma4Family(Family):
     name = "gemma4"
     title = "Gemma 4"
     checkpoint_lms = {"gemma4": {r"^model\.language_model\.": "model."}}
-    native_form = "a native Gemma 4 checkpoint (Gemma4ForConditionalGeneration and Gemma4Processor, no remote code)"
+    native_layout = Gemma4Layout()
 
     def concerns(self, description: ModelDescription) -> bool:
         return description.vision.kind == "gemma4"
 
     def build(
-        self, description: ModelDescription, tokenizer: PreTrainedTokenizerBase, seed: int, checkpoint_lms: KeyMappings
+        self,
+        description: ModelDescription,
+        start: Start,
+        tokenizer: PreTrainedTokenizerBase,
+        seed: int,
+        checkpoint_lms: KeyMappings,
     ) -> VisionLanguageModel:
-        model = super().build(description, tokenizer, seed, checkpoint_lms)
-        if description.projector.kind == "gemma4" and description.vision.weights is not None:
-            load_embedder(model.projector, description.vision.weights)  # a Gemma 4 checkpoint's tower comes with it
+        model = super().build(description, start, tokenizer, seed, checkpoint_lms)
+        if description.projector.kind == "gemma4" and start.vision_weights is not None:
+            load_embedder(model.projector, start.vision_weights)  # a Gemma 4 checkpoint's tower comes with it
         return model
 
     def native_mismatch(
@@ -114,17 +178,7 @@ def native_name(name: str) -> str:
     raise ValueError(f"{name}: no place in a Gemma 4 checkpoint")
 
 
-def vlmtrain_weights(folder: Path, parts: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The weights of vlmtrain ``parts`` (e.g. backbone, projector) in a native Gemma 4 export, under
-    vlmtrain's names (the inverse of :func:`native_name`)."""
-    weights: dict[str, torch.Tensor] = {}
-    for ours, theirs in NATIVE_NAMES:
-        if ours.split(".")[0] in parts:
-            weights |= {ours + name: tensor for name, tensor in prefixed_tensors(folder, (theirs,)).items()}
-    return weights
-
-
-def gemma4_config(description: dict[str, Any], lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Gemma4Config:
+def gemma4_config(description: ModelDescription, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Gemma4Config:
     """The checkpoint's config: the tower's and the LM's own, the tokenizer's image token ids. An LM that
     attends bidirectionally within images when served ("vision") was trained attending causally (vlmtrain
     runs the text model alone): the config says what it was trained to compute."""
@@ -134,7 +188,7 @@ def gemma4_config(description: dict[str, Any], lm: PreTrainedModel, tokenizer: P
     ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, name)) for name in ("image_token", "boi_token", "eoi_token")}
     config = Gemma4Config(
         text_config=text_config,
-        vision_config={**description["vision"]["settings"], "model_type": "gemma4_vision"},
+        vision_config={**description.vision.settings, "model_type": "gemma4_vision"},
         audio_config=None,
         image_token_id=ids["image_token"],
         boi_token_id=ids["boi_token"],
@@ -146,10 +200,10 @@ def gemma4_config(description: dict[str, Any], lm: PreTrainedModel, tokenizer: P
     return config
 
 
-def processor_config(description: dict[str, Any], patch_size: int) -> dict[str, Any]:
+def processor_config(description: ModelDescription, patch_size: int) -> dict[str, Any]:
     """``processor_config.json`` of Gemma 4's processor: the image processor at the model's patch size and
     pool, ``max_soft_tokens`` its default budget (any of its levels per call: ``images_kwargs``)."""
-    budget, pool = description["default_budget"], description["pooling"]["size"]
+    budget, pool = description.default_budget, description.pooling.size
     image_processor = Gemma4ImageProcessorPil(patch_size=patch_size, pooling_kernel_size=pool, max_soft_tokens=budget)
     image_processor = json.loads(image_processor.to_json_string())
     image_processor["image_processor_type"] = "Gemma4ImageProcessor"  # transformers picks the backend it has
@@ -160,27 +214,6 @@ def processor_config(description: dict[str, Any], patch_size: int) -> dict[str, 
         "feature_extractor": json.loads(Gemma4AudioFeatureExtractor().to_json_string()),
         "video_processor": {"video_processor_type": "Gemma4VideoProcessor"},
     }
-
-
-def write_native_gemma4(
-    out: Path,
-    model: VisionLanguageModel,
-    description: dict[str, Any],
-    tokenizer: PreTrainedTokenizerBase,
-    metadata: dict[str, str],
-) -> None:
-    """Write ``model`` (its LM merged) as a native Gemma 4 checkpoint in ``out``: config, weights (sharded,
-    each file's metadata with ``metadata``), tokenizer, processor."""
-    config = gemma4_config(description, model.lm, tokenizer)
-    config.save_pretrained(out)
-    state = {native_name(name): tensor for name, tensor in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_torch_state_dict(state, out, metadata={"format": "pt", **metadata})
-    tokenizer.save_pretrained(out)
-    (out / "processor_config.json").write_text(json.dumps(processor_config(description, model.geometry.patch_size), indent=1))
-    if model.lm.generation_config is not None:
-        model.lm.generation_config.save_pretrained(out)
 
 
 GEMMA4 = Gemma4Family()

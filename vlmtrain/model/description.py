@@ -1,34 +1,57 @@
-"""The model description: one serialisable account of a model that training builds from, export writes and
-:func:`vlmtrain.load` reads, all through :func:`vlmtrain.model.build.build_model`.
+"""The model description: one serialisable account of what a model computes, which training builds from,
+export writes and :func:`vlmtrain.load` reads, all through :func:`vlmtrain.families.build_model`.
 
 It holds the backbone's kind and complete settings (a native ViT's sizes, an HF tower's config keys), the
-pooling, the projector, the language model's source and the budgets the model serves; the geometry is
-derived from it, never stored beside it.
+pooling, the projector, the language model's image token and attention, and the budgets the model serves;
+the geometry is derived from it, never stored beside it. What a model *starts from* (pretrained weights, an
+LM folder or config, LoRA adapters) and how training runs it (gradient checkpointing) is the :class:`Start`,
+not the description: an export starts from its own files.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vlmtrain.budget import BudgetConfig, default_budget
-from vlmtrain.config import RecipeError, structured
 from vlmtrain.errors import UserError
-from vlmtrain.model.config import LMConfig, ModelConfig, PoolingConfig, ProjectorConfig
+from vlmtrain.model.config import LMConfig, ModelConfig
 from vlmtrain.modeling.backbones import BACKBONES
 from vlmtrain.modeling.geometry import Geometry
 
 
 @dataclass
 class VisionDescription:
-    """The backbone: its registry kind and complete settings, the pretrained weights it starts from (a local
-    path; None: random weights, which an export's own weights file then replaces)."""
+    """The backbone: its registry kind and complete settings."""
 
     kind: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None
-    gradient_checkpointing: bool = False
+
+
+@dataclass
+class PoolingDescription:
+    """The pooling: its kind, pool size (pool×pool patches per visual token) and attention heads."""
+
+    kind: str = ""
+    size: int = 0
+    heads: int = 0
+
+
+@dataclass
+class ProjectorDescription:
+    """The projector: its kind and hidden size (None: the LM's width, or no hidden layer)."""
+
+    kind: str = ""
+    hidden_size: int | None = None
+
+
+@dataclass
+class LMDescription:
+    """What the model asks of its language model (whose own config lives with its weights): the token that
+    holds an image's place, and the attention implementation it runs with."""
+
+    image_token: str = ""
+    attn_implementation: str = ""
 
 
 @dataclass
@@ -36,9 +59,9 @@ class ModelDescription:
     """Everything that decides what a model computes (see the module docstring)."""
 
     vision: VisionDescription = field(default_factory=VisionDescription)
-    pooling: PoolingConfig = field(default_factory=PoolingConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    lm: LMConfig = field(default_factory=LMConfig)
+    pooling: PoolingDescription = field(default_factory=PoolingDescription)
+    projector: ProjectorDescription = field(default_factory=ProjectorDescription)
+    lm: LMDescription = field(default_factory=LMDescription)
     levels: list[int] = field(default_factory=list)
     default_budget: int = 0
 
@@ -49,6 +72,22 @@ class ModelDescription:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a model's weights start from and how training runs its parts, beyond what it computes: the vision
+    weights (a local path; None: random, or an export's own files), gradient checkpointing, and the LM's
+    source (a folder or a config, its tokenizer, LoRA adapters new or from a folder)."""
+
+    lm: LMConfig
+    vision_weights: str | None = None
+    vision_checkpointing: bool = False
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> Start:
+        """What a recipe's ``model`` section starts from."""
+        return cls(model.lm, model.vision.path, model.vision.gradient_checkpointing)
 
 
 def describe_model(model: ModelConfig, budget: BudgetConfig) -> ModelDescription:
@@ -69,49 +108,10 @@ def describe_model(model: ModelConfig, budget: BudgetConfig) -> ModelDescription
     except UserError as error:
         raise UserError(f"model.pooling.size: {error}") from None
     return ModelDescription(
-        vision=VisionDescription(vision.backbone, settings, vision.path, vision.gradient_checkpointing),
-        pooling=replace(model.pooling, size=pool),
-        projector=model.projector,
-        lm=model.lm,
+        vision=VisionDescription(vision.backbone, settings),
+        pooling=PoolingDescription(model.pooling.kind, pool, model.pooling.heads),
+        projector=ProjectorDescription(model.projector.kind, model.projector.hidden_size),
+        lm=LMDescription(model.lm.image_token, model.lm.attn_implementation),
         levels=list(budget.levels),
         default_budget=default_budget(budget.levels, budget.default),
     )
-
-
-def read_description(values: Any, source: str, prefix: str = "") -> ModelDescription:
-    """A description from JSON values (found at ``prefix`` in file ``source``); an unknown, missing or
-    mistyped key raises :class:`UserError` naming it."""
-    if not isinstance(values, dict):
-        raise UserError(f"{source}: {prefix or 'the model description'}: must be a JSON object")
-    try:
-        description = structured(ModelDescription, [values], source, prefix)
-    except RecipeError as error:
-        raise UserError(str(error)) from None
-    difference = first_difference(values, description.to_dict())
-    if difference is not None and difference[1] is None:  # the schema filled in a key the JSON lacks
-        raise UserError(f"{source}: {prefix}{difference[0]}: missing")
-    if description.vision.kind not in BACKBONES:
-        raise UserError(f"{source}: {prefix}vision.kind: {description.vision.kind!r} is not one of {', '.join(BACKBONES)}")
-    return description
-
-
-def first_difference(found: Any, expected: Any, key: str = "") -> tuple[str, Any, Any] | None:
-    """The first dotted key at which two JSON-like values differ, with both values; None when equal."""
-    if isinstance(found, dict) and isinstance(expected, dict):
-        for name in sorted(found.keys() | expected.keys()):
-            inner = first_difference(found.get(name), expected.get(name), f"{key}.{name}" if key else name)
-            if inner is not None:
-                return inner
-        return None
-    if isinstance(found, list) and isinstance(expected, list) and len(found) == len(expected):
-        for index, (a, b) in enumerate(zip(found, expected, strict=True)):
-            inner = first_difference(a, b, f"{key}[{index}]")
-            if inner is not None:
-                return inner
-        return None
-    return None if found == expected else (key, found, expected)
-
-
-def canonical_json(description: ModelDescription) -> str:
-    """The description as compact, key-sorted JSON: what an export stores beside its weights."""
-    return json.dumps(description.to_dict(), sort_keys=True, separators=(",", ":"))

@@ -6,18 +6,34 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from vlmtrain.data.builder import BatchBuilder
-from vlmtrain.data.config import DecodingConfig, TextConfig
+from vlmtrain.data.config import DecodingConfig
 from vlmtrain.data.pipeline import EvalStream
 from vlmtrain.errors import UserError
-from vlmtrain.inference import ExportedModel
-from vlmtrain.selector.model import batch_features
+from vlmtrain.export.format import TextFormat
+from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.inputs import ModelInput
+from vlmtrain.modeling.vlm import SampleLosses
+from vlmtrain.text.encoding import TextEncoder
+
+
+class LabelledModel(Protocol):
+    """What labelling asks of a model (a loaded model, :class:`vlmtrain.inference.ExportedModel`)."""
+
+    geometry: Geometry
+    text: TextEncoder
+    text_format: TextFormat
+
+    def sample_losses(self, inputs: ModelInput) -> SampleLosses: ...
+
+    def selector_features(self, inputs: ModelInput) -> list[torch.Tensor]: ...
 
 
 @dataclass
@@ -53,16 +69,16 @@ class BudgetLabels:
 
 @torch.no_grad()
 def label_budgets(
-    model: ExportedModel,
+    model: LabelledModel,
     urls: list[str],
     limit: int,
     where: dict[str, str] | None = None,
-    text: TextConfig | None = None,
+    text: TextFormat | None = None,
     batch_tokens: int = 8192,
 ) -> BudgetLabels:
     """The loss of the first ``limit`` samples of ``urls`` at each of the model's levels, and their features."""
     levels = list(model.geometry.levels)
-    fields = replace(text or model.text_format, max_length=sys.maxsize)
+    fields = (text or model.text_format).text_config(max_length=sys.maxsize)
     builder = BatchBuilder(model.geometry, model.text, fields, DecodingConfig(fast=True, max_image_pixels=10**9))
     began = time.perf_counter()
     losses: dict[str, dict[int, float]] = {}
@@ -71,12 +87,12 @@ def label_budgets(
         stream = EvalStream(urls, builder, level, limit, batch_tokens, max_batch_size=64, where=where)
         for pairs, batch in stream.batches():
             inputs = batch.inputs
-            per_sample = model.model.sample_losses(inputs)
+            per_sample = model.sample_losses(inputs)
             mean = per_sample.loss_sum / per_sample.tokens.clamp(min=1)
             for row, (sample, _) in enumerate(pairs):
                 losses.setdefault(sample.key, {})[level] = float(mean[row])
             if level == levels[0]:  # the selector's inputs, as generate(budget="auto") computes them
-                for (sample, _), found in zip(pairs, batch_features(model.model, inputs), strict=True):
+                for (sample, _), found in zip(pairs, model.selector_features(inputs), strict=True):
                     if len(found):
                         features[sample.key] = found
     keys = [key for key in features if len(losses.get(key, {})) == len(levels)]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vlmtrain.config import Recipe, RecipeError
 
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe, at the run directory's root
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 PARTIAL = ".partial"

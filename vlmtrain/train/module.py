@@ -152,7 +152,7 @@ class VLMModule(L.LightningModule):
         """Build the model (once), seeded from the recipe: every rank and every launch builds the same one."""
         if self.model is not None:
             return
-        self.model = build_model(self.plan.model, self.plan.tokenizer, self.recipe.seed)
+        self.model = build_model(self.plan.model, self.plan.start, self.plan.tokenizer, self.recipe.seed)
         set_trainable(self.model, self.recipe.optim)
         # from_pretrained leaves models in eval mode: what trains must train (dropout on); frozen parts stay in eval
         self.model.train()

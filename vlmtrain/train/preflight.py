@@ -246,7 +246,7 @@ def check_resume(plan: RunPlan, source: str, checkpoint: Path | None) -> None:
         found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     try:
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
-            model = build_model(plan.model, plan.tokenizer, plan.recipe.seed)
+            model = build_model(plan.model, plan.start, plan.tokenizer, plan.recipe.seed)
             set_trainable(model, plan.recipe.optim)
     except Exception:  # a part that cannot be built on the meta device: the load itself will tell
         return

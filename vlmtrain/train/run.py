@@ -24,13 +24,11 @@ from vlmtrain.train.adapters import save_adapter
 from vlmtrain.train.callbacks import BudgetThroughput, DataProgress, RunSummary
 from vlmtrain.train.checkpoints import AtomicCheckpoint
 from vlmtrain.train.interrupts import StopOnSignal
-from vlmtrain.train.layout import CHECKPOINTS, checkpoint_name
+from vlmtrain.train.layout import CHECKPOINTS, RECIPE_FILE, checkpoint_name
 from vlmtrain.train.module import VLMModule
 from vlmtrain.train.preflight import prepare, resume_log
 from vlmtrain.train.progress import ProgressLog, StepProgressBar, on_a_terminal
 from vlmtrain.train.strategy import build_strategy, device_count, node_count
-
-RECIPE_FILE = "recipe.yaml"
 
 
 def prepare_run_dir(recipe: Recipe) -> Path:

@@ -1,0 +1,175 @@
+"""The export format, in one place: the folder's names and version, what ``vision/config.json`` holds (its own
+schema: :class:`ExportConfig`), what a layout (where the weights are) must do, and the checks that refuse
+an export that was edited or damaged. Writers: :mod:`.write`; readers: :mod:`.layouts` and :func:`vlmtrain.load`.
+
+    OUT/vision/config.json  format, layout, the model description, the text format, the LoRA adapter folder
+    OUT/...                 the layout's files (:mod:`.vlmtrain_layout`, or a family's own checkpoint), each
+                            safetensors file keeping the description in its metadata
+    OUT/selector/           the budget selector, when one was trained (vlmtrain train-selector)
+    OUT/recipe.yaml, OUT/README.md   the run's recipe and a model card (:mod:`.card`)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+from transformers import PreTrainedTokenizerBase
+
+from vlmtrain.config import RecipeError, structured
+from vlmtrain.data.config import TextConfig
+from vlmtrain.errors import UserError
+from vlmtrain.model.description import ModelDescription
+from vlmtrain.modeling.backbones import BACKBONES
+from vlmtrain.modeling.vlm import VisionLanguageModel
+
+EXPORT_FORMAT = "vlmtrain-model/4"  # 4: the description has its own schema (nothing a recipe starts from)
+VISION_DIR, LM_DIR, ADAPTER_DIR, SELECTOR_DIR = "vision", "lm", "lm-adapter", "selector"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+VISION_PARTS = ("backbone", "pooling", "projector")
+DESCRIPTION_KEY = "vlmtrain.model"  # the description's copy in the metadata of every weights file
+
+
+@dataclass
+class TextFormat:
+    """How the model was asked: the prompt template of prompt/target records (or the field holding each
+    prompt), the field holding the target, and which assistant turns of a conversation were trained on."""
+
+    prompt: str = "<image>"
+    prompt_field: str | None = None
+    target_field: str = "text"
+    train_on: str = "all_assistant_turns"
+
+    @classmethod
+    def of(cls, text: TextConfig) -> TextFormat:
+        """The format of a recipe's ``data.text`` section."""
+        return cls(text.prompt, text.prompt_field, text.target_field, text.train_on)
+
+    def text_config(self, max_length: int) -> TextConfig:
+        """A ``data.text`` section that reads samples in this format, texts up to ``max_length`` tokens."""
+        return TextConfig(**asdict(self), max_length=max_length)
+
+
+@dataclass
+class ExportConfig:
+    """What ``vision/config.json`` holds: the format version, the layout, the model description, the text
+    format and the LoRA adapter folder (None: merged)."""
+
+    format: str = ""
+    layout: str = ""
+    model: ModelDescription = field(default_factory=ModelDescription)
+    text: TextFormat = field(default_factory=TextFormat)
+    adapter: str | None = None
+
+
+class Layout(Protocol):
+    """Where an export's weights are, with its writer beside its reader."""
+
+    name: str
+    lm_folder: str  # the language model's folder in the export ("." : the export's root)
+    card_summary: str  # the model card's line on what the folder is
+
+    def card_usage(self, prompt: str, budget: int) -> list[str]:
+        """The model card's lines on serving the folder without vlmtrain."""
+
+    def write(
+        self,
+        out: Path,
+        model: VisionLanguageModel,
+        description: ModelDescription,
+        tokenizer: PreTrainedTokenizerBase,
+        metadata: dict[str, str],
+        adapter: str | None = None,
+    ) -> None:
+        """Write ``model`` (its LM merged, or the base LM when ``adapter`` names the folder that keeps its LoRA
+        adapter; only vlmtrain's own layout keeps one) into ``out``, every safetensors file with ``metadata``."""
+
+    def weights_file(self, folder: Path) -> Path:
+        """A weights file of the export, whose metadata keeps the description."""
+
+    def vision_weights(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The vision parts' weights (``backbone.``, ``pooling.``, ``projector.`` names)."""
+
+
+def canonical_json(description: ModelDescription) -> str:
+    """The description as compact, key-sorted JSON: what an export keeps in its weights files' metadata."""
+    return json.dumps(description.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def first_difference(found: Any, expected: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """The first dotted key at which two JSON-like values differ, with both values; None when equal."""
+    if isinstance(found, dict) and isinstance(expected, dict):
+        for name in sorted(found.keys() | expected.keys()):
+            inner = first_difference(found.get(name), expected.get(name), f"{key}.{name}" if key else name)
+            if inner is not None:
+                return inner
+        return None
+    if isinstance(found, list) and isinstance(expected, list) and len(found) == len(expected):
+        for index, (a, b) in enumerate(zip(found, expected, strict=True)):
+            inner = first_difference(a, b, f"{key}[{index}]")
+            if inner is not None:
+                return inner
+        return None
+    return None if found == expected else (key, found, expected)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of an export; one line when it is missing or not JSON."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing (not a complete vlmtrain export)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise UserError(f"{path}: not valid JSON: {error}") from None
+
+
+def read_config(folder: Path) -> ExportConfig:
+    """The ``vision/config.json`` of the export ``folder``; a wrong version, an unknown, missing or mistyped
+    key is one line naming it."""
+    config_file = folder / VISION_DIR / CONFIG_FILE
+    values = read_json(config_file)
+    if not isinstance(values, dict) or values.get("format") != EXPORT_FORMAT:
+        found = values.get("format") if isinstance(values, dict) else None
+        raise UserError(f"{config_file}: format {found!r} is not {EXPORT_FORMAT!r} (not an export of this vlmtrain version)")
+    for key in ("layout", "model", "text"):
+        if key not in values:
+            raise UserError(f"{config_file}: {key}: missing")
+    try:
+        config = structured(ExportConfig, [values], str(config_file))
+    except RecipeError as error:
+        raise UserError(str(error)) from None
+    difference = first_difference(values["model"], config.model.to_dict())
+    if difference is not None and difference[1] is None:  # the schema filled in a key the JSON lacks
+        raise UserError(f"{config_file}: model.{difference[0]}: missing")
+    kind = config.model.vision.kind
+    if kind not in BACKBONES:
+        raise UserError(f"{config_file}: model.vision.kind: {kind!r} is not one of {', '.join(BACKBONES)}")
+    return config
+
+
+def check_description(folder: Path, config: ExportConfig, weights_file: Path) -> None:
+    """The description in ``vision/config.json`` is the one the weights were exported with (the copy in
+    ``weights_file``'s metadata): a config edited after export is refused, naming the key."""
+    if not weights_file.is_file():
+        raise UserError(f"{weights_file}: missing (not a complete vlmtrain export)")
+    with safe_open(str(weights_file), framework="pt") as handle:
+        stored = (handle.metadata() or {}).get(DESCRIPTION_KEY)
+    if stored is None:
+        raise UserError(f"{weights_file}: holds no model description (not written by vlmtrain export)")
+    difference = first_difference(config.model.to_dict(), json.loads(stored))
+    if difference is not None:
+        key, found, expected = difference
+        raise UserError(
+            f"{folder / VISION_DIR / CONFIG_FILE}: model.{key} is {found!r}, but the weights were exported with "
+            f"{expected!r}; the config was edited after export (restore it, or export again)"
+        )
+
+
+def write_config(out: Path, config: ExportConfig) -> None:
+    """Write ``vision/config.json``."""
+    (out / VISION_DIR).mkdir(parents=True, exist_ok=True)
+    (out / VISION_DIR / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=1))
