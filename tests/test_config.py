@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -95,6 +96,7 @@ def error_of(overrides: list[str]) -> str:
         ("trainer.deepspeed.stage=1", "trainer.deepspeed.stage: 1 is not a ZeRO stage this framework runs; choose 2 or 3"),
         ("trainer.deepspeed.offload_parameters=true", "trainer.deepspeed.offload_parameters: needs ZeRO stage 3"),
         ("trainer.deepspeed.offload_optimizer=true", "trainer.deepspeed.offload_optimizer: needs trainer.strategy: deepspeed"),
+        ("trainer.deepspeed.config=ds.json", "trainer.deepspeed.config: needs trainer.strategy: deepspeed"),
         ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints: must be > 0, got 0"),
         ("data.text.prompt=Describe", "data.text.prompt: must contain the image marker '<image>'"),
         (
@@ -200,3 +202,52 @@ def test_cli_prints_one_error_line_and_exits_2():
     assert result.stderr.strip().splitlines() == [
         f"error: {TINY}: budget.levels[1]: 100 is not a token level; allowed: 70, 140, 280, 560, 1120 (nearest: 140)"
     ]
+
+
+def test_a_users_deepspeed_json_is_laid_over_the_generated_config(tmp_path):
+    from vlmtrain.train.deepspeed_config import deepspeed_config
+
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": 2e7, "stage3_prefetch_bucket_size": "auto"},
+        "gradient_clipping": "auto",
+        "wall_clock_breakdown": True,
+    }))
+    recipe = load_recipe(TINY, ["trainer.strategy=deepspeed", "trainer.deepspeed.stage=3", f"trainer.deepspeed.config={file}",
+                                "optim.grad_clip=0.5"])
+    assert deepspeed_config(recipe, pin_memory=False) == {
+        "zero_optimization": {
+            "stage": 3, "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 2e7,
+            "allgather_bucket_size": 5e7,
+        },
+        "zero_allow_untested_optimizer": True,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_clipping": 0.5,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": True,
+    }
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ({"optimizer": {"type": "AdamW"}}, "'optimizer' is set by the optim section; remove it from the file (or write"),
+        ({"bf16": {"enabled": True}}, "'bf16' is set by trainer.precision"),
+        ({"gradient_accumulation_steps": 4}, "'gradient_accumulation_steps' is set by trainer.accumulate_grad_batches"),
+        ({"zero_optimization": {"stage": 3}}, "stage is 3, trainer.deepspeed.stage is 2; set trainer.deepspeed.stage=3"),
+        ([1, 2], "a DeepSpeed config is a JSON object"),
+        ("{not json", "not valid JSON"),
+        (None, "not found (a DeepSpeed JSON file)"),
+    ],
+)
+def test_a_deepspeed_json_that_contradicts_the_recipe_is_one_line(tmp_path, content, expected):
+    from vlmtrain.train.preflight import check_recipe
+
+    file = tmp_path / "ds.json"
+    if content is not None:
+        file.write_text(content if isinstance(content, str) else json.dumps(content))
+    recipe = load_recipe(TINY, ["trainer.strategy=deepspeed", f"trainer.deepspeed.config={file}"])
+    with pytest.raises(RecipeError) as caught:
+        check_recipe(recipe, "r.yaml")
+    assert str(caught.value).startswith("r.yaml: trainer.deepspeed.config: ") and expected in str(caught.value)
+    assert "\n" not in str(caught.value)

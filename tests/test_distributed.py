@@ -3,6 +3,7 @@ SIGKILL, torchrun. Every test here starts processes: all are marked slow."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -114,12 +115,16 @@ def test_zero3_saves_the_gathered_trained_adapter_and_it_reloads(zero3_lora_run,
 
 
 def test_zero2_saves_the_gathered_trained_adapter_and_it_reloads(demo_dir, tmp_path):
+    # with the user's own DeepSpeed JSON, as peers take one ("auto": the recipe's value)
+    user_config = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 2e7}, "gradient_clipping": "auto"}
+    (tmp_path / "ds.json").write_text(json.dumps(user_config))
     overrides = small_overrides(
         demo_dir,
         tmp_path / "run",
         *TWO_PROCESSES,
         "trainer.strategy=deepspeed",
         "trainer.deepspeed.stage=2",
+        f"trainer.deepspeed.config={tmp_path / 'ds.json'}",
         *LORA,
         "optim.lm.lr=0.01",
     )

@@ -16,10 +16,11 @@ import torch
 from helpers import TINY, built, small_overrides, small_recipe
 from safetensors.torch import load_file
 
-from vlmtrain.config import RecipeError, load_recipe
+from vlmtrain.config import OptimConfig, RecipeError, load_recipe
 from vlmtrain.plan import plan_run
 from vlmtrain.train.layout import latest_checkpoint
-from vlmtrain.train.module import VLMModule, lr_factor
+from vlmtrain.train.module import VLMModule
+from vlmtrain.train.optim import learning_rate_schedule
 from vlmtrain.train.run import fit
 
 
@@ -134,8 +135,7 @@ def test_each_part_gets_its_own_learning_rate(demo_dir, tmp_path):
         "lm": 0.001,
         "lm/no_decay": 0.001,
     }
-    warmup = lr_factor(0, recipe.optim.warmup_steps, recipe.trainer.max_steps, "cosine", recipe.optim.min_lr_ratio)
-    assert all(group["lr"] == pytest.approx(group["initial_lr"] * warmup) for group in groups.values())
+    assert recipe.optim.warmup_steps > 0 and all(group["lr"] == 0.0 for group in groups.values())  # warm-up from 0
     assert groups["vision"]["weight_decay"] == 0.1 and groups["lm/no_decay"]["weight_decay"] == 0.0
     without_decay = built(small_recipe(demo_dir, tmp_path / "y", "optim.weight_decay=0"))
     names = [group["name"] for group in without_decay.configure_optimizers()["optimizer"].param_groups]
@@ -144,12 +144,24 @@ def test_each_part_gets_its_own_learning_rate(demo_dir, tmp_path):
     assert optimized == {id(p) for p in module.parameters() if p.requires_grad}
 
 
+def learning_rates(schedule: str, steps: int) -> list[float]:
+    """The learning rate of each step (peak 1) under the recipe's ``schedule``: 10 warm-up steps, 110 in all."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = learning_rate_schedule(optimizer, OptimConfig(warmup_steps=10, schedule=schedule, min_lr_ratio=0.1), 110)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    factors = [lr_factor(step, warmup=10, total=110, schedule="cosine", min_ratio=0.1) for step in range(111)]
-    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert factors[10] == pytest.approx(1.0) and factors[110] == pytest.approx(0.1)
-    assert all(a >= b for a, b in pairwise(factors[10:]))
-    assert lr_factor(500, 10, 110, "constant", 0.1) == 1.0
+    cosine = learning_rates("cosine", 111)
+    assert cosine[:3] == pytest.approx([0.0, 0.1, 0.2]) and cosine[9] == pytest.approx(0.9)
+    assert cosine[10] == pytest.approx(1.0) and cosine[60] == pytest.approx(0.55) and cosine[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in pairwise(cosine[10:]))
+    assert learning_rates("constant", 500)[10:] == pytest.approx([1.0] * 490)
 
 
 def test_a_batch_with_the_wrong_budget_is_refused(demo_dir, tmp_path):

@@ -66,11 +66,13 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """ZeRO settings for ``trainer.strategy: deepspeed``; the DeepSpeed config is generated from these."""
+    """ZeRO settings for ``trainer.strategy: deepspeed``; the DeepSpeed config is generated from these, with the
+    DeepSpeed JSON file ``config`` (if any) laid over it (vlmtrain/train/deepspeed_config.py)."""
 
     stage: int = 2
     offload_optimizer: bool = False
     offload_parameters: bool = False
+    config: str | None = None
 
 
 @dataclass
@@ -392,11 +394,12 @@ def _check_across(recipe: Recipe) -> None:
         "model.lm.lora.rank",
         "LoRA adapters need optim.lm.trainable: true (only the adapters then train)",
     )
-    require(
-        recipe.trainer.strategy == "deepspeed" or not recipe.trainer.deepspeed.offload_optimizer,
-        "trainer.deepspeed.offload_optimizer",
-        "needs trainer.strategy: deepspeed",
-    )
+    for key in ("offload_optimizer", "config"):
+        require(
+            recipe.trainer.strategy == "deepspeed" or not getattr(recipe.trainer.deepspeed, key),
+            f"trainer.deepspeed.{key}",
+            "needs trainer.strategy: deepspeed",
+        )
     zero3 = recipe.trainer.strategy == "deepspeed" and recipe.trainer.deepspeed.stage == 3
     one_grid = not data.batching.packing and data.batching.buckets and budget.per_image == "shared"
     require(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -16,7 +15,7 @@ from vlmtrain.families import build_model
 from vlmtrain.modeling.vlm import SampleLosses, VisionLanguageModel
 from vlmtrain.plan import RunPlan
 from vlmtrain.seeding import mix
-from vlmtrain.train.optim import parameter_groups, part_settings, set_trainable
+from vlmtrain.train.optim import learning_rate_schedule, parameter_groups, part_settings, set_trainable
 
 
 @dataclass
@@ -120,16 +119,6 @@ def log_this_step(module: L.LightningModule, values: dict[str, float | torch.Ten
         logger.log_metrics(scalars, step=step)
 
 
-def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of each group's learning rate at ``step``: linear warm-up, then cosine decay or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 class VLMModule(L.LightningModule):
     """Trains a :class:`VisionLanguageModel` on the steps of the run plan's budget schedule.
 
@@ -223,8 +212,5 @@ class VLMModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         optim = self.recipe.optim
         optimizer = torch.optim.AdamW(list(parameter_groups(self.model, optim)), betas=tuple(optim.betas))
-        total = self.recipe.trainer.max_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, optim.warmup_steps, total, optim.schedule, optim.min_lr_ratio)
-        )
+        scheduler = learning_rate_schedule(optimizer, optim, self.recipe.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,11 +1,15 @@
 """What trains and how fast: each part frozen or trained as the recipe's ``optim`` section says (an LM with
-LoRA adapters trains only them), and AdamW's parameter groups, one per trained part."""
+LoRA adapters trains only them), AdamW's parameter groups, one per trained part, and the learning-rate
+schedule (transformers' own: linear warm-up from 0, then cosine down to ``min_lr_ratio`` or constant)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 from peft import PeftModel
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 from vlmtrain.config import OptimConfig, PartConfig
 from vlmtrain.model.lm import is_adapter_parameter
@@ -38,3 +42,10 @@ def parameter_groups(model: VisionLanguageModel, optim: OptimConfig) -> Iterator
         for group, suffix, decay in ((matrices, "", optim.weight_decay), (vectors, "/no_decay", 0.0)):
             if group:
                 yield {"params": group, "lr": settings.lr, "weight_decay": decay, "name": name + suffix}
+
+
+def learning_rate_schedule(optimizer: Optimizer, optim: OptimConfig, total_steps: int) -> LambdaLR:
+    """The recipe's schedule of every group's learning rate over ``total_steps``, stepped once per step."""
+    if optim.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, optim.warmup_steps)
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, optim.warmup_steps, total_steps, min_lr_rate=optim.min_lr_ratio)

@@ -17,6 +17,7 @@ from vlmtrain.config import Recipe, RecipeError
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.sources import expand_shards, read_shard
 from vlmtrain.modeling.backbones import BACKBONES, TowerKind
+from vlmtrain.train.deepspeed_config import read_user_config
 from vlmtrain.train.layout import TRAINED, resume_checkpoint
 
 if TYPE_CHECKING:  # the plan's modules are heavy; the recipe checks run before anything heavy is imported
@@ -39,10 +40,16 @@ def prepare(recipe: Recipe, source: str = "recipe") -> tuple[RunPlan, Path | Non
 
 
 def check_recipe(recipe: Recipe, source: str) -> None:
-    """What can be checked before the run is planned: local paths, HF config keys, devices, shards."""
+    """What can be checked before the run is planned: local paths, HF config keys, devices, shards, a DeepSpeed
+    config file."""
     check_paths(recipe, source)
     check_hf_configs(recipe, source)
     check_devices(recipe, source)
+    if recipe.trainer.deepspeed.config:
+        try:
+            read_user_config(recipe)
+        except RecipeError as error:
+            raise RecipeError(f"{source}: {error}") from None
     check_shards(recipe, source)
 
 

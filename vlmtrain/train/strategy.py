@@ -1,19 +1,20 @@
 """Choosing how training is distributed: one place turns the recipe into a Lightning strategy.
 
 ``auto`` (one device), ``ddp``, or ``deepspeed`` with ZeRO stage 2 or 3; the DeepSpeed config is
-generated from the recipe, never hand-written per run. On CPU (tests, CI) DeepSpeed runs on gloo through
+generated from the recipe, a user's own DeepSpeed JSON laid over it if the recipe names one
+(:mod:`.deepspeed_config`). On CPU (tests, CI) DeepSpeed runs on gloo through
 a strategy that skips Lightning's CUDA-only check.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
 from vlmtrain.config import Recipe
+from vlmtrain.train.deepspeed_config import deepspeed_config
 
 
 def on_gpu(recipe: Recipe) -> bool:
@@ -42,30 +43,6 @@ def node_count(recipe: Recipe) -> int:
     return int(world) // int(local) if world.isdigit() and local.isdigit() and int(local) else 1
 
 
-def deepspeed_config(recipe: Recipe) -> dict[str, Any]:
-    """The DeepSpeed config of a recipe. Batch sizes vary per step (token-capped batches): DeepSpeed's
-    micro-batch size only feeds its throughput log, so it is set to 1."""
-    settings = recipe.trainer.deepspeed
-    zero: dict[str, Any] = {
-        "stage": settings.stage,
-        "overlap_comm": True,
-        "contiguous_gradients": True,
-        "reduce_bucket_size": 5e7,
-        "allgather_bucket_size": 5e7,
-    }
-    if settings.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu(recipe)}
-    if settings.offload_parameters:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu(recipe)}
-    return {
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_clipping": recipe.optim.grad_clip,
-        "steps_per_print": 10**9,
-    }
-
-
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """DeepSpeed on CPU processes (gloo): Lightning refuses anything but CUDA, DeepSpeed itself does not."""
 
@@ -81,7 +58,7 @@ def build_strategy(recipe: Recipe) -> Strategy | str:
     gpu = on_gpu(recipe)
     if name == "ddp":
         return DDPStrategy(process_group_backend="nccl" if gpu else "gloo", find_unused_parameters=False)
-    config = deepspeed_config(recipe)
+    config = deepspeed_config(recipe, pin_memory=gpu)
     if gpu:
         strategy = DeepSpeedStrategy(config=config, exclude_frozen_parameters=True)
     else:
