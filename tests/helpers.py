@@ -186,3 +186,37 @@ def gemma4_tokenizer(folder: Path) -> Path:
     config_file = folder / "tokenizer_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **named}))
     return folder
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of the live processes that mention ``text`` (a run directory, a pipe: command): what a
+    run left behind."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if text in line and process.info["pid"] != os.getpid():
+            found.append(line)
+    return found
+
+
+def write_tar(path: Path, files: list[tuple[str, bytes]]) -> str:
+    """A tar file holding ``files`` (name, bytes) as they are: a shard the pipeline reads."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def record(text: str | None, *sizes: tuple[int, int]) -> bytes:
+    """A shard record with a text field and images of these (width, height)."""
+    values = {"images": [{"name": f"{i}.png", "width": w, "height": h} for i, (w, h) in enumerate(sizes)]}
+    if text is not None:
+        values["text"] = text
+    return json.dumps(values).encode()

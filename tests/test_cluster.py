@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from helpers import ENV, LORA, ROOT, TINY, losses, run_cli, small_overrides
+from helpers import ENV, LORA, ROOT, TINY, losses, processes_mentioning, run_cli, small_overrides
 
 from vlmtrain.train.layout import latest_checkpoint
 
@@ -43,10 +43,12 @@ def test_a_signal_saves_a_checkpoint_that_resumes_with_the_losses_of_an_uninterr
     stopped = latest_checkpoint(tmp_path / "cut" / "checkpoints")
     at = int(stopped.name[5:])
     assert 4 <= at < 12 and (tmp_path / "cut" / "summary.json").is_file()
-    assert stderr.strip().splitlines()[-1] == (
-        f"stopped: {signal.Signals(signum).name} at step {at}; checkpoint {stopped}; "
+    cut_short = " (between steps: the wait for data or the validation round cut short)"  # when no step was running
+    assert stderr.strip().splitlines()[-1] in [
+        f"stopped: {signal.Signals(signum).name} at step {at}{cut}; checkpoint {stopped}; "
         f"continue with: vlmtrain fit {tmp_path / 'cut' / 'recipe.yaml'} resume=auto"
-    )
+        for cut in ("", cut_short)
+    ]
     run_cli(small_overrides(demo_dir, tmp_path / "cut", *common, "trainer.max_steps=12", "resume=auto"))
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "cut")
     assert [resumed[step] for step in range(12)] == [whole[step] for step in range(12)]
@@ -135,3 +137,33 @@ def test_launch_scripts_print_the_commands_for_one_and_for_four_nodes():
     ]
     header = (ROOT / "scripts" / "slurm.sbatch").read_text()
     assert "#SBATCH --output=%x-%j.out" in header and "#SBATCH --signal=USR1@90" in header  # no folder SLURM would need
+
+
+def test_sigterm_while_the_loader_waits_for_data_stops_at_once_with_the_last_steps_checkpoint(demo_dir, tmp_path):
+    # a shard whose command stalls after its samples (a pipe: that never ends): the run trains what came, then
+    # waits for data; SIGTERM must end it within a grace period, with its work saved, leaving nothing behind
+    stall = f"pipe:cat {demo_dir}/train-000000.tar; sleep 613"
+    overrides = small_overrides(
+        demo_dir, tmp_path / "run", f"data.train={stall}", "data.val=null", "data.num_workers=1", "data.batching.lookahead=2",
+        "data.batching.max_batch_size=1", "trainer.max_steps=1000", "trainer.checkpoint_every=1000",
+    )
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:
+        process = start(overrides, out)
+        wait_for(lambda: log.read_text().count("\n") >= 2)  # steps trained
+        lines = -1
+        while lines != log.read_text().count("\n"):  # until no step has come for 3 s: waiting for data
+            lines = log.read_text().count("\n")
+            time.sleep(3)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM and time.monotonic() - signalled < 30, stderr[-2000:]
+    stopped = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    at = int(stopped.name[5:])
+    assert at == lines and (tmp_path / "run" / "summary.json").is_file()  # every step trained, none lost
+    assert stderr.strip().splitlines()[-1] == (
+        f"stopped: SIGTERM at step {at} (between steps: the wait for data or the validation round cut short); "
+        f"checkpoint {stopped}; continue with: vlmtrain fit {tmp_path / 'run' / 'recipe.yaml'} resume=auto"
+    )
+    assert processes_mentioning("sleep 613") == [] and processes_mentioning(str(tmp_path / "run")) == []

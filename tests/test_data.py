@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import IMAGES
+from helpers import IMAGES, record, write_tar
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -51,26 +51,10 @@ def shard_files(path: Path) -> dict[str, bytes]:
         return {member.name: tar.extractfile(member).read() for member in tar.getmembers()}
 
 
-def write_tar(path: Path, files: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
 def png(width: int, height: int, color=(200, 10, 10)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def record(text: str | None, *sizes: tuple[int, int]) -> bytes:
-    values = {"images": [{"name": f"{i}.png", "width": w, "height": h} for i, (w, h) in enumerate(sizes)]}
-    if text is not None:
-        values["text"] = text
-    return json.dumps(values).encode()
 
 
 def demo_sources(demo_dir: Path) -> list[Source]:
@@ -442,13 +426,30 @@ def test_eval_stream_skips_bad_samples(builder, tmp_path):
 def test_skip_log_limits_consecutive_failures():
     skips = SkipLog(max_consecutive=3)
     for _ in range(3):
-        skips.add("image", "bad")
-    skips.ok()
+        skips.add("text_too_long", "long")
+    skips.read_ok()
     for _ in range(3):
-        skips.add("image", "bad")
+        skips.add("text_too_long", "long")
     with pytest.raises(DataError, match="4 samples in a row were unusable"):
-        skips.add("image", "bad")
-    assert skips.counts["image"] == 7
+        skips.add("text_too_long", "long")
+    assert skips.counts["text_too_long"] == 7
+
+
+def test_samples_read_fine_whose_images_never_decode_stop_the_stream_too():
+    # each sample is read fine (its record admitted), then fails when its image is decoded: a read success
+    # must not hide the run of decoding failures (a stream of broken images once spun forever)
+    skips = SkipLog(max_consecutive=3)
+    for _ in range(3):
+        skips.read_ok()
+        skips.add("image", "broken bytes", decoding=True)
+    skips.read_ok()
+    with pytest.raises(DataError, match="4 samples in a row were unusable; last \\(image\\): broken bytes"):
+        skips.add("image", "broken bytes", decoding=True)
+    skips = SkipLog(max_consecutive=3)
+    for _ in range(10):  # decoding failures between decoded samples never stop it
+        skips.add("image", "broken bytes", decoding=True)
+        skips.decoded_ok()
+    assert skips.undecodable == 0 and skips.counts["image"] == 10
 
 
 def test_demo_samples_are_deterministic_and_record_what_they_show():

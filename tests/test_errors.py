@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ENV, IMAGES, TINY, run_cli, small_overrides, small_recipe
+from helpers import ENV, IMAGES, TINY, processes_mentioning, record, run_cli, small_overrides, small_recipe, write_tar
 
 from vlmtrain.data.pipeline import DataError, TrainStream
 from vlmtrain.data.sources import Source
@@ -284,3 +284,26 @@ def test_shards_refuse_a_path_out_of_the_images_folder_before_reading_it(tmp_pat
         ("x", "x: image '/etc/passwd' is outside " + repr(str(IMAGES)) + " (--allow-outside-images reads it)")
     ]
     assert os.path.exists("/etc/passwd")
+
+
+def broken_image_shard(tmp_path: Path) -> str:
+    """A shard whose records are fine and whose every image is broken bytes."""
+    files = []
+    for i in range(32):
+        files += [(f"s{i:03d}.json", record("word", (64, 48))), (f"s{i:03d}.0.png", b"broken")]
+    return write_tar(tmp_path / "broken-000000.tar", files)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["every text too long, workers alive", "every image broken"])
+def test_a_run_with_nothing_usable_exits_2_in_seconds_and_leaves_no_process(demo_dir, tmp_path, case):
+    # a failing run once hung forever: its data workers ignore SIGTERM, which multiprocessing sends them at exit
+    # before waiting for them; and a stream of broken images never counted as failures in a row
+    data = ("data.text.max_length=1",) if case.startswith("every text") else (f"data.train={broken_image_shard(tmp_path)}",
+                                                                             "data.resampled=true")
+    run_dir = tmp_path / "run"
+    code, line, seconds = fit_error(demo_dir, tmp_path, *data, "data.num_workers=2", "data.val=null",
+                                    "data.max_consecutive_failures=200")
+    assert code == 2 and "201 samples in a row were unusable; last (" in line, line
+    assert ("text_too_long" if case.startswith("every text") else "image") in line
+    assert seconds < 30 and processes_mentioning(str(run_dir)) == []

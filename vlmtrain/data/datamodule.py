@@ -3,10 +3,16 @@ position that checkpoints save and resumed runs continue from."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
 import logging
+import multiprocessing
+import os
 import signal
 
 import lightning as L
+import psutil
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
@@ -22,9 +28,34 @@ log = logging.getLogger(__name__)
 
 def _ignore_stop_signals(worker: int) -> None:
     """Data workers leave SIGINT, SIGTERM and SIGUSR1 to the training process, which stops the run cleanly
-    (a terminal's Ctrl-C and SLURM's signals reach every process of the job, workers included)."""
+    (a terminal's Ctrl-C and SLURM's signals reach every process of the job, workers included); the training
+    process ends them itself when it exits (:func:`end_workers`)."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def end_workers() -> None:
+    """End this process's data workers at once (SIGKILL), with what they started (a ``pipe:`` shard's command).
+    They ignore SIGTERM, and at exit multiprocessing terminates its daemonic children with SIGTERM and then
+    waits for them: without this, a run that fails while its workers live (an error, a stream of nothing
+    usable) would print its error and never exit."""
+    for process in multiprocessing.active_children():
+        if process.daemon:  # DataLoader workers; not processes that others started to outlive this one
+            try:
+                started = psutil.Process(process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                started = []
+            for child in [process, *started]:
+                with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
+            process.join(timeout=10)
+
+
+@functools.cache
+def end_workers_at_exit() -> None:
+    """Run :func:`end_workers` when the interpreter exits, whatever the exit path (once per process; registered
+    after multiprocessing's own exit handler, so it runs first)."""
+    atexit.register(end_workers)
 
 
 def _unbatched(item):
@@ -67,6 +98,7 @@ class ShardDataModule(L.LightningDataModule):
             ShardSequence(self.sources, self.schedule.seed, StreamId(rank, world, index, self.stream_count), self.data.resampled)
 
     def train_dataloader(self) -> DataLoader:
+        end_workers_at_exit()
         rank, world = self.rank_and_world
         stream = TrainStream(self.sources, self.builder, self.schedule, self.data, rank, world, self.next_step, self.streams)
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"

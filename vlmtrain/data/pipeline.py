@@ -37,21 +37,29 @@ class DataError(UserError):
 class SkipLog:
     """Counts skipped samples by kind and logs them at a limited rate (the 1st, 2nd, 4th, 8th... of each kind).
 
-    More than ``max_consecutive`` skips with no usable sample between them, or the same shard broken
-    ``shard_attempts`` times in such a run (one empty shard, a ``pipe:`` command that always fails), stop
-    the run with one line naming the shard and the failure, so bad data fails loudly instead of spinning.
+    More than ``max_consecutive`` unusable samples in a row, or the same shard broken ``shard_attempts`` times
+    in such a run (one empty shard, a ``pipe:`` command that always fails), stop the run with one line naming
+    the shard and the failure, so bad data fails loudly instead of spinning. A sample is known usable twice:
+    when it is read (its record and text, :meth:`read_ok`) and when it is decoded (its images,
+    :meth:`decoded_ok`); each stage keeps its own run of failures, so a stream whose records are fine but whose
+    every image is broken stops too.
     """
 
     def __init__(self, max_consecutive: int = 1000, counts: dict[str, int] | None = None, shard_attempts: int = 3) -> None:
         self.counts: Counter[str] = Counter(counts or {})
         self.max_consecutive = max_consecutive
         self.shard_attempts = shard_attempts
-        self.consecutive = 0
+        self.unreadable = 0  # samples in a row that failed when read
+        self.undecodable = 0  # samples in a row that failed when decoded
         self.broken: Counter[str] = Counter()
 
-    def add(self, kind: str, message: str, shard: str | None = None) -> None:
+    def add(self, kind: str, message: str, shard: str | None = None, decoding: bool = False) -> None:
+        """A sample that cannot be used (``decoding``: found when its images were decoded)."""
         self.counts[kind] += 1
-        self.consecutive += 1
+        if decoding:
+            self.undecodable += 1
+        else:
+            self.unreadable += 1
         seen = self.counts[kind]
         if seen & (seen - 1) == 0:
             log.warning("skipped sample (%s, %d so far): %s", kind, seen, message)
@@ -59,13 +67,18 @@ class SkipLog:
             self.broken[shard] += 1
             if self.broken[shard] >= self.shard_attempts:
                 raise DataError(f"{message}; read {self.broken[shard]} times with no usable sample from any shard in between")
-        if self.consecutive > self.max_consecutive:
-            raise DataError(f"{self.consecutive} samples in a row were unusable; last ({kind}): {message}")
+        run = max(self.unreadable, self.undecodable)
+        if run > self.max_consecutive:
+            raise DataError(f"{run} samples in a row were unusable; last ({kind}): {message}")
 
-    def ok(self) -> None:
-        """A usable sample arrived: the run of failures is broken."""
-        self.consecutive = 0
+    def read_ok(self) -> None:
+        """A sample was read that can be used: the run of read failures is broken."""
+        self.unreadable = 0
         self.broken.clear()
+
+    def decoded_ok(self) -> None:
+        """A sample's images decoded: the run of decoding failures is broken."""
+        self.undecodable = 0
 
 
 @dataclass
@@ -94,8 +107,10 @@ def encode_all(builder: BatchBuilder, samples: list[tuple[RawSample, Budgets]], 
         try:
             encoded.append(builder.encode(sample, budgets))
         except SampleError as error:
-            skips.add(error.kind, f"{error} ({sample.source})")
+            skips.add(error.kind, f"{error} ({sample.source})", decoding=True)
             encoded.append(None)
+        else:
+            skips.decoded_ok()
     return encoded
 
 
@@ -188,7 +203,7 @@ class TrainStream(IterableDataset):
             skips.add(error.kind, f"{error} (shard {arrival.url})", arrival.url)
             return
         pool.add(entry)
-        skips.ok()
+        skips.read_ok()
 
     def assign(self, entry: Waiting, budget: int | None) -> tuple[int, ...]:
         """The budget of each of the sample's images in a batch at ``budget``; drawn independently, from the
@@ -263,6 +278,7 @@ class EvalStream(IterableDataset):
                 if isinstance(sample, SampleError):
                     self.skips.add(sample.kind, f"{sample} (shard {url})", url)
                 elif all(str(sample.record.get(field)) == value for field, value in self.where.items()):
+                    self.skips.read_ok()
                     yield sample
 
     def __iter__(self) -> Iterator[Batch]:

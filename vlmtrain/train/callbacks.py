@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from vlmtrain.data.batch import Step
+from vlmtrain.train.interrupts import StoppedBetweenSteps
 from vlmtrain.train.module import VLMModule, log_this_step
 
 
@@ -178,6 +179,10 @@ class RunSummary(L.Callback):
         summary = self.summary()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         print(format_summary(summary))
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, StoppedBetweenSteps):  # a signal ended the run between steps: it still reports
+            self.on_fit_end(trainer, module)
 
 
 def format_summary(summary: dict) -> str:

@@ -84,11 +84,19 @@ class AtomicCheckpoint(Checkpoint):
         self.every = every
         self.keep = keep
         self.saved_step = -1
+        self.saving = False  # a save is under way (a signal must not start another inside it)
 
     def save(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
         if step == self.saved_step or step == 0:
             return
+        self.saving = True
+        try:
+            self._save(trainer, module, step)
+        finally:
+            self.saving = False
+
+    def _save(self, trainer: L.Trainer, module: L.LightningModule, step: int) -> None:
         final = self.directory / checkpoint_name(step)
         partial = final.with_name(final.name + PARTIAL)
         if trainer.is_global_zero:

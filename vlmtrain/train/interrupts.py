@@ -2,17 +2,22 @@
 
 SIGINT (Ctrl-C), SIGTERM (what SLURM and Kubernetes send before killing a job) and SIGUSR1 (SLURM's warning,
 ``--signal=USR1@90``) ask the run to stop: after the current step every rank saves a checkpoint (atomically,
-as every checkpoint) and the run summary, and ``vlmtrain fit`` exits with one line naming the checkpoint and
-code 128 + the signal. A second Ctrl-C stops at once. Under SLURM, a job stopped by SIGUSR1 (its time is up)
-asks to be requeued, and ``resume=auto`` then continues it.
+as every checkpoint) and the run summary, no validation round follows, and ``vlmtrain fit`` exits with one line
+naming the checkpoint and code 128 + the signal. A signal that comes between steps — while the run waits for
+data, or during a validation round — stops a one-process run at once, with the checkpoint of the last step (a
+loader that finds nothing usable cannot hold the run past the grace period); several processes stop after
+their next step, at the same one. A second Ctrl-C stops at once. Under SLURM, a job stopped by SIGUSR1 (its
+time is up) asks to be requeued, and ``resume=auto`` then continues it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from types import FrameType
 
 import lightning as L
@@ -25,31 +30,60 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
+class StoppedBetweenSteps(Exception):
+    """A signal came between steps of a one-process run: its checkpoint is saved, the run ends at once."""
+
+
 class StopOnSignal(L.Callback):
-    """Installs the signal handlers when training starts (after Lightning's own, which it replaces: they would
-    broadcast from inside a signal handler) and stops the run cleanly at the end of the step that saw one.
-    Every step the ranks agree on whether any of them was signalled, so all stop at the same step."""
+    """Installs the signal handlers when a fit starts (after Lightning's own, which it replaces: they would
+    broadcast from inside a signal handler) and stops the run cleanly at the end of the step that saw one, or
+    at once between steps (see the module docstring). Every step the ranks agree on whether any of them was
+    signalled, so all stop at the same step."""
 
     def __init__(self, checkpoint: AtomicCheckpoint) -> None:
         self.checkpoint = checkpoint
         self.received: int | None = None
         self.stopped_at: int | None = None
-        self._previous: dict[int, object] = {}
+        self.between_steps = False  # waiting for data or validating: no step is half done
+        self._running: tuple[L.Trainer, L.LightningModule] | None = None
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None and signum == signal.SIGINT:
             os._exit(128 + signum)  # the second Ctrl-C: stop at once
         self.received = signum
-        log.warning("received %s: stopping after this step, with a checkpoint", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        running = self._running
+        if self.between_steps and running is not None and running[0].world_size == 1 and not self.checkpoint.saving:
+            log.warning("received %s between steps: stopping now, with a checkpoint of the last step", name)
+            self.stop(*running)
+            raise StoppedBetweenSteps(name)
+        log.warning("received %s: stopping after this step, with a checkpoint", name)
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # from fit start: Lightning fetches the first batch before training starts, and that batch may never come
+        self._running = (trainer, module)
+        self.between_steps = True
+        self.install_handlers()
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Lightning registered its own SIGTERM handling after fit start (wrapping ours): ours alone from here on,
+        # and a SIGTERM it noted meanwhile (which ours handled too) must not stop the run its own way
+        self.install_handlers()
+        trainer._signal_connector.received_sigterm = False
+
+    def install_handlers(self) -> None:
+        """Handle :data:`SIGNALS` (whoever runs the fit restores the handlers it had: :func:`handlers_kept`)."""
         for signum in SIGNALS:
-            self._previous[signum] = signal.signal(signum, self.handle)
+            signal.signal(signum, self.handle)
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, step: Step, batch_idx: int) -> None:
+        self.between_steps = False
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
+        self.between_steps = False  # the last checkpoint is being written: a signal now only stops what follows
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self.between_steps = False
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, step: Step, batch_idx: int) -> None:
         signalled = self.received or 0
@@ -58,13 +92,31 @@ class StopOnSignal(L.Callback):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             signalled = int(flag.item())
         if not signalled:
+            self.between_steps = True
             return
         self.received = signalled
+        self.stop(trainer, module)
+        trainer.should_stop = True
+        trainer.limit_val_batches = 0  # Lightning would validate before stopping: the grace period is short
+
+    def stop(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """Save the checkpoint of the last step; under SLURM, a run whose time is up asks to be requeued."""
         self.checkpoint.save(trainer, module)
         self.stopped_at = trainer.global_step
-        trainer.should_stop = True
-        if signalled == signal.SIGUSR1 and trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
+        if self.received == signal.SIGUSR1 and trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
             requeue(os.environ["SLURM_JOB_ID"])
+
+
+@contextlib.contextmanager
+def handlers_kept() -> Iterator[None]:
+    """Inside, the handlers of :data:`SIGNALS` may change (Lightning's, :class:`StopOnSignal`'s); after, they are
+    what they were before."""
+    kept = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in kept.items():
+            signal.signal(signum, handler)
 
 
 def requeue(job: str) -> None:

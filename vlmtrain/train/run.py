@@ -23,8 +23,8 @@ from vlmtrain.text.encoding import TextEncoder
 from vlmtrain.train.adapters import save_adapter
 from vlmtrain.train.callbacks import BudgetThroughput, DataProgress, RunSummary
 from vlmtrain.train.checkpoints import AtomicCheckpoint
-from vlmtrain.train.interrupts import StopOnSignal
-from vlmtrain.train.layout import CHECKPOINTS, RECIPE_FILE, checkpoint_name
+from vlmtrain.train.interrupts import StopOnSignal, StoppedBetweenSteps, handlers_kept
+from vlmtrain.train.layout import CHECKPOINTS, RECIPE_FILE, latest_checkpoint
 from vlmtrain.train.module import VLMModule
 from vlmtrain.train.preflight import prepare, resume_log
 from vlmtrain.train.progress import ProgressLog, StepProgressBar, on_a_terminal
@@ -153,15 +153,22 @@ def fit(recipe: Recipe, callbacks: Sequence[L.Callback] = (), source: str = "rec
     module = VLMModule(plan)
     datamodule = build_datamodule(plan)
     trainer = build_trainer(recipe, run_dir, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)  # no pickled objects
-    save_adapter(module.model.lm, trainer, run_dir / "adapter")
+    stop = next(callback for callback in trainer.callbacks if isinstance(callback, StopOnSignal))
+    try:
+        with handlers_kept():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)  # no pickled objects
+    except StoppedBetweenSteps:
+        cut_short = " (between steps: the wait for data or the validation round cut short)"
+    else:
+        cut_short = ""
+        save_adapter(module.model.lm, trainer, run_dir / "adapter")
     if trainer.is_global_zero:
         plan.tokenizer.save_pretrained(run_dir / "tokenizer")
-    stop = next(callback for callback in trainer.callbacks if isinstance(callback, StopOnSignal))
     if stop.stopped_at is not None:
-        name = signal.Signals(stop.received).name
+        saved = latest_checkpoint(run_dir / CHECKPOINTS)
         raise RunInterrupted(
-            f"{name} at step {stop.stopped_at}; checkpoint {run_dir / CHECKPOINTS / checkpoint_name(stop.stopped_at)}; "
+            f"{signal.Signals(stop.received).name} at step {stop.stopped_at}{cut_short}; "
+            f"{f'checkpoint {saved}' if saved else 'no step trained yet, nothing saved'}; "
             f"continue with: vlmtrain fit {run_dir / RECIPE_FILE} resume=auto",
             stop.received,
         )
