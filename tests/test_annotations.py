@@ -133,8 +133,33 @@ BAD = [
         "turn 2: a system turn after the first turn",
     ),
     (
-        {"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "x"}]},
-        "turn 1: a content part must be a text part or an image part",
+        {"messages": [{"role": "user", "content": [{"type": "sound"}]}, {"role": "assistant", "content": "x"}]},
+        "turn 1: a content part must be {'type': 'text', 'text': ...} or {'type': 'image', ...}, found type 'sound'",
+    ),
+    (  # video and audio are refused, whatever way a record gives them (LLaMA-Factory, TRL, OpenAI)
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": "a.mp4"}]}, {"role": "assistant", "content": "x"}]},
+        "turn 1: a 'video' part: vlmtrain trains images and text only (no video or audio yet)",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "<video>Why?"}, {"role": "assistant", "content": "x"}], "videos": ["a.mp4"]},
+        "'videos': vlmtrain trains images and text only",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": "<audio>Who?"}, {"from": "gpt", "value": "x"}]},
+        "a <audio> marker: vlmtrain trains images and text only",
+    ),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}, {"role": "assistant", "content": "x"}]},
+        "turn 1: a 'input_audio' part",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "function_call", "value": "{}"}]},
+        "turn 2: unknown role 'function_call'",
+    ),
+    (
+        {"system": "Be brief.", "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "x"}]},
+        "a 'system' column and a system turn: give the system prompt once",
     ),
     (
         {
@@ -152,14 +177,12 @@ BAD = [
 def test_every_malformed_record_is_reported_with_its_line_and_reason(tmp_path):
     lines = [json.dumps({"key": "good", "images": ["chelsea.png"], "text": "cat"})]
     lines += [value if isinstance(value, str) else json.dumps(value) for value, _ in BAD]
-    lines.append(json.dumps({"key": "good", "images": [], "text": "again"}))
     path = tmp_path / "a.jsonl"
     path.write_text("\n".join(lines) + "\n")
     annotations = read_annotations(path)
     assert [record["key"] for record in annotations.records] == ["good"]
     found = [str(bad) for bad in annotations.bad]
     expected = [f"{path}:{number}: {reason}" for number, (_, reason) in enumerate(BAD, start=2)]
-    expected.append(f"{path}:{len(BAD) + 2}: key 'good' is used before, at {path}:1 (keys name samples in a shard)")
     assert len(found) == len(expected)
     for line, start in zip(found, expected, strict=True):
         assert line.startswith(start), (line, start)
@@ -248,3 +271,62 @@ def test_messages_may_name_their_images_inside_the_parts(tmp_path):
     assert [record["images"] for record in annotations.records] == [["chelsea.png", "coffee.png"]]
     reasons = [str(bad).split(": ", 1)[1] for bad in annotations.bad]
     assert reasons == ["images are named both in 'images' and in image parts; name them in one place"]
+
+
+def test_a_system_column_becomes_the_first_turn_and_every_other_key_is_counted(tmp_path):
+    # ShareGPT / LLaMA-Factory keep the system prompt beside the turns: it is trained as the system turn, not dropped
+    path = tmp_path / "a.json"
+    sharegpt = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    path.write_text(json.dumps([
+        {"id": "a", "system": "Be brief.", "source": "web", "conversations": sharegpt},
+        {"id": "b", "system": "Be kind.", "messages": messages},
+    ]))
+    annotations = read_annotations(path)
+    system = [record["messages"][0] for record in annotations.records]
+    assert system == [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                      {"role": "system", "content": [{"type": "text", "text": "Be kind."}]}]
+    assert [len(record["messages"]) for record in annotations.records] == [3, 3]
+    assert annotations.unread == {"source": 1} and "system" not in annotations.records[0]
+
+
+def test_records_repeating_an_id_get_keys_of_their_own_and_keep_their_id(tmp_path):
+    # files mixed from several sources repeat ids (often an image's file name): nothing is refused for it
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(json.dumps({"id": "cat.png", "images": [], "text": t}) for t in ("a", "b", "c")) + "\n")
+    annotations = read_annotations(path)
+    assert [(r["key"], r["id"], r["text"]) for r in annotations.records] == [
+        ("cat_png", "cat.png", "a"), ("cat_png_2", "cat.png", "b"), ("cat_png_3", "cat.png", "c")
+    ]
+    assert annotations.renamed == 2 and annotations.bad == []
+
+
+def test_llama_factory_v1_parts_are_read(tmp_path):
+    path = tmp_path / "v1.jsonl"
+    question = [{"type": "image_url", "value": "a.png"}, {"type": "text", "value": "What?"}]
+    record = {"messages": [{"role": "user", "content": question},
+                           {"role": "assistant", "content": [{"type": "text", "value": "A cat."}]}]}
+    path.write_text(json.dumps(record) + "\n")
+    (stored,) = read_annotations(path).records
+    assert stored["images"] == ["a.png"] and stored["messages"] == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--images", "{tmp}/nowhere"), "error: --images {tmp}/nowhere: no such folder (image paths are relative to it)"),
+        (("--images", "{tmp}"), "error: wrote 0 samples: all 1 records were rejected (first: cat-coffee:"),
+        (("--images", "{images}", "--samples-per-shard", "0"), "argument --samples-per-shard: must be >= 1, got 0"),
+    ],
+)
+def test_shards_that_would_write_nothing_exit_2_with_one_line(tmp_path, args, message):
+    # exit 0 only when samples were written: a wrong --images folder once wrote 0 samples and exited 0
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(MESSAGES[0]) + "\n")  # two images, which --images {tmp} does not hold
+    args = [arg.format(tmp=tmp_path, images=IMAGES) for arg in args]
+    result = shards_cli(tmp_path, str(path), str(tmp_path / "out"), *args)
+    assert result.returncode == 2 and message.format(tmp=tmp_path) in result.stderr.splitlines()[-1], result.stderr
+    assert not list(tmp_path.glob("out/*.tar"))

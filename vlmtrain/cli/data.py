@@ -14,6 +14,8 @@ def cmd_shards(args: argparse.Namespace) -> None:
     from vlmtrain.data.shards import parse_bytes, write_shards
 
     max_bytes = parse_bytes(args.shard_size) if args.shard_size else None
+    if not args.images.is_dir():
+        raise UserError(f"--images {args.images}: no such folder (image paths are relative to it)")
     annotations = read_annotations(args.annotations, args.format)  # the whole file, before any image is read
     total = len(annotations.records) + len(annotations.bad)
     if annotations.bad and not args.skip_bad:
@@ -25,13 +27,24 @@ def cmd_shards(args: argparse.Namespace) -> None:
         print(f"left out {bad}")
     formats = ", ".join(f"{count} {kind}" for kind, count in sorted(annotations.formats.items()))
     print(f"{args.annotations}: {len(annotations.records)} records ({formats})")
+    if annotations.unread:
+        unread = ", ".join(f"{key} ({count} records)" for key, count in sorted(annotations.unread.items()))
+        print(f"kept in the records but not trained on: {unread}")
+    if annotations.renamed:
+        print(f"{annotations.renamed} records repeat the key (id) of an earlier one: they get keys of their own "
+              "(KEY_2, KEY_3, ...) and keep their id")
+    if not annotations.records:
+        raise UserError(f"no usable record in {args.annotations}: nothing written")
     report = write_shards(
         annotations.records, args.images, args.out, args.prefix, args.samples_per_shard, max_bytes, args.workers,
         progress=True, outside_images=args.allow_outside_images, left_out=[str(bad) for bad in annotations.bad],
     )
-    print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out} (index: {args.prefix}-index.json)")
     for key, reason in report.rejected:
         print(f"rejected {key}: {reason}")
+    if not report.samples:
+        first = "; ".join(f"{key}: {reason}" for key, reason in report.rejected[:3])
+        raise UserError(f"wrote 0 samples: all {len(report.rejected)} records were rejected (first: {first})")
+    print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out} (index: {args.prefix}-index.json)")
 
 
 def cmd_demo_data(args: argparse.Namespace) -> None:
@@ -55,6 +68,14 @@ def cmd_demo_chat(args: argparse.Namespace) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """A command-line number that must be >= 1 (argparse reports the mistake in one line)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add this group's commands to the ``vlmtrain`` parser."""
     sub = commands.add_parser("shards", help="write WebDataset shards from images and annotations (records, LLaVA, messages)")
@@ -74,7 +95,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "--allow-outside-images", action="store_true", help="read image paths outside --images (.., absolute, symlinks)"
     )
     sub.add_argument("--prefix", default="shard")
-    sub.add_argument("--samples-per-shard", type=int, default=10000)
+    sub.add_argument("--samples-per-shard", type=positive_int, default=10000)
     sub.add_argument("--shard-size", help="close a shard before it passes this size, e.g. 512MB")
     sub.add_argument("--workers", type=int, default=1, help="processes reading and checking images")
     sub.set_defaults(handler=cmd_shards)
@@ -84,7 +105,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--train", type=int, default=2048)
     sub.add_argument("--val", type=int, default=64)
     sub.add_argument("--seed", type=int, default=0)
-    sub.add_argument("--samples-per-shard", type=int, default=128)
+    sub.add_argument("--samples-per-shard", type=positive_int, default=128)
     sub.add_argument("--force", action="store_true", help="render even when OUT already holds this set")
     sub.set_defaults(handler=cmd_demo_data)
 

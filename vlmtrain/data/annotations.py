@@ -26,9 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from vlmtrain.errors import UserError
-from vlmtrain.text.conversation import ConversationError, from_llava, from_messages, record_budgets
+from vlmtrain.text.conversation import (
+    UNTRAINED_KEYS,
+    UNTRAINED_MEDIA,
+    ConversationError,
+    from_llava,
+    from_messages,
+    record_budgets,
+)
 
 FORMATS = ("auto", "records", "llava", "messages")
+# what a conversation record's keys become: its turns, images, budgets, system prompt, and its key (or id)
+CONVERSATION_KEYS = ("messages", "images", "budgets", "key", "id", "source_key")
 
 
 @dataclass(frozen=True)
@@ -45,11 +54,15 @@ class BadRecord:
 @dataclass
 class Annotations:
     """The records of an annotation file, ready for :func:`~vlmtrain.data.shards.write_shards`, the bad
-    ones with their reasons, and how many records of each format were read."""
+    ones with their reasons, how many records of each format were read, the keys of conversation records that
+    training does not read (kept in the record, counted), and how many records were given a new key because an
+    earlier record had theirs."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
     bad: list[BadRecord] = field(default_factory=list)
     formats: Counter = field(default_factory=Counter)
+    unread: Counter = field(default_factory=Counter)
+    renamed: int = 0
 
 
 def read_annotations(path: Path, fmt: str = "auto") -> Annotations:
@@ -71,12 +84,19 @@ def read_annotations(path: Path, fmt: str = "auto") -> Annotations:
             result.bad.append(BadRecord(where, str(error)))
             continue
         key = sample_key(record, index)
-        if key in keys:
-            result.bad.append(BadRecord(where, f"key {key!r} is used before, at {keys[key]} (keys name samples in a shard)"))
-            continue
+        if key in keys:  # files mixed from several sources repeat ids: a new key, the record keeps its own
+            result.renamed += 1
+            number = 2
+            while f"{key}_{number}" in keys:
+                number += 1
+            if "key" in record:
+                record = {**record, "source_key": record["key"]}
+            key = f"{key}_{number}"
         keys[key] = where
         result.records.append({**record, "key": key})
         result.formats[kind] += 1
+        if kind != "records":
+            result.unread.update(name for name in record if name not in CONVERSATION_KEYS)
     return result
 
 
@@ -86,18 +106,24 @@ def sample_key(record: dict[str, Any], index: int) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", key)
 
 
+CONVERSATION_READERS = {  # format → (its reader, the keys the reader consumes)
+    "llava": (from_llava, ("conversations", "image", "images", "budgets", "system")),
+    "messages": (from_messages, ("messages", "images", "budgets", "system")),
+}
+
+
 def normalise(value: Any, fmt: str) -> tuple[str, dict[str, Any]]:
     """(format, record for the shard writer) of one raw record; :class:`ConversationError` says what is wrong."""
     if not isinstance(value, dict):
         raise ConversationError("a record must be a JSON object")
+    for name in UNTRAINED_KEYS:
+        if value.get(name):
+            raise ConversationError(f"{name!r}: {UNTRAINED_MEDIA}")
     kind = fmt if fmt != "auto" else "llava" if "conversations" in value else "messages" if "messages" in value else "records"
-    if kind == "llava":
-        messages, images, budgets = from_llava(value)
-        rest = {name: entry for name, entry in value.items() if name not in ("conversations", "image", "images", "budgets")}
-        return kind, {**rest, "images": images, "messages": messages, "budgets": budgets}
-    if kind == "messages":
-        messages, images, budgets = from_messages(value)
-        rest = {name: entry for name, entry in value.items() if name not in ("messages", "images", "budgets")}
+    if kind in CONVERSATION_READERS:
+        read, consumed = CONVERSATION_READERS[kind]
+        messages, images, budgets = read(value)
+        rest = {name: entry for name, entry in value.items() if name not in consumed}
         return kind, {**rest, "images": images, "messages": messages, "budgets": budgets}
     if "conversations" in value or "messages" in value:
         raise ConversationError(f"a conversation, but --format {fmt} was asked for")

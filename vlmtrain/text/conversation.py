@@ -20,6 +20,10 @@ from vlmtrain.modeling.geometry import LEVELS
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MARKER = "<image>"  # where an image goes in the text of LLaVA and messages records
+UNTRAINED_MARKERS = ("<video>", "<audio>")  # LLaMA-Factory's markers for what vlmtrain does not train
+UNTRAINED_KEYS = ("videos", "video", "audios", "audio")
+UNTRAINED_PARTS = ("video", "video_url", "audio", "audio_url", "input_audio")
+UNTRAINED_MEDIA = "vlmtrain trains images and text only (no video or audio yet): leave such records out (--skip-bad)"
 IMAGE_PART = {"type": "image"}
 
 
@@ -28,7 +32,11 @@ class ConversationError(ValueError):
 
 
 def split_markers(text: str) -> list[dict[str, str]]:
-    """``text`` as content parts: an image part at each ``<image>`` marker, text parts around them."""
+    """``text`` as content parts: an image part at each ``<image>`` marker, text parts around them. A video or
+    audio marker is refused (it would otherwise be trained as a word)."""
+    for marker in UNTRAINED_MARKERS:
+        if marker in text:
+            raise ConversationError(f"a {marker} marker: {UNTRAINED_MEDIA}")
     parts: list[dict[str, str]] = []
     for index, piece in enumerate(text.split(MARKER)):
         if index:
@@ -95,9 +103,22 @@ def _image_paths(value: Any, key: str) -> list[str]:
     return paths
 
 
+def with_system(messages: list[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
+    """``messages`` after the record's ``system`` column (ShareGPT, LLaMA-Factory), as their first turn."""
+    system = record.get("system")
+    if system is None:
+        return messages
+    if not isinstance(system, str):
+        raise ConversationError("'system' must be a text")
+    if messages and messages[0].get("role") == "system":
+        raise ConversationError("a 'system' column and a system turn: give the system prompt once")
+    return [{"role": "system", "content": [{"type": "text", "text": system}] if system else []}, *messages]
+
+
 def from_llava(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], list[int | None]]:
     """A LLaVA record (``image`` one path or a list, ``conversations`` of ``from``/``value`` turns with
-    ``<image>`` markers, optionally ``budgets``, one per image) as (stored messages, image paths, budgets)."""
+    ``<image>`` markers, optionally a ``system`` prompt and ``budgets``, one per image) as (stored messages,
+    image paths, budgets)."""
     turns = record.get("conversations")
     if not isinstance(turns, list):
         raise ConversationError("'conversations' must be a list of turns")
@@ -109,6 +130,7 @@ def from_llava(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str],
         if speaker not in LLAVA_ROLES:
             raise ConversationError(f"turn {number}: unknown role {speaker!r} (LLaVA roles: human, gpt, system)")
         messages.append({"role": LLAVA_ROLES[speaker], "content": split_markers(turn["value"])})
+    messages = with_system(messages, record)
     images = _image_paths(record.get("image", record.get("images")), "image")
     check_conversation(messages, len(images))
     return messages, images, record_budgets(record, len(images))
@@ -146,15 +168,21 @@ def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], 
                 if kind in ("image", "image_url"):
                     parts.append(dict(IMAGE_PART))
                     part_budgets.append(part.get("budget"))
-                    path = part.get("image", part.get("path", part.get("url")))
+                    path = part.get("image", part.get("path", part.get("url", part.get("value"))))  # value: LLaMA-Factory v1
                     if kind == "image_url" and isinstance(part.get("image_url"), dict):
                         path = part["image_url"].get("url")
                     if isinstance(path, str) and path:
                         part_paths.append(path)
-                elif kind == "text" and isinstance(part.get("text"), str):
-                    parts += split_markers(part["text"])
+                elif kind == "text" and isinstance(part.get("text", part.get("value")), str):
+                    parts += split_markers(part.get("text", part.get("value")))
+                elif kind in UNTRAINED_PARTS:
+                    raise ConversationError(f"turn {number}: a {kind!r} part: {UNTRAINED_MEDIA}")
                 else:
-                    raise ConversationError(f"turn {number}: a content part must be a text part or an image part")
+                    found = repr(part) if not isinstance(part, dict) else f"type {kind!r}" if kind else f"keys {list(part)}"
+                    raise ConversationError(
+                        f"turn {number}: a content part must be {{'type': 'text', 'text': ...}} or {{'type': 'image', ...}}, "
+                        f"found {found}"
+                    )
         else:
             raise ConversationError(f"turn {number}: content must be a string or a list of parts")
         messages.append({"role": turn.get("role"), "content": parts})
@@ -163,8 +191,10 @@ def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], 
 
 def from_messages(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], list[int | None]]:
     """A "messages" record (:func:`parse_messages`; an ``images`` list, or paths in the image parts; budgets
-    in image parts or a ``budgets`` list) as (stored messages, image paths, budget per image)."""
+    in image parts or a ``budgets`` list; a ``system`` column) as (stored messages, image paths, budget per
+    image)."""
     messages, part_budgets, part_paths = parse_messages(record.get("messages"))
+    messages = with_system(messages, record)
     images = _image_paths(record.get("images"), "images")
     if not images and part_paths:
         images = part_paths

@@ -8,13 +8,15 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vlmtrain.config import Recipe, RecipeError
-from vlmtrain.data.samples import RawSample
+from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import expand_shards, read_shard
 from vlmtrain.modeling.backbones import BACKBONES, TowerKind
 from vlmtrain.train.deepspeed_config import read_user_config
@@ -166,7 +168,8 @@ def check_shards(recipe: Recipe, source: str) -> None:
 
 def check_records(plan: RunPlan, source: str) -> None:
     """The first records of the first local training shard have what the recipe reads: the target (and
-    prompt) field of prompt/target records, a chat template for conversations."""
+    prompt) field of prompt/target records, a chat template for conversations; and texts that
+    ``data.text.max_length`` lets through."""
     recipe = plan.recipe
     key, spec = _specs(recipe)[0]
     url = expand_shards(spec)[0]
@@ -189,6 +192,31 @@ def check_records(plan: RunPlan, source: str) -> None:
                 field_key,
                 f"{name!r} is in none of the first {len(records)} records of {url} (their fields: {', '.join(fields)})",
             )
+    lengths = text_lengths(plan, samples)
+    if lengths and min(lengths) > text.max_length:
+        _fail(
+            source,
+            "data.text.max_length",
+            f"{text.max_length}, but each of the first {len(lengths)} records of {url} has a longer text "
+            f"({min(lengths)}-{max(lengths)} tokens): they would all be skipped; raise it",
+        )
+
+
+def text_lengths(plan: RunPlan, samples: list[RawSample]) -> list[int]:
+    """The text tokens of each sample the run could encode (what ``data.text.max_length`` bounds)."""
+    from vlmtrain.data.builder import BatchBuilder
+    from vlmtrain.text.encoding import TextEncoder
+
+    data = plan.recipe.data
+    unbounded = replace(data.text, max_length=sys.maxsize)  # measured here, not refused
+    builder = BatchBuilder(plan.geometry, TextEncoder(plan.tokenizer, plan.model.lm.image_token), unbounded, data.decoding)
+    lengths = []
+    for sample in samples:
+        try:
+            lengths.append(builder.text_tokens(sample))
+        except SampleError:  # unusable for another reason, which the loader counts and reports
+            continue
+    return lengths
 
 
 def linear_names(config: Any) -> list[str]:
