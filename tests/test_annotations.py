@@ -148,6 +148,10 @@ BAD = [
         {"conversations": [{"from": "human", "value": "<audio>Who?"}, {"from": "gpt", "value": "x"}]},
         "a <audio> marker: vlmtrain trains images and text only",
     ),
+    (  # a marker without a videos list (found by scripts/mutants.py: only the list was tested)
+        {"conversations": [{"from": "human", "value": "<video>What happens?"}, {"from": "gpt", "value": "x"}]},
+        "a <video> marker: vlmtrain trains images and text only",
+    ),
     (
         {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}, {"role": "assistant", "content": "x"}]},
         "turn 1: a 'input_audio' part",

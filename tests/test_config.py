@@ -251,3 +251,12 @@ def test_a_deepspeed_json_that_contradicts_the_recipe_is_one_line(tmp_path, cont
         check_recipe(recipe, "r.yaml")
     assert str(caught.value).startswith("r.yaml: trainer.deepspeed.config: ") and expected in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mode, one_sample", [("sample", 1120 + 64), ("matryoshka", 70 + 140 + 280 + 560 + 1120 + 5 * 64)])
+def test_batch_tokens_may_hold_exactly_one_sample_at_the_largest_budget_and_not_one_token_less(mode, one_sample):
+    # the tiny recipe's texts are up to 64 tokens; one image at 1120 (every level at once in matryoshka mode)
+    recipe = load_recipe(TINY, [f"budget.mode={mode}", f"data.batching.batch_tokens={one_sample}"])
+    assert recipe.data.batching.batch_tokens == one_sample and recipe.data.text.max_length == 64
+    with pytest.raises(RecipeError, match=rf"batch_tokens: {one_sample - 1} cannot hold one image .* \({one_sample}\)"):
+        load_recipe(TINY, [f"budget.mode={mode}", f"data.batching.batch_tokens={one_sample - 1}"])

@@ -26,6 +26,7 @@ from vlmtrain.export.write import write_export
 from vlmtrain.inference import ExportedModel, load
 from vlmtrain.modeling.tokenizers import IGNORE_INDEX
 from vlmtrain.selector.labels import label_budgets
+from vlmtrain.selector.model import BudgetSelector
 
 
 def exported(recipe) -> ExportedModel:
@@ -124,3 +125,27 @@ def test_auto_without_a_selector_is_one_line(demo_dir, tmp_path):
     image = decode_image(next(s for s in read_shard(f"{demo_dir}/val-000000.tar")).images[0], max_pixels=10**8)
     with pytest.raises(UserError, match="no budget selector"):
         load(tmp_path / "export").generate([image], budget="auto")
+
+
+def selector_predicting(gaps: list[float]) -> BudgetSelector:
+    """A selector over the five levels that predicts ``gaps`` for any image (its last layer: zeros and a bias)."""
+    selector = BudgetSelector(features=8, levels=[70, 140, 280, 560, 1120])
+    with torch.no_grad():
+        selector.net[-1].weight.zero_()
+        selector.net[-1].bias.copy_(torch.tensor(gaps))
+    return selector
+
+
+@pytest.mark.parametrize(
+    "gaps, tolerance, chosen",
+    [
+        ([0.5, 0.2, 0.04, 0.0, 0.01], 0.05, 280),  # the cheapest level within the tolerance, not the best one
+        ([0.5, 0.2, 0.04, 0.0, 0.01], 0.0, 560),  # only the best is within a tolerance of 0
+        ([0.03, 0.0, 0.0, 0.0, 0.0], 0.05, 70),
+        ([0.3, 0.2, 0.25, 0.1, 0.15], 0.05, 560),  # none within: the level predicted best
+        ([0.3, 0.2, 0.25, 0.15, 0.1], 0.05, 1120),
+    ],
+)
+def test_auto_picks_the_cheapest_level_within_the_tolerance_or_else_the_best(gaps, tolerance, chosen):
+    features = torch.randn(3, 8)
+    assert selector_predicting(gaps).choose(features, tolerance) == [chosen] * 3

@@ -1,0 +1,108 @@
+"""A mutation check: one small, realistic bug at a time in a scratch copy of the repository, the tests that
+should catch it run there, and each mutant printed as caught or MISSED. A missed mutant is either equivalent
+to the real code (say why) or a missing test (write it). Run it when a feature is added or changed:
+
+    python scripts/mutants.py            # every mutant (a few minutes on 2 cores)
+    python scripts/mutants.py selector   # those whose name contains "selector"
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: the tests that should catch it
+
+
+MUTANTS = [
+    Mutant("selector: the most expensive level within the tolerance", "vlmtrain/selector/model.py",
+           "within[0] if within", "within[-1] if within", ("tests/test_selector.py", "-k", "cheapest")),
+    Mutant("selector: the worst level when none is within", "vlmtrain/selector/model.py",
+           "self.levels[min(range(len(row))", "self.levels[max(range(len(row))", ("tests/test_selector.py", "-k", "cheapest")),
+    Mutant("recipe: batch_tokens must exceed one sample", "vlmtrain/config.py",
+           "data.batching.batch_tokens >= one_sample", "data.batching.batch_tokens > one_sample",
+           ("tests/test_config.py", "-k", "exactly_one_sample")),
+    Mutant("data: a read sample hides the broken images after it", "vlmtrain/data/pipeline.py",
+           "        self.unreadable = 0\n", "        self.unreadable = 0\n        self.undecodable = 0\n",
+           ("tests/test_data.py", "-k", "never_decode")),
+    Mutant("annotations: the system column dropped", "vlmtrain/text/conversation.py",
+           'system = record.get("system")', "system = None", ("tests/test_annotations.py", "-k", "system_column")),
+    Mutant("annotations: a <video> marker trained as a word", "vlmtrain/text/conversation.py",
+           'UNTRAINED_MARKERS = ("<video>", "<audio>")', 'UNTRAINED_MARKERS = ("<audio>",)',
+           ("tests/test_annotations.py", "-k", "malformed")),
+    Mutant("annotations: a repeated id takes a key already used", "vlmtrain/data/annotations.py",
+           'key = f"{key}_{number}"', 'key = f"{key}_{number - 1}"', ("tests/test_annotations.py", "-k", "repeating")),
+    Mutant("deepspeed: 'auto' overrides the recipe's value", "vlmtrain/train/deepspeed_config.py",
+           'if value == "auto":', 'if value == "AUTO":', ("tests/test_config.py", "-k", "deepspeed_json")),
+    Mutant("schedule: the cosine decays to 0, not to min_lr_ratio", "vlmtrain/train/optim.py",
+           "min_lr_rate=optim.min_lr_ratio", "min_lr_rate=0.0", ("tests/test_train.py", "-k", "warms_up")),
+    Mutant("export: a key missing from vision/config.json filled in silently", "vlmtrain/export/format.py",
+           "difference is not None and difference[1] is None", "difference is not None and difference[2] is None",
+           ("tests/test_export.py", "-k", "missing_a_key")),
+    Mutant("export: no word on why a Gemma 4 tower is not native", "vlmtrain/export/write.py",
+           "if family is not ASSEMBLED:", "if family is ASSEMBLED:", ("tests/test_export.py", "-k", "another_projector")),
+    Mutant("exit: data workers left to multiprocessing's join", "vlmtrain/data/datamodule.py",
+           "        if process.daemon:", "        if not process.daemon:",
+           ("tests/test_errors.py", "-k", "nothing_usable and texts", "-m", "slow")),
+]
+
+
+def scratch_copy() -> Path:
+    """The repository's files (not its environment or generated data) in a new folder."""
+    folder = Path(tempfile.mkdtemp(prefix="vlmtrain-mutant-"))
+    ignored = shutil.ignore_patterns(".venv", ".git", "runs", "wandb", "generated", "models", "__pycache__", ".pytest_cache")
+    shutil.copytree(ROOT, folder / "repo", ignore=ignored)
+    return folder / "repo"
+
+
+def passes(repo: Path, tests: tuple[str, ...]) -> bool:
+    """Whether ``tests`` pass in ``repo`` (python -m puts it first on sys.path: its vlmtrain is the one imported)."""
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    return subprocess.run(command, cwd=repo, capture_output=True, text=True).returncode == 0
+
+
+def run(mutant: Mutant) -> tuple[bool, float]:
+    """(caught, seconds): the mutant's tests pass on the real code and fail with the mutant applied."""
+    repo = scratch_copy()
+    try:
+        if not passes(repo, mutant.tests):
+            raise SystemExit(f"{mutant.name}: its tests fail on the real code: {' '.join(mutant.tests)}")
+        path = repo / mutant.file
+        source = path.read_text()
+        if source.count(mutant.old) != 1:
+            raise SystemExit(f"{mutant.name}: {mutant.old!r} occurs {source.count(mutant.old)} times in {mutant.file}")
+        path.write_text(source.replace(mutant.old, mutant.new))
+        began = time.monotonic()
+        caught = not passes(repo, mutant.tests)
+        return caught, time.monotonic() - began
+    finally:
+        shutil.rmtree(repo.parent, ignore_errors=True)
+
+
+def main(names: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not names or any(name in m.name for name in names)]
+    missed = 0
+    for mutant in chosen:
+        caught, seconds = run(mutant)
+        missed += not caught
+        print(f"{'caught' if caught else 'MISSED':>6}  {seconds:5.1f} s  {mutant.name}", flush=True)
+    print(f"{len(chosen) - missed} of {len(chosen)} mutants caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
