@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlmtrain.config import load_recipe, recipe_to_yaml
 from vlmtrain.errors import UserError
 from vlmtrain.modeling.geometry import Geometry, geometry_table, parse_size
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
+    from vlmtrain.config import load_recipe  # reading recipes imports torch (the part registries): not for every command
+
     recipe = load_recipe(args.recipe, args.overrides)
     from vlmtrain.train.preflight import prepare
 
@@ -25,6 +26,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
+    from vlmtrain.config import load_recipe, recipe_to_yaml
+
     print(recipe_to_yaml(load_recipe(args.recipe, args.overrides)), end="")
 
 

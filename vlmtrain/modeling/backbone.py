@@ -51,10 +51,6 @@ def by_grid(grid: tuple[int, int]) -> tuple[int, int]:
     return grid
 
 
-def by_length(grid: tuple[int, int]) -> tuple[int]:
-    return (grid[0] * grid[1],)
-
-
 def run_by_grid(
     pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor, width: int, dtype: torch.dtype,
     dense: Callable[[torch.Tensor, torch.Tensor, tuple[int, int]], torch.Tensor],
