@@ -158,7 +158,7 @@ BAD = [
     ),
     (
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "function_call", "value": "{}"}]},
-        "turn 2: unknown role 'function_call'",
+        "turn 2: a tool turn ('function_call'): vlmtrain trains system, user and assistant turns only (no tool calls yet)",
     ),
     (
         {"system": "Be brief.", "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
@@ -322,7 +322,8 @@ def test_llama_factory_v1_parts_are_read(tmp_path):
     "args, message",
     [
         (("--images", "{tmp}/nowhere"), "error: --images {tmp}/nowhere: no such folder (image paths are relative to it)"),
-        (("--images", "{tmp}"), "error: wrote 0 samples: all 1 records were rejected (first: cat-coffee:"),
+        (("--images", "{tmp}"), "error: 1 of 1 records are malformed; nothing written (--skip-bad writes the other 0)"),
+        (("--images", "{tmp}", "--skip-bad"), "error: no usable record in {tmp}/chat.jsonl: nothing written"),
         (("--images", "{images}", "--samples-per-shard", "0"), "argument --samples-per-shard: must be >= 1, got 0"),
     ],
 )

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ENV, IMAGES, TINY, processes_mentioning, record, run_cli, small_overrides, small_recipe, write_tar
+from helpers import ENV, IMAGES, ROOT, TINY, processes_mentioning, record, run_cli, small_overrides, small_recipe, write_tar
 
 from vlmtrain.data.pipeline import DataError, TrainStream
 from vlmtrain.data.sources import Source
@@ -285,7 +285,7 @@ def test_shards_refuse_a_path_out_of_the_images_folder_before_reading_it(tmp_pat
 
     report = write_shards([{"key": "x", "images": ["/etc/passwd"], "text": "x"}], IMAGES, tmp_path / "out", "s", 10)
     assert report.rejected == [
-        ("x", "x: image '/etc/passwd' is outside " + repr(str(IMAGES)) + " (--allow-outside-images reads it)")
+        ("x", "image '/etc/passwd' is outside " + repr(str(IMAGES)) + " (--allow-outside-images reads it)")
     ]
     assert os.path.exists("/etc/passwd")
 
@@ -313,3 +313,18 @@ def test_a_run_with_nothing_usable_exits_2_in_seconds_and_leaves_no_process(demo
     assert code == 2 and "201 samples in a row were unusable; last (" in line, line
     assert ("text_too_long" if case == "texts too long" else "image") in line
     assert seconds < 30 and processes_mentioning(str(run_dir)) == []
+
+
+def test_preflight_refuses_a_token_cap_that_no_first_record_fits(chat_dir, tmp_path):
+    # two-image conversations: the recipe's check (one image at 1120 + max_length) passes, every sample is over
+    from vlmtrain.config import RecipeError, load_recipe
+    from vlmtrain.plan import plan_run
+    from vlmtrain.train.preflight import check_records
+
+    chat = ROOT / "recipes" / "chat-tiny.yaml"
+    data = [f"data.train={chat_dir}/train-{{000000..000003}}.tar", "data.val=null", "model.vision.path=null",
+            "data.text.max_length=210"]
+    with pytest.raises(RecipeError, match=r"^recipe: data.batching.batch_tokens: 1330, but each of the first 6 records of "
+                                          r".*train-000000.tar needs more LM tokens at the largest budget \(13[3-9]\d-2\d{3}, "):
+        check_records(plan_run(load_recipe(chat, [*data, "data.batching.batch_tokens=1330"])), "recipe")
+    check_records(plan_run(load_recipe(chat, [*data, "data.batching.batch_tokens=2600"])), "recipe")

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from helpers import TINY, built, small_overrides, small_recipe
+from helpers import ROOT, TINY, built, small_overrides, small_recipe
 from safetensors.torch import load_file
 
 from vlmtrain.config import OptimConfig, RecipeError, load_recipe
@@ -101,6 +101,54 @@ def test_resume_needs_an_existing_checkpoint_and_never_overwrites(demo_dir, tmp_
         fit(small_recipe(demo_dir, tmp_path / "r", "resume=/nope"))
     with pytest.raises(RecipeError, match="cannot resume and overwrite"):
         small_recipe(demo_dir, tmp_path / "r", "resume=auto", "overwrite=true")
+
+
+def test_overwrite_starts_a_clean_run_whose_recipe_works_from_anywhere(demo_dir, tmp_path, monkeypatch):
+    # overwrite=true once removed only the checkpoints: the new run continued the old W&B run beside old metrics
+    from vlmtrain.data.sources import expand_shards
+    from vlmtrain.train.run import prepare_run_dir
+
+    run = tmp_path / "run"
+    earlier = ["checkpoints/step-000000002/trained.safetensors", "metrics/version_0/metrics.csv", "wandb/run-1/x.wandb",
+               "wandb-run-id", "summary.json", "tokenizer/tokenizer.json", "adapter/adapter_model.safetensors",
+               "eval/eval.json", "last-eval.txt"]
+    for name in [*earlier, "notes.txt"]:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("earlier")
+    monkeypatch.chdir(demo_dir)  # paths relative to where the run starts
+    relative = ["data.train=train-{000000..000003}.tar", "data.val=./val-000000.tar", "data.text.chat_template=chatml",
+                "model.lm.tokenizer=byte"]
+    with pytest.raises(RecipeError, match="already holds checkpoints; pass resume=auto, overwrite=true"):
+        prepare_run_dir(small_recipe(demo_dir, run, *relative))
+    prepare_run_dir(small_recipe(demo_dir, run, *relative, "overwrite=true"))
+    assert sorted(path.name for path in run.iterdir()) == ["notes.txt", "recipe.yaml"]
+
+    monkeypatch.chdir(tmp_path)
+    again = load_recipe(run / "recipe.yaml")
+    assert (again.data.train, again.data.val) == (f"{demo_dir}/train-{{000000..000003}}.tar", f"{demo_dir}/val-000000.tar")
+    assert len(expand_shards(again.data.train)) == 4 and again.run_dir == str(run)
+    assert again.data.text.chat_template == "chatml" and again.model.lm.tokenizer == "byte"
+    assert not again.overwrite  # `vlmtrain fit RUN/recipe.yaml resume=auto` continues the run
+
+
+def test_checking_a_resume_reads_no_start_weights(demo_dir, tmp_path):
+    # the check builds the model on the meta device: reading the ViT's start weights into it printed ~120 warnings
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from vlmtrain.train.preflight import check_resume
+
+    reader = ["model.vision.path=" + str(ROOT / "data" / "weights" / "tiny-reader.safetensors"), "model.vision.width=128",
+              "model.vision.depth=4", "model.vision.heads=4"]
+    recipe = small_recipe(demo_dir, tmp_path / "run", *reader)
+    trained = {f"model.{name}": p.detach() for name, p in built(recipe).model.named_parameters() if p.requires_grad}
+    (tmp_path / "step" / "state").mkdir(parents=True)
+    save_file(trained, tmp_path / "step" / "trained.safetensors")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_resume(plan_run(recipe), "recipe", tmp_path / "step" / "state")
+    assert [str(warning.message) for warning in caught] == []
 
 
 @pytest.mark.slow

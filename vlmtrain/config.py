@@ -13,6 +13,7 @@ import copy
 import difflib
 import functools
 import math
+import os
 import types
 import typing
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from vlmtrain.errors import UserError
 from vlmtrain.model.config import ModelConfig, check_model
 from vlmtrain.modeling.backbones import BACKBONES
 from vlmtrain.modeling.errors import InvalidSetting, one_of, positive, require
+from vlmtrain.text.chat import NAMED_TEMPLATES
 
 LOGGERS = ("wandb", "csv", "none")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
@@ -186,12 +188,46 @@ def recipe_values(recipe: Recipe) -> dict[str, Any]:
     (``${oc.env:VAR}``), not its value: what run directories and W&B keep."""
     values = OmegaConf.to_container(OmegaConf.structured(recipe))
     for key, written in getattr(recipe, "_from_environment", {}).items():
-        *path, leaf = [int(part) if part.isdigit() else part for part in key.replace("[", ".").replace("]", "").split(".")]
-        node = values
-        for part in path:
-            node = node[part]
+        node, leaf = _parent(values, key)
         node[leaf] = written
     return values
+
+
+def _parent(values: dict[str, Any], key: str) -> tuple[Any, str | int]:
+    """The container holding the dotted ``key`` (``a.b[2].c``) in nested ``values``, and its last part."""
+    *path, leaf = [int(part) if part.isdigit() else part for part in key.replace("[", ".").replace("]", "").split(".")]
+    node = values
+    for part in path:
+        node = node[part]
+    return node, leaf
+
+
+PATH_KEYS = ("run_dir", "resume", "model.vision.path", "model.lm.path", "model.lm.tokenizer", "model.lm.adapter",
+             "trainer.deepspeed.config", "data.train", "data.val", "data.text.chat_template")
+NOT_PATHS = ("auto", "byte")  # resume=auto; the byte tokenizer
+
+
+def anchored_values(recipe: Recipe, base: Path) -> dict[str, Any]:
+    """:func:`recipe_values` with every relative local path made absolute from ``base`` (the directory the run
+    started in), so that a run directory's recipe works from anywhere; URLs, ``pipe:`` commands, a chat
+    template's name or text, and values from the environment stay as written."""
+    values = recipe_values(recipe)
+    sources = [f"data.sources[{index}].spec" for index in range(len(recipe.data.sources))]
+    from_environment = getattr(recipe, "_from_environment", {})
+    for key in (*PATH_KEYS, *sources):
+        node, leaf = _parent(values, key)
+        value = node[leaf]
+        template = key == "data.text.chat_template" and isinstance(value, str) and (value in NAMED_TEMPLATES or "{" in value)
+        if key in from_environment or not isinstance(value, str) or not value or value in NOT_PATHS or template:
+            continue
+        node[leaf] = "::".join(_anchored(piece, base) for piece in value.split("::"))
+    return values
+
+
+def _anchored(path: str, base: Path) -> str:
+    if path.startswith("pipe:") or "://" in path or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(base, path))
 
 
 @functools.cache
@@ -221,9 +257,14 @@ def structured(schema: type[Schema], configs: list[Any], source: str, prefix: st
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    """The resolved recipe as YAML (environment values as written, see :func:`recipe_values`): written next to
-    every run so it can be re-run exactly."""
+    """The resolved recipe as YAML (environment values as written, see :func:`recipe_values`)."""
     return OmegaConf.to_yaml(OmegaConf.create(recipe_values(recipe)))
+
+
+def run_recipe_yaml(recipe: Recipe, started_in: Path) -> str:
+    """The recipe as its run directory keeps it, to be re-run exactly from any directory: paths absolute
+    (:func:`anchored_values`), ``overwrite`` off (a relaunch with ``resume=auto`` continues the run)."""
+    return OmegaConf.to_yaml(OmegaConf.create({**anchored_values(recipe, started_in), "overwrite": False}))
 
 
 def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:

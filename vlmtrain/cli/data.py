@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 from vlmtrain.errors import UserError
 
 
 def cmd_shards(args: argparse.Namespace) -> None:
-    from vlmtrain.data.annotations import read_annotations
-    from vlmtrain.data.shards import parse_bytes, write_shards
+    from vlmtrain.data.annotations import parse_columns, read_annotations
+    from vlmtrain.data.shards import check_image_paths, parse_bytes, write_shards
 
     max_bytes = parse_bytes(args.shard_size) if args.shard_size else None
     if not args.images.is_dir():
         raise UserError(f"--images {args.images}: no such folder (image paths are relative to it)")
-    annotations = read_annotations(args.annotations, args.format)  # the whole file, before any image is read
+    columns = parse_columns(args.columns) if args.columns else None
+    check = partial(check_image_paths, image_root=args.images, outside_images=args.allow_outside_images)
+    annotations = read_annotations(args.annotations, args.format, columns, check)  # the whole file, before any image is read
     total = len(annotations.records) + len(annotations.bad)
     if annotations.bad and not args.skip_bad:
         for bad in annotations.bad:
@@ -38,6 +41,7 @@ def cmd_shards(args: argparse.Namespace) -> None:
     report = write_shards(
         annotations.records, args.images, args.out, args.prefix, args.samples_per_shard, max_bytes, args.workers,
         progress=True, outside_images=args.allow_outside_images, left_out=[str(bad) for bad in annotations.bad],
+        skip_bad=args.skip_bad,
     )
     for key, reason in report.rejected:
         print(f"rejected {key}: {reason}")
@@ -79,7 +83,10 @@ def positive_int(text: str) -> int:
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add this group's commands to the ``vlmtrain`` parser."""
     sub = commands.add_parser("shards", help="write WebDataset shards from images and annotations (records, LLaVA, messages)")
-    sub.add_argument("annotations", type=Path, help="JSON Lines, a JSON array (LLaVA) or CSV (an images column: a.jpg;b.jpg)")
+    sub.add_argument(
+        "annotations", type=Path,
+        help="JSON Lines, a JSON array (LLaVA), CSV (an images column: a.jpg;b.jpg), Parquet, Arrow, or a datasets folder",
+    )
     sub.add_argument("out", type=Path)
     sub.add_argument("--images", type=Path, default=Path("."), help="folder the image paths are relative to")
     sub.add_argument(
@@ -87,6 +94,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         default="auto",
         choices=("auto", "records", "llava", "messages"),
         help="record format (auto: told by each record's keys)",
+    )
+    sub.add_argument(
+        "--columns",
+        help="the file's names for the keys vlmtrain reads, as LLaMA-Factory's dataset_info.json columns: "
+        "messages=conversations,images=image (keys: messages, images, system, id, budgets)",
     )
     sub.add_argument(
         "--skip-bad", action="store_true", help="write the good records and list the malformed ones (default: write nothing)"

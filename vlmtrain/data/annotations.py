@@ -1,7 +1,9 @@
 """Reading annotation files for ``vlmtrain shards``: every record checked before any image is read.
 
-Files: JSON Lines (one record per line), a JSON array of records (LLaVA's usual layout), or CSV (a header
-row; an ``images`` column of ``;``-separated paths, empty for none; every other column a text field).
+Files (:mod:`vlmtrain.data.record_files`): JSON Lines, a JSON array (LLaVA's usual layout), CSV (an ``images``
+column of ``;``-separated paths), Parquet, Arrow, a ``datasets`` folder; an image is a path (relative to the
+images folder) or a Hugging Face image struct with its bytes. Keys that differ from the names below are mapped
+with ``columns`` (LLaMA-Factory's ``dataset_info.json`` ``columns``: ``{"messages": "conversations"}``).
 Record formats, told apart by their keys or forced with ``fmt``:
 
 - ``records``: prompt/target records, ``{"images": ["a.jpg"], "text": "...", ...}``, stored as they are;
@@ -15,16 +17,16 @@ Conversations are stored in one form (:mod:`vlmtrain.text.conversation`) whateve
 
 from __future__ import annotations
 
-import csv
-import difflib
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmtrain.data.record_files import BadRecord, raw_records
+from vlmtrain.data.samples import SampleError
 from vlmtrain.errors import UserError
 from vlmtrain.text.conversation import (
     UNTRAINED_KEYS,
@@ -32,23 +34,15 @@ from vlmtrain.text.conversation import (
     ConversationError,
     from_llava,
     from_messages,
+    image_refs,
+    present,
     record_budgets,
 )
 
 FORMATS = ("auto", "records", "llava", "messages")
 # what a conversation record's keys become: its turns, images, budgets, system prompt, and its key (or id)
 CONVERSATION_KEYS = ("messages", "images", "budgets", "key", "id", "source_key")
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    """A record that cannot become a sample: where it is (``file:line`` or ``file[index]``) and why."""
-
-    where: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.reason}"
+MAPPED_KEYS = ("messages", "images", "system", "id", "budgets")  # what --columns may name
 
 
 @dataclass
@@ -65,22 +59,28 @@ class Annotations:
     renamed: int = 0
 
 
-def read_annotations(path: Path, fmt: str = "auto") -> Annotations:
-    """Every record of ``path`` checked (see the module docstring); a file that cannot be read at all
-    raises :class:`UserError`."""
+def read_annotations(
+    path: Path, fmt: str = "auto", columns: dict[str, str] | None = None, check: Callable[[dict[str, Any]], None] | None = None
+) -> Annotations:
+    """Every record of ``path`` checked (see the module docstring; then by ``check``, which raises
+    :class:`SampleError`), its keys first renamed by ``columns`` (vlmtrain's name → the file's); a file that
+    cannot be read at all, or a column mapping that matches no record, raises :class:`UserError`."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if not path.is_file():
-        raise UserError(f"annotations {str(path)!r} not found")
+    columns = check_columns(columns or {})
+    mapped: Counter = Counter()
     result = Annotations()
     keys: dict[str, str] = {}
-    for index, (where, value) in enumerate(_raw_records(path)):
+    for index, (where, value) in enumerate(raw_records(path)):
         if isinstance(value, BadRecord):
             result.bad.append(value)
             continue
         try:
+            value = rename_columns(value, columns, mapped)
             kind, record = normalise(value, fmt)
-        except ConversationError as error:
+            if check is not None:
+                check(record)
+        except (ConversationError, SampleError) as error:
             result.bad.append(BadRecord(where, str(error)))
             continue
         key = sample_key(record, index)
@@ -97,12 +97,51 @@ def read_annotations(path: Path, fmt: str = "auto") -> Annotations:
         result.formats[kind] += 1
         if kind != "records":
             result.unread.update(name for name in record if name not in CONVERSATION_KEYS)
+    unmatched = [f"{ours}={theirs}" for ours, theirs in columns.items() if not mapped[ours]]
+    if unmatched:
+        raise UserError(f"--columns {','.join(unmatched)}: no record of {path} has such a key")
     return result
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """``"messages=conversations,images=image"`` → ``{"messages": "conversations", "images": "image"}``."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if not pairs or any(len(pair) != 2 or not all(part.strip() for part in pair) for pair in pairs):
+        raise UserError(f"--columns {text!r} must look like messages=conversations,images=image")
+    return check_columns({ours.strip(): theirs.strip() for ours, theirs in pairs})
+
+
+def check_columns(columns: dict[str, str]) -> dict[str, str]:
+    """A column mapping names only keys vlmtrain reads."""
+    unknown = sorted(set(columns) - set(MAPPED_KEYS))
+    if unknown:
+        raise UserError(f"--columns: {', '.join(unknown)} is not a key vlmtrain reads (those: {', '.join(MAPPED_KEYS)})")
+    return columns
+
+
+def rename_columns(value: Any, columns: dict[str, str], mapped: Counter) -> Any:
+    """``value`` with the file's keys under vlmtrain's names (counted in ``mapped``). A ``messages`` column of
+    ShareGPT turns (``from``/``value``) becomes ``conversations``, as LLaMA-Factory's ``columns.messages`` is
+    either."""
+    if not columns or not isinstance(value, dict):
+        return value
+    renamed = dict(value)
+    for ours, theirs in columns.items():
+        if theirs not in renamed:
+            continue
+        entry = renamed.pop(theirs)
+        mapped[ours] += 1
+        if ours == "messages" and isinstance(entry, list) and entry and isinstance(entry[0], dict) and "from" in entry[0]:
+            ours = "conversations"
+        if ours in renamed:
+            raise ConversationError(f"--columns maps {theirs!r} to {ours!r}, and the record has {ours!r} too")
+        renamed[ours] = entry
+    return renamed
 
 
 def sample_key(record: dict[str, Any], index: int) -> str:
     """A tar-safe key: the record's ``key`` or ``id`` (dots and slashes replaced) or the running index."""
-    key = str(record.get("key", record.get("id", f"{index:09d}")))
+    key = str(present(record, "key", "id") or f"{index:09d}")
     return re.sub(r"[^A-Za-z0-9_-]", "_", key)
 
 
@@ -115,7 +154,7 @@ CONVERSATION_READERS = {  # format → (its reader, the keys the reader consumes
 def normalise(value: Any, fmt: str) -> tuple[str, dict[str, Any]]:
     """(format, record for the shard writer) of one raw record; :class:`ConversationError` says what is wrong."""
     if not isinstance(value, dict):
-        raise ConversationError("a record must be a JSON object")
+        raise ConversationError(f"a record must be a JSON object, found {type(value).__name__}")
     for name in UNTRAINED_KEYS:
         if value.get(name):
             raise ConversationError(f"{name!r}: {UNTRAINED_MEDIA}")
@@ -123,65 +162,34 @@ def normalise(value: Any, fmt: str) -> tuple[str, dict[str, Any]]:
     if kind in CONVERSATION_READERS:
         read, consumed = CONVERSATION_READERS[kind]
         messages, images, budgets = read(value)
-        rest = {name: entry for name, entry in value.items() if name not in consumed}
+        rest = storable({name: entry for name, entry in value.items() if name not in consumed})
         return kind, {**rest, "images": images, "messages": messages, "budgets": budgets}
     if "conversations" in value or "messages" in value:
         raise ConversationError(f"a conversation, but --format {fmt} was asked for")
     if "image" in value and "images" not in value:
         raise ConversationError("'image' is not a field of prompt/target records; use 'images', a list of paths")
-    images = value.get("images", [])
-    if not isinstance(images, list) or not all(isinstance(name, str) and name for name in images):
-        raise ConversationError("'images' must be a list of paths")
-    return kind, {**value, "images": images, "budgets": record_budgets(value, len(images))}
+    if not isinstance(value.get("images", []), list):
+        raise ConversationError("'images' must be a list of paths (or of images with their bytes)")
+    images = image_refs(value.get("images", []), "images")
+    rest = storable({name: entry for name, entry in value.items() if name != "images"})
+    return kind, {**rest, "images": images, "budgets": record_budgets(value, len(images))}
 
 
-def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, parsed value, or a BadRecord for what cannot be parsed) of every record of the file."""
-    if path.suffix.lower() == ".csv":
-        yield from _csv_records(path)
-        return
-    text = path.read_text()
-    if path.suffix.lower() == ".json" and not _looks_like_json_lines(text):
+def storable(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` as a shard's JSON keeps them (a table's dates and decimals as text); binary data outside the
+    image columns is refused, naming its key."""
+
+    def as_text(value: Any) -> str:
+        if isinstance(value, bytes | bytearray):
+            raise TypeError
+        return str(value)
+
+    kept = {}
+    for name, value in fields.items():
         try:
-            values = json.loads(text)
-        except ValueError as error:
-            raise UserError(f"{path}: not valid JSON: {error}") from None
-        if not isinstance(values, list):
-            raise UserError(f"{path}: a .json file must hold a list of records (or be JSON Lines: one record per line)")
-        for index, value in enumerate(values):
-            yield f"{path}[{index}]", value
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                yield f"{path}:{number}", json.loads(line)
-            except ValueError as error:
-                yield f"{path}:{number}", BadRecord(f"{path}:{number}", f"not valid JSON: {error}")
-
-
-def _looks_like_json_lines(text: str) -> bool:
-    """Several lines that each hold a whole object: JSON Lines saved as .json."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(lines) < 2 or not lines[0].startswith("{"):
-        return False
-    try:
-        json.loads(lines[0])
-    except ValueError:
-        return False
-    return True
-
-
-def _csv_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if "images" not in columns:
-            close = difflib.get_close_matches("images", columns, n=1, cutoff=0.6)
-            hint = f"; did you mean to name {close[0]!r} 'images'?" if close else ""
-            raise UserError(f"{path}: no 'images' column (columns: {', '.join(columns) or 'none'}){hint}")
-        for number, row in enumerate(reader, start=2):
-            if None in row:
-                yield f"{path}:{number}", BadRecord(f"{path}:{number}", "more values than columns")
-                continue
-            images = [name.strip() for name in (row.pop("images") or "").split(";") if name.strip()]
-            yield f"{path}:{number}", {**row, "images": images}
+            kept[name] = json.loads(json.dumps(value, default=as_text, ensure_ascii=False))
+        except TypeError:
+            raise ConversationError(
+                f"{name!r} holds binary data, which is not an image column vlmtrain reads (map it with --columns images={name})"
+            ) from None
+    return kept

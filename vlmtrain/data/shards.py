@@ -30,6 +30,7 @@ from vlmtrain.data.annotations import sample_key
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import SampleError
 from vlmtrain.errors import UserError
+from vlmtrain.text.conversation import ImageRef
 
 EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "gif": "gif", "tif": "tif", "tiff": "tif", "webp": "webp", "bmp": "bmp"}
 MAX_IMAGE_PIXELS = 178_956_970
@@ -60,22 +61,40 @@ def image_extension(path: Path, data: bytes) -> str:
     return EXTENSIONS.get(fmt, fmt)
 
 
-def encode_sample(record: dict[str, Any], key: str, image_root: Path, outside_images: bool = False) -> dict[str, bytes]:
-    """The files of one sample; raises :class:`SampleError` if an image is missing, undecodable, or (unless
+def image_path(name: str, image_root: Path, outside_images: bool = False) -> Path:
+    """The file of an image path of a record; raises :class:`SampleError` if it is missing or (unless
     ``outside_images``) outside ``image_root`` (``..``, an absolute path, a symlink out)."""
+    path = image_root / name
+    if not outside_images and not path.resolve().is_relative_to(image_root.resolve()):
+        raise SampleError("outside_images", f"image {name!r} is outside {str(image_root)!r} (--allow-outside-images reads it)")
+    if not path.is_file():
+        raise SampleError("missing_image", f"image {str(path)!r} not found")
+    return path
+
+
+def check_image_paths(record: dict[str, Any], image_root: Path, outside_images: bool = False) -> None:
+    """Every image the record names by path is a file it may read (see :func:`image_path`), before any is read."""
+    for ref in record.get("images", []):
+        if isinstance(ref, str):
+            image_path(ref, image_root, outside_images)
+
+
+def image_data(ref: ImageRef, image_root: Path, outside_images: bool = False) -> tuple[Path, bytes]:
+    """(name, bytes) of one image of a record: a file under ``image_root`` or the bytes the record carries."""
+    if isinstance(ref, dict):
+        return Path(ref["path"] or "image"), ref["bytes"]
+    path = image_path(ref, image_root, outside_images)
+    return path, path.read_bytes()
+
+
+def encode_sample(record: dict[str, Any], image_root: Path, outside_images: bool = False) -> dict[str, bytes]:
+    """The files of one sample; raises :class:`SampleError` if an image is unusable (:func:`image_path`,
+    undecodable)."""
     files: dict[str, bytes] = {}
     entries = []
-    root = image_root.resolve()
     budgets = record.get("budgets") or [None] * len(record.get("images", []))
-    for position, (name, budget) in enumerate(zip(record.get("images", []), budgets, strict=True)):
-        path = image_root / name
-        if not outside_images and not path.resolve().is_relative_to(root):
-            raise SampleError(
-                "outside_images", f"{key}: image {name!r} is outside {str(image_root)!r} (--allow-outside-images reads it)"
-            )
-        if not path.is_file():
-            raise SampleError("missing_image", f"{key}: image {str(path)!r} not found")
-        data = path.read_bytes()
+    for position, (ref, budget) in enumerate(zip(record.get("images", []), budgets, strict=True)):
+        path, data = image_data(ref, image_root, outside_images)
         height, width = stored_size(data)
         stored_name = f"{position}.{image_extension(path, data)}"
         files[stored_name] = data
@@ -93,7 +112,7 @@ def _encode_indexed(
     index, record = job
     key = sample_key(record, index)
     try:
-        return key, encode_sample(record, key, image_root, outside_images)
+        return key, encode_sample(record, image_root, outside_images)
     except SampleError as error:
         return key, error
 
@@ -114,14 +133,19 @@ def write_shards(
     progress: bool = False,
     outside_images: bool = False,
     left_out: Sequence[str] = (),
+    skip_bad: bool = True,
 ) -> ShardReport:
     """Write ``records`` to ``out_dir/<prefix>-000000.tar``... and ``out_dir/<prefix>-index.json`` (which also
     lists ``left_out``: records refused before writing).
 
     A shard closes at ``samples_per_shard`` samples or before it would pass ``max_shard_bytes``. Images
-    are read and checked by ``workers`` processes; the output does not depend on their number. On any
-    error the shard being written is removed: no temporary file stays behind.
+    are read and checked by ``workers`` processes; the output does not depend on their number. A sample
+    whose image is unusable is left out and reported, or (``skip_bad=False``) stops the writing with
+    :class:`UserError` and removes the shards written. On any error the shard being written is removed: no
+    temporary file stays behind.
     """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file; shards go into a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = ShardReport()
     writer: TarWriter | None = None
@@ -142,6 +166,8 @@ def write_shards(
             for key, files in reporting.progress(results, f"writing {prefix} shards", total) if progress else results:
                 if isinstance(files, SampleError):
                     report.rejected.append((key, str(files)))
+                    if not skip_bad:
+                        raise UserError(f"sample {key}: {files}; nothing written (--skip-bad writes the others)")
                     continue
                 size = _tar_bytes(files)
                 full = writer is not None and (
@@ -159,6 +185,10 @@ def write_shards(
                 report.shards[shard_path.name] += 1
                 shard_bytes += size
         close()
+    except UserError:
+        for name in report.shards:
+            (out_dir / name).unlink(missing_ok=True)
+        raise
     finally:
         if temp_path is not None and temp_path.exists():
             temp_path.unlink()

@@ -24,6 +24,8 @@ UNTRAINED_MARKERS = ("<video>", "<audio>")  # LLaMA-Factory's markers for what v
 UNTRAINED_KEYS = ("videos", "video", "audios", "audio")
 UNTRAINED_PARTS = ("video", "video_url", "audio", "audio_url", "input_audio")
 UNTRAINED_MEDIA = "vlmtrain trains images and text only (no video or audio yet): leave such records out (--skip-bad)"
+TOOL_ROLES = ("tool", "function", "function_call", "observation", "ipython")  # OpenAI, LLaMA-Factory, Llama 3
+UNTRAINED_TOOLS = "vlmtrain trains system, user and assistant turns only (no tool calls yet): leave such records out (--skip-bad)"
 IMAGE_PART = {"type": "image"}
 
 
@@ -94,13 +96,34 @@ def check_budgets(budgets: list[Any]) -> None:
             raise ConversationError(f"image {index + 1}: budget {budget!r} is not one of {', '.join(map(str, LEVELS))}")
 
 
-def _image_paths(value: Any, key: str) -> list[str]:
+ImageRef = str | dict[str, Any]  # a path, or a Hugging Face image struct carrying its bytes: {"bytes": b"...", "path": name}
+
+
+def image_ref(value: Any, where: str) -> ImageRef:
+    """One image of a record: a path, or the bytes of a Hugging Face image column (``{"bytes", "path"}``, as
+    ``datasets`` stores an ``Image`` feature; only the path when the bytes are null)."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if isinstance(data, bytes) and data:
+            return {"bytes": data, "path": path if isinstance(path, str) else ""}
+        if data is None and isinstance(path, str) and path:
+            return path
+    raise ConversationError(f"{where} must be a path or an image with its bytes ({{'bytes': ..., 'path': ...}})")
+
+
+def image_refs(value: Any, key: str) -> list[ImageRef]:
+    """The images of a record's ``key`` (one image, a list, or null: none)."""
     if value is None:
         return []
-    paths = [value] if isinstance(value, str) else value
-    if not isinstance(paths, list) or not all(isinstance(path, str) and path for path in paths):
-        raise ConversationError(f"{key!r} must be a path or a list of paths")
-    return paths
+    refs = value if isinstance(value, list) else [value]
+    return [image_ref(ref, f"{key!r}") for ref in refs]
+
+
+def present(record: dict[str, Any], *names: str) -> Any:
+    """The value of the first of ``names`` that the record has and that is not null (a table's missing value)."""
+    return next((record[name] for name in names if record.get(name) is not None), None)
 
 
 def with_system(messages: list[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -115,10 +138,10 @@ def with_system(messages: list[dict[str, Any]], record: dict[str, Any]) -> list[
     return [{"role": "system", "content": [{"type": "text", "text": system}] if system else []}, *messages]
 
 
-def from_llava(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], list[int | None]]:
-    """A LLaVA record (``image`` one path or a list, ``conversations`` of ``from``/``value`` turns with
-    ``<image>`` markers, optionally a ``system`` prompt and ``budgets``, one per image) as (stored messages,
-    image paths, budgets)."""
+def from_llava(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[ImageRef], list[int | None]]:
+    """A LLaVA/ShareGPT record (``image`` one image or a list, ``conversations`` of ``from``/``value`` turns
+    with ``<image>`` markers, optionally a ``system`` prompt and ``budgets``, one per image) as (stored
+    messages, images, budgets)."""
     turns = record.get("conversations")
     if not isinstance(turns, list):
         raise ConversationError("'conversations' must be a list of turns")
@@ -126,14 +149,20 @@ def from_llava(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str],
     for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise ConversationError(f"turn {number}: needs 'from' and a text 'value'")
-        speaker = turn.get("from")
-        if speaker not in LLAVA_ROLES:
-            raise ConversationError(f"turn {number}: unknown role {speaker!r} (LLaVA roles: human, gpt, system)")
-        messages.append({"role": LLAVA_ROLES[speaker], "content": split_markers(turn["value"])})
+        messages.append({"role": _role(turn.get("from"), number, LLAVA_ROLES), "content": split_markers(turn["value"])})
     messages = with_system(messages, record)
-    images = _image_paths(record.get("image", record.get("images")), "image")
+    images = image_refs(present(record, "image", "images"), "image")
     check_conversation(messages, len(images))
     return messages, images, record_budgets(record, len(images))
+
+
+def _role(name: Any, number: int, roles: dict[str, str]) -> str:
+    """The stored role of a turn's speaker ``name``; a tool turn is refused with its role named."""
+    if name in TOOL_ROLES:
+        raise ConversationError(f"turn {number}: a tool turn ({name!r}): {UNTRAINED_TOOLS}")
+    if name not in roles:
+        raise ConversationError(f"turn {number}: unknown role {name!r} (roles: {', '.join(roles)})")
+    return roles[name]
 
 
 def record_budgets(record: dict[str, Any], images: int, named: list[int | None] | None = None) -> list[int | None]:
@@ -148,16 +177,20 @@ def record_budgets(record: dict[str, Any], images: int, named: list[int | None] 
     return budgets
 
 
-def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], list[str]]:
+def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], list[ImageRef]]:
     """``messages`` turns (``role``/``content``, content a string with ``<image>`` markers or a list of
-    ``{"type": "text" | "image"}`` parts) as stored messages, with the budget and the path that each image
-    part names, if any (``{"type": "image", "image": "a.jpg"}``, or OpenAI's ``image_url`` parts)."""
+    ``{"type": "text" | "image"}`` parts) as stored messages, with the budget and the image that each image
+    part names, if any (``{"type": "image", "image": "a.jpg"}``, OpenAI's ``image_url`` parts, LLaMA-Factory
+    v1's ``value``). A table's null keys count as absent."""
     if not isinstance(turns, list):
         raise ConversationError("'messages' must be a list of turns")
-    messages, part_budgets, part_paths = [], [], []
+    messages, part_budgets, part_images = [], [], []
     for number, turn in enumerate(turns, start=1):
-        if not isinstance(turn, dict) or "content" not in turn:
+        if not isinstance(turn, dict) or turn.get("content") is None:
             raise ConversationError(f"turn {number}: needs 'role' and 'content'")
+        role = _role(turn.get("role"), number, {role: role for role in ROLES})
+        if turn.get("tool_calls"):
+            raise ConversationError(f"turn {number}: 'tool_calls': {UNTRAINED_TOOLS}")
         content = turn["content"]
         if isinstance(content, str):
             parts = split_markers(content)
@@ -165,16 +198,17 @@ def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], 
             parts = []
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
+                text = present(part, "text", "value") if kind == "text" else None
                 if kind in ("image", "image_url"):
                     parts.append(dict(IMAGE_PART))
                     part_budgets.append(part.get("budget"))
-                    path = part.get("image", part.get("path", part.get("url", part.get("value"))))  # value: LLaMA-Factory v1
+                    image = present(part, "image", "path", "url", "value")
                     if kind == "image_url" and isinstance(part.get("image_url"), dict):
-                        path = part["image_url"].get("url")
-                    if isinstance(path, str) and path:
-                        part_paths.append(path)
-                elif kind == "text" and isinstance(part.get("text", part.get("value")), str):
-                    parts += split_markers(part.get("text", part.get("value")))
+                        image = part["image_url"].get("url")
+                    if image is not None:
+                        part_images.append(image_ref(image, f"turn {number}: an image part's image"))
+                elif isinstance(text, str):
+                    parts += split_markers(text)
                 elif kind in UNTRAINED_PARTS:
                     raise ConversationError(f"turn {number}: a {kind!r} part: {UNTRAINED_MEDIA}")
                 else:
@@ -185,20 +219,19 @@ def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], 
                     )
         else:
             raise ConversationError(f"turn {number}: content must be a string or a list of parts")
-        messages.append({"role": turn.get("role"), "content": parts})
-    return messages, part_budgets, part_paths
+        messages.append({"role": role, "content": parts})
+    return messages, part_budgets, part_images
 
 
-def from_messages(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], list[int | None]]:
-    """A "messages" record (:func:`parse_messages`; an ``images`` list, or paths in the image parts; budgets
-    in image parts or a ``budgets`` list; a ``system`` column) as (stored messages, image paths, budget per
-    image)."""
-    messages, part_budgets, part_paths = parse_messages(record.get("messages"))
+def from_messages(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[ImageRef], list[int | None]]:
+    """A "messages" record (:func:`parse_messages`; an ``images`` list, or images in the image parts; budgets
+    in image parts or a ``budgets`` list; a ``system`` column) as (stored messages, images, budget per image)."""
+    messages, part_budgets, part_images = parse_messages(record.get("messages"))
     messages = with_system(messages, record)
-    images = _image_paths(record.get("images"), "images")
-    if not images and part_paths:
-        images = part_paths
-    elif images and part_paths:
+    images = image_refs(record.get("images"), "images")
+    if not images and part_images:
+        images = part_images
+    elif images and part_images:
         raise ConversationError("images are named both in 'images' and in image parts; name them in one place")
     check_conversation(messages, len(images))
     return messages, images, record_budgets(record, len(images), part_budgets)

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from vlmtrain.data.batch import Step
 from vlmtrain.train.interrupts import StoppedBetweenSteps
+from vlmtrain.train.layout import SUMMARY
 from vlmtrain.train.module import VLMModule, log_this_step
 
 
@@ -177,7 +178,7 @@ class RunSummary(L.Callback):
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         summary = self.summary()
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
         print(format_summary(summary))
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:

@@ -18,12 +18,19 @@ PARTIAL = ".partial"
 STATE = "state"
 TRAINED = "trained.safetensors"
 LAST_EVALUATION = "last-eval.txt"  # in a run directory: the path of the newest eval.json that evaluated it
+METRICS = "metrics"  # the CSV logger's metrics/version_N/metrics.csv
+WANDB_RUN_ID = "wandb-run-id"
+SUMMARY = "summary.json"
+ADAPTER = "adapter"
+TOKENIZER = "tokenizer"
+EVALUATION = "eval"  # vlmtrain eval's default output folder
+RUN_OUTPUTS = (CHECKPOINTS, METRICS, "wandb", WANDB_RUN_ID, SUMMARY, ADAPTER, TOKENIZER, EVALUATION, LAST_EVALUATION)
 
 
 def last_evaluation(run_dir: Path) -> Path | None:
     """The newest evaluation of a run (``vlmtrain eval`` records where it wrote it), if it still exists."""
     pointer = run_dir / LAST_EVALUATION
-    found = Path(pointer.read_text().strip()) if pointer.is_file() else run_dir / "eval" / "eval.json"
+    found = Path(pointer.read_text().strip()) if pointer.is_file() else run_dir / EVALUATION / "eval.json"
     return found if found.is_file() else None
 
 

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +20,12 @@ from vlmtrain.config import Recipe, RecipeError
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import expand_shards, read_shard
 from vlmtrain.modeling.backbones import BACKBONES, TowerKind
+from vlmtrain.modeling.geometry import BudgetError
 from vlmtrain.train.deepspeed_config import read_user_config
 from vlmtrain.train.layout import TRAINED, resume_checkpoint
 
 if TYPE_CHECKING:  # the plan's modules are heavy; the recipe checks run before anything heavy is imported
+    from vlmtrain.data.builder import BatchBuilder
     from vlmtrain.plan import RunPlan
 
 log = logging.getLogger(__name__)
@@ -192,7 +195,8 @@ def check_records(plan: RunPlan, source: str) -> None:
                 field_key,
                 f"{name!r} is in none of the first {len(records)} records of {url} (their fields: {', '.join(fields)})",
             )
-    lengths = text_lengths(plan, samples)
+    sizes = sample_sizes(plan, samples)
+    lengths = [text_tokens for text_tokens, _ in sizes]
     if lengths and min(lengths) > text.max_length:
         _fail(
             source,
@@ -200,23 +204,40 @@ def check_records(plan: RunPlan, source: str) -> None:
             f"{text.max_length}, but each of the first {len(lengths)} records of {url} has a longer text "
             f"({min(lengths)}-{max(lengths)} tokens): they would all be skipped; raise it",
         )
+    totals = [total for text_tokens, total in sizes if text_tokens <= text.max_length]
+    cap = recipe.data.batching.batch_tokens
+    if totals and min(totals) > cap:
+        _fail(
+            source,
+            "data.batching.batch_tokens",
+            f"{cap}, but each of the first {len(totals)} records of {url} needs more LM tokens at the largest budget "
+            f"({min(totals)}-{max(totals)}, images and text): they would all be skipped; raise it or lower budget.levels",
+        )
 
 
-def text_lengths(plan: RunPlan, samples: list[RawSample]) -> list[int]:
-    """The text tokens of each sample the run could encode (what ``data.text.max_length`` bounds)."""
+def sample_sizes(plan: RunPlan, samples: list[RawSample]) -> list[tuple[int, int]]:
+    """(text tokens, LM tokens at the schedule's largest budget) of each sample the run could encode: what
+    ``data.text.max_length`` and ``data.batching.batch_tokens`` bound."""
     from vlmtrain.data.builder import BatchBuilder
     from vlmtrain.text.encoding import TextEncoder
 
     data = plan.recipe.data
     unbounded = replace(data.text, max_length=sys.maxsize)  # measured here, not refused
     builder = BatchBuilder(plan.geometry, TextEncoder(plan.tokenizer, plan.model.lm.image_token), unbounded, data.decoding)
-    lengths = []
+    sizes = []
     for sample in samples:
         try:
-            lengths.append(builder.text_tokens(sample))
-        except SampleError:  # unusable for another reason, which the loader counts and reports
+            text_tokens = builder.text_tokens(sample)
+            total = plan.schedule.largest_cost(partial(_pinned_visual_tokens, builder, sample), text_tokens)
+        except (SampleError, BudgetError):  # unusable for another reason, which the loader counts and reports
             continue
-    return lengths
+        sizes.append((text_tokens, total))
+    return sizes
+
+
+def _pinned_visual_tokens(builder: BatchBuilder, sample: RawSample, budget: int) -> int:
+    """The sample's visual tokens in a step at ``budget``, its images' fixed budgets kept."""
+    return builder.visual_tokens(sample, tuple(fixed or budget for fixed in sample.budgets))
 
 
 def linear_names(config: Any) -> list[str]:
@@ -280,8 +301,8 @@ def check_resume(plan: RunPlan, source: str, checkpoint: Path | None) -> None:
     with safe_open(str(checkpoint.parent / TRAINED), framework="pt") as handle:
         found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     try:
-        with torch.device("meta"), torch.random.fork_rng(devices=[]):
-            model = build_model(plan.model, plan.start, plan.tokenizer, plan.recipe.seed)
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):  # shapes only: no start weights read
+            model = build_model(plan.model, replace(plan.start, vision_weights=None), plan.tokenizer, plan.recipe.seed)
             set_trainable(model, plan.recipe.optim)
     except Exception:  # a part that cannot be built on the meta device: the load itself will tell
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import signal
 import uuid
@@ -13,7 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from vlmtrain.config import Recipe, RecipeError, recipe_to_yaml, recipe_values
+from vlmtrain.config import Recipe, RecipeError, recipe_values, run_recipe_yaml
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.datamodule import ShardDataModule
 from vlmtrain.dependencies import quiet_dependencies
@@ -24,38 +25,55 @@ from vlmtrain.train.adapters import save_adapter
 from vlmtrain.train.callbacks import BudgetThroughput, DataProgress, RunSummary
 from vlmtrain.train.checkpoints import AtomicCheckpoint
 from vlmtrain.train.interrupts import StopOnSignal, StoppedBetweenSteps, handlers_kept
-from vlmtrain.train.layout import CHECKPOINTS, RECIPE_FILE, latest_checkpoint
+from vlmtrain.train.layout import (
+    ADAPTER,
+    CHECKPOINTS,
+    METRICS,
+    RECIPE_FILE,
+    RUN_OUTPUTS,
+    TOKENIZER,
+    WANDB_RUN_ID,
+    latest_checkpoint,
+)
 from vlmtrain.train.module import VLMModule
 from vlmtrain.train.preflight import prepare, resume_log
 from vlmtrain.train.progress import ProgressLog, StepProgressBar, on_a_terminal
 from vlmtrain.train.strategy import build_strategy, device_count, node_count
 
+log = logging.getLogger(__name__)
+
 
 def prepare_run_dir(recipe: Recipe) -> Path:
-    """Create the run directory and write the resolved recipe into it (rank 0); every rank refuses to
-    overwrite a run unless asked."""
+    """Create the run directory and write the resolved recipe into it (rank 0), its paths absolute; every rank
+    refuses to overwrite a run unless asked. ``overwrite=true`` removes everything the earlier run wrote (its
+    checkpoints, metrics, W&B run, summary, evaluation), and a run from step 0 is a new W&B run."""
     run_dir = Path(recipe.run_dir)
     checkpoints = run_dir / CHECKPOINTS
-    fresh = recipe.resume is None and checkpoints.exists() and any(checkpoints.iterdir())
-    if fresh and not recipe.overwrite:
+    if recipe.resume is None and checkpoints.exists() and any(checkpoints.iterdir()) and not recipe.overwrite:
         raise RecipeError(
             f"run_dir {str(run_dir)!r} already holds checkpoints; pass resume=auto, overwrite=true or another run_dir=..."
         )
-    _write_run_dir(recipe, run_dir, clear=fresh)
+    _write_run_dir(recipe, run_dir)
     return run_dir
 
 
 @rank_zero_only
-def _write_run_dir(recipe: Recipe, run_dir: Path, clear: bool) -> None:
-    if clear:
-        shutil.rmtree(run_dir / CHECKPOINTS)
+def _write_run_dir(recipe: Recipe, run_dir: Path) -> None:
+    if recipe.overwrite:
+        removed = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+        for name in removed:
+            shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
+        if removed:
+            log.warning("overwrite=true: removed the earlier run's %s from %s", ", ".join(removed), run_dir)
+    if recipe.resume is None:
+        (run_dir / WANDB_RUN_ID).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    (run_dir / RECIPE_FILE).write_text(run_recipe_yaml(recipe, Path.cwd()))
 
 
 def wandb_run_id(run_dir: Path) -> str:
     """The W&B run id of a run directory, created on first use: a resumed run continues the same W&B run."""
-    path = run_dir / "wandb-run-id"
+    path = run_dir / WANDB_RUN_ID
     if not path.is_file():
         path.write_text(uuid.uuid4().hex[:12])
     return path.read_text().strip()
@@ -67,7 +85,7 @@ def build_loggers(recipe: Recipe, run_dir: Path) -> list[Logger]:
     if recipe.logger == "none":
         return []
     # metrics.csv is written as the run goes: `tail -f` follows it
-    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="metrics", flush_logs_every_n_steps=recipe.trainer.log_every)]
+    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name=METRICS, flush_logs_every_n_steps=recipe.trainer.log_every)]
     if recipe.logger == "wandb":
         wandb = WandbLogger(
             name=recipe.name,
@@ -161,9 +179,9 @@ def fit(recipe: Recipe, callbacks: Sequence[L.Callback] = (), source: str = "rec
         cut_short = " (between steps: the wait for data or the validation round cut short)"
     else:
         cut_short = ""
-        save_adapter(module.model.lm, trainer, run_dir / "adapter")
+        save_adapter(module.model.lm, trainer, run_dir / ADAPTER)
     if trainer.is_global_zero:
-        plan.tokenizer.save_pretrained(run_dir / "tokenizer")
+        plan.tokenizer.save_pretrained(run_dir / TOKENIZER)
     if stop.stopped_at is not None:
         saved = latest_checkpoint(run_dir / CHECKPOINTS)
         raise RunInterrupted(
