@@ -344,13 +344,37 @@ def test_a_config_edited_after_export_is_refused_naming_the_key(native_export, t
     assert key in str(caught.value) and "\n" not in str(caught.value) and "edited after export" in str(caught.value)
 
 
+def cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def nudged(path: Path) -> None:
+    """The file as another export of the same shapes would have it: one value changed, metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {name: handle.get_tensor(name) for name in handle.keys()}
+    first = sorted(tensors)[0]
+    tensors[first].view(-1)[0] += 1.0
+    save_file(tensors, str(path), metadata=metadata)
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
         (lambda folder: (folder / "vision" / "config.json").unlink(), "vision/config.json: missing"),
         (lambda folder: (folder / "vision" / "config.json").write_text("{not json"), "vision/config.json: not valid JSON"),
         (lambda folder: (folder / "vision" / "model.safetensors").unlink(), "vision/model.safetensors: missing"),
-        (lambda folder: __import__("shutil").rmtree(folder / "lm"), "/lm: missing"),
+        (lambda folder: __import__("shutil").rmtree(folder / "lm"), "/lm/model.safetensors: missing"),
+        (lambda folder: cut_short(folder / "vision" / "model.safetensors"),
+         "vision/model.safetensors: not a readable safetensors file .*; export again$"),
+        (lambda folder: cut_short(folder / "lm" / "model.safetensors"), "lm/model.safetensors: not a readable safetensors file"),
+        (lambda folder: nudged(folder / "lm" / "model.safetensors"),
+         "lm/model.safetensors: not the weights this export wrote \\(another export's, or changed since\\); export again$"),
+        (lambda folder: nudged(folder / "vision" / "model.safetensors"), "vision/model.safetensors: not the weights this export"),
+        (lambda folder: __import__("torch").save({}, folder / "lm" / "pytorch_model.bin"),
+         "lm/pytorch_model.bin: a pickle file in an export; vlmtrain reads safetensors only"),
     ],
 )
 def test_a_damaged_export_is_one_line_naming_the_file(native_export, tmp_path, damage, message):
@@ -361,6 +385,12 @@ def test_a_damaged_export_is_one_line_naming_the_file(native_export, tmp_path, d
     damage(copy)
     with pytest.raises(UserError, match=message):
         load(copy)
+
+
+def test_an_export_of_the_previous_format_loads_without_fingerprints(native_export, tmp_path):
+    older = edited(native_export, tmp_path, lambda c: [c.update(format="vlmtrain-model/4"), c.pop("weights")])
+    nudged(older / "lm" / "model.safetensors")  # nothing to tell it by: /4 exports recorded no fingerprints
+    assert load(older).description == load(native_export).description
 
 
 def test_a_config_missing_a_key_or_with_an_unknown_one_is_refused(native_export, tmp_path):

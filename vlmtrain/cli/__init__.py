@@ -32,8 +32,13 @@ def show_logs() -> None:
         logger.propagate = False
 
 
+PATH_MISTAKES = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def describe(error: BaseException) -> tuple[str, str]:
     """(kind, message in one line) of an error; for one re-raised from a DataLoader worker, the original's."""
+    if isinstance(error, PATH_MISTAKES) and error.filename is not None:
+        return type(error).__name__, f"{error.filename}: {error.strerror.lower()}"
     text = str(error).strip()
     kind = type(error).__name__
     if "Original Traceback" in text:  # torch wraps a worker's exception with the worker's traceback
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet_dependencies()  # building a model with LoRA (export, eval) warns like training does
     try:
         args.handler(args)
-    except (UserError, FileNotFoundError) as error:
+    except (UserError, *PATH_MISTAKES) as error:
         if debug:
             raise
         print(f"error: {describe(error)[1]}", file=sys.stderr)

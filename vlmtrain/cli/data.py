@@ -7,6 +7,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from vlmtrain.cli.arguments import folder, positive_int
 from vlmtrain.errors import UserError
 
 
@@ -72,14 +73,6 @@ def cmd_demo_chat(args: argparse.Namespace) -> None:
     )
 
 
-def positive_int(text: str) -> int:
-    """A command-line number that must be >= 1 (argparse reports the mistake in one line)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add this group's commands to the ``vlmtrain`` parser."""
     sub = commands.add_parser("shards", help="write WebDataset shards from images and annotations (records, LLaVA, messages)")
@@ -87,7 +80,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "annotations", type=Path,
         help="JSON Lines, a JSON array (LLaVA), CSV (an images column: a.jpg;b.jpg), Parquet, Arrow, or a datasets folder",
     )
-    sub.add_argument("out", type=Path)
+    sub.add_argument("out", type=folder)
     sub.add_argument("--images", type=Path, default=Path("."), help="folder the image paths are relative to")
     sub.add_argument(
         "--format",
@@ -109,20 +102,20 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--prefix", default="shard")
     sub.add_argument("--samples-per-shard", type=positive_int, default=10000)
     sub.add_argument("--shard-size", help="close a shard before it passes this size, e.g. 512MB")
-    sub.add_argument("--workers", type=int, default=1, help="processes reading and checking images")
+    sub.add_argument("--workers", type=positive_int, default=1, help="processes reading and checking images")
     sub.set_defaults(handler=cmd_shards)
 
     sub = commands.add_parser("demo-data", help="render the demo task (words on real photos) into shards")
-    sub.add_argument("--out", type=Path, default=Path("data/generated/demo"))
-    sub.add_argument("--train", type=int, default=2048)
-    sub.add_argument("--val", type=int, default=64)
+    sub.add_argument("--out", type=folder, default=Path("data/generated/demo"))
+    sub.add_argument("--train", type=positive_int, default=2048)
+    sub.add_argument("--val", type=positive_int, default=64)
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--samples-per-shard", type=positive_int, default=128)
     sub.add_argument("--force", action="store_true", help="render even when OUT already holds this set")
     sub.set_defaults(handler=cmd_demo_data)
 
     sub = commands.add_parser("demo-chat", help="write the chat demo: two-image conversations as LLaVA JSON, with their images")
-    sub.add_argument("--out", type=Path, default=Path("data/generated/chat"))
-    sub.add_argument("--train", type=int, default=640)
-    sub.add_argument("--val", type=int, default=32)
+    sub.add_argument("--out", type=folder, default=Path("data/generated/chat"))
+    sub.add_argument("--train", type=positive_int, default=640)
+    sub.add_argument("--val", type=positive_int, default=32)
     sub.set_defaults(handler=cmd_demo_chat)

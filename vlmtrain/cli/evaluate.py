@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from vlmtrain.cli.arguments import folder, positive_int
 from vlmtrain.errors import UserError
 from vlmtrain.modeling.geometry import check_budget
 
@@ -107,11 +108,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="comma-separated levels, and auto or auto:TOL for the model's budget selector, e.g. 70,280,1120,auto,auto:0.2 "
         "(default: every level the model serves)",
     )
-    sub.add_argument("--limit", type=int, default=64, help="samples per budget")
+    sub.add_argument("--limit", type=positive_int, default=64, help="samples per budget")
     sub.add_argument("--names", help="comma-separated names for the models (default: folder names)")
-    sub.add_argument("--out", type=Path, help="folder for eval.json and eval.png (default: FIRST_MODEL/eval)")
+    sub.add_argument("--out", type=folder, help="folder for eval.json and eval.png (default: FIRST_MODEL/eval)")
     sub.add_argument("--no-generate", action="store_true", help="skip generation: no exact match or word recall, faster")
-    sub.add_argument("--max-new-tokens", type=int, default=16)
+    sub.add_argument("--max-new-tokens", type=positive_int, default=16)
     sub.add_argument(
         "--where",
         action="append",
@@ -130,15 +131,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sub = commands.add_parser("label-budgets", help="the model's loss at every level on each sample: the selector's labels")
     sub.add_argument("model", type=Path, help="an export folder or a run directory")
     sub.add_argument("--data", required=True, help="shard spec, e.g. data/generated/demo/train-{000000..000003}.tar")
-    sub.add_argument("--limit", type=int, default=256, help="samples to label")
+    sub.add_argument("--limit", type=positive_int, default=256, help="samples to label")
     sub.add_argument("--where", action="append", default=[], metavar="FIELD=VALUE", help="only samples with FIELD=VALUE")
-    sub.add_argument("--out", type=Path, required=True, help="folder for labels.json and labels.safetensors")
+    sub.add_argument("--out", type=folder, required=True, help="folder for labels.json and labels.safetensors")
     sub.set_defaults(handler=cmd_label_budgets)
 
     sub = commands.add_parser("train-selector", help="train the budget selector of an export on budget labels")
     sub.add_argument("export", type=Path, help="the export folder (the selector is written into it)")
     sub.add_argument("--labels", type=Path, required=True, help="a folder written by label-budgets")
-    sub.add_argument("--steps", type=int, default=400)
-    sub.add_argument("--hidden", type=int, default=64)
+    sub.add_argument("--steps", type=positive_int, default=400)
+    sub.add_argument("--hidden", type=positive_int, default=64)
     sub.set_defaults(handler=cmd_train_selector)
 

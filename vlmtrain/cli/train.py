@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlmtrain.errors import UserError
+from vlmtrain.cli.arguments import positive_int
 from vlmtrain.modeling.geometry import Geometry, geometry_table, parse_size
 
 
@@ -32,9 +32,6 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_geometry(args: argparse.Namespace) -> None:
-    for name in ("patch", "pool"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     height, width = parse_size(args.size)
     print(geometry_table(Geometry(patch_size=args.patch, pool=args.pool), height, width))
 
@@ -52,7 +49,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     sub = commands.add_parser("geometry", help="resize, patches and tokens of an image size at every budget")
     sub.add_argument("size", help="WIDTHxHEIGHT, e.g. 1024x768")
-    sub.add_argument("--patch", type=int, default=16, help="patch size in pixels (Gemma 4: 16)")
-    sub.add_argument("--pool", type=int, default=3, help="pool×pool patches per token (Gemma 4: 3)")
+    sub.add_argument("--patch", type=positive_int, default=16, help="patch size in pixels (Gemma 4: 16)")
+    sub.add_argument("--pool", type=positive_int, default=3, help="pool×pool patches per token (Gemma 4: 3)")
     sub.set_defaults(handler=cmd_geometry)
 

@@ -2,22 +2,26 @@
 schema: :class:`ExportConfig`), what a layout (where the weights are) must do, and the checks that refuse
 an export that was edited or damaged. Writers: :mod:`.write`; readers: :mod:`.layouts` and :func:`vlmtrain.load`.
 
-    OUT/vision/config.json  format, layout, the model description, the text format, the LoRA adapter folder
+    OUT/vision/config.json  format, layout, the model description, the text format, the LoRA adapter folder,
+                            and a fingerprint of every weights file (another export's files are refused)
     OUT/...                 the layout's files (:mod:`.vlmtrain_layout`, or a family's own checkpoint), each
-                            safetensors file keeping the description in its metadata
+                            safetensors file keeping the description in its metadata; never a pickle
     OUT/selector/           the budget selector, when one was trained (vlmtrain train-selector)
     OUT/recipe.yaml, OUT/README.md   the run's recipe and a model card (:mod:`.card`)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.config import RecipeError, structured
@@ -27,11 +31,14 @@ from vlmtrain.model.description import ModelDescription
 from vlmtrain.modeling.backbones import BACKBONES
 from vlmtrain.modeling.vlm import VisionLanguageModel
 
-EXPORT_FORMAT = "vlmtrain-model/4"  # 4: the description has its own schema (nothing a recipe starts from)
+EXPORT_FORMAT = "vlmtrain-model/5"  # 5: fingerprints of the weights files; 4: the description has its own schema
+READABLE_FORMATS = (EXPORT_FORMAT, "vlmtrain-model/4")  # a /4 export has no fingerprints: its files go unchecked
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # what transformers and torch would unpickle
 VISION_DIR, LM_DIR, ADAPTER_DIR, SELECTOR_DIR = "vision", "lm", "lm-adapter", "selector"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 VISION_PARTS = ("backbone", "pooling", "projector")
 DESCRIPTION_KEY = "vlmtrain.model"  # the description's copy in the metadata of every weights file
+FINGERPRINT_VALUES = 16  # values read from each end of each tensor for its file's fingerprint
 
 
 @dataclass
@@ -57,13 +64,15 @@ class TextFormat:
 @dataclass
 class ExportConfig:
     """What ``vision/config.json`` holds: the format version, the layout, the model description, the text
-    format and the LoRA adapter folder (None: merged)."""
+    format, the LoRA adapter folder (None: merged) and each weights file's fingerprint (path in the folder →
+    :func:`weights_fingerprint`)."""
 
     format: str = ""
     layout: str = ""
     model: ModelDescription = field(default_factory=ModelDescription)
     text: TextFormat = field(default_factory=TextFormat)
     adapter: str | None = None
+    weights: dict[str, str] = field(default_factory=dict)
 
 
 class Layout(Protocol):
@@ -132,7 +141,7 @@ def read_config(folder: Path) -> ExportConfig:
     key is one line naming it."""
     config_file = folder / VISION_DIR / CONFIG_FILE
     values = read_json(config_file)
-    if not isinstance(values, dict) or values.get("format") != EXPORT_FORMAT:
+    if not isinstance(values, dict) or values.get("format") not in READABLE_FORMATS:
         found = values.get("format") if isinstance(values, dict) else None
         raise UserError(f"{config_file}: format {found!r} is not {EXPORT_FORMAT!r} (not an export of this vlmtrain version)")
     for key in ("layout", "model", "text"):
@@ -156,7 +165,7 @@ def check_description(folder: Path, config: ExportConfig, weights_file: Path) ->
     ``weights_file``'s metadata): a config edited after export is refused, naming the key."""
     if not weights_file.is_file():
         raise UserError(f"{weights_file}: missing (not a complete vlmtrain export)")
-    with safe_open(str(weights_file), framework="pt") as handle:
+    with open_weights(weights_file) as handle:
         stored = (handle.metadata() or {}).get(DESCRIPTION_KEY)
     if stored is None:
         raise UserError(f"{weights_file}: holds no model description (not written by vlmtrain export)")
@@ -167,6 +176,52 @@ def check_description(folder: Path, config: ExportConfig, weights_file: Path) ->
             f"{folder / VISION_DIR / CONFIG_FILE}: model.{key} is {found!r}, but the weights were exported with "
             f"{expected!r}; the config was edited after export (restore it, or export again)"
         )
+
+
+@contextmanager
+def open_weights(path: Path) -> Iterator[Any]:
+    """``safe_open`` of a weights file; a damaged one (cut short, not safetensors) is one line naming it."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path}: not a readable safetensors file ({error}); export again") from None
+    with handle:
+        yield handle
+
+
+def weights_fingerprint(path: Path) -> str:
+    """A digest of a safetensors file from its tensors' names, dtypes, shapes and first and last few values
+    (a few KB read, whatever the file's size): tells one export's weights from another's of the same shapes."""
+    digest = hashlib.sha256()
+    with open_weights(path) as handle:
+        for name in sorted(handle.keys()):
+            tensor = handle.get_slice(name)
+            shape = tensor.get_shape()
+            digest.update(f"{name}:{tensor.get_dtype()}:{shape}".encode())
+            ends = [handle.get_tensor(name)] if len(shape) == 0 else [tensor[:1], tensor[-1:]]
+            for end in ends:
+                values = end.flatten()[:FINGERPRINT_VALUES].contiguous()
+                digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def weights_fingerprints(folder: Path) -> dict[str, str]:
+    """The fingerprint of every safetensors file under ``folder``, by path relative to it."""
+    return {str(path.relative_to(folder)): weights_fingerprint(path) for path in sorted(folder.rglob("*.safetensors"))}
+
+
+def check_weights(folder: Path, config: ExportConfig) -> None:
+    """The weights files are the ones the export wrote (no file of another export swapped in, none missing) and
+    no pickle lies among them (``vlmtrain.load`` and transformers would otherwise read one)."""
+    pickle = next((path for path in sorted(folder.rglob("*")) if path.suffix.lower() in PICKLE_SUFFIXES), None)
+    if pickle is not None:
+        raise UserError(f"{pickle}: a pickle file in an export; vlmtrain reads safetensors only (remove it)")
+    for name, expected in config.weights.items():
+        path = folder / name
+        if not path.is_file():
+            raise UserError(f"{path}: missing (not a complete vlmtrain export)")
+        if weights_fingerprint(path) != expected:
+            raise UserError(f"{path}: not the weights this export wrote (another export's, or changed since); export again")
 
 
 def write_config(out: Path, config: ExportConfig) -> None:

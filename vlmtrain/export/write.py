@@ -28,6 +28,7 @@ from vlmtrain.export.format import (
     Layout,
     TextFormat,
     canonical_json,
+    weights_fingerprints,
     write_config,
 )
 from vlmtrain.export.run import trained_model
@@ -143,11 +144,13 @@ def _write_files(trained: Exportable, recipe: Recipe, out: Path, keep_adapter: b
     )
     adapter = ADAPTER_DIR if keep_adapter else None
     out.mkdir(parents=True)
-    write_config(out, ExportConfig(EXPORT_FORMAT, layout.name, description, trained.text_format, adapter))
+    config = ExportConfig(EXPORT_FORMAT, layout.name, description, trained.text_format, adapter)
+    write_config(out, config)
     if adapter is not None:
         save_adapter_folder(model.lm, out / adapter)
     composed = VisionLanguageModel(model.backbone, model.pooling, model.projector, lm, model.image_token_id, model.geometry)
     layout.write(out, composed, description, trained.tokenizer, {DESCRIPTION_KEY: canonical_json(description)}, adapter)
+    write_config(out, replace(config, weights=weights_fingerprints(out)))
     (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     (out / "README.md").write_text(model_card(recipe, description, layout, trained.text_format.prompt, evaluation))
     return line
