@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from helpers import ENV, LORA, ROOT, TINY, losses, processes_mentioning, run_cli, small_overrides
+from helpers import ENV, LORA, ROOT, TINY, TWO_PROCESSES, losses, processes_mentioning, run_cli, small_overrides
 
 from vlmtrain.train.layout import latest_checkpoint
 
@@ -167,3 +167,32 @@ def test_sigterm_while_the_loader_waits_for_data_stops_at_once_with_the_last_ste
         f"checkpoint {stopped}; continue with: vlmtrain fit {tmp_path / 'run' / 'recipe.yaml'} resume=auto"
     )
     assert processes_mentioning("sleep 613") == [] and processes_mentioning(str(tmp_path / "run")) == []
+
+
+def test_sigterm_while_one_rank_of_two_waits_for_data_exits_in_time_leaving_nothing_behind(demo_dir, tmp_path):
+    # one rank waiting for data holds the other inside its step: no step can end, so no checkpoint can be
+    # taken; the run must still exit within the grace period, saying where it can continue from
+    stall = f"pipe:cat {demo_dir}/train-000000.tar; sleep 617"
+    overrides = small_overrides(
+        demo_dir, tmp_path / "run", f"data.train={stall}", *TWO_PROCESSES, "data.resampled=true", "data.num_workers=1",
+        "data.batching.lookahead=2", "data.batching.max_batch_size=1", "trainer.max_steps=1000", "trainer.checkpoint_every=2",
+        "trainer.stop_within=5",
+    )
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:
+        process = start(overrides, out)
+        wait_for(lambda: log.read_text().count("\n") >= 2)  # steps trained
+        lines = -1
+        while lines != log.read_text().count("\n"):  # until no step has come for 3 s: waiting for data
+            lines = log.read_text().count("\n")
+            time.sleep(3)
+        signalled = time.monotonic()
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM and time.monotonic() - signalled < 15, stderr[-2000:]
+    latest = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert latest is not None and stderr.strip().splitlines()[-1] == (
+        "stopped: SIGTERM: no step could end within trainer.stop_within=5 s (a rank waiting for data?); "
+        f"checkpoint {latest}; continue with: vlmtrain fit {tmp_path / 'run' / 'recipe.yaml'} resume=auto"
+    )
+    wait_for(lambda: processes_mentioning("sleep 617") == [] and processes_mentioning(str(tmp_path / "run")) == [], 10)

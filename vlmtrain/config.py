@@ -95,6 +95,7 @@ class TrainerConfig:
     num_nodes: str = "auto"
     accumulate_grad_batches: int = 1
     deterministic: bool = False
+    stop_within: float = 25.0  # seconds from a stop signal to exit, when no step can end (SLURM, Kubernetes kill at 30)
 
 
 @dataclass
@@ -392,7 +393,8 @@ def _check_optim(recipe: Recipe) -> None:
 
 def _check_trainer(recipe: Recipe) -> None:
     trainer = recipe.trainer
-    for key in ("max_steps", "val_every", "log_every", "checkpoint_every", "keep_checkpoints", "accumulate_grad_batches"):
+    for key in ("max_steps", "val_every", "log_every", "checkpoint_every", "keep_checkpoints", "accumulate_grad_batches",
+                "stop_within"):
         positive(f"trainer.{key}", getattr(trainer, key))
     for key in ("devices", "num_nodes"):
         value = getattr(trainer, key)

@@ -6,8 +6,10 @@ as every checkpoint) and the run summary, no validation round follows, and ``vlm
 naming the checkpoint and code 128 + the signal. A signal that comes between steps — while the run waits for
 data, or during a validation round — stops a one-process run at once, with the checkpoint of the last step (a
 loader that finds nothing usable cannot hold the run past the grace period); several processes stop after
-their next step, at the same one. A second Ctrl-C stops at once. Under SLURM, a job stopped by SIGUSR1 (its
-time is up) asks to be requeued, and ``resume=auto`` then continues it.
+their next step, at the same one. A run that has not ended ``trainer.stop_within`` seconds after the signal
+(a rank waiting for data holds every other rank inside its step) exits then, with the checkpoint it has and
+everything it started ended, rather than be killed without a word. A second Ctrl-C stops at once. Under
+SLURM, a job stopped by SIGUSR1 (its time is up) asks to be requeued, and ``resume=auto`` then continues it.
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ import logging
 import os
 import signal
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from types import FrameType
 
 import lightning as L
+import psutil
 import torch
 
 from vlmtrain.data.batch import Step
 from vlmtrain.train.checkpoints import AtomicCheckpoint
+from vlmtrain.train.layout import RECIPE_FILE, latest_checkpoint
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -40,8 +46,10 @@ class StopOnSignal(L.Callback):
     at once between steps (see the module docstring). Every step the ranks agree on whether any of them was
     signalled, so all stop at the same step."""
 
-    def __init__(self, checkpoint: AtomicCheckpoint) -> None:
+    def __init__(self, checkpoint: AtomicCheckpoint, stop_within: float) -> None:
         self.checkpoint = checkpoint
+        self.stop_within = stop_within
+        self.deadline: threading.Timer | None = None
         self.received: int | None = None
         self.stopped_at: int | None = None
         self.between_steps = False  # waiting for data or validating: no step is half done
@@ -52,12 +60,44 @@ class StopOnSignal(L.Callback):
             os._exit(128 + signum)  # the second Ctrl-C: stop at once
         self.received = signum
         name = signal.Signals(signum).name
+        self.arm_deadline(signum, self.stop_within)
         running = self._running
         if self.between_steps and running is not None and running[0].world_size == 1 and not self.checkpoint.saving:
             log.warning("received %s between steps: stopping now, with a checkpoint of the last step", name)
             self.stop(*running)
             raise StoppedBetweenSteps(name)
         log.warning("received %s: stopping after this step, with a checkpoint", name)
+
+    def arm_deadline(self, signum: int, seconds: float) -> None:
+        """Exit ``seconds`` from now unless the run has ended by then (see the module docstring)."""
+        if self.deadline is None or not self.deadline.is_alive():
+            self.deadline = threading.Timer(seconds, self.exit_now, args=(signum,))
+            self.deadline.daemon = True
+            self.deadline.start()
+
+    def exit_now(self, signum: int) -> None:
+        """The run did not end in time: say where it can continue from, end what it started, exit 128 + signal."""
+        if self.checkpoint.saving:  # a checkpoint being written is worth the wait
+            self.arm_deadline(signum, 1.0)
+            return
+        latest = latest_checkpoint(self.checkpoint.directory)
+        run_dir = self.checkpoint.directory.parent
+        where = f"checkpoint {latest}" if latest is not None else "no checkpoint yet"
+        within = f"trainer.stop_within={self.stop_within:g} s"
+        late = (
+            f"at step {self.stopped_at}; the run's end took longer than {within}" if self.stopped_at is not None
+            else f"no step could end within {within} (a rank waiting for data?)"
+        )
+        print(
+            f"stopped: {signal.Signals(signum).name}: {late}; {where}; "
+            f"continue with: vlmtrain fit {run_dir / RECIPE_FILE} resume=auto",
+            file=sys.stderr,
+            flush=True,
+        )
+        for process in psutil.Process().children(recursive=True):  # data workers, their commands, other ranks
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        os._exit(128 + signum)
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         # from fit start: Lightning fetches the first batch before training starts, and that batch may never come

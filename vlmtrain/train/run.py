@@ -117,7 +117,7 @@ def build_trainer(recipe: Recipe, run_dir: Path, extra_callbacks: Sequence[L.Cal
         *extra_callbacks,
         throughput,
         data,  # records the data position before anything saves a checkpoint
-        StopOnSignal(checkpoint),
+        StopOnSignal(checkpoint, trainer.stop_within),
         RunSummary(run_dir, throughput),
         StepProgressBar() if terminal else ProgressLog(trainer.log_every, throughput, data),
         checkpoint,
