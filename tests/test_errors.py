@@ -335,3 +335,31 @@ def test_preflight_refuses_a_token_cap_that_no_first_record_fits(chat_dir, tmp_p
                                           r".*train-000000.tar needs more LM tokens at the largest budget \(13[3-9]\d-2\d{3}, "):
         check_records(plan_run(load_recipe(chat, [*data, "data.batching.batch_tokens=1330"])), "recipe")
     check_records(plan_run(load_recipe(chat, [*data, "data.batching.batch_tokens=2600"])), "recipe")
+
+
+class Payload:
+    """What a malicious pickle carries: loading it would create ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.slow
+def test_a_pickle_in_place_of_weights_or_a_checkpoint_is_one_line_and_never_runs(demo_dir, tmp_path):
+    import torch
+
+    marker, evil = tmp_path / "ran", tmp_path / "vit.safetensors"
+    torch.save({"weights": Payload(marker)}, evil)
+    code, error, _ = fit_error(demo_dir, tmp_path, f"model.vision.path={evil}", "model.vision.width=128",
+                               "model.vision.depth=4", "model.vision.heads=4", "trainer.max_steps=1")
+    assert code == 2 and error.startswith(f"error: {evil}: not a readable safetensors file ("), error
+    run_cli(small_overrides(demo_dir, tmp_path / "run", "trainer.max_steps=2", "data.val=null"))
+    state = latest_checkpoint(tmp_path / "run" / "checkpoints") / "state"
+    torch.save({"state_dict": Payload(marker)}, state)
+    code, error, _ = fit_error(demo_dir, tmp_path, "resume=auto", "trainer.max_steps=4", "data.val=null")
+    assert code == 2 and error == (f"error: resume: {state} holds Python objects that loading would run (refused: only "
+                                   "tensors and plain values are read); it is not a checkpoint vlmtrain wrote")
+    assert not marker.exists()

@@ -368,7 +368,7 @@ def nudged(path: Path) -> None:
         (lambda folder: (folder / "vision" / "model.safetensors").unlink(), "vision/model.safetensors: missing"),
         (lambda folder: __import__("shutil").rmtree(folder / "lm"), "/lm/model.safetensors: missing"),
         (lambda folder: cut_short(folder / "vision" / "model.safetensors"),
-         "vision/model.safetensors: not a readable safetensors file .*; export again$"),
+         "vision/model.safetensors: not a readable safetensors file \\(.*\\)$"),
         (lambda folder: cut_short(folder / "lm" / "model.safetensors"), "lm/model.safetensors: not a readable safetensors file"),
         (lambda folder: nudged(folder / "lm" / "model.safetensors"),
          "lm/model.safetensors: not the weights this export wrote \\(another export's, or changed since\\); export again$"),

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.config import RecipeError, structured
@@ -30,6 +27,7 @@ from vlmtrain.errors import UserError
 from vlmtrain.model.description import ModelDescription
 from vlmtrain.modeling.backbones import BACKBONES
 from vlmtrain.modeling.vlm import VisionLanguageModel
+from vlmtrain.weights import open_weights
 
 EXPORT_FORMAT = "vlmtrain-model/5"  # 5: fingerprints of the weights files; 4: the description has its own schema
 READABLE_FORMATS = (EXPORT_FORMAT, "vlmtrain-model/4")  # a /4 export has no fingerprints: its files go unchecked
@@ -176,17 +174,6 @@ def check_description(folder: Path, config: ExportConfig, weights_file: Path) ->
             f"{folder / VISION_DIR / CONFIG_FILE}: model.{key} is {found!r}, but the weights were exported with "
             f"{expected!r}; the config was edited after export (restore it, or export again)"
         )
-
-
-@contextmanager
-def open_weights(path: Path) -> Iterator[Any]:
-    """``safe_open`` of a weights file; a damaged one (cut short, not safetensors) is one line naming it."""
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"{path}: not a readable safetensors file ({error}); export again") from None
-    with handle:
-        yield handle
 
 
 def weights_fingerprint(path: Path) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.config import Recipe, load_recipe
@@ -18,6 +17,7 @@ from vlmtrain.modeling.vlm import VisionLanguageModel
 from vlmtrain.plan import plan_run
 from vlmtrain.train.layout import CHECKPOINTS, RECIPE_FILE, TRAINED, latest_checkpoint
 from vlmtrain.train.optim import set_trainable
+from vlmtrain.weights import read_weights
 
 
 @dataclass
@@ -51,7 +51,7 @@ def trained_model(source: Path) -> TrainedModel:
     plan = plan_run(load_recipe(run_dir / RECIPE_FILE))
     model = build_model(plan.model, plan.start, plan.tokenizer, plan.recipe.seed)
     set_trainable(model, plan.recipe.optim)
-    trained = {name.removeprefix("model."): tensor for name, tensor in load_file(checkpoint / TRAINED).items()}
+    trained = {name.removeprefix("model."): tensor for name, tensor in read_weights(checkpoint / TRAINED).items()}
     expected = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     if set(trained) != expected:
         raise UserError(f"{checkpoint}: trained weights do not match the recipe's trainable parameters "

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import transformers
-from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import vlmtrain.modeling
 from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.weights import open_weights
 
 SHIPPED = Path(vlmtrain.modeling.__file__).parent  # every module in it is copied, as it is
 AUTO_MAP = {
@@ -36,7 +36,7 @@ def weight_map(out: Path, folder: str) -> dict[str, str]:
     index = out / folder / INDEX_FILE
     if index.is_file():
         return {name: f"{folder}/{file}" for name, file in json.loads(index.read_text())["weight_map"].items()}
-    with safe_open(str(out / folder / "model.safetensors"), framework="pt") as handle:
+    with open_weights(out / folder / "model.safetensors") as handle:
         return dict.fromkeys(handle.keys(), f"{folder}/model.safetensors")
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.export.format import LM_DIR, VISION_DIR, VISION_PARTS, WEIGHTS_FILE
 from vlmtrain.export.transformers_model import write_transformers_model
 from vlmtrain.model.description import ModelDescription
 from vlmtrain.modeling.vlm import VisionLanguageModel
+from vlmtrain.weights import read_weights
 
 
 class VlmtrainLayout:
@@ -72,7 +73,7 @@ class VlmtrainLayout:
         return folder / VISION_DIR / WEIGHTS_FILE
 
     def vision_weights(self, folder: Path) -> dict[str, torch.Tensor]:
-        return load_file(self.weights_file(folder))
+        return read_weights(self.weights_file(folder))
 
 
 VLMTRAIN_LAYOUT = VlmtrainLayout()

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from vlmtrain.errors import UserError
 from vlmtrain.modeling.backbone import VisionBackbone
 from vlmtrain.modeling.backbones import BACKBONES, TowerKind, read_config
+from vlmtrain.weights import open_weights, read_weights
 
 
 class WeightsMismatch(UserError, ValueError):
@@ -41,7 +40,7 @@ def prefixed_tensors(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.T
         raise FileNotFoundError(f"{path}: no .safetensors weights")
     tensors: dict[str, dict[str, torch.Tensor]] = {prefix: {} for prefix in prefixes}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with open_weights(file) as handle:
             for name in handle.keys():
                 for prefix in prefixes:
                     if name.startswith(prefix):
@@ -95,7 +94,7 @@ def load_native_weights(backbone: nn.Module, path: str) -> None:
     are refused, naming the first misfit."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"model.vision.path: {path!r} not found (only local files are read)")
-    weights = load_file(path)
+    weights = read_weights(path)
     expected = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in backbone.named_parameters()}
     for name in sorted(expected.keys() | weights.keys()):
         found = tuple(weights[name].shape) if name in weights else None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.config import DecodingConfig
@@ -22,6 +22,7 @@ from vlmtrain.modeling.geometry import Geometry
 from vlmtrain.modeling.inputs import ModelInput
 from vlmtrain.modeling.vlm import SampleLosses
 from vlmtrain.text.encoding import TextEncoder
+from vlmtrain.weights import read_weights
 
 
 class LabelledModel(Protocol):
@@ -63,7 +64,7 @@ class BudgetLabels:
         if not (directory / "labels.json").is_file():
             raise UserError(f"{directory}: no labels.json (write it with vlmtrain label-budgets)")
         summary = json.loads((directory / "labels.json").read_text())
-        tensors = load_file(str(directory / "labels.safetensors"))
+        tensors = read_weights(directory / "labels.safetensors")
         return cls(summary["keys"], tensors["features"], tensors["losses"], summary["levels"], summary["seconds"])
 
 

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vlmtrain.errors import UserError
 from vlmtrain.modeling.inputs import ModelInput
 from vlmtrain.modeling.tokenizers import IGNORE_INDEX
 from vlmtrain.modeling.vlm import VisionLanguageModel
+from vlmtrain.weights import read_weights
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -63,7 +64,7 @@ def load_selector(directory: Path, levels: list[int]) -> BudgetSelector:
     if list(config["levels"]) != list(levels):
         raise UserError(f"{directory}: a selector for levels {config['levels']}, but the model serves {list(levels)}")
     selector = BudgetSelector(config["features"], config["levels"], config["hidden"])
-    selector.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    selector.load_state_dict(read_weights(directory / WEIGHTS_FILE))
     return selector.eval()
 
 

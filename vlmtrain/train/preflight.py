@@ -23,6 +23,7 @@ from vlmtrain.modeling.backbones import BACKBONES, TowerKind
 from vlmtrain.modeling.geometry import BudgetError
 from vlmtrain.train.deepspeed_config import read_user_config
 from vlmtrain.train.layout import TRAINED, resume_checkpoint
+from vlmtrain.weights import open_weights
 
 if TYPE_CHECKING:  # the plan's modules are heavy; the recipe checks run before anything heavy is imported
     from vlmtrain.data.builder import BatchBuilder
@@ -293,12 +294,10 @@ def check_resume(plan: RunPlan, source: str, checkpoint: Path | None) -> None:
     recipe builds (compared on the meta device: nothing is loaded or allocated)."""
     if checkpoint is None or not (checkpoint.parent / TRAINED).is_file():
         return
-    from safetensors import safe_open
-
     from vlmtrain.families import build_model
     from vlmtrain.train.optim import set_trainable
 
-    with safe_open(str(checkpoint.parent / TRAINED), framework="pt") as handle:
+    with open_weights(checkpoint.parent / TRAINED) as handle:
         found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     try:
         with torch.device("meta"), torch.random.fork_rng(devices=[]):  # shapes only: no start weights read

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 import signal
 import uuid
@@ -18,7 +19,7 @@ from vlmtrain.config import Recipe, RecipeError, recipe_values, run_recipe_yaml
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.datamodule import ShardDataModule
 from vlmtrain.dependencies import quiet_dependencies
-from vlmtrain.errors import RunInterrupted
+from vlmtrain.errors import RunInterrupted, UserError
 from vlmtrain.plan import RunPlan
 from vlmtrain.text.encoding import TextEncoder
 from vlmtrain.train.adapters import save_adapter
@@ -177,6 +178,11 @@ def fit(recipe: Recipe, callbacks: Sequence[L.Callback] = (), source: str = "rec
             trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)  # no pickled objects
     except StoppedBetweenSteps:
         cut_short = " (between steps: the wait for data or the validation round cut short)"
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met an object it would have to run
+        raise UserError(
+            f"resume: {checkpoint} holds Python objects that loading would run (refused: only tensors and plain values "
+            "are read); it is not a checkpoint vlmtrain wrote"
+        ) from None
     else:
         cut_short = ""
         save_adapter(module.model.lm, trainer, run_dir / ADAPTER)
