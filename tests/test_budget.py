@@ -96,6 +96,17 @@ def test_independent_image_budgets_are_pure_and_follow_the_weights():
     assert schedule.image_budgets(9, "a", 140, [None, 70]) == (140, 70)
 
 
+def test_the_images_of_one_sample_are_drawn_independently():
+    # two images of a sample differ as often as two independent draws do: 1 - sum(w^2) of the time
+    weights = (4.0, 1.0, 1.0, 1.0, 1.0)
+    schedule = BudgetSchedule(LEVELS, weights, seed=11, per_image="independent")
+    draws = [schedule.image_budgets(step, f"sample-{step * 7 % 31}", None, [None] * 3) for step in range(900)]
+    expected = 1 - sum((w / sum(weights)) ** 2 for w in weights)  # 0.6875
+    for first, second in ((0, 1), (0, 2), (1, 2)):
+        differ = sum(d[first] != d[second] for d in draws) / len(draws)
+        assert abs(differ - expected) < 0.05, (first, second, differ)
+
+
 def test_independent_budgets_are_the_same_in_another_process():
     code = (
         "from vlmtrain.budget import BudgetSchedule; s = BudgetSchedule.uniform(seed=2, per_image='independent'); "

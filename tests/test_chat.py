@@ -20,6 +20,12 @@ LLAMA3 = (
     " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
+THINK = (  # Qwen3-style: an empty reasoning block written before every assistant turn's content
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 CONVERSATION = [
     {"role": "system", "content": [{"type": "text", "text": "Answer in a few words."}]},
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is written here?"}]},
@@ -58,6 +64,8 @@ def tokenizer_with(kind: str, smollm2_dir: Path):
     tokenizer = load_tokenizer(str(smollm2_dir), "<image>")
     if kind == "chatml":
         tokenizer.chat_template = resolve_chat_template("chatml")
+    elif kind == "think":
+        tokenizer.chat_template = THINK
     elif kind == "llama3":
         tokenizer.add_special_tokens(
             {"additional_special_tokens": ["<image>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
@@ -79,7 +87,7 @@ def labelled_spans(encoded) -> list[list[int]]:
     return spans + ([current] if current else [])
 
 
-@pytest.mark.parametrize("kind", ["smollm2", "chatml", "llama3", "byte"])
+@pytest.mark.parametrize("kind", ["smollm2", "chatml", "llama3", "think", "byte"])
 def test_labels_are_exactly_the_assistant_contents_and_their_end_of_turn_token(smollm2_dir, kind):
     tokenizer, end = tokenizer_with(kind, smollm2_dir)
     encoder = TextEncoder(tokenizer, "<image>")

@@ -515,6 +515,17 @@ def test_the_native_gemma4_processor_encodes_as_training_did(gemma4_export):
             with torch.no_grad():
                 logits = AutoModelForImageTextToText.from_pretrained(out).eval()(**served).logits
             torch.testing.assert_close(logits, model.logits(chosen, prompt, budget=budget), atol=1e-5, rtol=1e-5)
+    # what no call above reads: the processor's default budget, and the config's image token ids
+    default = model.description.default_budget
+    assert default != 280  # Gemma4ImageProcessor's own default: a folder that forgot the model's would pass
+    chosen = [at_budget(Image.open(pictures()[0]), model.geometry, default)]
+    served = processor(text=f"<bos>Look {image} and say: ", images=chosen, return_tensors="pt")  # no budget given
+    assert torch.equal(served["input_ids"], model.inputs(chosen, f"<bos>Look {image} and say: ")[0])
+    assert json.loads((out / "processor_config.json").read_text())["image_seq_length"] == default
+    config, tokenizer = json.loads((out / "config.json").read_text()), AutoTokenizer.from_pretrained(out)
+    assert {f"{name}_id": config[f"{name}_id"] for name in GEMMA4_IMAGE_TOKENS} == {
+        f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA4_IMAGE_TOKENS.items()
+    }
 
 
 def test_a_gemma4_tower_with_another_projector_is_exported_with_remote_code_saying_why(demo_dir, tmp_path):

@@ -491,6 +491,24 @@ def test_packed_rows_give_the_per_sample_losses_and_gradients_of_padded_rows(tin
         torch.testing.assert_close(grad, padded_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_packed_samples_of_equal_length_keep_their_own_losses(tiny_model, real_samples):
+    """Same-length samples side by side (each caption beside itself reversed: equal tokens, other labels), in
+    one row and in rows of two: each keeps its padded loss, so no same-length sequences are mixed up."""
+    model, builder = tiny_model
+    chosen = []
+    for sample in (real_samples[1], real_samples[7]):
+        reversed_text = {**sample.record, "text": sample.record["text"][::-1]}
+        chosen += [sample, replace(sample, key=sample.key + "-reversed", record=reversed_text)]
+    encoded = [builder.encode(sample, 70) for sample in chosen]
+    lengths = [len(e.text.input_ids) for e in encoded]
+    assert lengths[0] == lengths[1] and lengths[2] == lengths[3]
+    padded = model.sample_losses(builder.collate(encoded, None, packed=False).inputs).loss_sum
+    assert len(set(padded.tolist())) == 4  # four different losses: a swap would show
+    for row_tokens in (None, lengths[0] + lengths[2]):
+        packed = model.sample_losses(builder.collate(encoded, None, packed=True, row_tokens=row_tokens).inputs).loss_sum
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+
+
 def test_packed_position_ids_restart_at_every_sample_and_attention_stays_inside_it(tiny_model, real_samples):
     """A sample's logits in a packed row equal its logits alone: nothing leaks across the boundary."""
     model, builder = tiny_model
