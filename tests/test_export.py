@@ -523,6 +523,7 @@ def test_the_native_gemma4_processor_encodes_as_training_did(gemma4_export):
     assert torch.equal(served["input_ids"], model.inputs(chosen, f"<bos>Look {image} and say: ")[0])
     assert json.loads((out / "processor_config.json").read_text())["image_seq_length"] == default
     config, tokenizer = json.loads((out / "config.json").read_text()), AutoTokenizer.from_pretrained(out)
+    assert config["vision_config"]["default_output_length"] == default  # vLLM's default budget: it will not start without
     assert {f"{name}_id": config[f"{name}_id"] for name in GEMMA4_IMAGE_TOKENS} == {
         f"{name}_id": tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA4_IMAGE_TOKENS.items()
     }

@@ -181,14 +181,19 @@ def native_name(name: str) -> str:
 def gemma4_config(description: ModelDescription, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Gemma4Config:
     """The checkpoint's config: the tower's and the LM's own, the tokenizer's image token ids. An LM that
     attends bidirectionally within images when served ("vision") was trained attending causally (vlmtrain
-    runs the text model alone): the config says what it was trained to compute."""
+    runs the text model alone): the config says what it was trained to compute. The default budget is the
+    vision config's ``default_output_length`` (vLLM's name for it)."""
     text_config = lm.config.to_dict()
     if text_config.get("use_bidirectional_attention") == "vision":
         text_config["use_bidirectional_attention"] = None
     ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, name)) for name in ("image_token", "boi_token", "eoi_token")}
     config = Gemma4Config(
         text_config=text_config,
-        vision_config={**description.vision.settings, "model_type": "gemma4_vision"},
+        # default_output_length: what vLLM reads as the budget of a request that names none (it fails to start
+        # without it); the processor's default (max_soft_tokens, image_seq_length) is the same budget
+        vision_config={
+            **description.vision.settings, "model_type": "gemma4_vision", "default_output_length": description.default_budget
+        },
         audio_config=None,
         image_token_id=ids["image_token"],
         boi_token_id=ids["boi_token"],
