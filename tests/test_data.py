@@ -297,6 +297,16 @@ def test_resume_continues_exactly_where_the_batches_left_off(builder, demo_dir):
         assert (ours.input_ids == theirs.input_ids).all() and (ours.images.pixels == theirs.images.pixels).all()
 
 
+def test_an_image_the_geometry_cannot_serve_makes_its_sample_a_counted_skip():
+    # Qwen's processors refuse images more elongated than 200:1: such a sample is unusable, not a crash
+    geometry = Geometry(14, 2, rule="smart_resize", min_pixels=3136)
+    qwen = BatchBuilder(geometry, chat_builder().text, TextConfig(), DecodingConfig())
+    sample = RawSample("thin", {"text": "x"}, [png(600, 2)], [(2, 600)], budgets=[None])
+    with pytest.raises(SampleError, match=r"^sample 'thin': a 600x2 image is more elongated than 200:1") as caught:
+        qwen.visual_tokens(sample, 70)
+    assert caught.value.kind == "image_size"
+
+
 def test_a_resume_from_any_step_even_mid_shard_repeats_the_uninterrupted_steps(builder, demo_dir):
     # cuts at every step: most saved states sit inside a shard with samples waiting in the pool, where reading
     # one sample too many or too few changes the steps that follow

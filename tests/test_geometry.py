@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil, get_aspect_ratio_preserving_size
 
 from vlmtrain.errors import UserError
-from vlmtrain.modeling.geometry import LEVELS, BudgetError, Geometry, geometry_table, parse_size
+from vlmtrain.modeling.geometry import LEVELS, BudgetError, Geometry, ImageSizeError, geometry_table, parse_size
 from vlmtrain.modeling.pixels import patch_positions, patchify, to_rgb
 
 GEMMA4 = Geometry(patch_size=16, pool=3)
@@ -67,6 +67,54 @@ def test_whole_processor_agrees_on_size_tokens_positions_and_pixels(seed):
     assert float(grey_levels.mean()) < 0.1  # bilinear instead of bicubic differs by ~0.66
 
 
+QWEN_FAMILIES = {  # (patch, merge, min_pixels) of Qwen2.5-VL's and Qwen3-VL's processors
+    "qwen2.5-vl": (14, 2, 56 * 56),
+    "qwen3-vl": (16, 2, 65536),
+}
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_smart_resize_equals_qwens_own_for_thousands_of_sizes(family):
+    # what Qwen's processors compute at max_pixels = budget x cell², except where theirs passes the budget
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    patch, merge, min_pixels = QWEN_FAMILIES[family]
+    geometry, cell = Geometry(patch, merge, rule="smart_resize", min_pixels=min_pixels), patch * merge
+    capped = 0
+    for height, width in random_sizes(6000, seed=3) + [(1, 1), (1, 200), (200, 1), (5, 900), (27, 28), (28, 28)]:
+        for budget in LEVELS:
+            if max(height, width) / min(height, width) > 200:
+                with pytest.raises(ImageSizeError, match="more elongated than 200:1"):
+                    geometry.image(height, width, budget)
+                continue
+            theirs = smart_resize(height, width, factor=cell, min_pixels=min_pixels, max_pixels=budget * cell**2)
+            ours = geometry.image(height, width, budget)
+            assert ours.tokens <= budget and ours.patch_grid == (ours.resize[0] // patch, ours.resize[1] // patch)
+            if (theirs[0] // cell) * (theirs[1] // cell) <= budget:
+                assert ours.resize == theirs, (height, width, budget)
+            else:  # Qwen's short side held at one cell (or grown to min_pixels), its long side past the budget: cut
+                capped += 1
+                short = 0 if theirs[0] < theirs[1] else 1
+                assert ours.resize[short] == theirs[short] and ours.resize[1 - short] == budget // (theirs[short] // cell) * cell
+    assert capped < 0.02 * 6000 * len(LEVELS)  # extreme aspect ratios only
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_smart_resize_gives_the_grid_qwens_image_processor_gives(family):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    patch, merge, min_pixels = QWEN_FAMILIES[family]
+    geometry = Geometry(patch, merge, rule="smart_resize", min_pixels=min_pixels)
+    for (height, width), budget in zip(random_sizes(10, seed=7), [*LEVELS, *LEVELS], strict=True):
+        height, width = min(height, 1500), min(width, 1500)
+        processor = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": min_pixels, "longest_edge": budget * (patch * merge) ** 2}, patch_size=patch, merge_size=merge
+        )
+        grid = processor(images=[Image.new("RGB", (width, height))], return_tensors="pt")["image_grid_thw"][0].tolist()
+        expected = geometry.image(height, width, budget)
+        assert grid == [1, *expected.patch_grid] and expected.tokens == grid[1] * grid[2] // merge**2, (height, width, budget)
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     height=st.integers(1, 30000),
@@ -74,9 +122,11 @@ def test_whole_processor_agrees_on_size_tokens_positions_and_pixels(seed):
     budget=st.sampled_from(LEVELS),
     patch=st.sampled_from([8, 14, 16]),
     pool=st.integers(1, 4),
+    rule=st.sampled_from(["fill", "smart_resize"]),
 )
-def test_geometry_invariants(height, width, budget, patch, pool):
-    geometry = Geometry(patch_size=patch, pool=pool)
+def test_geometry_invariants(height, width, budget, patch, pool, rule):
+    assume(rule == "fill" or max(height, width) <= 200 * min(height, width))
+    geometry = Geometry(patch_size=patch, pool=pool, rule=rule, min_pixels=4 * (patch * pool) ** 2 if rule != "fill" else 0)
     g = geometry.image(height, width, budget)
     cell = patch * pool
     resized_h, resized_w = g.resize
@@ -122,9 +172,11 @@ def test_the_token_grid_equals_a_search_over_all_cell_aligned_sizes(pool):
 
 
 @settings(max_examples=200, deadline=None)
-@given(height=st.integers(1, 10000), width=st.integers(1, 10000))
-def test_more_budget_never_gives_fewer_tokens(height, width):
-    tokens = [GEMMA4.image(height, width, budget).tokens for budget in LEVELS]
+@given(height=st.integers(1, 10000), width=st.integers(1, 10000), rule=st.sampled_from(["fill", "smart_resize"]))
+def test_more_budget_never_gives_fewer_tokens(height, width, rule):
+    assume(rule == "fill" or max(height, width) <= 200 * min(height, width))
+    geometry = GEMMA4 if rule == "fill" else Geometry(14, 2, rule="smart_resize", min_pixels=3136)
+    tokens = [geometry.image(height, width, budget).tokens for budget in LEVELS]
     assert tokens == sorted(tokens)
 
 

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {describe(error)[1]}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of the output stopped reading (| head): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except RunInterrupted as interrupted:
         print(f"stopped: {interrupted}", file=sys.stderr)
         return interrupted.exit_code

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from vlmtrain.cli.arguments import positive_int
-from vlmtrain.modeling.geometry import Geometry, geometry_table, parse_size
+from vlmtrain.modeling.geometry import RESIZE_RULES, Geometry, geometry_table, parse_size
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
@@ -33,7 +33,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_geometry(args: argparse.Namespace) -> None:
     height, width = parse_size(args.size)
-    print(geometry_table(Geometry(patch_size=args.patch, pool=args.pool), height, width))
+    geometry = Geometry(patch_size=args.patch, pool=args.pool, rule=args.rule, min_pixels=args.min_pixels)
+    print(geometry_table(geometry, height, width))
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -49,7 +50,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     sub = commands.add_parser("geometry", help="resize, patches and tokens of an image size at every budget")
     sub.add_argument("size", help="WIDTHxHEIGHT, e.g. 1024x768")
-    sub.add_argument("--patch", type=positive_int, default=16, help="patch size in pixels (Gemma 4: 16)")
-    sub.add_argument("--pool", type=positive_int, default=3, help="pool×pool patches per token (Gemma 4: 3)")
+    sub.add_argument("--patch", type=positive_int, default=16, help="pixels per patch (Gemma 4, Qwen3-VL: 16; Qwen2.5-VL: 14)")
+    sub.add_argument("--pool", type=positive_int, default=3, help="pool×pool patches per token (Gemma 4: 3, Qwen-VL: 2)")
+    sub.add_argument(
+        "--rule", choices=RESIZE_RULES, default="fill",
+        help="fill: scaled to fill the budget (Gemma 4); smart_resize: Qwen-VL's, max_pixels = budget x cell²",
+    )
+    sub.add_argument("--min-pixels", type=int, default=0, help="smart_resize: the smallest area (Qwen2.5-VL: 3136)")
     sub.set_defaults(handler=cmd_geometry)
 

@@ -13,7 +13,7 @@ from vlmtrain.data.batch import Batch, pack_text, pad_text
 from vlmtrain.data.config import DecodingConfig, TextConfig
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import RawSample, SampleError
-from vlmtrain.modeling.geometry import Geometry, ImageGeometry
+from vlmtrain.modeling.geometry import Geometry, ImageGeometry, ImageSizeError
 from vlmtrain.modeling.inputs import ImageBatch, ModelInput
 from vlmtrain.modeling.pixels import image_patches
 from vlmtrain.text.chat import ChatTemplateError
@@ -65,17 +65,21 @@ class BatchBuilder:
         self.fields = fields
         self.decoding = decoding
 
+    def image_geometries(self, sample: RawSample, budgets: Budgets) -> list[ImageGeometry]:
+        """Each image's geometry at its budget, from the stored sizes (no decoding); an image the geometry cannot
+        serve makes the sample unusable (:class:`SampleError` of kind ``image_size``)."""
+        try:
+            return [self.geometry.image(h, w, b) for (h, w), b in zip(sample.sizes, per_image(sample, budgets), strict=True)]
+        except ImageSizeError as error:
+            raise SampleError("image_size", f"sample {sample.key!r}: {error}") from None
+
     def token_grids(self, sample: RawSample, budgets: Budgets) -> tuple[tuple[int, int], ...]:
-        """The token grid of each image at its budget, from the stored sizes (no decoding): the sample's bucket."""
-        return tuple(
-            self.geometry.image(h, w, b).token_grid for (h, w), b in zip(sample.sizes, per_image(sample, budgets), strict=True)
-        )
+        """The token grid of each image at its budget: the sample's bucket."""
+        return tuple(geometry.token_grid for geometry in self.image_geometries(sample, budgets))
 
     def visual_tokens(self, sample: RawSample, budgets: Budgets) -> int:
-        """Visual tokens the sample's images take at their budgets, from the stored sizes (no decoding)."""
-        return sum(
-            self.geometry.image(h, w, b).tokens for (h, w), b in zip(sample.sizes, per_image(sample, budgets), strict=True)
-        )
+        """Visual tokens the sample's images take at their budgets."""
+        return sum(geometry.tokens for geometry in self.image_geometries(sample, budgets))
 
     def cost(self, sample: RawSample, text_tokens: int, budgets: Sequence[Budgets]) -> int:
         """LM tokens the sample takes in a step whose batches put its images at ``budgets`` (one entry per
@@ -133,9 +137,9 @@ class BatchBuilder:
         """Decode and encode one sample, its images at ``budgets``; raises :class:`SampleError` for anything
         unusable."""
         budgets = per_image(sample, budgets)
+        geometries = self.image_geometries(sample, budgets)
         images = []
-        for data, (height, width), budget in zip(sample.images, sample.sizes, budgets, strict=True):
-            geometry = self.geometry.image(height, width, budget)
+        for data, geometry, (height, width) in zip(sample.images, geometries, sample.sizes, strict=True):
             try:
                 target = geometry.resize if self.decoding.fast else None
                 image = decode_image(data, self.decoding.max_image_pixels, (height, width), target)

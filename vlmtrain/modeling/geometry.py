@@ -1,8 +1,16 @@
 """Budget geometry: the one place that turns (image size, token budget) into pixels, patches and tokens.
 
 The image transform, the encoder, the pooling and the number of image placeholders in the text all
-read their sizes from :meth:`Geometry.image`; nothing else computes a resize or a token count.
-With ``patch_size=16, pool=3`` the result equals Gemma 4's image processor (``max_soft_tokens``).
+read their sizes from :meth:`Geometry.image`; nothing else computes a resize or a token count. Two resize
+rules, each equal to a family's own image processor (tested against transformers on many sizes):
+
+- ``fill`` (Gemma 4): the image is scaled up or down to fill the budget; with ``patch_size=16, pool=3`` it
+  equals Gemma 4's image processor at ``max_soft_tokens`` = the budget.
+- ``smart_resize`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): each side rounded to whole cells, the image shrunk when it
+  passes ``max_pixels`` = budget x cell², grown when under ``min_pixels``; with ``patch_size=14, pool=2``
+  (Qwen2.5-VL) or ``16, 2`` (Qwen3-VL) it equals their processors at that ``max_pixels``. Where Qwen's own
+  arithmetic would pass the budget (an aspect ratio so extreme that the short side is held at one cell), the
+  long side is cut to the budget: a budget is a cap.
 """
 
 from __future__ import annotations
@@ -16,6 +24,12 @@ from .errors import InvalidSetting, UserError
 LEVELS: tuple[int, ...] = (70, 140, 280, 560, 1120)
 DEFAULT_BUDGET = 280
 MAX_UPSCALE = 8  # a 640x640 image may become at most 8 times larger at the largest level (Gemma 4: 2.5)
+RESIZE_RULES = ("fill", "smart_resize")
+MAX_ASPECT = 200  # smart_resize: Qwen's processors refuse images more elongated than this
+
+
+class ImageSizeError(UserError, ValueError):
+    """An image whose size the geometry cannot serve (one that the family's own processor refuses too)."""
 
 
 class BudgetError(InvalidSetting):
@@ -66,7 +80,8 @@ class ImageGeometry:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Patch size and pool size of a model, and the budgets it serves.
+    """Patch size and pool size of a model, the budgets it serves, and its resize rule (see the module docstring;
+    ``min_pixels``: the smallest area ``smart_resize`` leaves an image).
 
     One visual token covers a ``cell`` × ``cell`` square of pixels, ``cell = patch_size * pool``.
     """
@@ -74,13 +89,21 @@ class Geometry:
     patch_size: int
     pool: int
     levels: tuple[int, ...] = LEVELS
+    rule: str = "fill"
+    min_pixels: int = 0
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.pool < 1:
             raise UserError(f"patch size and pool must be >= 1, got {self.patch_size} and {self.pool}")
+        if self.rule not in RESIZE_RULES:
+            raise UserError(f"resize rule {self.rule!r} is not one of {', '.join(RESIZE_RULES)}")
         check_levels(self.levels)
+        if not 0 <= self.min_pixels <= min(self.levels) * self.cell**2:
+            raise UserError(
+                f"min_pixels {self.min_pixels} must be in [0, {min(self.levels) * self.cell**2}] (the smallest budget's area)"
+            )
         largest = max(self.levels)
-        side = _image_geometry(640, 640, largest, self.patch_size, self.pool).resize[0]
+        side = self.image(640, 640, largest).resize[0]
         if side > MAX_UPSCALE * 640:
             patches = (side // self.patch_size) ** 2
             raise UserError(
@@ -101,11 +124,45 @@ class Geometry:
         check_budget(budget, self.levels)
         if height < 1 or width < 1:
             raise ValueError(f"image size must be positive, got {height}x{width}")
-        return _image_geometry(int(height), int(width), budget, self.patch_size, self.pool)
+        if self.rule == "smart_resize":
+            return _smart_resize_geometry(int(height), int(width), budget, self.patch_size, self.pool, self.min_pixels)
+        return _fill_geometry(int(height), int(width), budget, self.patch_size, self.pool)
+
+
+def _grids(resized: tuple[int, int], cell: int, pool: int, budget: int, size: tuple[int, int]) -> ImageGeometry:
+    token_grid = (resized[0] // cell, resized[1] // cell)
+    if token_grid[0] * token_grid[1] > budget:  # cannot happen; guards the invariant the whole system rests on
+        raise AssertionError(f"{size[0]}x{size[1]} at budget {budget} gave {token_grid} tokens")
+    return ImageGeometry(resize=resized, patch_grid=(token_grid[0] * pool, token_grid[1] * pool), token_grid=token_grid)
 
 
 @lru_cache(maxsize=65536)
-def _image_geometry(height: int, width: int, budget: int, patch_size: int, pool: int) -> ImageGeometry:
+def _smart_resize_geometry(height: int, width: int, budget: int, patch_size: int, pool: int, min_pixels: int) -> ImageGeometry:
+    # The arithmetic of Qwen2-VL's smart_resize (transformers' qwen2_vl image processors), step for step
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise ImageSizeError(f"a {width}x{height} image is more elongated than {MAX_ASPECT}:1, which Qwen's processors refuse")
+    cell = patch_size * pool
+    max_pixels = budget * cell**2
+    h_bar, w_bar = round(height / cell) * cell, round(width / cell) * cell
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(cell, math.floor(height / beta / cell) * cell)
+        w_bar = max(cell, math.floor(width / beta / cell) * cell)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / cell) * cell
+        w_bar = math.ceil(width * beta / cell) * cell
+    # the short side held at one cell can push the long one past the budget: the budget is a cap
+    if (h_bar // cell) * (w_bar // cell) > budget:
+        if h_bar <= w_bar:
+            w_bar = budget // (h_bar // cell) * cell
+        else:
+            h_bar = budget // (w_bar // cell) * cell
+    return _grids((h_bar, w_bar), cell, pool, budget, (height, width))
+
+
+@lru_cache(maxsize=65536)
+def _fill_geometry(height: int, width: int, budget: int, patch_size: int, pool: int) -> ImageGeometry:
     # Same arithmetic, in the same floating-point order, as Gemma 4's get_aspect_ratio_preserving_size,
     # so that the two agree on every size (tested against transformers).
     max_patches = budget * pool**2
@@ -123,14 +180,7 @@ def _image_geometry(height: int, width: int, budget: int, patch_size: int, pool:
     elif resized_w == 0:
         resized_w = cell
         resized_h = min(int(math.floor(height / width)) * cell, max_side)
-    token_grid = (resized_h // cell, resized_w // cell)
-    if token_grid[0] * token_grid[1] > budget:  # cannot happen; guards the invariant the whole system rests on
-        raise AssertionError(f"{height}x{width} at budget {budget} gave {token_grid} tokens")
-    return ImageGeometry(
-        resize=(resized_h, resized_w),
-        patch_grid=(token_grid[0] * pool, token_grid[1] * pool),
-        token_grid=token_grid,
-    )
+    return _grids((resized_h, resized_w), cell, pool, budget, (height, width))
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -149,7 +199,7 @@ def geometry_table(geometry: Geometry, height: int, width: int) -> str:
     header = f"{'budget':>6}  {'resize (WxH)':>13}  {'patches':>13}  {'tokens':>12}  {'used':>5}"
     rows = [
         f"image {width}x{height}, patch {geometry.patch_size}, pool {geometry.pool} "
-        f"({geometry.cell}x{geometry.cell} px per token)",
+        f"({geometry.cell}x{geometry.cell} px per token), {geometry.rule}",
         header,
     ]
     for budget in geometry.levels:
