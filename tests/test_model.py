@@ -509,6 +509,41 @@ def test_packed_samples_of_equal_length_keep_their_own_losses(tiny_model, real_s
         torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lm", [TINY_LLAMA, {**TINY_GEMMA4_TEXT, "final_logit_softcapping": 0.5}], ids=["llama", "gemma4"])
+def test_the_chunked_loss_gives_the_plain_losses_and_gradients(real_samples, lm):
+    """model.lm.loss_chunk_tokens: the head and the loss 7 labelled tokens at a time (a chunk size that divides
+    nothing), Gemma's logit soft-capping included, equal the whole logits' (fp32, 1e-5)."""
+    torch.manual_seed(0)
+    config = ModelConfig(vision=VisionConfig(patch_size=16, width=32, depth=1, heads=2),
+                         pooling=PoolingConfig(kind="average", size=2), lm=LMConfig(hf_config=lm, loss_chunk_tokens=7))
+    tokenizer = lm_tokenizer(config.lm)
+    model = build_model(describe_model(config, BudgetConfig()), Start.of(config), tokenizer)
+    fields = TextConfig(prompt="Look: <image> says", target_field="text", max_length=96)
+    builder = BatchBuilder(model.geometry, TextEncoder(tokenizer, "<image>"), fields, DecodingConfig())
+    inputs = builder.collate([builder.encode(sample, 70) for sample in real_samples[:5]], 70, packed=True).inputs
+    results = {}
+    for chunk in (7, 0):
+        model.loss_chunk = chunk
+        model.zero_grad()
+        losses = model.sample_losses(inputs)
+        losses.mean().backward()
+        results[chunk] = (losses, grads_of(model))
+    (chunked, chunked_grads), (plain, plain_grads) = results[7], results[0]
+    torch.testing.assert_close(chunked.loss_sum, plain.loss_sum, atol=1e-5, rtol=1e-5)
+    assert chunked.tokens.tolist() == plain.tokens.tolist() and chunked.correct.tolist() == plain.correct.tolist()
+    assert int(plain.tokens.sum()) > 7 * 3  # several chunks
+    assert chunked_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_chunked_loss_refuses_an_lm_whose_logits_it_does_not_know():
+    from vlmtrain.modeling.loss import check_plain_head
+
+    with pytest.raises(UserError, match=r"^model.lm.loss_chunk_tokens: the chunked loss knows how .* not 'cohere'; set it to 0$"):
+        check_plain_head("cohere")
+
+
 def test_packed_position_ids_restart_at_every_sample_and_attention_stays_inside_it(tiny_model, real_samples):
     """A sample's logits in a packed row equal its logits alone: nothing leaks across the boundary."""
     model, builder = tiny_model

@@ -59,7 +59,7 @@ class Family:
         torch.manual_seed(mix(seed, 4))
         projector = build_projector(description.projector.kind, backbone.width, description.projector.hidden_size, lm_width)
         image_token_id = tokenizer.convert_tokens_to_ids(description.lm.image_token)
-        return VisionLanguageModel(backbone, pooling, projector, lm, image_token_id, geometry)
+        return VisionLanguageModel(backbone, pooling, projector, lm, image_token_id, geometry, start.lm.loss_chunk_tokens)
 
     def native_mismatch(
         self, description: dict[str, Any], lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase

@@ -74,6 +74,7 @@ class LMConfig:
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     adapter: str | None = None
+    loss_chunk_tokens: int = 0  # the loss's logits a chunk of this many labelled tokens at a time (0: all at once)
 
     def __post_init__(self) -> None:
         if self.hf_config is None:
@@ -144,6 +145,7 @@ def _check_lm(model: ModelConfig, levels: list[int]) -> None:
         "is not used when model.lm.path loads a model (its config comes from the folder); clear it: model.lm.hf_config=null",
     )
     require(bool(lm.image_token), "image_token", "must not be empty")
+    positive("loss_chunk_tokens", lm.loss_chunk_tokens, allow_zero=True)
     lora = lm.lora
     require(lora.rank >= 0, "lora.rank", f"must be >= 0, got {lora.rank}")
     positive("lora.alpha", lora.alpha)

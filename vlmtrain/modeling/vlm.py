@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from .backbone import VisionBackbone
 from .geometry import Geometry
 from .inputs import ImageBatch, ModelInput
+from .loss import check_plain_head, chunked_token_losses
 from .pooling import GeometryMismatch, Pooling
 from .tokenizers import IGNORE_INDEX
 
@@ -60,6 +61,7 @@ class VisionLanguageModel(nn.Module):
         lm: PreTrainedModel,
         image_token_id: int,
         geometry: Geometry,
+        loss_chunk: int = 0,
     ) -> None:
         super().__init__()
         if geometry.patch_size != backbone.patch_size or geometry.pool != pooling.pool:
@@ -72,6 +74,9 @@ class VisionLanguageModel(nn.Module):
         self.geometry = geometry
         transformers_lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # inside a PEFT wrapper
         self._lm_keeps_logits = "logits_to_keep" in inspect.signature(transformers_lm.forward).parameters
+        self.loss_chunk = loss_chunk  # labelled tokens per chunk of the loss (0: all logits at once; see .loss)
+        if loss_chunk:
+            check_plain_head(transformers_lm.config.model_type)
 
     def parts(self) -> dict[str, nn.Module]:
         """The four parts, by the names recipes use for freezing and learning rates."""
@@ -130,34 +135,42 @@ class VisionLanguageModel(nn.Module):
         ).logits
 
     def sample_losses(self, inputs: ModelInput) -> SampleLosses:
-        """Next-token cross-entropy on target tokens, per sample; logits are computed only where needed. In
-        packed rows a sample's last token predicts nothing (the next token is another sample's)."""
+        """Next-token cross-entropy on target tokens, per sample; logits are computed only where needed (with
+        ``loss_chunk``, a chunk of them at a time). In packed rows a sample's last token predicts nothing (the
+        next token is another sample's)."""
         embeds = self._embed_inputs(inputs)
         owners = inputs.sample_ids
         targets = inputs.labels[:, 1:]
         if inputs.packed:
             targets = targets.masked_fill(owners[:, 1:] != owners[:, :-1], IGNORE_INDEX)
-        predicted = torch.nonzero((targets != IGNORE_INDEX).any(dim=0)).squeeze(1)
-        kwargs = {"logits_to_keep": predicted} if self._lm_keeps_logits else {}
-        logits = self.lm(
-            inputs_embeds=embeds,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
-            use_cache=False,
-            **inputs.attention_kwargs(),
-            **kwargs,
-        ).logits
-        if not self._lm_keeps_logits:
-            logits = logits[:, predicted]
-        labels = targets[:, predicted]
-        losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        counted = labels != IGNORE_INDEX
-        owner = owners[:, :-1][:, predicted][counted]
-        correct = ((logits.argmax(dim=-1) == labels) & counted)[counted]
+        lm_inputs = {
+            "inputs_embeds": embeds, "attention_mask": inputs.attention_mask, "position_ids": inputs.position_ids,
+            "use_cache": False, **inputs.attention_kwargs(),
+        }
+        counted = targets != IGNORE_INDEX
+        if self.loss_chunk:
+            transformers_lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+            hidden = transformers_lm.get_decoder()(**lm_inputs).last_hidden_state[:, :-1][counted]
+            softcap = getattr(transformers_lm.config, "final_logit_softcapping", None)
+            labels = targets[counted]
+            losses, predictions = chunked_token_losses(
+                hidden, labels, transformers_lm.get_output_embeddings(), softcap, self.loss_chunk
+            )
+            owner, correct = owners[:, :-1][counted], predictions == labels
+        else:
+            predicted = torch.nonzero(counted.any(dim=0)).squeeze(1)
+            kwargs = {"logits_to_keep": predicted} if self._lm_keeps_logits else {}
+            logits = self.lm(**lm_inputs, **kwargs).logits
+            if not self._lm_keeps_logits:
+                logits = logits[:, predicted]
+            labels = targets[:, predicted]
+            kept = counted[:, predicted]
+            losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")[kept]
+            owner = owners[:, :-1][:, predicted][kept]
+            correct = ((logits.argmax(dim=-1) == labels) & kept)[kept]
         samples = inputs.size
-        zeros = losses.new_zeros(samples)
         return SampleLosses(
-            loss_sum=zeros.index_add(0, owner, losses[counted]),
+            loss_sum=losses.new_zeros(samples).index_add(0, owner, losses),
             tokens=torch.bincount(owner, minlength=samples),
             correct=torch.bincount(owner, weights=correct.float(), minlength=samples).long(),
         )
