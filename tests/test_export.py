@@ -19,6 +19,7 @@ from helpers import (
     GEMMA4_TOWER,
     IMAGES,
     LORA,
+    QWEN25_TOWER,
     SIGLIP2_TOWER,
     TINY,
     TINY_GEMMA4_TEXT,
@@ -166,6 +167,12 @@ BACKBONES = {  # the small recipe's native ViT, or a tiny HF tower with random w
 }
 
 
+QWEN25_PARTS = (  # Qwen2.5-VL's tower, its patch merger pooling and projecting to the LM's width itself
+    "model.vision.backbone=qwen2_5_vl", f"model.vision.hf_config={json.dumps(QWEN25_TOWER)}", "model.vision.patch_size=null",
+    "model.pooling.kind=tower", "model.pooling.size=null", "model.projector.kind=identity",
+)
+
+
 def untrained_export(demo_dir: Path, tmp_path: Path, *overrides: str) -> tuple[ExportedModel, Path]:
     """A model of the small recipe with random weights everywhere (pooling and projector included), and its export."""
     recipe = small_recipe(demo_dir, tmp_path / "run", *overrides)
@@ -301,6 +308,7 @@ def test_every_backbone_and_pooling_loads_as_one_transformers_model_with_the_sam
             exports[folder.name] = untrained_export(demo_dir, folder, *overrides)[1]
     gemma4_parts = (*BACKBONES["gemma4"], "model.projector.kind=gemma4")  # Gemma 4's tower, pooling and embedder
     exports["gemma4-embedder"] = untrained_export(demo_dir, tmp_path / "gemma4-embedder", *gemma4_parts)[1]
+    exports["qwen2_5_vl"] = untrained_export(demo_dir, tmp_path / "qwen2_5_vl", *QWEN25_PARTS)[1]  # pools itself
     lora, _ = untrained_export(demo_dir, tmp_path / "lora", *LORA)  # the adapter kept apart, merged at loading
     write_export(lora, small_recipe(demo_dir, tmp_path / "lora" / "run", *LORA), tmp_path / "lora-kept", keep_adapter=True)
     exports["lora-kept"] = tmp_path / "lora-kept"

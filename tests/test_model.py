@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     GEMMA4_TOWER,
+    QWEN25_TOWER,
     SIGLIP2_TOWER,
+    TINY,
     TINY_GEMMA4_TEXT,
     TINY_LLAMA,
     image_batch,
@@ -36,7 +38,7 @@ from vlmtrain.model.lm import build_lm, lm_tokenizer, save_adapter_folder
 from vlmtrain.model.pretrained import pretrained_backbone
 from vlmtrain.modeling.backbone import NativeViT, aspect_class
 from vlmtrain.modeling.backbones import BACKBONES, TOWERS, TowerKind
-from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.geometry import LEVELS, Geometry
 from vlmtrain.modeling.inputs import ImageBatch, ModelInput
 from vlmtrain.modeling.pooling import AttentionPooling, AveragePooling, GeometryMismatch, gather_windows
 from vlmtrain.modeling.tokenizers import IGNORE_INDEX, build_byte_tokenizer
@@ -160,6 +162,61 @@ def gemma4_inputs(images: ImageBatch, geometry: Geometry, budget: int) -> tuple[
         pixels[index, :count] = images.pixels[rows].float() / 255.0
         positions[index, :count] = images.positions[rows]
     return pixels, positions
+
+
+def qwen25_images(geometry: Geometry, budget: int, sizes: list[tuple[int, int]], seed: int) -> list:
+    """Random images already at the size the budget gives them (neither resize path resamples them)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for height, width in sizes:
+        rows, cols = geometry.image(height, width, budget).resize
+        images.append(Image.fromarray(torch.randint(0, 256, (rows, cols, 3), generator=generator, dtype=torch.uint8).numpy()))
+    return images
+
+
+@pytest.mark.slow
+def test_qwen2_5_vl_tower_gives_qwens_own_image_features_at_every_budget(tmp_path):
+    """The tower read from a whole Qwen2.5-VL checkpoint (weights under model.visual.) gives, for one and two
+    images at every budget, exactly what Qwen2_5_VLModel's visual gives on its own processor's pixels."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(0)
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "vocab_size": 300, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+    whole = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=QWEN25_TOWER)).eval()
+    whole.save_pretrained(tmp_path / "qwen")
+    kind = BACKBONES["qwen2_5_vl"]
+    vision = VisionConfig(backbone="qwen2_5_vl", path=str(tmp_path / "qwen"), patch_size=None)
+    settings = kind.settings(vision)
+    backbone = pretrained_backbone("qwen2_5_vl", settings, vision.path).eval()
+    geometry = kind.geometry(settings, 2, LEVELS)
+    assert (geometry.patch_size, geometry.pool, geometry.rule, geometry.min_pixels) == (14, 2, "smart_resize", 3136)
+    for budget in LEVELS:
+        for count in (1, 2):
+            images = qwen25_images(geometry, budget, [(300, 451), (900, 420)][:count], seed=budget)
+            batch = ImageBatch.of_images(images, budget, geometry)
+            processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": budget * 28 * 28})
+            served = processor(images=images, return_tensors="pt")
+            assert served["image_grid_thw"][:, 1:].tolist() == batch.patch_grids.tolist()
+            with torch.no_grad():
+                ours = backbone(batch.pixels, batch.positions, batch.patch_grids)
+                theirs = whole.model.visual(served["pixel_values"], grid_thw=served["image_grid_thw"]).pooler_output
+            assert ours.shape[0] == int(batch.token_counts.sum())
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tower_that_pools_itself_takes_the_tower_pooling_and_no_projector():
+    from vlmtrain.config import RecipeError, load_recipe
+
+    tower = ["model.vision.backbone=qwen2_5_vl", f"model.vision.hf_config={json.dumps(QWEN25_TOWER)}",
+             "model.vision.patch_size=null"]
+    with pytest.raises(RecipeError, match="the qwen2_5_vl encoder pools and projects itself: set model.pooling.kind: tower"):
+        load_recipe(TINY, tower)
+    with pytest.raises(RecipeError, match=r"model.pooling.kind: tower: only for an encoder that pools itself \(qwen2_5_vl\)"):
+        load_recipe(TINY, ["model.pooling.kind=tower"])
 
 
 def test_gemma4_backbone_with_average_pooling_equals_gemma4_vision_model(tmp_path):

@@ -74,6 +74,8 @@ def write_transformers_model(
         "patch_size": geometry.patch_size,
         "pool": geometry.pool,
         "levels": list(geometry.levels),
+        "rule": geometry.rule,
+        "min_pixels": geometry.min_pixels,
         "default_budget": description["default_budget"],
         "image_token": description["lm"]["image_token"],
         "processor_class": "VlmtrainProcessor",

@@ -111,6 +111,14 @@ def _check_vision(model: ModelConfig, levels: list[int]) -> None:
 def _check_pooling(model: ModelConfig, levels: list[int]) -> None:
     pooling = model.pooling
     one_of("kind", pooling.kind, tuple(POOLINGS))
+    backbone = model.vision.backbone
+    pools_itself = BACKBONES[backbone].pools_itself
+    require(
+        (pooling.kind == "tower") == pools_itself,
+        "kind",
+        f"the {backbone} encoder pools and projects itself: set model.pooling.kind: tower and model.projector.kind: identity"
+        if pools_itself else "tower: only for an encoder that pools itself (qwen2_5_vl)",
+    )
     if pooling.size is not None:
         positive("size", pooling.size)
     positive("heads", pooling.heads)

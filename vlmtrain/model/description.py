@@ -67,8 +67,7 @@ class ModelDescription:
 
     def geometry(self) -> Geometry:
         """The budget geometry the model has: its backbone's patch size, its pool size, its levels."""
-        patch_size = BACKBONES[self.vision.kind].patch_size(self.vision.settings)
-        return Geometry(patch_size=patch_size, pool=self.pooling.size, levels=tuple(self.levels))
+        return BACKBONES[self.vision.kind].geometry(self.vision.settings, self.pooling.size, tuple(self.levels))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,7 +103,7 @@ def describe_model(model: ModelConfig, budget: BudgetConfig) -> ModelDescription
     if pool is None:
         raise UserError(f"model.pooling.size: backbone {vision.backbone!r} has no pool size of its own; set one (e.g. 2)")
     try:
-        Geometry(patch_size, pool, tuple(budget.levels))
+        kind.geometry(settings, pool, tuple(budget.levels))
     except UserError as error:
         raise UserError(f"model.pooling.size: {error}") from None
     return ModelDescription(

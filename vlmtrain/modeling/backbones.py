@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import UserError, one_of, positive, require
+from .geometry import Geometry
 
 if TYPE_CHECKING:
     import transformers
@@ -45,6 +46,7 @@ class BackboneKind:
     """One kind of vision encoder."""
 
     runs_per_grid = False  # runs once per patch grid (no masks), see the recipe rules on ZeRO-3
+    pools_itself = False  # gives pooled tokens at the LM's width (pooling kind "tower", projector "identity")
 
     def check(self, vision: VisionSection) -> None:
         """The recipe rules of this kind's section; raises :class:`~.errors.InvalidSetting` (keys relative to it)."""
@@ -59,6 +61,10 @@ class BackboneKind:
 
     def patch_size(self, settings: dict[str, Any]) -> int:
         return int(settings["patch_size"])
+
+    def geometry(self, settings: dict[str, Any], pool: int, levels: tuple[int, ...]) -> Geometry:
+        """The budget geometry of a model with this encoder (its family's resize rule)."""
+        return Geometry(self.patch_size(settings), pool, tuple(levels))
 
     def may_have_own_pool(self) -> bool:
         """Whether the encoder may come with a pool size of its own (then ``model.pooling.size`` may be unset)."""
@@ -109,8 +115,9 @@ class TowerSpec:
     """One kind of Hugging Face vision tower: its transformers model and config classes and the backbone around
     it in :mod:`.hf_vision` (by name: looked up when a tower is built), its model_type, where its weights sit in
     a whole-model checkpoint that transformers cannot load the tower from (empty: it can), defaults its config
-    takes here, the config key of its own pooling (None: it has none), and whether it runs once per patch grid
-    (no masks: see the recipe rules)."""
+    takes here, the config key of its own pooling (None: it has none), whether it runs once per patch grid
+    (no masks: see the recipe rules), whether it pools and projects to the LM's width itself, and its family's
+    resize rule (:mod:`.geometry`) with the smallest image area its processor leaves."""
 
     model_class_name: str
     config_class_name: str
@@ -120,6 +127,9 @@ class TowerSpec:
     config_defaults: dict[str, Any] = field(default_factory=dict)
     own_pool_key: str | None = None
     runs_per_grid: bool = False
+    pools_itself: bool = False
+    resize_rule: str = "fill"
+    min_pixels: int = 0
 
     @property
     def model_class(self) -> type[transformers.PreTrainedModel]:
@@ -150,6 +160,11 @@ TOWERS: dict[str, TowerSpec] = {
         prefixes=("model.vision_tower.", "vision_tower."), own_pool_key="pooling_kernel_size",
     ),
     "dinov2": TowerSpec("Dinov2Model", "Dinov2Config", "Dinov2Backbone", "dinov2", runs_per_grid=True),
+    "qwen2_5_vl": TowerSpec(  # its patch merger included: it gives tokens at the LM's width
+        "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig", "Qwen25VLBackbone", "qwen2_5_vl_vision",
+        prefixes=("model.visual.", "visual."), own_pool_key="spatial_merge_size", pools_itself=True,
+        resize_rule="smart_resize", min_pixels=56 * 56,
+    ),
 }
 
 
@@ -162,13 +177,17 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 class TowerKind(BackboneKind):
-    """A Hugging Face vision tower (SigLIP2, Gemma 4, DINOv2); its settings are the model-specific keys of its
-    transformers config."""
+    """A Hugging Face vision tower (SigLIP2, Gemma 4, DINOv2, Qwen2.5-VL); its settings are the model-specific keys
+    of its transformers config."""
 
     def __init__(self, name: str, spec: TowerSpec) -> None:
         self.name = name
         self.spec = spec
         self.runs_per_grid = spec.runs_per_grid
+        self.pools_itself = spec.pools_itself
+
+    def geometry(self, settings: dict[str, Any], pool: int, levels: tuple[int, ...]) -> Geometry:
+        return Geometry(self.patch_size(settings), pool, tuple(levels), self.spec.resize_rule, self.spec.min_pixels)
 
     def check(self, vision: VisionSection) -> None:
         needs = f"backbone {self.name!r} needs a local path or an hf_config"

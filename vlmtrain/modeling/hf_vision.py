@@ -1,4 +1,5 @@
-"""Hugging Face vision towers as backbones: SigLIP2 NaFlex, Gemma 4's vision encoder and DINOv2, each around
+"""Hugging Face vision towers as backbones: SigLIP2 NaFlex, Gemma 4's vision encoder, DINOv2 and Qwen2.5-VL's
+vision tower, each around
 the transformers model of its kind (registered in :mod:`.backbones`). Pretrained weights are read elsewhere
 (:mod:`vlmtrain.model.pretrained`): an export builds a tower empty and fills it from its own files.
 """
@@ -94,4 +95,53 @@ class Dinov2Backbone(VisionBackbone):
         return run_by_grid(pixels, positions, patch_grids, self.width, dtype, dense)
 
 
-TOWER_BACKBONES = {backbone.__name__: backbone for backbone in (Siglip2Backbone, Gemma4Backbone, Dinov2Backbone)}
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # Qwen-VL's processors
+
+
+def merge_window_order(patch_grids: torch.Tensor, merge: int) -> torch.Tensor:
+    """The packed patches (each image row-major) in Qwen-VL's order: each image's ``merge`` × ``merge`` windows
+    row-major, the patches of a window row-major inside it (what its processor gives and its merger reads)."""
+    orders, offset = [], 0
+    for rows, cols in patch_grids.tolist():
+        index = torch.arange(rows * cols, device=patch_grids.device).view(rows // merge, merge, cols // merge, merge)
+        orders.append(index.permute(0, 2, 1, 3).reshape(-1) + offset)
+        offset += rows * cols
+    return torch.cat(orders) if orders else torch.zeros(0, dtype=torch.long, device=patch_grids.device)
+
+
+class Qwen25VLBackbone(VisionBackbone):
+    """Qwen2.5-VL's vision tower, its patch merger included: it pools 2x2 patches into a token and projects it to
+    the LM's width itself (the model's pooling and projector pass its tokens through). Patches go in as Qwen's
+    processor lays them out (CLIP-normalised, each flattened as channel, frame, row, column with the one frame
+    repeated for the temporal patch, in merge-window order); its tokens come out row-major, image after image."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.patch_size = model.config.patch_size
+        self.merge = model.config.spatial_merge_size
+        self.frames = model.config.temporal_patch_size
+        self.width = model.config.out_hidden_size
+        self.register_buffer("mean", torch.empty(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.empty(1, 3, 1, 1), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Set CLIP's mean and std (non-persistent buffers, see :meth:`Rope2D.reset_buffers`)."""
+        self.mean.copy_(torch.tensor(CLIP_MEAN).view(1, 3, 1, 1))
+        self.std.copy_(torch.tensor(CLIP_STD).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
+        size = self.patch_size
+        ordered = unit_pixels(pixels[merge_window_order(patch_grids, self.merge)], torch.float32)
+        patches = (ordered.view(-1, size, size, 3).permute(0, 3, 1, 2) - self.mean) / self.std
+        patches = patches[:, :, None].expand(-1, -1, self.frames, -1, -1).reshape(patches.shape[0], -1)
+        grid_thw = torch.cat([torch.ones_like(patch_grids[:, :1]), patch_grids], dim=1)
+        dtype = self.model.patch_embed.proj.weight.dtype
+        return self.model(patches.to(dtype), grid_thw=grid_thw).pooler_output
+
+
+TOWER_BACKBONES = {
+    backbone.__name__: backbone for backbone in (Siglip2Backbone, Gemma4Backbone, Dinov2Backbone, Qwen25VLBackbone)
+}

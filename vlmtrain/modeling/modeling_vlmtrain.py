@@ -19,7 +19,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .backbones import BACKBONES
 from .configuration_vlmtrain import VlmtrainConfig
-from .geometry import Geometry
 from .inputs import ImageBatch
 from .pooling import build_pooling
 from .projector import build_projector
@@ -43,7 +42,7 @@ class VlmtrainForConditionalGeneration(PreTrainedModel, GenerationMixin):
         vision, pooling = description["vision"], description["pooling"]
         kind = BACKBONES[vision["kind"]]
         backbone = kind.build(vision["settings"])
-        geometry = Geometry(kind.patch_size(vision["settings"]), pooling["size"], tuple(description["levels"]))
+        geometry = kind.geometry(vision["settings"], pooling["size"], tuple(description["levels"]))
         lm = AutoModelForCausalLM.from_config(config.text_config)
         width = lm.get_input_embeddings().embedding_dim
         projection = description["projector"]

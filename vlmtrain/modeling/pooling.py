@@ -83,9 +83,20 @@ class AttentionPooling(Pooling):
         return mean + attended.view(tokens, width)
 
 
+class TowerPooling(Pooling):
+    """For an encoder that pools itself (Qwen2.5-VL's patch merger): its output already is one row per token."""
+
+    def forward(self, features: torch.Tensor, positions: torch.Tensor, token_grids: torch.Tensor) -> torch.Tensor:
+        tokens = int((token_grids[:, 0] * token_grids[:, 1]).sum())
+        if features.shape[0] != tokens:
+            raise GeometryMismatch(f"the encoder gave {features.shape[0]} tokens, the geometry promised {tokens}")
+        return features
+
+
 POOLINGS: dict[str, Callable[[int, int, int], Pooling]] = {  # kind → build(pool, width, heads)
     "average": lambda pool, width, heads: AveragePooling(pool),
     "attention": AttentionPooling,
+    "tower": lambda pool, width, heads: TowerPooling(pool),
 }
 
 

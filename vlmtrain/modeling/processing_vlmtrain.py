@@ -33,10 +33,12 @@ class VlmtrainProcessor(ProcessorMixin):
         default_budget: int = 280,
         image_token: str = "<image>",
         chat_template: str | None = None,
+        rule: str = "fill",
+        min_pixels: int = 0,
     ) -> None:
         super().__init__(tokenizer, chat_template=chat_template)
-        self.patch_size, self.pool, self.levels = patch_size, pool, list(levels)
-        self.geometry = Geometry(patch_size, pool, tuple(levels))
+        self.patch_size, self.pool, self.levels, self.rule, self.min_pixels = patch_size, pool, list(levels), rule, min_pixels
+        self.geometry = Geometry(patch_size, pool, tuple(levels), rule, min_pixels)
         self.default_budget = default_budget
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)

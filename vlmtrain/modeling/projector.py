@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UserError
+
 
 class Projector(nn.Module):
     """LayerNorm, then a two-layer GELU MLP."""
@@ -48,9 +50,20 @@ class ProjectorKind:
     hidden_layer: bool
 
 
+class IdentityProjector(nn.Identity):
+    """For an encoder that projects itself to the LM's width (Qwen2.5-VL's patch merger): no weights."""
+
+    def __init__(self, vision_width: int, lm_width: int) -> None:
+        super().__init__()
+        if vision_width != lm_width:
+            raise UserError(f"model.projector.kind: identity, but the encoder gives width {vision_width}, the LM {lm_width}")
+        self.hidden_size: int | None = None
+
+
 PROJECTORS: dict[str, ProjectorKind] = {
     "mlp": ProjectorKind(lambda vision, hidden, lm: Projector(vision, hidden or lm, lm), hidden_layer=True),
     "gemma4": ProjectorKind(lambda vision, hidden, lm: Gemma4Projector(vision, lm), hidden_layer=False),
+    "identity": ProjectorKind(lambda vision, hidden, lm: IdentityProjector(vision, lm), hidden_layer=False),
 }
 
 
