@@ -26,7 +26,7 @@ def text(value: str) -> dict:
 
 IMAGE = {"type": "image", "text": None}  # a table gives every part every key
 TRL = [  # TRL's vision records, as datasets such as llava-instruct-mix hold them
-    {"id": "cat-coffee", "images": ["chelsea.png", "coffee.png"], "messages": [
+    {"id": "cat-coffee", "source": "web", "images": ["chelsea.png", "coffee.png"], "messages": [
         {"role": "system", "content": [text("Answer briefly.")]},
         {"role": "user", "content": [IMAGE, text("\nWhat animal is this?")]},
         {"role": "assistant", "content": [text("A cat.")]},
@@ -49,6 +49,7 @@ def embedded(records: list[dict]) -> list[dict]:
 def image_feature() -> datasets.Features:
     return datasets.Features({
         "id": datasets.Value("string"),
+        "source": datasets.Value("string"),
         "images": datasets.Sequence(datasets.Image()),
         "messages": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"),
                                                                       "text": datasets.Value("string")}]}],
@@ -60,8 +61,8 @@ def write_parquet(path: Path, records: list[dict]) -> None:
 
 
 def write_arrow_file(path: Path, records: list[dict]) -> None:
-    table = pa.Table.from_pylist(records, schema=pa.schema([("id", pa.string()), ("images", pa.list_(pa.string())),
-                                                            ("messages", MESSAGE_TYPE)]))
+    schema = [("id", pa.string()), ("source", pa.string()), ("images", pa.list_(pa.string())), ("messages", MESSAGE_TYPE)]
+    table = pa.Table.from_pylist(records, schema=pa.schema(schema))
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
 
@@ -96,7 +97,8 @@ def test_a_table_gives_byte_for_byte_the_shards_its_json_gives(tmp_path, how):
     write(tmp_path / name, TRL)
     from_json = read_annotations(tmp_path / "a.jsonl")
     from_table = read_annotations(tmp_path / name)
-    assert not from_table.bad and from_table.formats == {"messages": 2} and not from_table.unread
+    assert not from_table.bad and from_table.formats == {"messages": 2}
+    assert from_table.unread == from_json.unread == {"source": 1}  # a table's null in the other row is no key
     write_shards(from_json.records, IMAGES, tmp_path / "json", "s", 10)
     write_shards(from_table.records, tmp_path / "empty" if inside else IMAGES, tmp_path / "table", "s", 10)
     expected = shard_bytes(tmp_path / "json")

@@ -130,6 +130,10 @@ def test_overwrite_starts_a_clean_run_whose_recipe_works_from_anywhere(demo_dir,
     assert again.data.text.chat_template == "chatml" and again.model.lm.tokenizer == "byte"
     assert not again.overwrite  # `vlmtrain fit RUN/recipe.yaml resume=auto` continues the run
 
+    (run / "wandb-run-id").write_text("earlier")  # a run that stopped before its first checkpoint: a new start
+    prepare_run_dir(small_recipe(demo_dir, run))  # (no checkpoint, so no overwrite needed) is a new W&B run
+    assert not (run / "wandb-run-id").exists()
+
 
 def test_checking_a_resume_reads_no_start_weights(demo_dir, tmp_path):
     # the check builds the model on the meta device: reading the ViT's start weights into it printed ~120 warnings
