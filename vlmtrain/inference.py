@@ -37,6 +37,17 @@ from vlmtrain.text.conversation import check_conversation, parse_messages
 from vlmtrain.text.encoding import TextEncoder
 from vlmtrain.train.layout import RECIPE_FILE
 
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt as the LM takes it: its ids ``(1, L)``, its input embeddings (images spliced in), and its 3-D
+    positions for an LM with multimodal RoPE (None: the LM counts positions itself)."""
+
+    input_ids: torch.Tensor
+    embeds: torch.Tensor
+    positions: torch.Tensor | None = None
+
+
 AUTO_TOLERANCE = 0.05  # budget="auto": the loss gap (nats per target token) a smaller budget may cost
 
 
@@ -113,23 +124,26 @@ class ExportedModel:
         prompt: str | None,
         budget: int | str | Sequence[int] | None,
         messages: list[dict[str, Any]] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input ids, LM input embeddings). With ``budget="auto[:TOL]"`` the selector's pass at the lowest
-        level is reused for the images it leaves there: only the others go through the encoder again."""
+    ) -> Prompt:
+        """The prompt as the LM takes it. With ``budget="auto[:TOL]"`` the selector's pass at the lowest level is
+        reused for the images it leaves there: only the others go through the encoder again."""
         if not isinstance(budget, str):
             input_ids, batch = self.inputs(images, prompt, budget, messages)
-            return input_ids, self.model.embed(input_ids, batch)
+            return self._prompt(input_ids, batch)
         choice = self.auto_choice(images, prompt, messages, auto_tolerance(budget))
         lowest = self.geometry.levels[0]
         again = [index for index, chosen in enumerate(choice.budgets) if chosen != lowest]
         if not again:
-            return choice.input_ids, self.model.embed(choice.input_ids, choice.batch, visual=choice.visual)
+            return self._prompt(choice.input_ids, choice.batch, choice.visual)
         input_ids, batch = self.inputs(images, prompt, choice.budgets, messages)
         encoded = self.model.encode_images(batch.select(again)).split(batch.token_counts[again].tolist())
         visual = dict(zip(again, encoded, strict=True))
         reused = choice.visual.split(choice.batch.token_counts.tolist())
-        tokens = torch.cat([visual.get(index, reused[index]) for index in range(len(images))])
-        return input_ids, self.model.embed(input_ids, batch, visual=tokens)
+        return self._prompt(input_ids, batch, torch.cat([visual.get(index, reused[index]) for index in range(len(images))]))
+
+    def _prompt(self, input_ids: torch.Tensor, images: ImageBatch, visual: torch.Tensor | None = None) -> Prompt:
+        embeds = self.model.embed(input_ids, images, visual=visual)
+        return Prompt(input_ids, embeds, self.model.rope_positions(input_ids, images))
 
     def inputs(
         self,
@@ -164,8 +178,11 @@ class ExportedModel:
         messages: list[dict[str, Any]] | None = None,
     ) -> torch.Tensor:
         """Next-token logits ``(1, L, vocab)`` for the prompt (or conversation) with the images."""
-        input_ids, embeds = self.embeddings(images, prompt, budget, messages)
-        return self.model.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
+        prepared = self.embeddings(images, prompt, budget, messages)
+        return self.model.lm(
+            inputs_embeds=prepared.embeds, attention_mask=torch.ones_like(prepared.input_ids), position_ids=prepared.positions,
+            use_cache=False,
+        ).logits
 
     @torch.no_grad()
     def generate(
@@ -181,16 +198,13 @@ class ExportedModel:
         ``messages`` (``role``/``content`` turns, ``<image>`` markers or image parts placing the images), as
         text. One budget per image, or one for all, or ``"auto"`` / ``"auto:TOL"``: the budget selector's
         choice for each image (:meth:`auto_budgets`)."""
-        input_ids, embeds = self.embeddings(images, prompt, budget, messages)
-        return self.continue_from(input_ids, embeds, messages is not None, max_new_tokens, **kwargs)
+        prepared = self.embeddings(images, prompt, budget, messages)
+        return self.continue_from(prepared, messages is not None, max_new_tokens, **kwargs)
 
     @torch.no_grad()
-    def continue_from(
-        self, input_ids: torch.Tensor, embeds: torch.Tensor, chat: bool, max_new_tokens: int = 64, **kwargs: Any
-    ) -> str:
-        """The greedy (or ``kwargs``-configured) continuation of a prompt given as its ids and LM input embeddings
-        (:meth:`embeddings`, :meth:`prefill`): up to the end of the assistant's turn for a conversation
-        (``chat``), else up to EOS."""
+    def continue_from(self, prompt: Prompt, chat: bool, max_new_tokens: int = 64, **kwargs: Any) -> str:
+        """The greedy (or ``kwargs``-configured) continuation of a prompt (:meth:`embeddings`, :meth:`prefill`): up
+        to the end of the assistant's turn for a conversation (``chat``), else up to EOS."""
         settings = {
             "max_new_tokens": max_new_tokens,
             "do_sample": False,
@@ -198,16 +212,21 @@ class ExportedModel:
             "eos_token_id": stop_tokens(self.tokenizer, self.description.lm.image_token) if chat else self.tokenizer.eos_token_id,
             **kwargs,
         }
-        output = self.model.lm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), **settings)
+        positions = {"position_ids": prompt.positions} if prompt.positions is not None else {}
+        output = self.model.lm.generate(
+            inputs_embeds=prompt.embeds, attention_mask=torch.ones_like(prompt.input_ids), **positions, **settings
+        )
         return self.tokenizer.decode(output[0], skip_special_tokens=True)
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, images: ImageBatch) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, images: ImageBatch) -> Prompt:
         """A prompt's ids ``(1, L)`` and its images through the encoder and the LM (what answering costs before
-        its first token); returns the LM input embeddings, to continue from (:meth:`continue_from`)."""
-        embeds = self.model.embed(input_ids, images)
-        self.model.lm(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids), use_cache=False)
-        return embeds
+        its first token); returns the prompt, to continue from (:meth:`continue_from`)."""
+        prompt = self._prompt(input_ids, images)
+        self.model.lm(
+            inputs_embeds=prompt.embeds, attention_mask=torch.ones_like(input_ids), position_ids=prompt.positions, use_cache=False
+        )
+        return prompt
 
     @torch.no_grad()
     def selector_features(self, inputs: ModelInput) -> list[torch.Tensor]:

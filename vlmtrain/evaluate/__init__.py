@@ -125,9 +125,9 @@ def evaluate_budget(
                 if not generate and len(probe.seconds) >= LATENCY_SAMPLES:
                     break
                 prompt, images = asked(question, inputs.images, row)
-                embeds = probe.measure(prompt, images, extra=auto.seconds.get(sample.key, 0.0) if auto else 0.0)
+                prefilled = probe.measure(prompt, images, extra=auto.seconds.get(sample.key, 0.0) if auto else 0.0)
                 if generate:
-                    generated = model.continue_from(prompt, embeds, question.chat, max_new_tokens)
+                    generated = model.continue_from(prefilled, question.chat, max_new_tokens)
                     tally.add_answer(question.target, generated)
                     if len(examples) < EXAMPLES:
                         examples.append(Example(sample.key, question.target, generated))

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from vlmtrain.inference import ExportedModel
+from vlmtrain.inference import ExportedModel, Prompt
 from vlmtrain.modeling.inputs import ImageBatch
 
 
@@ -34,13 +34,13 @@ class LatencyProbe:
         """One untimed prefill (kernels, allocator, caches)."""
         self.model.prefill(prompt, images)
 
-    def measure(self, prompt: torch.Tensor, images: ImageBatch, extra: float = 0.0) -> torch.Tensor:
+    def measure(self, prompt: torch.Tensor, images: ImageBatch, extra: float = 0.0) -> Prompt:
         """Prefill ``prompt`` with ``images`` and keep its time (plus ``extra`` seconds spent on the question
-        elsewhere, e.g. choosing its budgets); returns the LM input embeddings, to generate from."""
+        elsewhere, e.g. choosing its budgets); returns the prompt as the LM took it, to generate from."""
         began = clock(self.model.device)
-        embeds = self.model.prefill(prompt, images)
+        prefilled = self.model.prefill(prompt, images)
         self.seconds.append(clock(self.model.device) - began + extra)
-        return embeds
+        return prefilled
 
     def milliseconds(self) -> tuple[float, float, float]:
         """(median, 10th, 90th percentile) in milliseconds."""

@@ -3,7 +3,7 @@
 checkpoints are read, and its native export.
 
 A family lives in its own module: :mod:`.assembled` (the default: models vlmtrain assembles from parts, and
-the base of every family) and :mod:`.gemma4`. A new family is one module and one entry in :data:`FAMILIES`.
+the base of every family), :mod:`.gemma4` and :mod:`.qwen2_5_vl`. A new family is one module and one entry in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.families.assembled import ASSEMBLED, Family
 from vlmtrain.families.gemma4 import GEMMA4
+from vlmtrain.families.qwen2_5_vl import QWEN2_5_VL
 from vlmtrain.model.description import ModelDescription, Start
 from vlmtrain.modeling.vlm import VisionLanguageModel
 
-FAMILIES: tuple[Family, ...] = (GEMMA4,)  # asked in order; a model none of them concerns is assembled
+FAMILIES: tuple[Family, ...] = (GEMMA4, QWEN2_5_VL)  # asked in order; a model none of them concerns is assembled
 CHECKPOINT_LMS = {model_type: keys for family in FAMILIES for model_type, keys in family.checkpoint_lms.items()}
 
 

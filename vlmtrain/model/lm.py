@@ -15,7 +15,10 @@ from transformers.utils import logging as transformers_logging
 
 from vlmtrain.errors import UserError
 from vlmtrain.model.config import LMConfig, LoraConfig
-from vlmtrain.modeling import attention  # noqa: F401 (registers the vlmtrain_varlen attention with transformers)
+from vlmtrain.modeling import (
+    attention,  # noqa: F401 (registers the vlmtrain_varlen attention with transformers)
+    qwen_lm,  # noqa: F401 (registers Qwen2.5-VL's text model as a causal LM)
+)
 from vlmtrain.modeling.tokenizers import load_tokenizer
 
 

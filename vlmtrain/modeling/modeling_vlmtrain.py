@@ -22,6 +22,7 @@ from .configuration_vlmtrain import VlmtrainConfig
 from .inputs import ImageBatch
 from .pooling import build_pooling
 from .projector import build_projector
+from .qwen_lm import Qwen25VLTextForCausalLM  # noqa: F401 (importing it registers it as a causal LM)
 from .vlm import VisionLanguageModel
 
 IMAGE_INPUTS = ("pixel_values", "pixel_positions", "patch_grids", "token_grids", "image_sample_index")
@@ -98,6 +99,10 @@ class VlmtrainForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if pixel_values is not None:
                 images = ImageBatch(pixel_values, pixel_positions, patch_grids, token_grids, image_sample_index)
                 inputs_embeds = self.vlm.embed(input_ids, images)
+                positions = kwargs.get("position_ids")  # generation's 1-D positions of the prompt, if any
+                if positions is None or positions.ndim == 2:  # an LM with multimodal RoPE takes 3-D ones
+                    positions = self.vlm.rope_positions(input_ids, images, positions)
+                    kwargs["position_ids"] = positions if positions is not None else kwargs.get("position_ids")
             else:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
         return self.vlm.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)

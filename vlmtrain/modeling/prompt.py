@@ -9,13 +9,18 @@ from collections.abc import Callable, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+QWEN_IMAGE = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")  # Qwen-VL: an image's placeholder and bounds
+
 
 def image_bounds(tokenizer: PreTrainedTokenizerBase, image_token: str) -> tuple[list[int], list[int]]:
-    """The ids that open and close each image's placeholders: the tokenizer's ``boi_token`` and ``eoi_token``
-    when it declares them and ``image_token`` is its own image token (Gemma 3 and 4: what their processors
-    write around an image, so a model trains on the layout it is served with); none otherwise."""
+    """The ids that open and close each image's placeholders, what the family's processor writes around an
+    image (so a model trains on the layout it is served with): the tokenizer's ``boi_token`` and ``eoi_token``
+    when it declares them and ``image_token`` is its own image token (Gemma 3 and 4); ``<|vision_start|>`` and
+    ``<|vision_end|>`` around Qwen-VL's ``<|image_pad|>``; none otherwise."""
     boi, eoi = getattr(tokenizer, "boi_token", None), getattr(tokenizer, "eoi_token", None)
-    if boi is None or eoi is None or getattr(tokenizer, "image_token", None) != image_token:
+    if image_token == QWEN_IMAGE[0] and all(token in tokenizer.get_vocab() for token in QWEN_IMAGE[1:]):
+        boi, eoi = QWEN_IMAGE[1:]
+    elif boi is None or eoi is None or getattr(tokenizer, "image_token", None) != image_token:
         return [], []
     return [tokenizer.convert_tokens_to_ids(boi)], [tokenizer.convert_tokens_to_ids(eoi)]
 

@@ -123,33 +123,54 @@ class VisionLanguageModel(nn.Module):
     def _embed_inputs(self, inputs: ModelInput) -> torch.Tensor:
         return self.embed(inputs.input_ids, inputs.images, inputs.sample_ids, inputs.size)
 
+    def rope_positions(
+        self,
+        input_ids: torch.Tensor,
+        images: ImageBatch,
+        positions: torch.Tensor | None = None,
+        sample_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """3-D positions for an LM with multimodal RoPE (which says how: ``rope_positions``), None for any other;
+        ``positions``/``sample_ids``: the rows' 1-D positions and samples (default: one sample per row, from 0)."""
+        rope_positions = getattr(self._transformers_lm(), "rope_positions", None)
+        if rope_positions is None:
+            return None
+        if positions is None:  # rows of one sample each, any padding at the end
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        sample_ids = row_ids(input_ids) if sample_ids is None else sample_ids
+        return rope_positions(input_ids, positions, sample_ids, self.image_token_id, images.token_grids)
+
+    def lm_inputs(self, inputs: ModelInput) -> dict:
+        """What the LM is called with: the embeddings, the mask or sequence offsets, and the positions (3-D for an
+        LM with multimodal RoPE: :meth:`rope_positions`)."""
+        sample_ids = inputs.sample_ids if inputs.packed or inputs.attention_mask is not None else None
+        position_ids = self.rope_positions(inputs.input_ids, inputs.images, inputs.position_ids, sample_ids)
+        if position_ids is None:
+            position_ids = inputs.position_ids
+        return {
+            "inputs_embeds": self._embed_inputs(inputs), "attention_mask": inputs.attention_mask, "position_ids": position_ids,
+            "use_cache": False, **inputs.attention_kwargs(),
+        }
+
+    def _transformers_lm(self) -> PreTrainedModel:
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm  # inside a PEFT wrapper
+
     def forward(self, inputs: ModelInput) -> torch.Tensor:
         """Logits ``(R, L, vocab)`` for the whole sequence."""
-        embeds = self._embed_inputs(inputs)
-        return self.lm(
-            inputs_embeds=embeds,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
-            use_cache=False,
-            **inputs.attention_kwargs(),
-        ).logits
+        return self.lm(**self.lm_inputs(inputs)).logits
 
     def sample_losses(self, inputs: ModelInput) -> SampleLosses:
         """Next-token cross-entropy on target tokens, per sample; logits are computed only where needed (with
         ``loss_chunk``, a chunk of them at a time). In packed rows a sample's last token predicts nothing (the
         next token is another sample's)."""
-        embeds = self._embed_inputs(inputs)
         owners = inputs.sample_ids
         targets = inputs.labels[:, 1:]
         if inputs.packed:
             targets = targets.masked_fill(owners[:, 1:] != owners[:, :-1], IGNORE_INDEX)
-        lm_inputs = {
-            "inputs_embeds": embeds, "attention_mask": inputs.attention_mask, "position_ids": inputs.position_ids,
-            "use_cache": False, **inputs.attention_kwargs(),
-        }
+        lm_inputs = self.lm_inputs(inputs)
         counted = targets != IGNORE_INDEX
         if self.loss_chunk:
-            transformers_lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+            transformers_lm = self._transformers_lm()
             hidden = transformers_lm.get_decoder()(**lm_inputs).last_hidden_state[:, :-1][counted]
             softcap = getattr(transformers_lm.config, "final_logit_softcapping", None)
             labels = targets[counted]

@@ -246,6 +246,8 @@ def linear_names(config: Any) -> list[str]:
     no weights)."""
     from transformers import AutoModelForCausalLM
 
+    import vlmtrain.model.lm  # noqa: F401 (registers the causal LMs transformers lacks: Qwen2.5-VL's text model)
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
@@ -260,7 +262,7 @@ def check_lora_targets(plan: RunPlan, source: str) -> None:
     from transformers import AutoConfig
 
     if lm.path is not None:
-        config = AutoConfig.from_pretrained(lm.path, local_files_only=True)
+        config = AutoConfig.from_pretrained(lm.path, local_files_only=True).get_text_config()  # a whole VLM: its LM
     else:
         values = {k: v for k, v in lm.hf_config.items() if k != "model_type"}
         config = AutoConfig.for_model(lm.hf_config["model_type"], **{"vocab_size": len(plan.tokenizer), **values})

@@ -1,0 +1,181 @@
+"""Whole Qwen2.5-VL checkpoints: read into vlmtrain (tower, patch merger and the M-RoPE language model), they
+compute exactly what transformers' Qwen2_5_VLForConditionalGeneration computes at every budget; packed rows give
+each sample its own 3-D positions, so packed steps equal padded ones."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import QWEN25_TOWER, built, small_recipe
+from PIL import Image
+
+from vlmtrain.data.builder import BatchBuilder
+from vlmtrain.data.config import TextConfig
+from vlmtrain.data.samples import RawSample
+from vlmtrain.data.sources import read_shard
+from vlmtrain.export.format import TextFormat
+from vlmtrain.inference import ExportedModel
+from vlmtrain.modeling.geometry import LEVELS
+from vlmtrain.modeling.tokenizers import build_byte_tokenizer
+from vlmtrain.plan import plan_run
+from vlmtrain.text.encoding import TextEncoder
+
+VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+IMAGE = "<|image_pad|>"  # the marker: vlmtrain writes it as Qwen's processor does, <|vision_start|> ... <|vision_end|>
+
+
+@pytest.fixture(scope="module")
+def qwen_checkpoint(tmp_path_factory) -> tuple[Path, object]:
+    """A tiny Qwen2.5-VL checkpoint with random weights (and a tokenizer knowing its vision tokens), and the
+    transformers model it holds."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("qwen")
+    tokenizer = build_byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    tokenizer.save_pretrained(folder / "tokenizer")
+    start, image, end = (tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS)
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "vocab_size": len(tokenizer), "max_position_embeddings": 4096,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=QWEN25_TOWER, image_token_id=image,
+                              vision_start_token_id=start, vision_end_token_id=end)
+    torch.manual_seed(0)
+    whole = Qwen2_5_VLForConditionalGeneration(config).eval()
+    whole.save_pretrained(folder / "checkpoint")
+    return folder, whole
+
+
+def qwen_overrides(folder: Path) -> tuple[str, ...]:
+    """The small recipe reading the whole checkpoint: its tower (merger included) and its language model."""
+    return (
+        "model.vision.backbone=qwen2_5_vl", f"model.vision.path={folder / 'checkpoint'}", "model.vision.patch_size=null",
+        "model.pooling.kind=tower", "model.pooling.size=null", "model.projector.kind=identity",
+        f"model.lm.path={folder / 'checkpoint'}", "model.lm.hf_config=null", f"model.lm.tokenizer={folder / 'tokenizer'}",
+        "model.lm.image_token=<|image_pad|>", f"data.text.prompt={IMAGE}", "budget.levels=[70,140,280,560,1120]",
+        "budget.default=280", "data.batching.batch_tokens=2400",
+    )
+
+
+def random_images(geometry, budget: int, sizes: list[tuple[int, int]], seed: int) -> list[Image.Image]:
+    """Random images already at the size the budget gives them (neither resize path resamples them)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for height, width in sizes:
+        rows, cols = geometry.image(height, width, budget).resize
+        images.append(Image.fromarray(torch.randint(0, 256, (rows, cols, 3), generator=generator, dtype=torch.uint8).numpy()))
+    return images
+
+
+def test_a_whole_qwen2_5_vl_checkpoint_computes_what_transformers_computes_at_every_budget(demo_dir, qwen_checkpoint, tmp_path):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    folder, whole = qwen_checkpoint
+    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder))
+    module = built(recipe)
+    assert type(module.model.lm).__name__ == "Qwen25VLTextForCausalLM"
+    model = ExportedModel(module.model.eval(), plan_run(recipe).tokenizer, module.plan.model, TextFormat.of(recipe.data.text))
+    image_token = whole.config.image_token_id
+    for budget in LEVELS:
+        for count in (1, 2):
+            images = random_images(model.geometry, budget, [(300, 451), (900, 420)][:count], seed=budget + count)
+            prompt = f"Look {IMAGE * count} and say: "
+            input_ids, batch = model.inputs(images, prompt, budget)
+            if count == 2:  # written as Qwen's processor writes images: <|vision_start|> placeholders <|vision_end|>
+                start, pad, end = (model.tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS)
+                ids, first = input_ids[0].tolist(), input_ids[0].tolist().index(pad)
+                tokens = batch.token_counts.tolist()
+                assert ids[first - 1 : first + tokens[0] + 3] == [start, *[pad] * tokens[0], end, start, pad]
+            processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": budget * 28 * 28})
+            served = processor(images=images, return_tensors="pt")
+            with torch.no_grad():
+                expected = whole(
+                    input_ids=input_ids, pixel_values=served["pixel_values"], image_grid_thw=served["image_grid_thw"],
+                    mm_token_type_ids=(input_ids == image_token).int(),
+                ).logits
+            torch.testing.assert_close(model.logits(images, prompt, budget), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # greedy generation continues the 3-D positions as Qwen's own does
+        tokens = whole.generate(input_ids=input_ids, pixel_values=served["pixel_values"], image_grid_thw=served["image_grid_thw"],
+                                mm_token_type_ids=(input_ids == image_token).int(), max_new_tokens=8, do_sample=False)
+    expected_text = model.tokenizer.decode(tokens[0, input_ids.shape[1] :], skip_special_tokens=True)
+    assert model.generate(images, prompt, budget, max_new_tokens=8) == expected_text
+
+
+def test_a_trained_qwen2_5_vl_exports_as_one_transformers_model_with_training_outputs(demo_dir, qwen_checkpoint, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmtrain.export.run import TrainedModel
+    from vlmtrain.export.write import write_export
+    from vlmtrain.inference import load
+
+    folder, _ = qwen_checkpoint
+    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder), "model.lm.lora.rank=4")
+    module = built(recipe)
+    with torch.no_grad():
+        for name, parameter in module.model.named_parameters():
+            if "lora_B" in name:  # as if trained: the adapter changes the model
+                parameter.normal_(0, 0.5)
+    text_format = TextFormat.of(recipe.data.text)
+    trained = TrainedModel(module.model, module.plan.tokenizer, module.plan.model, text_format, recipe, tmp_path)
+    write_export(trained, recipe, tmp_path / "export")
+    served = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    loaded = load(tmp_path / "export")
+    prompt = f"Look {IMAGE} and say: "
+    for budget in (70, 280):
+        images = random_images(loaded.geometry, budget, [(300, 451)], seed=budget)
+        inputs = processor(text=prompt, images=images, budget=budget)
+        trained_logits = ExportedModel(module.model.eval(), module.plan.tokenizer, module.plan.model, text_format).logits(
+            images, prompt, budget
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(served(**inputs).logits, trained_logits, atol=1e-5, rtol=1e-5)
+            tokens = served.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+        torch.testing.assert_close(loaded.logits(images, prompt, budget), trained_logits, atol=1e-5, rtol=1e-5)
+        generated = loaded.generate(images, prompt, budget, max_new_tokens=6)
+        assert processor.tokenizer.decode(tokens, skip_special_tokens=True) == generated
+
+
+def test_packed_rows_give_each_sample_its_own_3d_positions(demo_dir, qwen_checkpoint, caption_dir, tmp_path):
+    """Packed (one row, and rows of ~200 tokens) equals padded for mixed budgets, two-image and text-only
+    samples: per-sample losses and gradients (fp32, 1e-5); and every sample's positions are what
+    Qwen's get_rope_index gives it alone."""
+    folder, whole = qwen_checkpoint
+    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder))
+    module = built(recipe)
+    model = module.model
+    encoder, decoding = TextEncoder(module.plan.tokenizer, "<|image_pad|>"), module.plan.recipe.data.decoding
+
+    def builder_for(prompt: str) -> BatchBuilder:
+        return BatchBuilder(model.geometry, encoder, TextConfig(prompt=prompt, target_field="text", max_length=96), decoding)
+
+    captions = [s for url in sorted(map(str, caption_dir.glob("*.tar"))) for s in read_shard(url) if isinstance(s, RawSample)]
+    pair = replace(captions[2], key="pair", images=captions[2].images + captions[3].images, budgets=[None, None],
+                   sizes=captions[2].sizes + captions[3].sizes, record={**captions[2].record, "text": "two"})
+    text_only = replace(captions[4], key="text", images=[], sizes=[], budgets=[])
+    builder = builder_for(f"Look: {IMAGE} says")
+    encoded = [builder.encode(captions[0], 70), builder_for(f"Look: {IMAGE} then {IMAGE} say").encode(pair, (280, 70)),
+               builder_for("Say").encode(text_only, ()), builder.encode(captions[1], 140)]
+    for row_tokens in (None, 200):
+        results = {}
+        for packed in (True, False):
+            inputs = builder.collate(encoded, None, packed=packed, row_tokens=row_tokens).inputs
+            model.zero_grad()
+            losses = model.sample_losses(inputs)
+            losses.mean().backward()
+            results[packed] = (losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, inputs)
+        (packed, packed_grads, packed_inputs), (padded, padded_grads, _) = results[True], results[False]
+        torch.testing.assert_close(packed.loss_sum, padded.loss_sum, atol=1e-5, rtol=1e-5)
+        assert packed.tokens.tolist() == padded.tokens.tolist() and packed.tokens.tolist()[2] > 0
+        for name, grad in padded_grads.items():
+            torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        positions = model.lm_inputs(packed_inputs)["position_ids"]
+        grids = iter(packed_inputs.images.patch_grids.tolist())
+        for index, sample in enumerate(encoded):  # (a constant shift of a sample would not change its loss: RoPE)
+            ids = torch.tensor([sample.text.input_ids])
+            thw = torch.tensor([[1, *next(grids)] for _ in sample.images]) if sample.images else None
+            expected = whole.model.get_rope_index(ids, (ids == whole.config.image_token_id).int(), image_grid_thw=thw)[0]
+            assert torch.equal(positions[:, packed_inputs.sequence_ids == index], expected[:, 0]), (row_tokens, index)

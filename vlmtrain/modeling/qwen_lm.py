@@ -1,0 +1,100 @@
+"""Qwen2.5-VL's language model as a causal LM of its own (transformers has its text model, not a causal LM around
+it), registered with ``AutoModelForCausalLM`` for ``Qwen2_5_VLTextConfig``, and its multimodal RoPE positions.
+
+Qwen's LM gives every token three positions (time, row, column): a text token has its index three times; the
+tokens of an image continue from the text before it, ``(p, p + row, p + column)``, and the text after it from
+``p + max(rows, columns)``. :meth:`Qwen25VLTextForCausalLM.rope_positions` computes them for padded and for
+packed rows (each sample's positions restarting at 0), as ``Qwen2_5_VLModel.get_rope_index`` does per sample.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, Cache, GenerationMixin, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
+
+
+class Qwen25VLTextForCausalLM(Qwen2_5_VLPreTrainedModel, GenerationMixin):
+    """Qwen2.5-VL's text model and LM head (the weights ``model.language_model.*`` and ``lm_head.*`` of a whole
+    checkpoint, read with a key mapping)."""
+
+    config_class = Qwen2_5_VLTextConfig
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: Qwen2_5_VLTextConfig) -> None:
+        super().__init__(config)
+        self.model = Qwen2_5_VLTextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope_deltas: torch.Tensor | None = None  # generation: each row's 3-D position past its 1-D one
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """The LM's logits (at ``logits_to_keep``). A prompt given 3-D positions (:meth:`rope_positions`) sets how
+        far its text positions run ahead of the token count; the tokens generated after it (1-D positions and a
+        cache) continue from there, as Qwen's own generation does."""
+        decoding = cache is not None and cache.get_seq_length() > 0
+        if position_ids is not None and position_ids.ndim == 3:
+            self.rope_deltas = position_ids.amax(dim=(0, 2)) + 1 - position_ids.shape[-1]
+        elif decoding and self.rope_deltas is not None:
+            if position_ids is None:
+                length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+                position_ids = torch.arange(length, device=self.lm_head.weight.device)[None] + cache.get_seq_length()
+            position_ids = position_ids + self.rope_deltas[:, None]
+        elif not decoding:
+            self.rope_deltas = None
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return CausalLMOutputWithPast(logits=self.lm_head(outputs.last_hidden_state[:, kept]), cache=outputs.cache)
+
+    @staticmethod
+    def rope_positions(
+        input_ids: torch.Tensor, positions: torch.Tensor, sample_ids: torch.Tensor, image_token_id: int, token_grids: torch.Tensor
+    ) -> torch.Tensor:
+        """``(3, R, L)`` positions of rows ``input_ids`` whose 1-D ``positions`` restart at each of their samples
+        (``sample_ids``: each token's; -1 on padding), the images' placeholders in order holding ``token_grids``
+        (rows, columns) tokens each."""
+        time, row, column = (positions.clone() for _ in range(3))
+        flat = torch.nonzero(input_ids.flatten() == image_token_id).squeeze(1)
+        length = input_ids.shape[1]
+        start = 0
+        for rows, columns in token_grids.tolist():
+            places = flat[start : start + rows * columns]
+            start += rows * columns
+            line, first = divmod(int(places[0]), length)
+            base = int(time[line, first])
+            index = torch.arange(rows * columns, device=input_ids.device)
+            cells = places % length
+            time[line, cells], row[line, cells], column[line, cells] = base, base + index // columns, base + index % columns
+            later = torch.arange(length, device=input_ids.device) > int(cells[-1])
+            after = later & (sample_ids[line] == sample_ids[line, first])
+            shift = rows * columns - max(rows, columns)  # the text after the image goes on from base + max(rows, columns)
+            for part in (time, row, column):
+                part[line, after] -= shift
+        return torch.stack([time, row, column])
+
+
+AutoModelForCausalLM.register(Qwen2_5_VLTextConfig, Qwen25VLTextForCausalLM, exist_ok=True)
