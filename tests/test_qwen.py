@@ -4,6 +4,7 @@ each sample its own 3-D positions, so packed steps equal padded ones."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -104,8 +105,30 @@ def test_a_whole_qwen2_5_vl_checkpoint_computes_what_transformers_computes_at_ev
     assert model.generate(images, prompt, budget, max_new_tokens=8) == expected_text
 
 
-def test_a_trained_qwen2_5_vl_exports_as_one_transformers_model_with_training_outputs(demo_dir, qwen_checkpoint, tmp_path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def qwen_processor(folder: Path):
+    """The folder's Qwen2_5_VLProcessor: AutoProcessor where torchvision is installed; without it (transformers
+    cannot build Qwen's video processor) from the folder's image processor and tokenizer, no video processor."""
+    import importlib.util
+    from unittest import mock
+
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin, Qwen2_5_VLProcessor
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return AutoProcessor.from_pretrained(folder)
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, argument: None):
+        return Qwen2_5_VLProcessor(
+            image_processor=AutoImageProcessor.from_pretrained(folder), tokenizer=AutoTokenizer.from_pretrained(folder),
+            video_processor=None,
+        )
+
+
+def test_a_trained_qwen2_5_vl_exports_as_a_native_checkpoint_with_training_outputs_at_every_budget(
+    demo_dir, qwen_checkpoint, tmp_path
+):
+    """LoRA merged, the export is Qwen2.5-VL's own checkpoint (no remote code): transformers' class and Qwen's
+    processor, the budget given as its max_pixels, give training's ids, logits and greedy tokens; so does
+    vlmtrain.load."""
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
 
     from vlmtrain.export.run import TrainedModel
     from vlmtrain.export.write import write_export
@@ -120,23 +143,44 @@ def test_a_trained_qwen2_5_vl_exports_as_one_transformers_model_with_training_ou
                 parameter.normal_(0, 0.5)
     text_format = TextFormat.of(recipe.data.text)
     trained = TrainedModel(module.model, module.plan.tokenizer, module.plan.model, text_format, recipe, tmp_path)
-    write_export(trained, recipe, tmp_path / "export")
-    served = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(tmp_path / "export", trust_remote_code=True)
-    loaded = load(tmp_path / "export")
+    line = write_export(trained, recipe, tmp_path / "export")
+    assert line.startswith("a native Qwen2.5-VL checkpoint")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl" and "auto_map" not in config and not list((tmp_path / "export").glob("*.py"))
+    native = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").eval()
+    assert type(native) is Qwen2_5_VLForConditionalGeneration
+    processor, loaded = qwen_processor(tmp_path / "export"), load(tmp_path / "export")
+    reference = ExportedModel(module.model.eval(), module.plan.tokenizer, module.plan.model, text_format)
     prompt = f"Look {IMAGE} and say: "
-    for budget in (70, 280):
+    served_prompt = processor.tokenizer.bos_token + "Look " + "".join(VISION_TOKENS) + " and say: "
+    for budget in LEVELS:
         images = random_images(loaded.geometry, budget, [(300, 451)], seed=budget)
-        inputs = processor(text=prompt, images=images, budget=budget)
-        trained_logits = ExportedModel(module.model.eval(), module.plan.tokenizer, module.plan.model, text_format).logits(
-            images, prompt, budget
-        )
+        size = {"shortest_edge": 3136, "longest_edge": budget * 28 * 28}
+        inputs = processor(text=served_prompt, images=images, images_kwargs={"size": size}, return_tensors="pt")
+        assert torch.equal(inputs["input_ids"], reference.inputs(images, prompt, budget)[0])
+        trained_logits = reference.logits(images, prompt, budget)
         with torch.no_grad():
-            torch.testing.assert_close(served(**inputs).logits, trained_logits, atol=1e-5, rtol=1e-5)
-            tokens = served.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+            torch.testing.assert_close(native(**inputs).logits, trained_logits, atol=1e-5, rtol=1e-5)
+            tokens = native.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
         torch.testing.assert_close(loaded.logits(images, prompt, budget), trained_logits, atol=1e-5, rtol=1e-5)
         generated = loaded.generate(images, prompt, budget, max_new_tokens=6)
         assert processor.tokenizer.decode(tokens, skip_special_tokens=True) == generated
+    default = json.loads((tmp_path / "export" / "preprocessor_config.json").read_text())["size"]
+    assert default == {"shortest_edge": 3136, "longest_edge": module.plan.model.default_budget * 28 * 28}
+
+    # with the adapter kept apart the export is vlmtrain's remote code: its generation continues the 3-D
+    # positions by itself (transformers passes 1-D ones after the prompt)
+    from transformers import AutoProcessor
+
+    write_export(trained, recipe, tmp_path / "kept", keep_adapter=True)
+    served = AutoModelForImageTextToText.from_pretrained(tmp_path / "kept", trust_remote_code=True).eval()
+    remote = AutoProcessor.from_pretrained(tmp_path / "kept", trust_remote_code=True)
+    images = random_images(loaded.geometry, 280, [(300, 451)], seed=5)
+    inputs = remote(text=prompt, images=images, budget=280)
+    with torch.no_grad():
+        torch.testing.assert_close(served(**inputs).logits, reference.logits(images, prompt, 280), atol=1e-5, rtol=1e-5)
+        tokens = served.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    assert remote.tokenizer.decode(tokens, skip_special_tokens=True) == reference.generate(images, prompt, 280, max_new_tokens=6)
 
 
 def test_packed_rows_give_each_sample_its_own_3d_positions(demo_dir, qwen_checkpoint, caption_dir, tmp_path):

@@ -50,11 +50,14 @@ def load_folder_lm(path: str, attn_implementation: str, key_mappings: KeyMapping
     key_mapping = key_mappings.get(lm_config.model_type)
     if key_mapping is None:
         return AutoModelForCausalLM.from_pretrained(path, config=lm_config, **options)
+    text_config = lm_config.get_text_config()
+    if getattr(lm_config, "tie_word_embeddings", None) is not None:  # Qwen2.5-VL keeps it beside, not in, its text config
+        text_config.tie_word_embeddings = lm_config.tie_word_embeddings
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # its report lists the checkpoint's other parts as unexpected
     try:
         lm, info = AutoModelForCausalLM.from_pretrained(
-            path, config=lm_config.get_text_config(), key_mapping=key_mapping, output_loading_info=True, **options
+            path, config=text_config, key_mapping=key_mapping, output_loading_info=True, **options
         )
     finally:
         transformers_logging.set_verbosity(verbosity)
