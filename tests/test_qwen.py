@@ -223,3 +223,24 @@ def test_packed_rows_give_each_sample_its_own_3d_positions(demo_dir, qwen_checkp
             thw = torch.tensor([[1, *next(grids)] for _ in sample.images]) if sample.images else None
             expected = whole.model.get_rope_index(ids, (ids == whole.config.image_token_id).int(), image_grid_thw=thw)[0]
             assert torch.equal(positions[:, packed_inputs.sequence_ids == index], expected[:, 0]), (row_tokens, index)
+
+
+@pytest.mark.slow
+def test_a_whole_qwen2_5_vl_trains_under_zero3_on_two_processes_and_exports_what_it_trained(demo_dir, qwen_checkpoint, tmp_path):
+    """DeepSpeed ZeRO-3, LoRA, a budget per image, two CPU processes: the run ends, and its native export
+    computes what its checkpoint computes."""
+    from helpers import LORA, TWO_PROCESSES, run_cli, small_overrides
+
+    from vlmtrain.export.write import export
+    from vlmtrain.inference import load, open_run
+
+    folder, _ = qwen_checkpoint
+    run = tmp_path / "run"
+    run_cli(small_overrides(demo_dir, run, *qwen_overrides(folder), *TWO_PROCESSES, *LORA, "trainer.strategy=deepspeed",
+                            "trainer.deepspeed.stage=3", "budget.per_image=independent"))
+    export(run, tmp_path / "export")
+    trained, exported = open_run(run), load(tmp_path / "export")
+    images = random_images(exported.geometry, 140, [(300, 451), (900, 420)], seed=7)
+    prompt = f"Look {IMAGE} and {IMAGE}: "
+    torch.testing.assert_close(exported.logits(images, prompt, [140, 70]), trained.logits(images, prompt, [140, 70]),
+                               atol=1e-5, rtol=1e-5)
