@@ -229,3 +229,15 @@ def record(text: str | None, *sizes: tuple[int, int]) -> bytes:
     if text is not None:
         values["text"] = text
     return json.dumps(values).encode()
+
+
+def random_images(geometry, budget: int, sizes: list[tuple[int, int]], seed: int) -> list:
+    """Random images already at the size ``geometry`` gives them at ``budget`` (no resize path resamples them)."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for height, width in sizes:
+        rows, cols = geometry.image(height, width, budget).resize
+        images.append(Image.fromarray(torch.randint(0, 256, (rows, cols, 3), generator=generator, dtype=torch.uint8).numpy()))
+    return images

@@ -18,6 +18,7 @@ from helpers import (
     TINY_LLAMA,
     image_batch,
     image_rows,
+    random_images,
     save_as_full_checkpoint,
     single,
 )
@@ -164,18 +165,6 @@ def gemma4_inputs(images: ImageBatch, geometry: Geometry, budget: int) -> tuple[
     return pixels, positions
 
 
-def qwen25_images(geometry: Geometry, budget: int, sizes: list[tuple[int, int]], seed: int) -> list:
-    """Random images already at the size the budget gives them (neither resize path resamples them)."""
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(seed)
-    images = []
-    for height, width in sizes:
-        rows, cols = geometry.image(height, width, budget).resize
-        images.append(Image.fromarray(torch.randint(0, 256, (rows, cols, 3), generator=generator, dtype=torch.uint8).numpy()))
-    return images
-
-
 @pytest.mark.slow
 def test_qwen2_5_vl_tower_gives_qwens_own_image_features_at_every_budget(tmp_path):
     """The tower read from a whole Qwen2.5-VL checkpoint (weights under model.visual.) gives, for one and two
@@ -196,7 +185,7 @@ def test_qwen2_5_vl_tower_gives_qwens_own_image_features_at_every_budget(tmp_pat
     assert (geometry.patch_size, geometry.pool, geometry.rule, geometry.min_pixels) == (14, 2, "smart_resize", 3136)
     for budget in LEVELS:
         for count in (1, 2):
-            images = qwen25_images(geometry, budget, [(300, 451), (900, 420)][:count], seed=budget)
+            images = random_images(geometry, budget, [(300, 451), (900, 420)][:count], seed=budget)
             batch = ImageBatch.of_images(images, budget, geometry)
             processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": budget * 28 * 28})
             served = processor(images=images, return_tensors="pt")

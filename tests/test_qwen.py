@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QWEN25_TOWER, built, small_recipe
-from PIL import Image
+from helpers import QWEN25_TOWER, built, random_images, small_recipe
 
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.config import TextConfig
@@ -59,16 +58,6 @@ def qwen_overrides(folder: Path) -> tuple[str, ...]:
         "model.lm.image_token=<|image_pad|>", f"data.text.prompt={IMAGE}", "budget.levels=[70,140,280,560,1120]",
         "budget.default=280", "data.batching.batch_tokens=2400",
     )
-
-
-def random_images(geometry, budget: int, sizes: list[tuple[int, int]], seed: int) -> list[Image.Image]:
-    """Random images already at the size the budget gives them (neither resize path resamples them)."""
-    generator = torch.Generator().manual_seed(seed)
-    images = []
-    for height, width in sizes:
-        rows, cols = geometry.image(height, width, budget).resize
-        images.append(Image.fromarray(torch.randint(0, 256, (rows, cols, 3), generator=generator, dtype=torch.uint8).numpy()))
-    return images
 
 
 def test_a_whole_qwen2_5_vl_checkpoint_computes_what_transformers_computes_at_every_budget(demo_dir, qwen_checkpoint, tmp_path):

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import save_torch_state_dict
 from transformers import Gemma4Config, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
 from vlmtrain.families.assembled import Family
+from vlmtrain.families.native import NativeCheckpoint
 from vlmtrain.model.description import ModelDescription, Start
 from vlmtrain.model.lm import KeyMappings
 from vlmtrain.model.pretrained import load_weights, prefixed_tensors
@@ -43,63 +43,24 @@ TEXT_MODEL_TYPE = "gemma4_text"
 AUDIO_TOKENS = ("audio_token", "boa_token", "eoa_token")
 
 
-class Gemma4Layout:
-    """An export as a native Gemma 4 checkpoint at the folder's root, its writer beside its reader."""
+class Gemma4Layout(NativeCheckpoint):
+    """An export as a native Gemma 4 checkpoint at the folder's root."""
 
     name = "gemma4"
-    lm_folder = "."  # the checkpoint is its own language model's folder
+    title = "Gemma 4"
     summary = "a native Gemma 4 checkpoint (Gemma4ForConditionalGeneration and Gemma4Processor, no remote code)"
     card_summary = "- the folder is a native Gemma 4 checkpoint (`Gemma4ForConditionalGeneration`, `Gemma4Processor`)"
+    budget_name = "`max_soft_tokens`"
+    names = NATIVE_NAMES
 
-    def card_usage(self, prompt: str, budget: int) -> list[str]:
-        """The model card's lines on serving the folder with transformers alone."""
-        return [
-            "",
-            "With transformers alone (or anything that serves Gemma 4; the budget is `max_soft_tokens`):",
-            "",
-            "```python",
-            "from PIL import Image",
-            "from transformers import AutoModelForImageTextToText, AutoProcessor",
-            'model = AutoModelForImageTextToText.from_pretrained("PATH/TO/THIS/FOLDER")',
-            'processor = AutoProcessor.from_pretrained("PATH/TO/THIS/FOLDER")',
-            f'inputs = processor(text={prompt!r}, images=[Image.open("page.png")], return_tensors="pt",',
-            f'                   images_kwargs={{"max_soft_tokens": {budget}}})',
-            "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs['input_ids'].shape[1]:]))",
-            "```",
-        ]
+    def config(self, description: ModelDescription, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Gemma4Config:
+        return gemma4_config(description, lm, tokenizer)
 
-    def write(
-        self,
-        out: Path,
-        model: VisionLanguageModel,
-        description: ModelDescription,
-        tokenizer: PreTrainedTokenizerBase,
-        metadata: dict[str, str],
-        adapter: str | None = None,
-    ) -> None:
-        """Write ``model`` (its LM merged: a native checkpoint keeps no ``adapter``) into ``out``: config,
-        weights under Gemma 4's names (sharded, each file's metadata with ``metadata``), tokenizer, processor."""
-        config = gemma4_config(description, model.lm, tokenizer)
-        config.save_pretrained(out)
-        state = {native_name(name): tensor for name, tensor in model.state_dict().items()}
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_torch_state_dict(state, out, metadata={"format": "pt", **metadata})
-        tokenizer.save_pretrained(out)
-        (out / "processor_config.json").write_text(json.dumps(processor_config(description, model.geometry.patch_size), indent=1))
-        if model.lm.generation_config is not None:
-            model.lm.generation_config.save_pretrained(out)
+    def processor_files(self, description: ModelDescription, model: VisionLanguageModel) -> dict[str, dict[str, Any]]:
+        return {"processor_config.json": processor_config(description, model.geometry.patch_size)}
 
-    def weights_file(self, folder: Path) -> Path:
-        return min(folder.glob("*.safetensors"), default=folder / "model.safetensors")  # every shard keeps the description
-
-    def vision_weights(self, folder: Path) -> dict[str, torch.Tensor]:
-        """The tower's and the embedder's weights under vlmtrain's names (the inverse of :func:`native_name`)."""
-        weights: dict[str, torch.Tensor] = {}
-        for ours, theirs in NATIVE_NAMES:
-            if not ours.startswith("lm."):
-                weights |= {ours + name: tensor for name, tensor in prefixed_tensors(folder, (theirs,)).items()}
-        return weights
+    def budget_kwargs(self, budget: int) -> str:
+        return f'{{"max_soft_tokens": {budget}}}'
 
 
 class Gemma4Family(Family):
@@ -168,14 +129,6 @@ def load_embedder(projector: torch.nn.Module, path: str) -> None:
     except ValueError:  # no weights under those prefixes
         return
     load_weights(projector, state)
-
-
-def native_name(name: str) -> str:
-    """Gemma 4's name for the vlmtrain weight ``name``."""
-    for ours, theirs in NATIVE_NAMES:
-        if name.startswith(ours):
-            return theirs + name[len(ours) :]
-    raise ValueError(f"{name}: no place in a Gemma 4 checkpoint")
 
 
 def gemma4_config(description: ModelDescription, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Gemma4Config:

@@ -12,17 +12,14 @@ processor's ``max_pixels`` (``size.longest_edge`` = budget × 28²), the default
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-import torch
-from huggingface_hub import save_torch_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen2_5_VLConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vlmtrain.families.assembled import Family
+from vlmtrain.families.native import NativeCheckpoint
 from vlmtrain.model.description import ModelDescription
-from vlmtrain.model.pretrained import prefixed_tensors
 from vlmtrain.modeling.geometry import LEVELS
 from vlmtrain.modeling.prompt import QWEN_IMAGE
 from vlmtrain.modeling.vlm import VisionLanguageModel
@@ -36,61 +33,25 @@ NATIVE_NAMES = (
 TEXT_MODEL_TYPE = "qwen2_5_vl_text"
 
 
-class Qwen25VLLayout:
-    """An export as a native Qwen2.5-VL checkpoint at the folder's root, its writer beside its reader."""
+class Qwen25VLLayout(NativeCheckpoint):
+    """An export as a native Qwen2.5-VL checkpoint at the folder's root."""
 
     name = "qwen2_5_vl"
-    lm_folder = "."  # the checkpoint is its own language model's folder
+    title = "Qwen2.5-VL"
     summary = "a native Qwen2.5-VL checkpoint (Qwen2_5_VLForConditionalGeneration, Qwen's image processor, no remote code)"
     card_summary = "- the folder is a native Qwen2.5-VL checkpoint (`Qwen2_5_VLForConditionalGeneration`)"
+    budget_name = "the image processor's `max_pixels`, budget x 28 x 28"
+    names = NATIVE_NAMES
 
-    def card_usage(self, prompt: str, budget: int) -> list[str]:
-        """The model card's lines on serving the folder with transformers alone."""
-        return [
-            "",
-            "With transformers alone (or anything that serves Qwen2.5-VL; the budget is the image processor's",
-            "`max_pixels`, budget x 28 x 28):",
-            "",
-            "```python",
-            "from PIL import Image",
-            "from transformers import AutoModelForImageTextToText, AutoProcessor",
-            'model = AutoModelForImageTextToText.from_pretrained("PATH/TO/THIS/FOLDER")',
-            'processor = AutoProcessor.from_pretrained("PATH/TO/THIS/FOLDER")',
-            f'inputs = processor(text={prompt!r}, images=[Image.open("page.png")], return_tensors="pt",',
-            f'                   images_kwargs={{"size": {{"shortest_edge": 3136, "longest_edge": {budget} * 28 * 28}}}})',
-            "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs['input_ids'].shape[1]:]))",
-            "```",
-        ]
+    def config(self, description: ModelDescription, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Qwen2_5_VLConfig:
+        return qwen_config(description, lm, tokenizer)
 
-    def write(
-        self,
-        out: Path,
-        model: VisionLanguageModel,
-        description: ModelDescription,
-        tokenizer: PreTrainedTokenizerBase,
-        metadata: dict[str, str],
-        adapter: str | None = None,
-    ) -> None:
-        """Write ``model`` (its LM merged: a native checkpoint keeps no ``adapter``) into ``out``: config,
-        weights under Qwen's names (sharded, each file's metadata with ``metadata``), tokenizer, image processor."""
-        config = qwen_config(description, model.lm, tokenizer)
-        config.save_pretrained(out)
-        state = {native_name(name): tensor for name, tensor in model.state_dict().items()}
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_torch_state_dict(state, out, metadata={"format": "pt", **metadata})
-        tokenizer.save_pretrained(out)
-        image_processor = image_processor_config(model.geometry.cell, model.geometry.min_pixels, description.default_budget)
-        (out / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=1))
-        if model.lm.generation_config is not None:
-            model.lm.generation_config.save_pretrained(out)
+    def processor_files(self, description: ModelDescription, model: VisionLanguageModel) -> dict[str, dict[str, Any]]:
+        cell, min_pixels = model.geometry.cell, model.geometry.min_pixels
+        return {"preprocessor_config.json": image_processor_config(cell, min_pixels, description.default_budget)}
 
-    def weights_file(self, folder: Path) -> Path:
-        return min(folder.glob("*.safetensors"), default=folder / "model.safetensors")  # every shard keeps the description
-
-    def vision_weights(self, folder: Path) -> dict[str, torch.Tensor]:
-        """The tower's weights under vlmtrain's names (the inverse of :func:`native_name`)."""
-        return {"backbone.model." + name: tensor for name, tensor in prefixed_tensors(folder, ("model.visual.",)).items()}
+    def budget_kwargs(self, budget: int) -> str:
+        return f'{{"size": {{"shortest_edge": 3136, "longest_edge": {budget} * 28 * 28}}}}'
 
 
 class Qwen25VLFamily(Family):
@@ -146,14 +107,6 @@ def image_processor_config(cell: int, min_pixels: int, budget: int) -> dict[str,
     values["image_processor_type"] = "Qwen2VLImageProcessor"  # transformers picks the backend it has
     values["processor_class"] = "Qwen2_5_VLProcessor"
     return values
-
-
-def native_name(name: str) -> str:
-    """Qwen2.5-VL's name for the vlmtrain weight ``name``."""
-    for ours, theirs in NATIVE_NAMES:
-        if name.startswith(ours):
-            return theirs + name[len(ours) :]
-    raise ValueError(f"{name}: no place in a Qwen2.5-VL checkpoint")
 
 
 QWEN2_5_VL = Qwen25VLFamily()
