@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from runpy import run_path
 
 import numpy as np
 import torch
@@ -68,15 +69,7 @@ GEMMA4_TOWER = {
     "head_dim": 16,
     "position_embedding_size": 256,
 }
-QWEN25_TOWER = {  # Qwen2.5-VL's vision tower: windows of 2x2 tokens in block 0, full attention in block 1
-    "depth": 2,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_heads": 2,
-    "out_hidden_size": 32,
-    "window_size": 56,
-    "fullatt_block_indexes": [1],
-}
+QWEN25_TOWER = run_path(str(ROOT / "scripts" / "tiny_qwen.py"))["TOWER"]  # the tiny Qwen2.5-VL tower
 SIGLIP2_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_patches": 64}
 DINOV2_TOWER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 14, "image_size": 112}
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from runpy import run_path
 
 import pytest
 import torch
-from helpers import QWEN25_TOWER, built, random_images, small_recipe
+from helpers import ROOT, built, random_images, small_recipe
 
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.config import TextConfig
@@ -19,7 +20,6 @@ from vlmtrain.data.sources import read_shard
 from vlmtrain.export.format import TextFormat
 from vlmtrain.inference import ExportedModel
 from vlmtrain.modeling.geometry import LEVELS
-from vlmtrain.modeling.tokenizers import build_byte_tokenizer
 from vlmtrain.plan import plan_run
 from vlmtrain.text.encoding import TextEncoder
 
@@ -30,23 +30,9 @@ IMAGE = "<|image_pad|>"  # the marker: vlmtrain writes it as Qwen's processor do
 @pytest.fixture(scope="module")
 def qwen_checkpoint(tmp_path_factory) -> tuple[Path, object]:
     """A tiny Qwen2.5-VL checkpoint with random weights (and a tokenizer knowing its vision tokens), and the
-    transformers model it holds."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
+    transformers model it holds (scripts/tiny_qwen.py)."""
     folder = tmp_path_factory.mktemp("qwen")
-    tokenizer = build_byte_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-    tokenizer.save_pretrained(folder / "tokenizer")
-    start, image, end = (tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS)
-    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "vocab_size": len(tokenizer), "max_position_embeddings": 4096,
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=QWEN25_TOWER, image_token_id=image,
-                              vision_start_token_id=start, vision_end_token_id=end)
-    torch.manual_seed(0)
-    whole = Qwen2_5_VLForConditionalGeneration(config).eval()
-    whole.save_pretrained(folder / "checkpoint")
-    return folder, whole
+    return folder, run_path(str(ROOT / "scripts" / "tiny_qwen.py"))["write_tiny_qwen"](folder)
 
 
 def qwen_overrides(folder: Path) -> tuple[str, ...]:
