@@ -214,6 +214,22 @@ def test_every_backbone_and_pooling_exports_and_loads_to_the_same_logits_at_ever
     )
 
 
+@pytest.mark.parametrize("variant", ["model.lm.lora.dora=true", "model.lm.lora.rslora=true"])
+def test_dora_and_rslora_adapters_export_merged_with_the_training_logits(demo_dir, tmp_path, variant):
+    # every weight perturbed, the adapters' (DoRA's magnitudes included) too: the merge must carry all of them
+    model, out = untrained_export(demo_dir, tmp_path, *LORA, variant)
+    names = [name for name, _ in model.model.lm.named_parameters()]
+    assert any("lora_magnitude_vector" in name for name in names) == (variant.endswith("dora=true"))
+    images = [Image.open(path) for path in pictures()]
+    for budget in (70, 140):
+        torch.testing.assert_close(load(out).logits(images, PROMPT, budget), model.logits(images, PROMPT, budget),
+                                   atol=1e-5, rtol=1e-5)
+    if variant.endswith("dora=true"):
+        recipe = small_recipe(demo_dir, tmp_path / "run", *LORA, variant)
+        with pytest.raises(UserError, match=r"^--keep-adapter: a DoRA adapter cannot be merged at loading without PEFT"):
+            write_export(model, recipe, tmp_path / "kept", keep_adapter=True)
+
+
 def test_an_lm_converted_from_gguf_exports_and_loads_with_its_lora_adapter_merged_or_kept(demo_dir, tmp_path):
     # scripts/convert_pretrained.py once left the GGUF file's quantization_config in the converted config
     # (the weights are plain); export then failed in save_pretrained ("quantized with gguf, not serializable").

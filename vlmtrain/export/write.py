@@ -63,6 +63,8 @@ def choose_layout(trained: Exportable, lm: PreTrainedModel, keep_adapter: bool) 
     (:meth:`~vlmtrain.families.assembled.Family.native_mismatch`), vlmtrain's otherwise; the line says why a
     model of a family with a native form is not exported in it."""
     if keep_adapter:
+        if any(config.use_dora for config in trained.model.lm.peft_config.values()):
+            raise UserError("--keep-adapter: a DoRA adapter cannot be merged at loading without PEFT; export it merged")
         return VLMTRAIN_LAYOUT, (
             "the base LM in lm/, its LoRA adapter in lm-adapter/; one transformers model (AutoModelForImageTextToText, "
             "trust_remote_code), the adapter merged in at loading"

@@ -53,12 +53,15 @@ class ProjectorConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters on the LM (PEFT); ``rank`` 0 means none. With adapters, a trainable LM trains only them."""
+    """LoRA adapters on the LM (PEFT); ``rank`` 0 means none. With adapters, a trainable LM trains only them.
+    ``dora``: weight-decomposed LoRA (PEFT's ``use_dora``); ``rslora``: the update scaled by alpha/sqrt(rank)."""
 
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dora: bool = False
+    rslora: bool = False
 
 
 @dataclass

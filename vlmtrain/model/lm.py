@@ -144,6 +144,8 @@ def add_lora(lm: PreTrainedModel, lora: LoraConfig) -> PeftModel:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
+        use_dora=lora.dora,
+        use_rslora=lora.rslora,
         task_type="CAUSAL_LM",
     )
     try:
