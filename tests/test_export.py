@@ -32,17 +32,19 @@ from helpers import (
     small_recipe,
 )
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-from vlmtrain.config import load_recipe
+from vlmtrain.config import load_recipe, recipe_from_configs
 from vlmtrain.errors import UserError
 from vlmtrain.export.write import export, write_export
 from vlmtrain.inference import ExportedModel, load, open_run
 from vlmtrain.model.config import LMConfig
 from vlmtrain.model.lm import build_lm
 from vlmtrain.modeling.tokenizers import build_byte_tokenizer
+from vlmtrain.plan import plan_run
 from vlmtrain.train.layout import latest_checkpoint
 
 CASES = {"70": [70], "140": [140], "70+140": [70, 140]}  # the last: one budget per image
@@ -615,6 +617,12 @@ def test_a_recipe_starting_from_a_whole_gemma4_checkpoint_computes_what_gemma4_d
                 input_ids=input_ids, pixel_values=pixels["pixel_values"], image_position_ids=pixels["image_position_ids"]
             ).logits
         torch.testing.assert_close(model.logits([image], prompt, budget=budget), expected, atol=1e-5, rtol=1e-5)
+    # the same recipe said in one key: the checkpoint's family fills in every part
+    short = recipe_from_configs([OmegaConf.create({"model": {"checkpoint": str(folder)}, "data": {"train": recipe.data.train}})])
+    assert plan_run(short).model.lm == module.plan.model.lm
+    assert (short.model.vision.backbone, short.model.pooling, short.model.projector.kind) == (
+        "gemma4", recipe.model.pooling, "gemma4"
+    )
 
 
 @pytest.mark.slow

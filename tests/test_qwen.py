@@ -46,6 +46,25 @@ def qwen_overrides(folder: Path) -> tuple[str, ...]:
     )
 
 
+def test_a_recipe_names_the_whole_checkpoint_and_its_family_fills_in_every_part(demo_dir, qwen_checkpoint, tmp_path):
+    from vlmtrain.config import RecipeError, load_recipe
+
+    folder, _ = qwen_checkpoint
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model:\n  checkpoint: {folder / 'checkpoint'}\n  lm:\n    tokenizer: {folder / 'tokenizer'}\n"
+                      f"data:\n  train: {demo_dir}/train-{{000000..000003}}.tar\n")
+    short = plan_run(load_recipe(recipe)).model
+    explicit = plan_run(small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder))).model
+    assert (short.vision, short.pooling, short.projector, short.lm) == (
+        explicit.vision, explicit.pooling, explicit.projector, explicit.lm
+    )
+    assert load_recipe(recipe, ["model.lm.path=/elsewhere"]).model.lm.path == "/elsewhere"  # what the recipe sets wins
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(RecipeError, match=r"model.checkpoint: .*llama holds a llama model; whole checkpoints read: gemma4, "):
+        load_recipe(recipe, [f"model.checkpoint={tmp_path / 'llama'}"])
+
+
 def test_a_whole_qwen2_5_vl_checkpoint_computes_what_transformers_computes_at_every_budget(demo_dir, qwen_checkpoint, tmp_path):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 

@@ -161,7 +161,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def recipe_from_configs(configs: list[DictConfig], source: str = "recipe") -> Recipe:
     """Merge ``configs`` over the schema defaults, resolve interpolations and validate. The values read from
     the environment (``${oc.env:VAR}``) are remembered as written, so that :func:`recipe_values` can keep
-    them out of run directories and W&B (they may hold secrets)."""
+    them out of run directories and W&B (they may hold secrets). With ``model.checkpoint``, its family's values
+    come first (:func:`vlmtrain.families.checkpoint_recipe`): what the recipe sets itself wins."""
+    configs = [*_checkpoint_values(configs, source), *configs]
     recipe = structured(Recipe, configs, source)
     try:
         raw = OmegaConf.to_container(OmegaConf.merge(schema_defaults(Recipe), *configs), resolve=False)
@@ -170,6 +172,24 @@ def recipe_from_configs(configs: list[DictConfig], source: str = "recipe") -> Re
     recipe._from_environment = {key: value for key, value in _leaves(raw) if isinstance(value, str) and "${oc.env:" in value}
     validate(recipe, source)
     return recipe
+
+
+def _checkpoint_values(configs: list[DictConfig], source: str) -> list[DictConfig]:
+    """The values a ``model.checkpoint`` folder brings (none without one)."""
+    try:
+        path = OmegaConf.select(OmegaConf.merge(*configs), "model.checkpoint")
+    except oc_errors.OmegaConfBaseException:
+        return []  # the schema names the mistake
+    if path is None:
+        return []
+    if not Path(str(path)).is_dir():
+        raise RecipeError(f"{source}: model.checkpoint: {str(path)!r} is not a folder (a local Hugging Face model)")
+    from vlmtrain.families import checkpoint_recipe
+
+    try:
+        return [OmegaConf.create(checkpoint_recipe(str(path)))]
+    except UserError as error:
+        raise RecipeError(f"{source}: {error}") from None
 
 
 def _leaves(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:

@@ -8,16 +8,31 @@ the base of every family), :mod:`.gemma4` and :mod:`.qwen2_5_vl`. A new family i
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import PreTrainedTokenizerBase
 
+from vlmtrain.errors import UserError
 from vlmtrain.families.assembled import ASSEMBLED, Family
 from vlmtrain.families.gemma4 import GEMMA4
 from vlmtrain.families.qwen2_5_vl import QWEN2_5_VL
 from vlmtrain.model.description import ModelDescription, Start
+from vlmtrain.modeling.backbones import read_config
 from vlmtrain.modeling.vlm import VisionLanguageModel
 
 FAMILIES: tuple[Family, ...] = (GEMMA4, QWEN2_5_VL)  # asked in order; a model none of them concerns is assembled
 CHECKPOINT_LMS = {model_type: keys for family in FAMILIES for model_type, keys in family.checkpoint_lms.items()}
+
+
+def checkpoint_recipe(path: str) -> dict[str, Any]:
+    """The recipe values that read the whole VLM checkpoint at ``path``: its family's (by its config's model_type)."""
+    model_type = read_config(path).get("model_type")
+    family = next((family for family in FAMILIES if model_type in family.checkpoint_lms), None)
+    if family is None:
+        known = ", ".join(sorted(CHECKPOINT_LMS))
+        raise UserError(f"model.checkpoint: {path} holds a {model_type} model; whole checkpoints read: {known} "
+                        "(for others, set model.vision and model.lm)")
+    return family.checkpoint_recipe(path)
 
 
 def family_of(description: ModelDescription) -> Family:

@@ -32,6 +32,10 @@ class Family:
         """Whether ``description`` is a model of this family (its parts are the family's)."""
         return False
 
+    def checkpoint_recipe(self, path: str) -> dict[str, Any]:
+        """The recipe values that read the whole checkpoint at ``path`` (its every part), for ``model.checkpoint``."""
+        raise NotImplementedError(f"the {self.title} family reads no whole checkpoint")
+
     def build(
         self,
         description: ModelDescription,

@@ -75,6 +75,18 @@ class Gemma4Family(Family):
     def concerns(self, description: ModelDescription) -> bool:
         return description.vision.kind == "gemma4"
 
+    def checkpoint_recipe(self, path: str) -> dict[str, Any]:
+        image = "<|image|>"
+        return {
+            "model": {
+                "vision": {"backbone": "gemma4", "path": path, "patch_size": None},
+                "pooling": {"kind": "average", "size": None},
+                "projector": {"kind": "gemma4"},
+                "lm": {"path": path, "hf_config": None, "image_token": image},
+            },
+            "data": {"text": {"prompt": image}},
+        }
+
     def build(
         self,
         description: ModelDescription,

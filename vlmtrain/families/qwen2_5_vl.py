@@ -66,6 +66,17 @@ class Qwen25VLFamily(Family):
     def concerns(self, description: ModelDescription) -> bool:
         return description.vision.kind == "qwen2_5_vl"
 
+    def checkpoint_recipe(self, path: str) -> dict[str, Any]:
+        return {
+            "model": {
+                "vision": {"backbone": "qwen2_5_vl", "path": path, "patch_size": None},
+                "pooling": {"kind": "tower", "size": None},
+                "projector": {"kind": "identity"},
+                "lm": {"path": path, "hf_config": None, "image_token": QWEN_IMAGE[0]},
+            },
+            "data": {"text": {"prompt": QWEN_IMAGE[0]}},
+        }
+
     def native_mismatch(
         self, description: ModelDescription, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     ) -> str | None:

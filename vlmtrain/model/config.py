@@ -86,10 +86,14 @@ class LMConfig:
 
 @dataclass
 class ModelConfig:
+    """The model: its parts, or ``checkpoint``, a whole VLM folder (Gemma 4, Qwen2.5-VL) whose family fills in
+    every part (tower, pooling, projector, LM, image token); keys the recipe sets itself win."""
+
     vision: VisionConfig = field(default_factory=VisionConfig)
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)
+    checkpoint: str | None = None
 
 
 def check_model(model: ModelConfig, levels: list[int]) -> None:
