@@ -234,3 +234,11 @@ def random_images(geometry, budget: int, sizes: list[tuple[int, int]], seed: int
         rows, cols = geometry.image(height, width, budget).resize
         images.append(Image.fromarray(torch.randint(0, 256, (rows, cols, 3), generator=generator, dtype=torch.uint8).numpy()))
     return images
+
+
+def losses_and_grads(model, inputs) -> tuple:
+    """The per-sample losses of ``inputs`` and the gradients of their mean (every parameter that got one)."""
+    model.zero_grad()
+    losses = model.sample_losses(inputs)
+    losses.mean().backward()
+    return losses, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

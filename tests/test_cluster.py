@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers import ENV, LORA, ROOT, TINY, TWO_PROCESSES, losses, processes_mentioning, run_cli, small_overrides
@@ -139,15 +140,9 @@ def test_launch_scripts_print_the_commands_for_one_and_for_four_nodes():
     assert "#SBATCH --output=%x-%j.out" in header and "#SBATCH --signal=USR1@90" in header  # no folder SLURM would need
 
 
-def test_sigterm_while_the_loader_waits_for_data_stops_at_once_with_the_last_steps_checkpoint(demo_dir, tmp_path):
-    # a shard whose command stalls after its samples (a pipe: that never ends): the run trains what came, then
-    # waits for data; SIGTERM must end it within a grace period, with its work saved, leaving nothing behind
-    stall = f"pipe:cat {demo_dir}/train-000000.tar; sleep 613"
-    overrides = small_overrides(
-        demo_dir, tmp_path / "run", f"data.train={stall}", "data.val=null", "data.num_workers=1", "data.batching.lookahead=2",
-        "data.batching.max_batch_size=1", "trainer.max_steps=1000", "trainer.checkpoint_every=1000",
-    )
-    log = tmp_path / "log.txt"
+def sigterm_once_stalled(overrides: list[str], log: Path, group: bool = False) -> tuple[subprocess.Popen, str, int, float]:
+    """Start a run, wait until it trained and then no step came for 3 s (it waits for data), send SIGTERM (to its
+    process group with ``group``); (the process, its stderr, the progress lines it wrote, seconds to its end)."""
     with log.open("w") as out:
         process = start(overrides, out)
         wait_for(lambda: log.read_text().count("\n") >= 2)  # steps trained
@@ -156,9 +151,24 @@ def test_sigterm_while_the_loader_waits_for_data_stops_at_once_with_the_last_ste
             lines = log.read_text().count("\n")
             time.sleep(3)
         signalled = time.monotonic()
-        process.send_signal(signal.SIGTERM)
+        if group:  # every process of the run, as SLURM and Kubernetes signal them
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM and time.monotonic() - signalled < 30, stderr[-2000:]
+    return process, stderr, lines, time.monotonic() - signalled
+
+
+def test_sigterm_while_the_loader_waits_for_data_stops_at_once_with_the_last_steps_checkpoint(demo_dir, tmp_path):
+    # a shard whose command stalls after its samples (a pipe: that never ends): the run trains what came, then
+    # waits for data; SIGTERM must end it within a grace period, with its work saved, leaving nothing behind
+    stall = f"pipe:cat {demo_dir}/train-000000.tar; sleep 613"
+    overrides = small_overrides(
+        demo_dir, tmp_path / "run", f"data.train={stall}", "data.val=null", "data.num_workers=1", "data.batching.lookahead=2",
+        "data.batching.max_batch_size=1", "trainer.max_steps=1000", "trainer.checkpoint_every=1000",
+    )
+    process, stderr, lines, seconds = sigterm_once_stalled(overrides, tmp_path / "log.txt")
+    assert process.returncode == 128 + signal.SIGTERM and seconds < 30, stderr[-2000:]
     stopped = latest_checkpoint(tmp_path / "run" / "checkpoints")
     at = int(stopped.name[5:])
     assert at == lines and (tmp_path / "run" / "summary.json").is_file()  # every step trained, none lost
@@ -178,18 +188,8 @@ def test_sigterm_while_one_rank_of_two_waits_for_data_exits_in_time_leaving_noth
         "data.batching.lookahead=2", "data.batching.max_batch_size=1", "trainer.max_steps=1000", "trainer.checkpoint_every=2",
         "trainer.stop_within=5",
     )
-    log = tmp_path / "log.txt"
-    with log.open("w") as out:
-        process = start(overrides, out)
-        wait_for(lambda: log.read_text().count("\n") >= 2)  # steps trained
-        lines = -1
-        while lines != log.read_text().count("\n"):  # until no step has come for 3 s: waiting for data
-            lines = log.read_text().count("\n")
-            time.sleep(3)
-        signalled = time.monotonic()
-        os.killpg(process.pid, signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM and time.monotonic() - signalled < 15, stderr[-2000:]
+    process, stderr, _, seconds = sigterm_once_stalled(overrides, tmp_path / "log.txt", group=True)
+    assert process.returncode == 128 + signal.SIGTERM and seconds < 15, stderr[-2000:]
     latest = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert latest is not None and stderr.strip().splitlines()[-1] == (
         "stopped: SIGTERM: no step could end within trainer.stop_within=5 s (a rank waiting for data?); "

@@ -18,6 +18,7 @@ from helpers import (
     TINY_LLAMA,
     image_batch,
     image_rows,
+    losses_and_grads,
     random_images,
     save_as_full_checkpoint,
     single,
@@ -496,10 +497,6 @@ def test_losses_are_attributed_to_each_images_budget_in_proportion():
     )  # the batch's mean, text-only sample included
 
 
-def grads_of(model) -> dict[str, torch.Tensor]:
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("row_tokens", [None, 400])
 def test_packed_rows_give_the_per_sample_losses_and_gradients_of_padded_rows(tiny_model, real_samples, chat_dir, row_tokens):
     """Mixed lengths, grids and budgets, a text-only sample, multi-image conversations: packed equals padded
@@ -517,10 +514,7 @@ def test_packed_rows_give_the_per_sample_losses_and_gradients_of_padded_rows(tin
     results = {}
     for packed in (True, False):
         inputs = builder.collate(encoded, None, packed=packed, row_tokens=row_tokens).inputs
-        model.zero_grad()
-        losses = model.sample_losses(inputs)
-        losses.mean().backward()
-        results[packed] = (losses, grads_of(model), inputs)
+        results[packed] = (*losses_and_grads(model, inputs), inputs)
     (packed, packed_grads, packed_inputs), (padded, padded_grads, padded_inputs) = results[True], results[False]
     assert packed_inputs.attention_mask is None and padded_inputs.attention_mask is not None
     assert (
@@ -570,10 +564,7 @@ def test_the_chunked_loss_gives_the_plain_losses_and_gradients(real_samples, lm)
     results = {}
     for chunk in (7, 0):
         model.loss_chunk = chunk
-        model.zero_grad()
-        losses = model.sample_losses(inputs)
-        losses.mean().backward()
-        results[chunk] = (losses, grads_of(model))
+        results[chunk] = losses_and_grads(model, inputs)
     (chunked, chunked_grads), (plain, plain_grads) = results[7], results[0]
     torch.testing.assert_close(chunked.loss_sum, plain.loss_sum, atol=1e-5, rtol=1e-5)
     assert chunked.tokens.tolist() == plain.tokens.tolist() and chunked.correct.tolist() == plain.correct.tolist()

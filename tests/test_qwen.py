@@ -11,7 +11,7 @@ from runpy import run_path
 
 import pytest
 import torch
-from helpers import ROOT, built, random_images, small_recipe
+from helpers import ROOT, built, losses_and_grads, random_images, small_recipe
 
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.config import TextConfig
@@ -201,10 +201,7 @@ def test_packed_rows_give_each_sample_its_own_3d_positions(demo_dir, qwen_checkp
         results = {}
         for packed in (True, False):
             inputs = builder.collate(encoded, None, packed=packed, row_tokens=row_tokens).inputs
-            model.zero_grad()
-            losses = model.sample_losses(inputs)
-            losses.mean().backward()
-            results[packed] = (losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, inputs)
+            results[packed] = (*losses_and_grads(model, inputs), inputs)
         (packed, packed_grads, packed_inputs), (padded, padded_grads, _) = results[True], results[False]
         torch.testing.assert_close(packed.loss_sum, padded.loss_sum, atol=1e-5, rtol=1e-5)
         assert packed.tokens.tolist() == padded.tokens.tolist() and packed.tokens.tolist()[2] > 0

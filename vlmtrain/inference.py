@@ -178,11 +178,13 @@ class ExportedModel:
         messages: list[dict[str, Any]] | None = None,
     ) -> torch.Tensor:
         """Next-token logits ``(1, L, vocab)`` for the prompt (or conversation) with the images."""
-        prepared = self.embeddings(images, prompt, budget, messages)
-        return self.model.lm(
-            inputs_embeds=prepared.embeds, attention_mask=torch.ones_like(prepared.input_ids), position_ids=prepared.positions,
-            use_cache=False,
-        ).logits
+        return self._logits(self.embeddings(images, prompt, budget, messages))
+
+    def _logits(self, prompt: Prompt) -> torch.Tensor:
+        """The LM's logits for a prepared prompt (its embeddings and positions)."""
+        mask = torch.ones_like(prompt.input_ids)
+        output = self.model.lm(inputs_embeds=prompt.embeds, attention_mask=mask, position_ids=prompt.positions, use_cache=False)
+        return output.logits
 
     @torch.no_grad()
     def generate(
@@ -223,9 +225,7 @@ class ExportedModel:
         """A prompt's ids ``(1, L)`` and its images through the encoder and the LM (what answering costs before
         its first token); returns the prompt, to continue from (:meth:`continue_from`)."""
         prompt = self._prompt(input_ids, images)
-        self.model.lm(
-            inputs_embeds=prompt.embeds, attention_mask=torch.ones_like(input_ids), position_ids=prompt.positions, use_cache=False
-        )
+        self._logits(prompt)
         return prompt
 
     @torch.no_grad()

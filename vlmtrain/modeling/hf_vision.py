@@ -11,6 +11,29 @@ from torch import nn
 
 from .backbone import VisionBackbone, canvases, run_by_grid, run_in_bins, unit_pixels
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2's processor
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # Qwen-VL's processors
+
+
+class PixelNormalisation(nn.Module):
+    """Pixels in [0, 1] per channel to ``(pixels - mean) / std`` (channels on dim 1), as a tower's processor
+    normalises them; mean and std are non-persistent buffers (see :meth:`Rope2D.reset_buffers`)."""
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.values = (mean, std)
+        self.register_buffer("mean", torch.empty(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.empty(1, 3, 1, 1), persistent=False)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        self.mean.copy_(torch.tensor(self.values[0]).view(1, 3, 1, 1))
+        self.std.copy_(torch.tensor(self.values[1]).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean.to(pixels.dtype)) / self.std.to(pixels.dtype)
+
 
 class Siglip2Backbone(VisionBackbone):
     """SigLIP2 NaFlex: pixels normalised to [-1, 1], per-image ``spatial_shapes`` for its resized position table;
@@ -74,15 +97,7 @@ class Dinov2Backbone(VisionBackbone):
         self.model = model
         self.patch_size = model.config.patch_size
         self.width = model.config.hidden_size
-        self.register_buffer("mean", torch.empty(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.empty(1, 3, 1, 1), persistent=False)
-        self.reset_buffers()
-
-    @torch.no_grad()
-    def reset_buffers(self) -> None:
-        """Set ImageNet's mean and std (non-persistent buffers, see :meth:`Rope2D.reset_buffers`)."""
-        self.mean.copy_(torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.std.copy_(torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.normalise = PixelNormalisation(IMAGENET_MEAN, IMAGENET_STD)
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
         dtype = self.model.embeddings.patch_embeddings.projection.weight.dtype
@@ -90,12 +105,11 @@ class Dinov2Backbone(VisionBackbone):
 
         def dense(images: torch.Tensor, _: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
             canvas = canvases(images, grid, self.patch_size, dtype)
-            return self.model(pixel_values=(canvas - self.mean.to(dtype)) / self.std.to(dtype)).last_hidden_state[:, skip:]
+            return self.model(pixel_values=self.normalise(canvas)).last_hidden_state[:, skip:]
 
         return run_by_grid(pixels, positions, patch_grids, self.width, dtype, dense)
 
 
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # Qwen-VL's processors
 
 
 def merge_window_order(patch_grids: torch.Tensor, merge: int) -> torch.Tensor:
@@ -122,20 +136,12 @@ class Qwen25VLBackbone(VisionBackbone):
         self.merge = model.config.spatial_merge_size
         self.frames = model.config.temporal_patch_size
         self.width = model.config.out_hidden_size
-        self.register_buffer("mean", torch.empty(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.empty(1, 3, 1, 1), persistent=False)
-        self.reset_buffers()
-
-    @torch.no_grad()
-    def reset_buffers(self) -> None:
-        """Set CLIP's mean and std (non-persistent buffers, see :meth:`Rope2D.reset_buffers`)."""
-        self.mean.copy_(torch.tensor(CLIP_MEAN).view(1, 3, 1, 1))
-        self.std.copy_(torch.tensor(CLIP_STD).view(1, 3, 1, 1))
+        self.normalise = PixelNormalisation(CLIP_MEAN, CLIP_STD)
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
         size = self.patch_size
         ordered = unit_pixels(pixels[merge_window_order(patch_grids, self.merge)], torch.float32)
-        patches = (ordered.view(-1, size, size, 3).permute(0, 3, 1, 2) - self.mean) / self.std
+        patches = self.normalise(ordered.view(-1, size, size, 3).permute(0, 3, 1, 2))
         patches = patches[:, :, None].expand(-1, -1, self.frames, -1, -1).reshape(patches.shape[0], -1)
         grid_thw = torch.cat([torch.ones_like(patch_grids[:, :1]), patch_grids], dim=1)
         dtype = self.model.patch_embed.proj.weight.dtype

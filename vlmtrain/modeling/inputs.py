@@ -123,11 +123,11 @@ class ModelInput:
 
     @property
     def sample_ids(self) -> torch.Tensor:
-        """The sample of every token, ``(R, L)``: for padded rows the row, -1 on padding."""
+        """The sample of every token, ``(R, L)``: for padded rows the row, -1 on padding (none without a mask)."""
         if self.packed:
             return self.sequence_ids
         rows = torch.arange(self.input_ids.shape[0], device=self.input_ids.device)[:, None].expand_as(self.input_ids)
-        return torch.where(self.attention_mask.bool(), rows, -1)
+        return rows if self.attention_mask is None else torch.where(self.attention_mask.bool(), rows, -1)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}

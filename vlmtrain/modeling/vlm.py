@@ -72,7 +72,7 @@ class VisionLanguageModel(nn.Module):
         self.lm = lm
         self.image_token_id = image_token_id
         self.geometry = geometry
-        transformers_lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # inside a PEFT wrapper
+        transformers_lm = self._transformers_lm()
         self._lm_keeps_logits = "logits_to_keep" in inspect.signature(transformers_lm.forward).parameters
         self.loss_chunk = loss_chunk  # labelled tokens per chunk of the loss (0: all logits at once; see .loss)
         if loss_chunk:
@@ -143,8 +143,7 @@ class VisionLanguageModel(nn.Module):
     def lm_inputs(self, inputs: ModelInput) -> dict:
         """What the LM is called with: the embeddings, the mask or sequence offsets, and the positions (3-D for an
         LM with multimodal RoPE: :meth:`rope_positions`)."""
-        sample_ids = inputs.sample_ids if inputs.packed or inputs.attention_mask is not None else None
-        position_ids = self.rope_positions(inputs.input_ids, inputs.images, inputs.position_ids, sample_ids)
+        position_ids = self.rope_positions(inputs.input_ids, inputs.images, inputs.position_ids, inputs.sample_ids)
         if position_ids is None:
             position_ids = inputs.position_ids
         return {

@@ -26,6 +26,7 @@ from vlmtrain.train.layout import TRAINED, resume_checkpoint
 from vlmtrain.weights import open_weights
 
 if TYPE_CHECKING:  # the plan's modules are heavy; the recipe checks run before anything heavy is imported
+    from vlmtrain.budget import BudgetSchedule
     from vlmtrain.data.builder import BatchBuilder
     from vlmtrain.plan import RunPlan
 
@@ -229,16 +230,17 @@ def sample_sizes(plan: RunPlan, samples: list[RawSample]) -> list[tuple[int, int
     for sample in samples:
         try:
             text_tokens = builder.text_tokens(sample)
-            total = plan.schedule.largest_cost(partial(_pinned_visual_tokens, builder, sample), text_tokens)
+            total = plan.schedule.largest_cost(partial(_visual_tokens, builder, plan.schedule, sample), text_tokens)
         except (SampleError, BudgetError):  # unusable for another reason, which the loader counts and reports
             continue
         sizes.append((text_tokens, total))
     return sizes
 
 
-def _pinned_visual_tokens(builder: BatchBuilder, sample: RawSample, budget: int) -> int:
-    """The sample's visual tokens in a step at ``budget``, its images' fixed budgets kept."""
-    return builder.visual_tokens(sample, tuple(fixed or budget for fixed in sample.budgets))
+def _visual_tokens(builder: BatchBuilder, schedule: BudgetSchedule, sample: RawSample, budget: int) -> int:
+    """The sample's visual tokens in a step at ``budget``, its images' fixed budgets kept (as training assigns them)."""
+    return builder.visual_tokens(sample, schedule.image_budgets(0, sample.key, budget, sample.budgets))
+
 
 
 def linear_names(config: Any) -> list[str]:
