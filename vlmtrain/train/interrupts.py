@@ -88,12 +88,12 @@ class StopOnSignal(L.Callback):
             f"at step {self.stopped_at}; the run's end took longer than {within}" if self.stopped_at is not None
             else f"no step could end within {within} (a rank waiting for data?)"
         )
-        print(
+        line = (
             f"stopped: {signal.Signals(signum).name}: {late}; {where}; "
-            f"continue with: vlmtrain fit {run_dir / RECIPE_FILE} resume=auto",
-            file=sys.stderr,
-            flush=True,
+            f"continue with: vlmtrain fit {run_dir / RECIPE_FILE} resume=auto\n"
         )
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), line.encode())  # one write: every rank says it, and lines must not interleave
         for process in psutil.Process().children(recursive=True):  # data workers, their commands, other ranks
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
