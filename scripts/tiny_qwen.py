@@ -1,7 +1,8 @@
-"""A tiny Qwen2.5-VL checkpoint with random weights, and a tokenizer that knows its vision tokens: what the tests
-and the benchmarks train as a whole Qwen2.5-VL (no download; the shapes of the real one, scaled down).
+"""A tiny Qwen2.5-VL or Qwen3-VL checkpoint with random weights, and a tokenizer that knows its vision tokens: what
+the tests and the benchmarks train as a whole Qwen-VL model (no download; the shapes of the real ones, scaled down).
 
-    python scripts/tiny_qwen.py OUT      # OUT/checkpoint (Qwen2_5_VLForConditionalGeneration), OUT/tokenizer
+    python scripts/tiny_qwen.py OUT                      # OUT/checkpoint (Qwen2_5_VLForConditionalGeneration), OUT/tokenizer
+    python scripts/tiny_qwen.py OUT --family qwen3_vl    # OUT/checkpoint (Qwen3VLForConditionalGeneration), OUT/tokenizer
 """
 
 from __future__ import annotations
@@ -14,26 +15,39 @@ TOWER = {  # Qwen2.5-VL's vision tower: windows of 2x2 tokens in block 0, full a
     "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32, "window_size": 56,
     "fullatt_block_indexes": [1],
 }
+QWEN3_TOWER = {  # Qwen3-VL's: a 4x4 table of learned positions, DeepStack features from blocks 0 and 1 to LM layers 0 and 1
+    "depth": 3, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+    "num_position_embeddings": 16, "deepstack_visual_indexes": [0, 1],
+}
+TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "max_position_embeddings": 4096}
+FAMILIES = {  # family → (config class, model class, its tower, its text model's RoPE settings)
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", TOWER,
+                   {"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", QWEN3_TOWER,
+                 {"head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 3, 3],
+                                                      "mrope_interleaved": True}}),
+}
 
 
-def write_tiny_qwen(out: Path, seed: int = 0):
+def write_tiny_qwen(out: Path, seed: int = 0, family: str = "qwen2_5_vl"):
     """Write ``out/checkpoint`` and ``out/tokenizer``; returns the transformers model written."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
 
     from vlmtrain.modeling.tokenizers import build_byte_tokenizer
 
+    config_class, model_class, tower, rope = FAMILIES[family]
     tokenizer = build_byte_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     tokenizer.save_pretrained(out / "tokenizer")
     start, image, end = (tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS)
-    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "vocab_size": len(tokenizer), "max_position_embeddings": 4096,
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=TOWER, image_token_id=image, vision_start_token_id=start,
-                              vision_end_token_id=end)
+    config = getattr(transformers, config_class)(
+        text_config={**TEXT, **rope, "vocab_size": len(tokenizer)}, vision_config=tower, image_token_id=image,
+        vision_start_token_id=start, vision_end_token_id=end,
+    )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = getattr(transformers, model_class)(config).eval()
     model.save_pretrained(out / "checkpoint")
     return model
 
@@ -41,8 +55,9 @@ def write_tiny_qwen(out: Path, seed: int = 0):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl")
     args = parser.parse_args()
-    write_tiny_qwen(args.out)
+    write_tiny_qwen(args.out, family=args.family)
     print(f"wrote {args.out / 'checkpoint'} and {args.out / 'tokenizer'} (overrides to train it: docs/training-benchmark.md)")
 
 

@@ -205,7 +205,8 @@ def test_a_tower_that_pools_itself_takes_the_tower_pooling_and_no_projector():
              "model.vision.patch_size=null"]
     with pytest.raises(RecipeError, match="the qwen2_5_vl encoder pools and projects itself: set model.pooling.kind: tower"):
         load_recipe(TINY, tower)
-    with pytest.raises(RecipeError, match=r"model.pooling.kind: tower: only for an encoder that pools itself \(qwen2_5_vl\)"):
+    only = r"model.pooling.kind: tower: only for an encoder that pools itself \(qwen2_5_vl, qwen3_vl\)"
+    with pytest.raises(RecipeError, match=only):
         load_recipe(TINY, ["model.pooling.kind=tower"])
 
 

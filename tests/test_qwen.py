@@ -1,6 +1,7 @@
-"""Whole Qwen2.5-VL checkpoints: read into vlmtrain (tower, patch merger and the M-RoPE language model), they
-compute exactly what transformers' Qwen2_5_VLForConditionalGeneration computes at every budget; packed rows give
-each sample its own 3-D positions, so packed steps equal padded ones."""
+"""Whole Qwen2.5-VL and Qwen3-VL checkpoints: read into vlmtrain (tower, patch merger, Qwen3-VL's DeepStack and the
+M-RoPE language model), they compute exactly what transformers' Qwen2_5_VLForConditionalGeneration and
+Qwen3VLForConditionalGeneration compute at every budget; packed rows give each sample its own 3-D positions, so
+packed steps equal padded ones."""
 
 from __future__ import annotations
 
@@ -27,18 +28,50 @@ VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
 IMAGE = "<|image_pad|>"  # the marker: vlmtrain writes it as Qwen's processor does, <|vision_start|> ... <|vision_end|>
 
 
-@pytest.fixture(scope="module")
-def qwen_checkpoint(tmp_path_factory) -> tuple[Path, object]:
-    """A tiny Qwen2.5-VL checkpoint with random weights (and a tokenizer knowing its vision tokens), and the
-    transformers model it holds (scripts/tiny_qwen.py)."""
-    folder = tmp_path_factory.mktemp("qwen")
-    return folder, run_path(str(ROOT / "scripts" / "tiny_qwen.py"))["write_tiny_qwen"](folder)
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+# what each family's own image processor is given (its releases' preprocessor_config.json): min_pixels, the side of a
+# token's square, patch size, normalisation; and its transformers class
+PROCESSOR = {
+    "qwen2_5_vl": (3136, 28, 14, [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+    "qwen3_vl": (65536, 32, 16, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+}
+MODEL_CLASS = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
 
-def qwen_overrides(folder: Path) -> tuple[str, ...]:
+@pytest.fixture(scope="module", params=FAMILIES)
+def qwen_checkpoint(request, tmp_path_factory) -> tuple[Path, object]:
+    """A tiny checkpoint of each Qwen-VL family with random weights (and a tokenizer knowing its vision tokens),
+    and the transformers model it holds (scripts/tiny_qwen.py)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    return folder, run_path(str(ROOT / "scripts" / "tiny_qwen.py"))["write_tiny_qwen"](folder, family=request.param)
+
+
+def family_of(whole) -> str:
+    return whole.config.model_type
+
+
+def image_processor(family: str, budget: int):
+    """The family's own image processor at ``budget``'s max_pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    min_pixels, cell, patch, mean, std = PROCESSOR[family]
+    return Qwen2VLImageProcessorPil(
+        size={"shortest_edge": min_pixels, "longest_edge": budget * cell * cell}, patch_size=patch, image_mean=mean,
+        image_std=std,
+    )
+
+
+def served_images(geometry, budget: int, sizes: list[tuple[int, int]], seed: int) -> list:
+    """Random images at a size that both vlmtrain and the family's processor leave as it is at ``budget`` (where
+    Qwen's processor grows an image to min_pixels past the budget, vlmtrain keeps the cap: see
+    test_geometry.py); the sizes are what vlmtrain gives them."""
+    return random_images(geometry, budget, [geometry.image(*size, budget).resize for size in sizes], seed)
+
+
+def qwen_overrides(folder: Path, family: str = "qwen2_5_vl") -> tuple[str, ...]:
     """The small recipe reading the whole checkpoint: its tower (merger included) and its language model."""
     return (
-        "model.vision.backbone=qwen2_5_vl", f"model.vision.path={folder / 'checkpoint'}", "model.vision.patch_size=null",
+        f"model.vision.backbone={family}", f"model.vision.path={folder / 'checkpoint'}", "model.vision.patch_size=null",
         "model.pooling.kind=tower", "model.pooling.size=null", "model.projector.kind=identity",
         f"model.lm.path={folder / 'checkpoint'}", "model.lm.hf_config=null", f"model.lm.tokenizer={folder / 'tokenizer'}",
         "model.lm.image_token=<|image_pad|>", f"data.text.prompt={IMAGE}", "budget.levels=[70,140,280,560,1120]",
@@ -49,12 +82,12 @@ def qwen_overrides(folder: Path) -> tuple[str, ...]:
 def test_a_recipe_names_the_whole_checkpoint_and_its_family_fills_in_every_part(demo_dir, qwen_checkpoint, tmp_path):
     from vlmtrain.config import RecipeError, load_recipe
 
-    folder, _ = qwen_checkpoint
+    folder, whole = qwen_checkpoint
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model:\n  checkpoint: {folder / 'checkpoint'}\n  lm:\n    tokenizer: {folder / 'tokenizer'}\n"
                       f"data:\n  train: {demo_dir}/train-{{000000..000003}}.tar\n")
     short = plan_run(load_recipe(recipe)).model
-    explicit = plan_run(small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder))).model
+    explicit = plan_run(small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder, family_of(whole)))).model
     assert (short.vision, short.pooling, short.projector, short.lm) == (
         explicit.vision, explicit.pooling, explicit.projector, explicit.lm
     )
@@ -65,18 +98,38 @@ def test_a_recipe_names_the_whole_checkpoint_and_its_family_fills_in_every_part(
         load_recipe(recipe, [f"model.checkpoint={tmp_path / 'llama'}"])
 
 
-def test_a_whole_qwen2_5_vl_checkpoint_computes_what_transformers_computes_at_every_budget(demo_dir, qwen_checkpoint, tmp_path):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def test_the_family_recipe_builds_its_model_from_a_local_checkpoint(demo_dir, qwen_checkpoint, tmp_path):
+    """The real-scale recipe (LoRA, chunked loss, gradient checkpointing, per-image budgets) with its paths pointed
+    at a local checkpoint of its family builds the model it describes: the family's, adapters on the LM only."""
+    from vlmtrain.config import load_recipe
 
     folder, whole = qwen_checkpoint
-    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder))
+    family = family_of(whole)
+    path = ROOT / "recipes" / {"qwen2_5_vl": "qwen2.5-vl-7b-lora-zero3.yaml", "qwen3_vl": "qwen3-vl-8b-lora-zero3.yaml"}[family]
+    recipe = load_recipe(path, [
+        f"model.vision.path={folder / 'checkpoint'}", f"model.lm.path={folder / 'checkpoint'}",
+        f"model.lm.tokenizer={folder / 'tokenizer'}", f"data.train={demo_dir}/train-000000.tar", "data.val=null",
+        f"run_dir={tmp_path / 'run'}",
+    ])
+    model = built(recipe).model
+    assert model.backbone.model.config.model_type == f"{family}_vision" and model.loss_chunk == 1024
+    adapted = {name.split(".")[0] for name, _ in model.named_parameters() if "lora_" in name}
+    assert adapted == {"lm"} and model.geometry.min_pixels == PROCESSOR[family][0]
+
+
+def test_a_whole_checkpoint_computes_what_transformers_computes_at_every_budget(demo_dir, qwen_checkpoint, tmp_path):
+    folder, whole = qwen_checkpoint
+    family = family_of(whole)
+    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder, family))
     module = built(recipe)
-    assert type(module.model.lm).__name__ == "Qwen25VLTextForCausalLM"
+    assert type(module.model.lm).__name__ == {"qwen2_5_vl": "Qwen25VLTextForCausalLM", "qwen3_vl": "Qwen3VLTextForCausalLM"}[
+        family
+    ]
     model = ExportedModel(module.model.eval(), plan_run(recipe).tokenizer, module.plan.model, TextFormat.of(recipe.data.text))
     image_token = whole.config.image_token_id
     for budget in LEVELS:
         for count in (1, 2):
-            images = random_images(model.geometry, budget, [(300, 451), (900, 420)][:count], seed=budget + count)
+            images = served_images(model.geometry, budget, [(300, 451), (900, 420)][:count], seed=budget + count)
             prompt = f"Look {IMAGE * count} and say: "
             input_ids, batch = model.inputs(images, prompt, budget)
             if count == 2:  # written as Qwen's processor writes images: <|vision_start|> placeholders <|vision_end|>
@@ -84,15 +137,14 @@ def test_a_whole_qwen2_5_vl_checkpoint_computes_what_transformers_computes_at_ev
                 ids, first = input_ids[0].tolist(), input_ids[0].tolist().index(pad)
                 tokens = batch.token_counts.tolist()
                 assert ids[first - 1 : first + tokens[0] + 3] == [start, *[pad] * tokens[0], end, start, pad]
-            processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 3136, "longest_edge": budget * 28 * 28})
-            served = processor(images=images, return_tensors="pt")
+            served = image_processor(family, budget)(images=images, return_tensors="pt")
             with torch.no_grad():
                 expected = whole(
                     input_ids=input_ids, pixel_values=served["pixel_values"], image_grid_thw=served["image_grid_thw"],
                     mm_token_type_ids=(input_ids == image_token).int(),
                 ).logits
             torch.testing.assert_close(model.logits(images, prompt, budget), expected, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():  # greedy generation continues the 3-D positions as Qwen's own does
+    with torch.no_grad():  # greedy generation continues the 3-D positions (and gives DeepStack the prompt) as Qwen's own
         tokens = whole.generate(input_ids=input_ids, pixel_values=served["pixel_values"], image_grid_thw=served["image_grid_thw"],
                                 mm_token_type_ids=(input_ids == image_token).int(), max_new_tokens=8, do_sample=False)
     expected_text = model.tokenizer.decode(tokens[0, input_ids.shape[1] :], skip_special_tokens=True)
@@ -100,36 +152,41 @@ def test_a_whole_qwen2_5_vl_checkpoint_computes_what_transformers_computes_at_ev
 
 
 def qwen_processor(folder: Path):
-    """The folder's Qwen2_5_VLProcessor: AutoProcessor where torchvision is installed; without it (transformers
-    cannot build Qwen's video processor) from the folder's image processor and tokenizer, no video processor."""
+    """The folder's processor (Qwen2_5_VLProcessor, Qwen3VLProcessor): AutoProcessor where torchvision is installed;
+    without it (transformers cannot build Qwen's video processor) from the folder's image processor and tokenizer,
+    no video processor."""
     import importlib.util
     from unittest import mock
 
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin, Qwen2_5_VLProcessor
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin
 
     if importlib.util.find_spec("torchvision") is not None:
         return AutoProcessor.from_pretrained(folder)
+    processor_class = getattr(transformers, json.loads((folder / "preprocessor_config.json").read_text())["processor_class"])
     with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, argument: None):
-        return Qwen2_5_VLProcessor(
+        return processor_class(
             image_processor=AutoImageProcessor.from_pretrained(folder), tokenizer=AutoTokenizer.from_pretrained(folder),
             video_processor=None,
         )
 
 
-def test_a_trained_qwen2_5_vl_exports_as_a_native_checkpoint_with_training_outputs_at_every_budget(
+def test_a_trained_model_exports_as_a_native_checkpoint_with_training_outputs_at_every_budget(
     demo_dir, qwen_checkpoint, tmp_path
 ):
-    """LoRA merged, the export is Qwen2.5-VL's own checkpoint (no remote code): transformers' class and Qwen's
+    """LoRA merged, the export is the family's own checkpoint (no remote code): transformers' class and Qwen's
     processor, the budget given as its max_pixels, give training's ids, logits and greedy tokens; so does
     vlmtrain.load."""
-    from transformers import AutoModelForImageTextToText, Qwen2_5_VLForConditionalGeneration
+    import transformers
+    from transformers import AutoModelForImageTextToText
 
     from vlmtrain.export.run import TrainedModel
     from vlmtrain.export.write import write_export
     from vlmtrain.inference import load
 
-    folder, _ = qwen_checkpoint
-    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder), "model.lm.lora.rank=4")
+    folder, whole = qwen_checkpoint
+    family = family_of(whole)
+    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder, family), "model.lm.lora.rank=4")
     module = built(recipe)
     with torch.no_grad():
         for name, parameter in module.model.named_parameters():
@@ -138,18 +195,19 @@ def test_a_trained_qwen2_5_vl_exports_as_a_native_checkpoint_with_training_outpu
     text_format = TextFormat.of(recipe.data.text)
     trained = TrainedModel(module.model, module.plan.tokenizer, module.plan.model, text_format, recipe, tmp_path)
     line = write_export(trained, recipe, tmp_path / "export")
-    assert line.startswith("a native Qwen2.5-VL checkpoint")
+    assert line.startswith(f"a native {dict(qwen2_5_vl='Qwen2.5-VL', qwen3_vl='Qwen3-VL')[family]} checkpoint")
     config = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert config["model_type"] == "qwen2_5_vl" and "auto_map" not in config and not list((tmp_path / "export").glob("*.py"))
+    assert config["model_type"] == family and "auto_map" not in config and not list((tmp_path / "export").glob("*.py"))
     native = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").eval()
-    assert type(native) is Qwen2_5_VLForConditionalGeneration
+    assert type(native) is getattr(transformers, MODEL_CLASS[family])
     processor, loaded = qwen_processor(tmp_path / "export"), load(tmp_path / "export")
     reference = ExportedModel(module.model.eval(), module.plan.tokenizer, module.plan.model, text_format)
     prompt = f"Look {IMAGE} and say: "
     served_prompt = processor.tokenizer.bos_token + "Look " + "".join(VISION_TOKENS) + " and say: "
+    min_pixels, cell = PROCESSOR[family][:2]
     for budget in LEVELS:
-        images = random_images(loaded.geometry, budget, [(300, 451)], seed=budget)
-        size = {"shortest_edge": 3136, "longest_edge": budget * 28 * 28}
+        images = served_images(loaded.geometry, budget, [(300, 451)], seed=budget)
+        size = {"shortest_edge": min_pixels, "longest_edge": budget * cell * cell}
         inputs = processor(text=served_prompt, images=images, images_kwargs={"size": size}, return_tensors="pt")
         assert torch.equal(inputs["input_ids"], reference.inputs(images, prompt, budget)[0])
         trained_logits = reference.logits(images, prompt, budget)
@@ -159,8 +217,9 @@ def test_a_trained_qwen2_5_vl_exports_as_a_native_checkpoint_with_training_outpu
         torch.testing.assert_close(loaded.logits(images, prompt, budget), trained_logits, atol=1e-5, rtol=1e-5)
         generated = loaded.generate(images, prompt, budget, max_new_tokens=6)
         assert processor.tokenizer.decode(tokens, skip_special_tokens=True) == generated
-    default = json.loads((tmp_path / "export" / "preprocessor_config.json").read_text())["size"]
-    assert default == {"shortest_edge": 3136, "longest_edge": module.plan.model.default_budget * 28 * 28}
+    written = json.loads((tmp_path / "export" / "preprocessor_config.json").read_text())
+    assert written["size"] == {"shortest_edge": min_pixels, "longest_edge": module.plan.model.default_budget * cell * cell}
+    assert (written["patch_size"], written["image_mean"], written["image_std"]) == PROCESSOR[family][2:]
 
     # with the adapter kept apart the export is vlmtrain's remote code: its generation continues the 3-D
     # positions by itself (transformers passes 1-D ones after the prompt)
@@ -169,7 +228,7 @@ def test_a_trained_qwen2_5_vl_exports_as_a_native_checkpoint_with_training_outpu
     write_export(trained, recipe, tmp_path / "kept", keep_adapter=True)
     served = AutoModelForImageTextToText.from_pretrained(tmp_path / "kept", trust_remote_code=True).eval()
     remote = AutoProcessor.from_pretrained(tmp_path / "kept", trust_remote_code=True)
-    images = random_images(loaded.geometry, 280, [(300, 451)], seed=5)
+    images = served_images(loaded.geometry, 280, [(300, 451)], seed=5)
     inputs = remote(text=prompt, images=images, budget=280)
     with torch.no_grad():
         torch.testing.assert_close(served(**inputs).logits, reference.logits(images, prompt, 280), atol=1e-5, rtol=1e-5)
@@ -182,7 +241,7 @@ def test_packed_rows_give_each_sample_its_own_3d_positions(demo_dir, qwen_checkp
     samples: per-sample losses and gradients (fp32, 1e-5); and every sample's positions are what
     Qwen's get_rope_index gives it alone."""
     folder, whole = qwen_checkpoint
-    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder))
+    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder, family_of(whole)))
     module = built(recipe)
     model = module.model
     encoder, decoding = TextEncoder(module.plan.tokenizer, "<|image_pad|>"), module.plan.recipe.data.decoding
@@ -214,10 +273,15 @@ def test_packed_rows_give_each_sample_its_own_3d_positions(demo_dir, qwen_checkp
             thw = torch.tensor([[1, *next(grids)] for _ in sample.images]) if sample.images else None
             expected = whole.model.get_rope_index(ids, (ids == whole.config.image_token_id).int(), image_grid_thw=thw)[0]
             assert torch.equal(positions[:, packed_inputs.sequence_ids == index], expected[:, 0]), (row_tokens, index)
+    model.loss_chunk = 7  # the chunked loss (model.lm.loss_chunk_tokens) runs the same LM layers (DeepStack's too)
+    chunked, chunked_grads = losses_and_grads(model, packed_inputs)
+    torch.testing.assert_close(chunked.loss_sum, packed.loss_sum, atol=1e-5, rtol=1e-5)
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.slow
-def test_a_whole_qwen2_5_vl_trains_under_zero3_on_two_processes_and_exports_what_it_trained(demo_dir, qwen_checkpoint, tmp_path):
+def test_a_whole_checkpoint_trains_under_zero3_on_two_processes_and_exports_what_it_trained(demo_dir, qwen_checkpoint, tmp_path):
     """DeepSpeed ZeRO-3, LoRA, a budget per image, two CPU processes: the run ends, and its native export
     computes what its checkpoint computes."""
     from helpers import LORA, TWO_PROCESSES, run_cli, small_overrides
@@ -225,13 +289,14 @@ def test_a_whole_qwen2_5_vl_trains_under_zero3_on_two_processes_and_exports_what
     from vlmtrain.export.write import export
     from vlmtrain.inference import load, open_run
 
-    folder, _ = qwen_checkpoint
+    folder, whole = qwen_checkpoint
     run = tmp_path / "run"
-    run_cli(small_overrides(demo_dir, run, *qwen_overrides(folder), *TWO_PROCESSES, *LORA, "trainer.strategy=deepspeed",
+    run_cli(small_overrides(demo_dir, run, *qwen_overrides(folder, family_of(whole)), *TWO_PROCESSES, *LORA,
+                            "trainer.strategy=deepspeed",
                             "trainer.deepspeed.stage=3", "budget.per_image=independent"))
     export(run, tmp_path / "export")
     trained, exported = open_run(run), load(tmp_path / "export")
-    images = random_images(exported.geometry, 140, [(300, 451), (900, 420)], seed=7)
+    images = served_images(exported.geometry, 140, [(300, 451), (900, 420)], seed=7)
     prompt = f"Look {IMAGE} and {IMAGE}: "
     torch.testing.assert_close(exported.logits(images, prompt, [140, 70]), trained.logits(images, prompt, [140, 70]),
                                atol=1e-5, rtol=1e-5)

@@ -12,7 +12,7 @@ so a config edited after export is refused, naming the key, instead of computing
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,14 @@ from vlmtrain.train.layout import RECIPE_FILE
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt as the LM takes it: its ids ``(1, L)``, its input embeddings (images spliced in), and its 3-D
-    positions for an LM with multimodal RoPE (None: the LM counts positions itself)."""
+    """A prompt as the LM takes it: its ids ``(1, L)``, its input embeddings (images spliced in), its 3-D
+    positions for an LM with multimodal RoPE (None: the LM counts positions itself), and what else the LM takes
+    of its images (:meth:`VisionLanguageModel.lm_embeddings`)."""
 
     input_ids: torch.Tensor
     embeds: torch.Tensor
     positions: torch.Tensor | None = None
+    visual_inputs: dict[str, Any] = field(default_factory=dict)  # what else the LM takes of the images (Qwen3-VL's DeepStack)
 
 
 AUTO_TOLERANCE = 0.05  # budget="auto": the loss gap (nats per target token) a smaller budget may cost
@@ -108,7 +110,8 @@ class ExportedModel:
         input_ids, batch = self.inputs(images, prompt, self.geometry.levels[0], messages)
         visual = self.model.encode_images(batch)
         question = question_embedding(self.model.lm.get_input_embeddings(), input_ids[0], self.model.image_token_id)
-        budgets = selector.choose(selector_features(visual.float(), batch.token_counts, question), tolerance)
+        features = selector_features(self.model.token_columns(visual).float(), batch.token_counts, question)
+        budgets = selector.choose(features, tolerance)
         return AutoChoice(budgets, input_ids, batch, visual)
 
     def auto_budgets(
@@ -142,8 +145,8 @@ class ExportedModel:
         return self._prompt(input_ids, batch, torch.cat([visual.get(index, reused[index]) for index in range(len(images))]))
 
     def _prompt(self, input_ids: torch.Tensor, images: ImageBatch, visual: torch.Tensor | None = None) -> Prompt:
-        embeds = self.model.embed(input_ids, images, visual=visual)
-        return Prompt(input_ids, embeds, self.model.rope_positions(input_ids, images))
+        embeds, visual_inputs = self.model.lm_embeddings(input_ids, images, visual=visual)
+        return Prompt(input_ids, embeds, self.model.rope_positions(input_ids, images), visual_inputs)
 
     def inputs(
         self,
@@ -183,7 +186,10 @@ class ExportedModel:
     def _logits(self, prompt: Prompt) -> torch.Tensor:
         """The LM's logits for a prepared prompt (its embeddings and positions)."""
         mask = torch.ones_like(prompt.input_ids)
-        output = self.model.lm(inputs_embeds=prompt.embeds, attention_mask=mask, position_ids=prompt.positions, use_cache=False)
+        output = self.model.lm(
+            inputs_embeds=prompt.embeds, attention_mask=mask, position_ids=prompt.positions, use_cache=False,
+            **prompt.visual_inputs,
+        )
         return output.logits
 
     @torch.no_grad()
@@ -216,7 +222,8 @@ class ExportedModel:
         }
         positions = {"position_ids": prompt.positions} if prompt.positions is not None else {}
         output = self.model.lm.generate(
-            inputs_embeds=prompt.embeds, attention_mask=torch.ones_like(prompt.input_ids), **positions, **settings
+            inputs_embeds=prompt.embeds, attention_mask=torch.ones_like(prompt.input_ids), **positions, **prompt.visual_inputs,
+            **settings,
         )
         return self.tokenizer.decode(output[0], skip_special_tokens=True)
 

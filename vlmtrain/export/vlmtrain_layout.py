@@ -65,7 +65,8 @@ class VlmtrainLayout:
         }
         (out / VISION_DIR).mkdir(parents=True, exist_ok=True)
         save_file(vision, str(out / VISION_DIR / WEIGHTS_FILE), metadata=metadata)
-        model.lm.save_pretrained(out / LM_DIR, safe_serialization=True)
+        # under the causal LM's own names (which the index maps), not those of the checkpoint it was read from
+        model.lm.save_pretrained(out / LM_DIR, safe_serialization=True, save_original_format=False)
         tokenizer.save_pretrained(out / LM_DIR)
         write_transformers_model(out, description.to_dict(), model.geometry, model.lm, tokenizer, (VISION_DIR, LM_DIR), adapter)
 

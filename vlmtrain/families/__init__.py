@@ -3,7 +3,8 @@
 checkpoints are read, and its native export.
 
 A family lives in its own module: :mod:`.assembled` (the default: models vlmtrain assembles from parts, and
-the base of every family), :mod:`.gemma4` and :mod:`.qwen2_5_vl`. A new family is one module and one entry in :data:`FAMILIES`.
+the base of every family), :mod:`.gemma4` and :mod:`.qwen_vl` (Qwen2.5-VL and Qwen3-VL). A new family is one
+module and one entry in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from transformers import PreTrainedTokenizerBase
 from vlmtrain.errors import UserError
 from vlmtrain.families.assembled import ASSEMBLED, Family
 from vlmtrain.families.gemma4 import GEMMA4
-from vlmtrain.families.qwen2_5_vl import QWEN2_5_VL
+from vlmtrain.families.qwen_vl import QWEN2_5_VL, QWEN3_VL
 from vlmtrain.model.description import ModelDescription, Start
 from vlmtrain.modeling.backbones import read_config
 from vlmtrain.modeling.vlm import VisionLanguageModel
 
-FAMILIES: tuple[Family, ...] = (GEMMA4, QWEN2_5_VL)  # asked in order; a model none of them concerns is assembled
+FAMILIES: tuple[Family, ...] = (GEMMA4, QWEN2_5_VL, QWEN3_VL)  # asked in order; a model none of them concerns is assembled
 CHECKPOINT_LMS = {model_type: keys for family in FAMILIES for model_type, keys in family.checkpoint_lms.items()}
 
 

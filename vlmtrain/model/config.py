@@ -86,7 +86,7 @@ class LMConfig:
 
 @dataclass
 class ModelConfig:
-    """The model: its parts, or ``checkpoint``, a whole VLM folder (Gemma 4, Qwen2.5-VL) whose family fills in
+    """The model: its parts, or ``checkpoint``, a whole VLM folder (Gemma 4, Qwen2.5-VL, Qwen3-VL) whose family fills in
     every part (tower, pooling, projector, LM, image token); keys the recipe sets itself win."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -115,6 +115,9 @@ def _check_vision(model: ModelConfig, levels: list[int]) -> None:
     BACKBONES[vision.backbone].check(vision)
 
 
+POOLING_TOWERS = tuple(name for name, kind in BACKBONES.items() if kind.pools_itself)
+
+
 def _check_pooling(model: ModelConfig, levels: list[int]) -> None:
     pooling = model.pooling
     one_of("kind", pooling.kind, tuple(POOLINGS))
@@ -124,7 +127,7 @@ def _check_pooling(model: ModelConfig, levels: list[int]) -> None:
         (pooling.kind == "tower") == pools_itself,
         "kind",
         f"the {backbone} encoder pools and projects itself: set model.pooling.kind: tower and model.projector.kind: identity"
-        if pools_itself else "tower: only for an encoder that pools itself (qwen2_5_vl)",
+        if pools_itself else f"tower: only for an encoder that pools itself ({', '.join(POOLING_TOWERS)})",
     )
     if pooling.size is not None:
         positive("size", pooling.size)

@@ -133,12 +133,15 @@ class VisionBackbone(nn.Module):
 
     ``pixels``: ``(P, patch*patch*3)`` uint8, packed; ``positions``: ``(P, 2)`` patch (x, y) in its image;
     ``patch_grids``: ``(I, 2)`` (rows, cols) of each image. ``bins`` (the most patches an image has at each
-    budget level; :func:`run_in_bins`) is set when the model is built from its geometry.
+    budget level; :func:`run_in_bins`) is set when the model is built from its geometry. A tower that also feeds
+    the LM's first layers (Qwen3-VL's DeepStack) gives ``layer_features`` more ``width``-wide column blocks, one
+    per layer, after its tokens' own.
     """
 
     patch_size: int
     width: int
     bins: tuple[int, ...] = (2**62,)
+    layer_features: int = 0
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

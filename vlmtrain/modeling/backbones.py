@@ -165,6 +165,11 @@ TOWERS: dict[str, TowerSpec] = {
         prefixes=("model.visual.", "visual."), own_pool_key="spatial_merge_size", pools_itself=True,
         resize_rule="smart_resize", min_pixels=56 * 56,
     ),
+    "qwen3_vl": TowerSpec(  # as Qwen2.5-VL's; its DeepStack features go to the LM's first layers
+        "Qwen3VLVisionModel", "Qwen3VLVisionConfig", "Qwen3VLBackbone", "qwen3_vl_vision",
+        prefixes=("model.visual.", "visual."), own_pool_key="spatial_merge_size", pools_itself=True,
+        resize_rule="smart_resize", min_pixels=256 * 256,
+    ),
 }
 
 
@@ -177,7 +182,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 class TowerKind(BackboneKind):
-    """A Hugging Face vision tower (SigLIP2, Gemma 4, DINOv2, Qwen2.5-VL); its settings are the model-specific keys
+    """A Hugging Face vision tower (SigLIP2, Gemma 4, DINOv2, Qwen2.5-VL, Qwen3-VL); its settings are the model-specific keys
     of its transformers config."""
 
     def __init__(self, name: str, spec: TowerSpec) -> None:

@@ -1,5 +1,5 @@
-"""Hugging Face vision towers as backbones: SigLIP2 NaFlex, Gemma 4's vision encoder, DINOv2 and Qwen2.5-VL's
-vision tower, each around
+"""Hugging Face vision towers as backbones: SigLIP2 NaFlex, Gemma 4's vision encoder, DINOv2, and Qwen2.5-VL's and
+Qwen3-VL's vision towers, each around
 the transformers model of its kind (registered in :mod:`.backbones`). Pretrained weights are read elsewhere
 (:mod:`vlmtrain.model.pretrained`): an export builds a tower empty and fills it from its own files.
 """
@@ -126,8 +126,10 @@ def merge_window_order(patch_grids: torch.Tensor, merge: int) -> torch.Tensor:
 class Qwen25VLBackbone(VisionBackbone):
     """Qwen2.5-VL's vision tower, its patch merger included: it pools 2x2 patches into a token and projects it to
     the LM's width itself (the model's pooling and projector pass its tokens through). Patches go in as Qwen's
-    processor lays them out (CLIP-normalised, each flattened as channel, frame, row, column with the one frame
+    processor lays them out (normalised, each flattened as channel, frame, row, column with the one frame
     repeated for the temporal patch, in merge-window order); its tokens come out row-major, image after image."""
+
+    normalisation = (CLIP_MEAN, CLIP_STD)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -136,7 +138,7 @@ class Qwen25VLBackbone(VisionBackbone):
         self.merge = model.config.spatial_merge_size
         self.frames = model.config.temporal_patch_size
         self.width = model.config.out_hidden_size
-        self.normalise = PixelNormalisation(CLIP_MEAN, CLIP_STD)
+        self.normalise = PixelNormalisation(*self.normalisation)
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
         size = self.patch_size
@@ -145,9 +147,28 @@ class Qwen25VLBackbone(VisionBackbone):
         patches = patches[:, :, None].expand(-1, -1, self.frames, -1, -1).reshape(patches.shape[0], -1)
         grid_thw = torch.cat([torch.ones_like(patch_grids[:, :1]), patch_grids], dim=1)
         dtype = self.model.patch_embed.proj.weight.dtype
-        return self.model(patches.to(dtype), grid_thw=grid_thw).pooler_output
+        return self.tokens(self.model(patches.to(dtype), grid_thw=grid_thw))
+
+    def tokens(self, output) -> torch.Tensor:
+        """The visual tokens of the tower's output."""
+        return output.pooler_output
+
+
+class Qwen3VLBackbone(Qwen25VLBackbone):
+    """Qwen3-VL's vision tower (as Qwen2.5-VL's; pixels normalised to [-1, 1]), its DeepStack features (the
+    mergers of some of its blocks, added to the LM's first layers) after its tokens' columns."""
+
+    normalisation = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # Qwen3-VL's processor
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.layer_features = len(model.config.deepstack_visual_indexes)
+
+    def tokens(self, output) -> torch.Tensor:
+        return torch.cat([output.pooler_output, *output.deepstack_features], dim=-1)
 
 
 TOWER_BACKBONES = {
-    backbone.__name__: backbone for backbone in (Siglip2Backbone, Gemma4Backbone, Dinov2Backbone, Qwen25VLBackbone)
+    backbone.__name__: backbone
+    for backbone in (Siglip2Backbone, Gemma4Backbone, Dinov2Backbone, Qwen25VLBackbone, Qwen3VLBackbone)
 }

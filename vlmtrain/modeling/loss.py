@@ -18,7 +18,7 @@ from .errors import UserError
 # chunked loss reproduces. Others (Cohere's logit_scale, Granite's logits_scaling, ...) are refused.
 PLAIN_HEADS = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "gemma4_text", "smollm3", "phi3",
-    "olmo2", "ministral",
+    "olmo2", "ministral", "qwen2_5_vl_text", "qwen3_vl_text",
 })
 
 

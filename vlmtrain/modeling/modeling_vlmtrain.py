@@ -22,7 +22,7 @@ from .configuration_vlmtrain import VlmtrainConfig
 from .inputs import ImageBatch
 from .pooling import build_pooling
 from .projector import build_projector
-from .qwen_lm import Qwen25VLTextForCausalLM  # noqa: F401 (importing it registers it as a causal LM)
+from .qwen_lm import QwenVLTextForCausalLM  # noqa: F401 (importing it registers Qwen-VL's text models as causal LMs)
 from .vlm import VisionLanguageModel
 
 IMAGE_INPUTS = ("pixel_values", "pixel_positions", "patch_grids", "token_grids", "image_sample_index")
@@ -98,7 +98,8 @@ class VlmtrainForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             if pixel_values is not None:
                 images = ImageBatch(pixel_values, pixel_positions, patch_grids, token_grids, image_sample_index)
-                inputs_embeds = self.vlm.embed(input_ids, images)
+                inputs_embeds, visual_inputs = self.vlm.lm_embeddings(input_ids, images)
+                kwargs.update(visual_inputs)
                 positions = kwargs.get("position_ids")  # generation's 1-D positions of the prompt, if any
                 if positions is None or positions.ndim == 2:  # an LM with multimodal RoPE takes 3-D ones
                     positions = self.vlm.rope_positions(input_ids, images, positions)

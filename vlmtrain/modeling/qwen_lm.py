@@ -1,31 +1,45 @@
-"""Qwen2.5-VL's language model as a causal LM of its own (transformers has its text model, not a causal LM around
-it), registered with ``AutoModelForCausalLM`` for ``Qwen2_5_VLTextConfig``, and its multimodal RoPE positions.
+"""Qwen2.5-VL's and Qwen3-VL's language models as causal LMs of their own (transformers has their text models, not
+a causal LM around them), registered with ``AutoModelForCausalLM`` for their text configs, and their multimodal
+RoPE positions (the same rule for images in both).
 
 Qwen's LM gives every token three positions (time, row, column): a text token has its index three times; the
 tokens of an image continue from the text before it, ``(p, p + row, p + column)``, and the text after it from
-``p + max(rows, columns)``. :meth:`Qwen25VLTextForCausalLM.rope_positions` computes them for padded and for
-packed rows (each sample's positions restarting at 0), as ``Qwen2_5_VLModel.get_rope_index`` does per sample.
+``p + max(rows, columns)``. :meth:`QwenVLTextForCausalLM.rope_positions` computes them for padded and for
+packed rows (each sample's positions restarting at 0), as ``Qwen2_5_VLModel.get_rope_index`` (and Qwen3-VL's)
+does per sample. Qwen3-VL's text model also takes DeepStack features: visual features added to the hidden states of
+its first layers at the image tokens (``visual_pos_masks``, ``deepstack_visual_embeds``), with the prompt only.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, Cache, GenerationMixin, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+from transformers import (
+    AutoModelForCausalLM,
+    Cache,
+    GenerationMixin,
+    PretrainedConfig,
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLTextModel,
+    Qwen3VLTextConfig,
+    Qwen3VLTextModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedModel
 
 
-class Qwen25VLTextForCausalLM(Qwen2_5_VLPreTrainedModel, GenerationMixin):
-    """Qwen2.5-VL's text model and LM head (the weights ``model.language_model.*`` and ``lm_head.*`` of a whole
-    checkpoint, read with a key mapping)."""
+class QwenVLTextForCausalLM:
+    """A Qwen-VL text model and LM head (the weights ``model.language_model.*`` and ``lm_head.*`` of a whole
+    checkpoint, read with a key mapping); a family's class (this first, then the family's pretrained model
+    class and ``GenerationMixin``) names its transformers text model."""
 
-    config_class = Qwen2_5_VLTextConfig
+    text_model_class: type[nn.Module]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: Qwen2_5_VLTextConfig) -> None:
+    def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
-        self.model = Qwen2_5_VLTextModel(config)
+        self.model = self.text_model_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope_deltas: torch.Tensor | None = None  # generation: each row's 3-D position past its 1-D one
         self.post_init()
@@ -48,11 +62,14 @@ class Qwen25VLTextForCausalLM(Qwen2_5_VLPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        visual_pos_masks: torch.Tensor | None = None,
+        deepstack_visual_embeds: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """The LM's logits (at ``logits_to_keep``). A prompt given 3-D positions (:meth:`rope_positions`) sets how
         far its text positions run ahead of the token count; the tokens generated after it (1-D positions and a
-        cache) continue from there, as Qwen's own generation does."""
+        cache) continue from there, as Qwen's own generation does. DeepStack features (Qwen3-VL) go with the
+        prompt."""
         decoding = cache is not None and cache.get_seq_length() > 0
         if position_ids is not None and position_ids.ndim == 3:
             self.rope_deltas = position_ids.amax(dim=(0, 2)) + 1 - position_ids.shape[-1]
@@ -60,9 +77,11 @@ class Qwen25VLTextForCausalLM(Qwen2_5_VLPreTrainedModel, GenerationMixin):
             if position_ids is None:
                 length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
                 position_ids = torch.arange(length, device=self.lm_head.weight.device)[None] + cache.get_seq_length()
-            position_ids = position_ids + self.rope_deltas[:, None]
+            position_ids = (position_ids + self.rope_deltas[:, None]).expand(3, -1, -1)
         elif not decoding:
             self.rope_deltas = None
+        if deepstack_visual_embeds and not decoding:  # (generation passes them on at every step: the prompt's only)
+            kwargs.update(visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack_visual_embeds)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
@@ -97,4 +116,19 @@ class Qwen25VLTextForCausalLM(Qwen2_5_VLPreTrainedModel, GenerationMixin):
         return torch.stack([time, row, column])
 
 
-AutoModelForCausalLM.register(Qwen2_5_VLTextConfig, Qwen25VLTextForCausalLM, exist_ok=True)
+class Qwen25VLTextForCausalLM(QwenVLTextForCausalLM, Qwen2_5_VLPreTrainedModel, GenerationMixin):
+    """Qwen2.5-VL's language model."""
+
+    config_class = Qwen2_5_VLTextConfig
+    text_model_class = Qwen2_5_VLTextModel
+
+
+class Qwen3VLTextForCausalLM(QwenVLTextForCausalLM, Qwen3VLPreTrainedModel, GenerationMixin):
+    """Qwen3-VL's language model (its first layers also take DeepStack features)."""
+
+    config_class = Qwen3VLTextConfig
+    text_model_class = Qwen3VLTextModel
+
+
+for lm_class in (Qwen25VLTextForCausalLM, Qwen3VLTextForCausalLM):
+    AutoModelForCausalLM.register(lm_class.config_class, lm_class, exist_ok=True)

@@ -87,6 +87,11 @@ class VisionLanguageModel(nn.Module):
         features = self.backbone(images.pixels, images.positions, images.patch_grids)
         return self.projector(self.pooling(features, images.positions, images.token_grids))
 
+    def token_columns(self, visual: torch.Tensor) -> torch.Tensor:
+        """The visual tokens' own columns of :meth:`encode_images`'s output (without the features that a tower
+        feeding the LM's first layers gives beside them)."""
+        return visual[:, : visual.shape[-1] // (1 + self.backbone.layer_features)]
+
     def dummy_images(self, device: torch.device) -> ImageBatch:
         """One blank one-token image: run through the vision parts when a batch has no image, so that every
         rank runs the same modules on every step (ZeRO-3 and DDP hang otherwise)."""
@@ -111,17 +116,29 @@ class VisionLanguageModel(nn.Module):
         """LM input embeddings with each image placeholder replaced by its visual token (placeholders row-major
         are the images' tokens in order); ``sample_ids`` gives each token's sample (default: one per row);
         ``visual``: the images' visual tokens when the caller has them already (:meth:`encode_images`)."""
+        return self.lm_embeddings(input_ids, images, sample_ids, samples, visual)[0]
+
+    def lm_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        images: ImageBatch,
+        sample_ids: torch.Tensor | None = None,
+        samples: int | None = None,
+        visual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | list[torch.Tensor]]]:
+        """:meth:`embed`'s embeddings, and what else the LM takes of the images: for a tower that feeds the LM's
+        first layers (``layer_features``), where the image tokens are and each layer's features (Qwen3-VL's
+        ``visual_pos_masks`` and ``deepstack_visual_embeds``); nothing for any other."""
         if sample_ids is None:
             sample_ids, samples = row_ids(input_ids), input_ids.shape[0]
         placeholders = check_placeholders(input_ids, sample_ids.clamp(min=0), samples, self.image_token_id, images)
         embeds = self.lm.get_input_embeddings()(input_ids)
         if images.count == 0:
-            return embeds + 0.0 * self.encode_images(self.dummy_images(input_ids.device)).sum().to(embeds.dtype)
+            return embeds + 0.0 * self.encode_images(self.dummy_images(input_ids.device)).sum().to(embeds.dtype), {}
         visual = (self.encode_images(images) if visual is None else visual).to(embeds.dtype)
-        return embeds.masked_scatter(placeholders[..., None], visual)
-
-    def _embed_inputs(self, inputs: ModelInput) -> torch.Tensor:
-        return self.embed(inputs.input_ids, inputs.images, inputs.sample_ids, inputs.size)
+        tokens, *layers = visual.split(visual.shape[-1] // (1 + self.backbone.layer_features), dim=-1)
+        embeds = embeds.masked_scatter(placeholders[..., None], tokens)
+        return embeds, ({"visual_pos_masks": placeholders, "deepstack_visual_embeds": layers} if layers else {})
 
     def rope_positions(
         self,
@@ -141,14 +158,15 @@ class VisionLanguageModel(nn.Module):
         return rope_positions(input_ids, positions, sample_ids, self.image_token_id, images.token_grids)
 
     def lm_inputs(self, inputs: ModelInput) -> dict:
-        """What the LM is called with: the embeddings, the mask or sequence offsets, and the positions (3-D for an
-        LM with multimodal RoPE: :meth:`rope_positions`)."""
+        """What the LM is called with: the embeddings (and what else it takes of the images: :meth:`lm_embeddings`),
+        the mask or sequence offsets, and the positions (3-D for an LM with multimodal RoPE: :meth:`rope_positions`)."""
         position_ids = self.rope_positions(inputs.input_ids, inputs.images, inputs.position_ids, inputs.sample_ids)
         if position_ids is None:
             position_ids = inputs.position_ids
+        embeds, visual_inputs = self.lm_embeddings(inputs.input_ids, inputs.images, inputs.sample_ids, inputs.size)
         return {
-            "inputs_embeds": self._embed_inputs(inputs), "attention_mask": inputs.attention_mask, "position_ids": position_ids,
-            "use_cache": False, **inputs.attention_kwargs(),
+            "inputs_embeds": embeds, "attention_mask": inputs.attention_mask, "position_ids": position_ids,
+            "use_cache": False, **visual_inputs, **inputs.attention_kwargs(),
         }
 
     def _transformers_lm(self) -> PreTrainedModel:

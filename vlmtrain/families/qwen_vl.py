@@ -1,0 +1,152 @@
+"""The Qwen-VL families, Qwen2.5-VL and Qwen3-VL: models with the family's vision tower (its patch merger
+included), and whole checkpoints of the family, whose language model (``model.language_model.*`` and ``lm_head``)
+is read as the family's text model with its multimodal RoPE positions (:mod:`vlmtrain.modeling.qwen_lm`). Their
+geometry is the tower kind's (``smart_resize``, :mod:`vlmtrain.modeling.backbones`).
+
+A model whose parts are all the family's (the tower, the ``tower`` pooling and ``identity`` projector, the family's
+text model, a tokenizer with Qwen's vision tokens) exports as a native checkpoint of the family
+(``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``) with Qwen's image processor, no remote
+code; the budget is the image processor's ``max_pixels`` (``size.longest_edge`` = budget × cell², the cell being
+patch × merge: 28 for Qwen2.5-VL, 32 for Qwen3-VL), the default budget its default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import transformers
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from vlmtrain.families.assembled import Family
+from vlmtrain.families.native import NativeCheckpoint
+from vlmtrain.model.description import ModelDescription
+from vlmtrain.modeling.backbones import BACKBONES
+from vlmtrain.modeling.geometry import LEVELS
+from vlmtrain.modeling.prompt import QWEN_IMAGE
+from vlmtrain.modeling.vlm import VisionLanguageModel
+
+# vlmtrain's names (VisionLanguageModel's state dict, LoRA merged) → the family's ForConditionalGeneration's
+NATIVE_NAMES = (
+    ("backbone.model.", "model.visual."),
+    ("lm.model.", "model.language_model."),
+    ("lm.lm_head.", "lm_head."),
+)
+
+
+@dataclass(frozen=True)
+class QwenVLSpec:
+    """What tells the Qwen-VL families apart: names (the tower kind's and the whole checkpoint's model_type), the
+    side of one token's square of pixels in its releases (patch × merge), the transformers config and model
+    classes, the text model's model_type and the processor class."""
+
+    name: str
+    title: str
+    cell: int
+    config_class_name: str
+    architecture: str
+    text_model_type: str
+    processor_class: str
+
+    @property
+    def min_pixels(self) -> int:
+        """The smallest image area its processor leaves (the tower kind's)."""
+        return BACKBONES[self.name].spec.min_pixels  # type: ignore[attr-defined]
+
+
+class QwenVLLayout(NativeCheckpoint):
+    """An export as a native checkpoint of a Qwen-VL family at the folder's root."""
+
+    names = NATIVE_NAMES
+
+    def __init__(self, spec: QwenVLSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.title = spec.title
+        self.summary = f"a native {spec.title} checkpoint ({spec.architecture}, Qwen's image processor, no remote code)"
+        self.card_summary = f"- the folder is a native {spec.title} checkpoint (`{spec.architecture}`)"
+        self.budget_name = f"the image processor's `max_pixels`, budget x {spec.cell} x {spec.cell}"
+
+    def config(self, description: ModelDescription, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+        """The checkpoint's config: the tower's and the LM's own, the tokenizer's vision token ids."""
+        image, start, end = (tokenizer.convert_tokens_to_ids(token) for token in QWEN_IMAGE)
+        config = getattr(transformers, self.spec.config_class_name)(
+            text_config=lm.config.to_dict(),
+            vision_config=dict(description.vision.settings),
+            image_token_id=image,
+            vision_start_token_id=start,
+            vision_end_token_id=end,
+            tie_word_embeddings=getattr(lm.config, "tie_word_embeddings", False),
+        )
+        config.architectures = [self.spec.architecture]
+        config.dtype = lm.config.dtype
+        return config
+
+    def processor_files(self, description: ModelDescription, model: VisionLanguageModel) -> dict[str, dict[str, Any]]:
+        """``preprocessor_config.json``: Qwen's image processor, its default ``max_pixels`` the default budget's."""
+        geometry, normalisation = model.geometry, model.backbone.normalisation
+        processor = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": geometry.min_pixels, "longest_edge": description.default_budget * geometry.cell**2},
+            patch_size=geometry.patch_size, merge_size=geometry.pool, image_mean=list(normalisation[0]),
+            image_std=list(normalisation[1]),
+        )
+        values = json.loads(processor.to_json_string())
+        values["image_processor_type"] = "Qwen2VLImageProcessor"  # transformers picks the backend it has
+        values["processor_class"] = self.spec.processor_class
+        return {"preprocessor_config.json": values}
+
+    def budget_kwargs(self, budget: int) -> str:
+        cell = self.spec.cell
+        return f'{{"size": {{"shortest_edge": {self.spec.min_pixels}, "longest_edge": {budget} * {cell} * {cell}}}}}'
+
+
+class QwenVLFamily(Family):
+    """Every model with the family's vision tower, built as assembled models are; its LM may be a whole checkpoint's
+    of the family; exported natively when all its parts are the family's."""
+
+    def __init__(self, spec: QwenVLSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.title = spec.title
+        self.checkpoint_lms = {spec.name: {r"^model\.language_model\.": "model."}}
+        self.native_layout = QwenVLLayout(spec)
+
+    def concerns(self, description: ModelDescription) -> bool:
+        return description.vision.kind == self.name
+
+    def checkpoint_recipe(self, path: str) -> dict[str, Any]:
+        return {
+            "model": {
+                "vision": {"backbone": self.name, "path": path, "patch_size": None},
+                "pooling": {"kind": "tower", "size": None},
+                "projector": {"kind": "identity"},
+                "lm": {"path": path, "hf_config": None, "image_token": QWEN_IMAGE[0]},
+            },
+            "data": {"text": {"prompt": QWEN_IMAGE[0]}},
+        }
+
+    def native_mismatch(
+        self, description: ModelDescription, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> str | None:
+        """Why the described model cannot be a native checkpoint of the family, in a few words; None when it can."""
+        vocabulary, text_model = tokenizer.get_vocab(), self.spec.text_model_type
+        checks = (
+            (description.pooling.kind == "tower", f"model.pooling.kind is {description.pooling.kind}, not tower"),
+            (description.projector.kind == "identity", f"model.projector.kind is {description.projector.kind}, not identity"),
+            (lm.config.model_type == text_model, f"the language model is {lm.config.model_type}, not {text_model}"),
+            (set(description.levels) <= set(LEVELS), f"levels {description.levels} are not all vlmtrain's"),
+            (description.lm.image_token == QWEN_IMAGE[0], f"the image token is not {QWEN_IMAGE[0]!r}"),
+            (all(token in vocabulary for token in QWEN_IMAGE), f"the tokenizer lacks Qwen's {', '.join(QWEN_IMAGE)}"),
+        )
+        return next((reason for ok, reason in checks if not ok), None)
+
+
+QWEN2_5_VL = QwenVLFamily(QwenVLSpec(
+    "qwen2_5_vl", "Qwen2.5-VL", 28, "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl_text",
+    "Qwen2_5_VLProcessor",
+))
+QWEN3_VL = QwenVLFamily(QwenVLSpec(
+    "qwen3_vl", "Qwen3-VL", 32, "Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "qwen3_vl_text", "Qwen3VLProcessor",
+))
