@@ -76,7 +76,8 @@ def error_of(overrides: list[str]) -> str:
         ("model.projector.kind=linear", "model.projector.kind: 'linear' is not one of mlp, gemma4"),
         (
             "model.vision.backbone=siglip",
-            "model.vision.backbone: 'siglip' is not one of native, siglip2, gemma4, dinov2, qwen2_5_vl, qwen3_vl; did you mean 'siglip2'?",
+            "model.vision.backbone: 'siglip' is not one of native, siglip2, gemma4, dinov2, qwen2_5_vl, qwen3_vl; "
+            "did you mean 'siglip2'?",
         ),
         ("model.vision.hf_config={hidden_size: 8}", "model.vision.hf_config: the native backbone is built from the recipe"),
         ("model.vision.patch_size=null", "model.vision.patch_size: the native backbone needs a patch size"),
