@@ -134,23 +134,33 @@ BAD = [
     ),
     (
         {"messages": [{"role": "user", "content": [{"type": "sound"}]}, {"role": "assistant", "content": "x"}]},
-        "turn 1: a content part must be {'type': 'text', 'text': ...} or {'type': 'image', ...}, found type 'sound'",
+        "turn 1: a content part must be {'type': 'text', 'text': ...}, {'type': 'image', ...} or {'type': 'video', ...}, "
+        "found type 'sound'",
     ),
-    (  # video and audio are refused, whatever way a record gives them (LLaMA-Factory, TRL, OpenAI)
-        {"messages": [{"role": "user", "content": [{"type": "video", "video": "a.mp4"}]}, {"role": "assistant", "content": "x"}]},
-        "turn 1: a 'video' part: vlmtrain trains images and text only (no video or audio yet)",
+    (  # videos and their markers must match, whatever way a record gives them (LLaMA-Factory, TRL, OpenAI)
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": 5}]}, {"role": "assistant", "content": "x"}]},
+        "turn 1: a video part's video must be a path or a list of paths of video files",
     ),
     (
-        {"messages": [{"role": "user", "content": "<video>Why?"}, {"role": "assistant", "content": "x"}], "videos": ["a.mp4"]},
-        "'videos': vlmtrain trains images and text only",
+        {"messages": [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "x"}], "videos": ["a.mp4"]},
+        "0 video markers for 1 videos (a video listed but never placed)",
     ),
     (
         {"conversations": [{"from": "human", "value": "<audio>Who?"}, {"from": "gpt", "value": "x"}]},
-        "a <audio> marker: vlmtrain trains images and text only",
+        "a <audio> marker: vlmtrain trains images, videos and text (no audio yet)",
     ),
     (  # a marker without a videos list (found by scripts/mutants.py: only the list was tested)
         {"conversations": [{"from": "human", "value": "<video>What happens?"}, {"from": "gpt", "value": "x"}]},
-        "a <video> marker: vlmtrain trains images and text only",
+        "1 video markers for 0 videos",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": "<video>Hm?"}, {"from": "gpt", "value": "<video>"}], "videos": ["a.mp4"]},
+        "turn 2: a video in a turn of the assistant (videos go in user turns)",
+    ),
+    ({"videos": ["a.mp4"], "text": "x"}, "videos train in conversations only (a 'messages' or 'conversations' record)"),
+    (
+        {"messages": [{"role": "user", "content": "<video>"}, {"role": "assistant", "content": "x"}], "audios": ["a.wav"]},
+        "'audios': vlmtrain trains images, videos and text (no audio yet)",
     ),
     (
         {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}, {"role": "assistant", "content": "x"}]},
@@ -321,7 +331,10 @@ def test_llama_factory_v1_parts_are_read(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--images", "{tmp}/nowhere"), "error: --images {tmp}/nowhere: no such folder (image paths are relative to it)"),
+        (
+            ("--images", "{tmp}/nowhere"),
+            "error: --images {tmp}/nowhere: no such folder (image and video paths are relative to it)",
+        ),
         (("--images", "{tmp}"), "error: 1 of 1 records are malformed; nothing written (--skip-bad writes the other 0)"),
         (("--images", "{tmp}", "--skip-bad"), "error: no usable record in {tmp}/chat.jsonl: nothing written"),
         (("--images", "{images}", "--samples-per-shard", "0"), "argument --samples-per-shard: must be >= 1, got 0"),

@@ -165,7 +165,7 @@ class ExportedModel:
         batch = ImageBatch.of_images(images, self.description.default_budget if budget is None else budget, self.geometry)
         counts = batch.token_counts.tolist()
         if messages is not None:
-            stored, _, _ = parse_messages(messages)
+            stored, *_ = parse_messages(messages)
             check_conversation(stored, len(images), answered=False)
             ids = self.text.encode_chat_prompt(stored, counts)
         else:

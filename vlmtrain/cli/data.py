@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from vlmtrain.cli.arguments import folder, positive_int
+from vlmtrain.data.annotations import MAPPED_KEYS
 from vlmtrain.errors import UserError
 
 
@@ -17,7 +18,7 @@ def cmd_shards(args: argparse.Namespace) -> None:
 
     max_bytes = parse_bytes(args.shard_size) if args.shard_size else None
     if not args.images.is_dir():
-        raise UserError(f"--images {args.images}: no such folder (image paths are relative to it)")
+        raise UserError(f"--images {args.images}: no such folder (image and video paths are relative to it)")
     columns = parse_columns(args.columns) if args.columns else None
     check = partial(check_image_paths, image_root=args.images, outside_images=args.allow_outside_images)
     annotations = read_annotations(args.annotations, args.format, columns, check)  # the whole file, before any image is read
@@ -49,6 +50,8 @@ def cmd_shards(args: argparse.Namespace) -> None:
     if not report.samples:
         first = "; ".join(f"{key}: {reason}" for key, reason in report.rejected[:3])
         raise UserError(f"wrote 0 samples: all {len(report.rejected)} records were rejected (first: {first})")
+    if report.videos_with_audio:
+        print(f"{report.videos_with_audio} videos have an audio track: stored, ignored in training (vlmtrain trains no audio)")
     print(f"wrote {report.samples} samples in {len(report.shards)} shards to {args.out} (index: {args.prefix}-index.json)")
 
 
@@ -81,7 +84,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="JSON Lines, a JSON array (LLaVA), CSV (an images column: a.jpg;b.jpg), Parquet, Arrow, or a datasets folder",
     )
     sub.add_argument("out", type=folder)
-    sub.add_argument("--images", type=Path, default=Path("."), help="folder the image paths are relative to")
+    sub.add_argument("--images", type=Path, default=Path("."), help="folder the image and video paths are relative to")
     sub.add_argument(
         "--format",
         default="auto",
@@ -91,13 +94,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sub.add_argument(
         "--columns",
         help="the file's names for the keys vlmtrain reads, as LLaMA-Factory's dataset_info.json columns: "
-        "messages=conversations,images=image (keys: messages, images, system, id, budgets)",
+        f"messages=conversations,images=image (keys: {', '.join(MAPPED_KEYS)})",
     )
     sub.add_argument(
         "--skip-bad", action="store_true", help="write the good records and list the malformed ones (default: write nothing)"
     )
     sub.add_argument(
-        "--allow-outside-images", action="store_true", help="read image paths outside --images (.., absolute, symlinks)"
+        "--allow-outside-images", action="store_true", help="read image and video paths outside --images (.., absolute, symlinks)"
     )
     sub.add_argument("--prefix", default="shard")
     sub.add_argument("--samples-per-shard", type=positive_int, default=10000)

@@ -7,12 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from vlmtrain.budget import step_cost
 from vlmtrain.data.batch import Batch, pack_text, pad_text
-from vlmtrain.data.config import DecodingConfig, TextConfig
+from vlmtrain.data.config import DecodingConfig, TextConfig, VideoConfig
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import RawSample, SampleError
+from vlmtrain.data.video import decoded_images
 from vlmtrain.modeling.geometry import Geometry, ImageGeometry, ImageSizeError
 from vlmtrain.modeling.inputs import ImageBatch, ModelInput
 from vlmtrain.modeling.pixels import image_patches
@@ -57,13 +59,22 @@ class Question:
 
 class BatchBuilder:
     """Encodes raw samples at given budgets (the record fields and limits of ``fields``, the decoding
-    settings of ``decoding``) and collates them into a :class:`Batch`."""
+    settings of ``decoding``; ``video``: how the streams that feed it sample a video's frames) and collates them
+    into a :class:`Batch`."""
 
-    def __init__(self, geometry: Geometry, text: TextEncoder, fields: TextConfig, decoding: DecodingConfig) -> None:
+    def __init__(
+        self,
+        geometry: Geometry,
+        text: TextEncoder,
+        fields: TextConfig,
+        decoding: DecodingConfig,
+        video: VideoConfig | None = None,
+    ) -> None:
         self.geometry = geometry
         self.text = text
         self.fields = fields
         self.decoding = decoding
+        self.video = video or VideoConfig()
 
     def image_geometries(self, sample: RawSample, budgets: Budgets) -> list[ImageGeometry]:
         """Each image's geometry at its budget, from the stored sizes (no decoding); an image the geometry cannot
@@ -138,14 +149,17 @@ class BatchBuilder:
         unusable."""
         budgets = per_image(sample, budgets)
         geometries = self.image_geometries(sample, budgets)
-        images = []
-        for data, geometry, (height, width) in zip(sample.images, geometries, sample.sizes, strict=True):
-            try:
-                target = geometry.resize if self.decoding.fast else None
-                image = decode_image(data, self.decoding.max_image_pixels, (height, width), target)
-            except SampleError as error:
-                raise SampleError(error.kind, f"sample {sample.key!r}: {error}") from None
-            images.append((*image_patches(image, geometry, self.geometry.patch_size), geometry))
+
+        def decode(data: bytes, index: int) -> Image.Image:
+            target = geometries[index].resize if self.decoding.fast else None
+            return decode_image(data, self.decoding.max_image_pixels, sample.sizes[index], target)
+
+        try:
+            decoded = decoded_images(sample.images, [geometry.resize for geometry in geometries], decode)
+        except SampleError as error:
+            raise SampleError(error.kind, f"sample {sample.key!r}: {error}") from None
+        patch = self.geometry.patch_size
+        images = [(*image_patches(image, geometry, patch), geometry) for image, geometry in zip(decoded, geometries, strict=True)]
         text = self._encode_text(sample, [geometry.tokens for *_, geometry in images])
         group = str(sample.record.get(self.fields.group_field, "")) if self.fields.group_field else ""
         return EncodedSample(key=sample.key, text=text, images=images, group=group, budgets=budgets)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vlmtrain.modeling.errors import one_of, positive, require
+from vlmtrain.modeling.geometry import LEVELS
 
 TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
 
@@ -62,6 +63,22 @@ class DecodingConfig:
 
 
 @dataclass
+class VideoConfig:
+    """How a video trains: ``fps`` frames a second, at most ``max_frames`` (spread uniformly over a longer
+    video), each an image at ``budget`` tokens (a budget a record fixes for its video wins); ``max_tokens`` caps
+    one video's visual tokens (null: no cap): a video whose frames would pass it trains on fewer frames."""
+
+    fps: float = 2.0
+    max_frames: int = 16
+    budget: int = 70
+    max_tokens: int | None = None
+
+    def frames(self, budget: int) -> int:
+        """The most frames one video trains on at ``budget`` tokens a frame."""
+        return self.max_frames if self.max_tokens is None else max(1, min(self.max_frames, self.max_tokens // budget))
+
+
+@dataclass
 class DataConfig:
     """Where samples come from and how they become batches.
 
@@ -79,6 +96,7 @@ class DataConfig:
     text: TextConfig = field(default_factory=TextConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
 
 
 def check_data(data: DataConfig) -> None:
@@ -106,3 +124,12 @@ def check_data(data: DataConfig) -> None:
     if data.batching.row_tokens is not None:
         positive("batching.row_tokens", data.batching.row_tokens)
     positive("decoding.max_image_pixels", data.decoding.max_image_pixels)
+    for key in ("fps", "max_frames"):
+        positive(f"video.{key}", getattr(data.video, key))
+    require(data.video.budget in LEVELS, "video.budget", f"{data.video.budget} is not one of {', '.join(map(str, LEVELS))}")
+    if data.video.max_tokens is not None:
+        require(
+            data.video.max_tokens >= data.video.budget,
+            "video.max_tokens",
+            f"{data.video.max_tokens} is less than one frame at data.video.budget={data.video.budget}",
+        )

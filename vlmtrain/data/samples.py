@@ -2,7 +2,8 @@
 
 Shard layout (written by :mod:`vlmtrain.data.shards`): ``KEY.json`` holds the text fields and
 ``"images": [{"name": "0.jpg", "width": W, "height": H}, ...]`` (an image may fix its ``budget``), and a
-conversation record its ``messages`` (:mod:`vlmtrain.text.conversation`); ``KEY.0.jpg`` holds the bytes.
+conversation record its ``messages`` (:mod:`vlmtrain.text.conversation`) and ``videos`` (each with its facts:
+:func:`vlmtrain.data.video.probe_video`); ``KEY.0.jpg`` holds the bytes, ``KEY.v0.mp4`` a video's.
 The sizes in the JSON let the pipeline compute geometry and batch sizes before decoding anything.
 """
 
@@ -25,14 +26,17 @@ class SampleError(ValueError):
 
 @dataclass
 class RawSample:
-    """A sample before decoding: its JSON record, image bytes in order, and (height, width) of each image."""
+    """A sample before decoding: its JSON record, image bytes in order (a video's sampled frames among them once
+    :func:`vlmtrain.data.video.with_frames` has placed them), (height, width) of each image, the budget a record
+    fixes for each, and its videos still whole (bytes and facts)."""
 
     key: str
     record: dict[str, Any]
-    images: list[bytes] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)  # encoded image bytes, or VideoFrame
     sizes: list[tuple[int, int]] = field(default_factory=list)
     source: str = ""
     budgets: list[int | None] = field(default_factory=list)
+    videos: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
 
     @property
     def messages(self) -> list[dict[str, Any]] | None:
@@ -75,10 +79,24 @@ def parse_sample(files: dict[str, Any]) -> RawSample:
         images.append(files[name])
         sizes.append((height, width))
         budgets.append(entry.get("budget"))
+    videos = []
+    for entry in record.get("videos", []):
+        try:
+            name = str(entry["name"]).lower()
+            if not (int(entry["width"]) > 0 and int(entry["height"]) > 0 and float(entry["duration"]) > 0):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            needs = "needs name, width, height, duration (> 0)"
+            raise SampleError("bad_json", f"sample {key!r}: video entry {entry!r} {needs}") from None
+        if name not in files:
+            raise SampleError("missing_video", f"sample {key!r}: video file {name!r} is missing")
+        videos.append((files[name], entry))
     try:
-        check_budgets(budgets)
+        check_budgets(budgets + [video.get("budget") for _, video in videos])
         if "messages" in record:
-            check_conversation(record["messages"], len(images))
+            check_conversation(record["messages"], len(images), videos=len(videos))
+        elif videos:
+            raise ConversationError("videos train in conversations only")
     except ConversationError as error:
         raise SampleError("bad_conversation", f"sample {key!r}: {error}") from None
-    return RawSample(key=key, record=record, images=images, sizes=sizes, source=source, budgets=budgets)
+    return RawSample(key=key, record=record, images=images, sizes=sizes, source=source, budgets=budgets, videos=videos)

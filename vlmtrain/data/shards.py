@@ -1,7 +1,8 @@
 """Writing WebDataset shards from images plus annotation records.
 
 Each sample becomes ``KEY.json`` (the record's text fields or its conversation, and every image's name,
-width, height and fixed budget if any) and ``KEY.<i>.<ext>`` per image, bytes unchanged. Images are read
+width, height and fixed budget if any, every video's name and facts) and ``KEY.<i>.<ext>`` per image,
+``KEY.v<i>.<ext>`` per video, bytes unchanged. Images are read
 from inside the images folder only, unless allowed otherwise. Output is deterministic for the same input (whatever
 the number of worker processes); images that cannot be decoded are reported and their samples left
 out; every shard is written to a temporary name and renamed when complete; ``<prefix>-index.json`` maps
@@ -29,19 +30,23 @@ from vlmtrain import reporting
 from vlmtrain.data.annotations import sample_key
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import SampleError
+from vlmtrain.data.video import probe_video
 from vlmtrain.errors import UserError
 from vlmtrain.text.conversation import ImageRef
 
 EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "gif": "gif", "tif": "tif", "tiff": "tif", "webp": "webp", "bmp": "bmp"}
 MAX_IMAGE_PIXELS = 178_956_970
+VIDEO_EXTENSIONS = {"mov": "mp4", "matroska": "mkv", "avi": "avi", "webm": "webm", "mpeg": "mpg", "ogg": "ogv", "gif": "gif"}
 
 
 @dataclass
 class ShardReport:
-    """What a shard-writing run produced: samples per shard, and the samples it rejected with the reason."""
+    """What a shard-writing run produced: samples per shard, the samples it rejected with the reason, and how
+    many of the videos it stored have an audio track (which training ignores)."""
 
     shards: dict[str, int] = field(default_factory=dict)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    videos_with_audio: int = 0
 
     @property
     def samples(self) -> int:
@@ -61,22 +66,25 @@ def image_extension(path: Path, data: bytes) -> str:
     return EXTENSIONS.get(fmt, fmt)
 
 
-def image_path(name: str, image_root: Path, outside_images: bool = False) -> Path:
-    """The file of an image path of a record; raises :class:`SampleError` if it is missing or (unless
-    ``outside_images``) outside ``image_root`` (``..``, an absolute path, a symlink out)."""
+def image_path(name: str, image_root: Path, outside_images: bool = False, what: str = "image") -> Path:
+    """The file of an image (or ``what``: video) path of a record; raises :class:`SampleError` if it is missing or
+    (unless ``outside_images``) outside ``image_root`` (``..``, an absolute path, a symlink out)."""
     path = image_root / name
     if not outside_images and not path.resolve().is_relative_to(image_root.resolve()):
-        raise SampleError("outside_images", f"image {name!r} is outside {str(image_root)!r} (--allow-outside-images reads it)")
+        raise SampleError("outside_images", f"{what} {name!r} is outside {str(image_root)!r} (--allow-outside-images reads it)")
     if not path.is_file():
-        raise SampleError("missing_image", f"image {str(path)!r} not found")
+        raise SampleError(f"missing_{what}", f"{what} {str(path)!r} not found")
     return path
 
 
 def check_image_paths(record: dict[str, Any], image_root: Path, outside_images: bool = False) -> None:
-    """Every image the record names by path is a file it may read (see :func:`image_path`), before any is read."""
+    """Every image and video the record names by path is a file it may read (see :func:`image_path`), before any
+    is read."""
     for ref in record.get("images", []):
         if isinstance(ref, str):
             image_path(ref, image_root, outside_images)
+    for ref in record.get("videos", []):
+        image_path(ref, image_root, outside_images, "video")
 
 
 def image_data(ref: ImageRef, image_root: Path, outside_images: bool = False) -> tuple[Path, bytes]:
@@ -101,8 +109,20 @@ def encode_sample(record: dict[str, Any], image_root: Path, outside_images: bool
         entries.append(
             {"name": stored_name, "width": width, "height": height, **({"budget": budget} if budget is not None else {})}
         )
-    fields = {name: value for name, value in record.items() if name not in ("key", "images", "budgets")}
-    files["json"] = json.dumps({**fields, "images": entries}, sort_keys=True, ensure_ascii=False).encode()
+    videos = []
+    for position, ref in enumerate(record.get("videos", [])):
+        path = image_path(ref, image_root, outside_images, "video")
+        data = path.read_bytes()
+        try:
+            facts = probe_video(data)
+        except SampleError as error:
+            raise SampleError(error.kind, f"video {ref!r}: {error}") from None
+        stored_name = f"v{position}.{VIDEO_EXTENSIONS.get(facts['container'], path.suffix.lstrip('.').lower() or 'video')}"
+        files[stored_name] = data
+        videos.append({"name": stored_name, **facts})
+    fields = {name: value for name, value in record.items() if name not in ("key", "images", "budgets", "videos")}
+    stored = {**fields, "images": entries, **({"videos": videos} if videos else {})}
+    files["json"] = json.dumps(stored, sort_keys=True, ensure_ascii=False).encode()
     return files
 
 
@@ -183,6 +203,7 @@ def write_shards(
                     shard_bytes = 0
                 writer.write({"__key__": key, **files})
                 report.shards[shard_path.name] += 1
+                report.videos_with_audio += sum(video["audio"] for video in json.loads(files["json"]).get("videos", []))
                 shard_bytes += size
         close()
     except UserError:

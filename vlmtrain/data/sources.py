@@ -21,9 +21,13 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from vlmtrain.data.config import VideoConfig
 from vlmtrain.data.samples import RawSample, SampleError, parse_sample
+from vlmtrain.data.video import with_frames
 from vlmtrain.errors import UserError
 from vlmtrain.seeding import mix, unit
+
+DEFAULT_VIDEO = VideoConfig()  # a recipe's data.video when none is given
 
 Position = tuple[int, int]  # (index of the shard in the stream's sequence, index of the sample in that shard)
 
@@ -127,9 +131,10 @@ class _CheckedStream:
         self.stream.close()
 
 
-def read_shard(url: str) -> Iterator[RawSample | SampleError]:
-    """The samples of one shard in order, a malformed one as its SampleError (so positions stay stable);
-    a shard that cannot be opened or breaks off ends with a SampleError of kind ``bad_shard``."""
+def read_shard(url: str, video: VideoConfig = DEFAULT_VIDEO) -> Iterator[RawSample | SampleError]:
+    """The samples of one shard in order (their videos as frames sampled by ``video``: :func:`with_frames`), a
+    malformed one as its SampleError (so positions stay stable); a shard that cannot be opened or breaks off ends
+    with a SampleError of kind ``bad_shard``."""
     errors: list[Exception] = []
 
     def keep(error: Exception) -> bool:
@@ -144,7 +149,7 @@ def read_shard(url: str) -> Iterator[RawSample | SampleError]:
     try:
         for files in group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=keep), handler=keep):
             try:
-                yield parse_sample(files)
+                yield with_frames(parse_sample(files), video)
             except SampleError as error:
                 yield error
         if not errors and not stream.complete():
@@ -168,13 +173,13 @@ class Arrival:
     url: str
 
 
-def stream_samples(shards: ShardSequence, start: Position) -> Iterator[Arrival]:
-    """Every sample of the stream from position ``start`` on, forever."""
+def stream_samples(shards: ShardSequence, start: Position, video: VideoConfig = DEFAULT_VIDEO) -> Iterator[Arrival]:
+    """Every sample of the stream from position ``start`` on, forever (videos as frames sampled by ``video``)."""
     k, first_item = start
     while True:
         url, epoch = shards.shard(k)
         produced = False
-        for item, sample in enumerate(read_shard(url)):
+        for item, sample in enumerate(read_shard(url, video)):
             if item >= first_item:
                 produced = True
                 yield Arrival((k, item), epoch, sample, url)

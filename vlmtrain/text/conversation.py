@@ -4,15 +4,18 @@ must follow, and the readers that bring LLaVA and "messages" (TRL, LLaMA-Factory
 Stored form, in a shard record's JSON::
 
     "messages": [{"role": "system" | "user" | "assistant",
-                  "content": [{"type": "text", "text": "..."} | {"type": "image"}, ...]}, ...]
+                  "content": [{"type": "text", "text": "..."} | {"type": "image"} | {"type": "video"}, ...]}, ...]
     "images":   [{"name": "0.jpg", "width": W, "height": H, "budget": 1120}, ...]
+    "videos":   [{"name": "v0.mp4", "width": W, "height": H, "duration": S, "fps": F, "frames": N, ...}, ...]
 
-The k-th image part of the conversation is ``images[k]``; an image's ``budget`` is optional (it fixes that
-image's token budget in training, whatever the schedule draws).
+The k-th image part of the conversation is ``images[k]``, the k-th video part ``videos[k]``; an image's (or a
+video's) ``budget`` is optional (it fixes that image's, or each of the video's frames', token budget in
+training, whatever the schedule draws).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from vlmtrain.modeling.geometry import LEVELS
@@ -20,13 +23,17 @@ from vlmtrain.modeling.geometry import LEVELS
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 MARKER = "<image>"  # where an image goes in the text of LLaVA and messages records
-UNTRAINED_MARKERS = ("<video>", "<audio>")  # LLaMA-Factory's markers for what vlmtrain does not train
-UNTRAINED_KEYS = ("videos", "video", "audios", "audio")
-UNTRAINED_PARTS = ("video", "video_url", "audio", "audio_url", "input_audio")
-UNTRAINED_MEDIA = "vlmtrain trains images and text only (no video or audio yet): leave such records out (--skip-bad)"
+VIDEO_MARKER = "<video>"  # where a video goes (LLaMA-Factory)
+UNTRAINED_MARKERS = ("<audio>",)  # LLaMA-Factory's markers for what vlmtrain does not train
+UNTRAINED_KEYS = ("audios", "audio")
+UNTRAINED_PARTS = ("audio", "audio_url", "input_audio")
+UNTRAINED_MEDIA = "vlmtrain trains images, videos and text (no audio yet): leave such records out (--skip-bad)"
 TOOL_ROLES = ("tool", "function", "function_call", "observation", "ipython")  # OpenAI, LLaMA-Factory, Llama 3
 UNTRAINED_TOOLS = "vlmtrain trains system, user and assistant turns only (no tool calls yet): leave such records out (--skip-bad)"
 IMAGE_PART = {"type": "image"}
+VIDEO_PART = {"type": "video"}
+MEDIA_PARTS = {MARKER: IMAGE_PART, VIDEO_MARKER: VIDEO_PART}
+MEDIA_NAMES = {"image": "an image", "video": "a video"}
 
 
 class ConversationError(ValueError):
@@ -34,27 +41,29 @@ class ConversationError(ValueError):
 
 
 def split_markers(text: str) -> list[dict[str, str]]:
-    """``text`` as content parts: an image part at each ``<image>`` marker, text parts around them. A video or
-    audio marker is refused (it would otherwise be trained as a word)."""
+    """``text`` as content parts: an image part at each ``<image>`` marker, a video part at each ``<video>``,
+    text parts around them. An audio marker is refused (it would otherwise be trained as a word)."""
     for marker in UNTRAINED_MARKERS:
         if marker in text:
             raise ConversationError(f"a {marker} marker: {UNTRAINED_MEDIA}")
     parts: list[dict[str, str]] = []
-    for index, piece in enumerate(text.split(MARKER)):
-        if index:
-            parts.append(dict(IMAGE_PART))
-        if piece:
+    for piece in re.split(f"({re.escape(MARKER)}|{re.escape(VIDEO_MARKER)})", text):
+        if piece in MEDIA_PARTS:
+            parts.append(dict(MEDIA_PARTS[piece]))
+        elif piece:
             parts.append({"type": "text", "text": piece})
     return parts
 
 
-def image_count(messages: list[dict[str, Any]]) -> int:
-    return sum(part["type"] == "image" for message in messages for part in message["content"])
+def image_count(messages: list[dict[str, Any]], kind: str = "image") -> int:
+    """The image parts (or ``kind`` parts: ``"video"``) of the messages."""
+    return sum(part["type"] == kind for message in messages for part in message["content"])
 
 
-def check_conversation(messages: list[dict[str, Any]], images: int, answered: bool = True) -> None:
-    """The rules of a stored conversation (see the module docstring); raises :class:`ConversationError`.
-    ``answered=False`` checks a conversation that waits for the assistant's answer (no assistant turn needed)."""
+def check_conversation(messages: list[dict[str, Any]], images: int, answered: bool = True, videos: int = 0) -> None:
+    """The rules of a stored conversation (see the module docstring) with ``images`` images and ``videos``
+    videos; raises :class:`ConversationError`. ``answered=False`` checks a conversation that waits for the
+    assistant's answer (no assistant turn needed)."""
     if not isinstance(messages, list) or not messages:
         raise ConversationError("no turns")
     for number, message in enumerate(messages, start=1):
@@ -63,11 +72,12 @@ def check_conversation(messages: list[dict[str, Any]], images: int, answered: bo
             raise ConversationError(f"turn {number}: unknown role {role!r} (roles: {', '.join(ROLES)})")
         content = message.get("content")
         if not isinstance(content, list) or not all(_is_part(part) for part in content):
-            raise ConversationError(f"turn {number}: content must be a list of text and image parts")
+            raise ConversationError(f"turn {number}: content must be a list of text, image and video parts")
         if role == "system" and number > 1:
             raise ConversationError(f"turn {number}: a system turn after the first turn")
-        if role != "user" and any(part["type"] == "image" for part in content):
-            raise ConversationError(f"turn {number}: an image in a turn of the {role} (images go in user turns)")
+        for kind, one in MEDIA_NAMES.items():
+            if role != "user" and any(part["type"] == kind for part in content):
+                raise ConversationError(f"turn {number}: {one} in a turn of the {role} ({kind}s go in user turns)")
         if role == "assistant" and not "".join(part.get("text", "") for part in content).strip():
             raise ConversationError(f"turn {number}: empty assistant turn")
     turns = [message["role"] for message in messages if message["role"] != "system"]
@@ -75,16 +85,17 @@ def check_conversation(messages: list[dict[str, Any]], images: int, answered: bo
         raise ConversationError("the first turn is from the assistant (a conversation starts with the user)")
     if answered and "assistant" not in turns:
         raise ConversationError("no assistant turn (nothing to learn)")
-    placed = image_count(messages)
-    if placed != images:
-        unplaced = " (an image listed but never placed)" if placed < images else ""
-        raise ConversationError(f"{placed} image markers for {images} images{unplaced}")
+    for kind, listed in (("image", images), ("video", videos)):
+        placed = image_count(messages, kind)
+        if placed != listed:
+            unplaced = f" ({MEDIA_NAMES[kind]} listed but never placed)" if placed < listed else ""
+            raise ConversationError(f"{placed} {kind} markers for {listed} {kind}s{unplaced}")
 
 
 def _is_part(part: Any) -> bool:
     if not isinstance(part, dict):
         return False
-    if part.get("type") == "image":
+    if part.get("type") in ("image", "video"):
         return True
     return part.get("type") == "text" and isinstance(part.get("text"), str)
 
@@ -113,6 +124,16 @@ def image_ref(value: Any, where: str) -> ImageRef:
     raise ConversationError(f"{where} must be a path or an image with its bytes ({{'bytes': ..., 'path': ...}})")
 
 
+def video_refs(value: Any, where: str) -> list[str]:
+    """The videos that a record's key or a video part (``where``) gives: one path, a list, or null (none)."""
+    if value is None:
+        return []
+    refs = value if isinstance(value, list) else [value]
+    if not all(isinstance(ref, str) and ref for ref in refs):
+        raise ConversationError(f"{where} must be a path or a list of paths of video files")
+    return refs
+
+
 def image_refs(value: Any, key: str) -> list[ImageRef]:
     """The images of a record's ``key`` (one image, a list, or null: none)."""
     if value is None:
@@ -138,10 +159,13 @@ def with_system(messages: list[dict[str, Any]], record: dict[str, Any]) -> list[
     return [{"role": "system", "content": [{"type": "text", "text": system}] if system else []}, *messages]
 
 
-def from_llava(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[ImageRef], list[int | None]]:
-    """A LLaVA/ShareGPT record (``image`` one image or a list, ``conversations`` of ``from``/``value`` turns
-    with ``<image>`` markers, optionally a ``system`` prompt and ``budgets``, one per image) as (stored
-    messages, images, budgets)."""
+Read = tuple[list[dict[str, Any]], list[ImageRef], list[int | None], list[str]]  # messages, images, budgets, videos
+
+
+def from_llava(record: dict[str, Any]) -> Read:
+    """A LLaVA/ShareGPT record (``image`` one image or a list, ``videos`` (or ``video``) the same for videos,
+    ``conversations`` of ``from``/``value`` turns with ``<image>`` and ``<video>`` markers, optionally a
+    ``system`` prompt and ``budgets``, one per image) as (stored messages, images, budgets, videos)."""
     turns = record.get("conversations")
     if not isinstance(turns, list):
         raise ConversationError("'conversations' must be a list of turns")
@@ -152,8 +176,9 @@ def from_llava(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Image
         messages.append({"role": _role(turn.get("from"), number, LLAVA_ROLES), "content": split_markers(turn["value"])})
     messages = with_system(messages, record)
     images = image_refs(present(record, "image", "images"), "image")
-    check_conversation(messages, len(images))
-    return messages, images, record_budgets(record, len(images))
+    videos = video_refs(present(record, "videos", "video"), "'videos'")
+    check_conversation(messages, len(images), videos=len(videos))
+    return messages, images, record_budgets(record, len(images)), videos
 
 
 def _role(name: Any, number: int, roles: dict[str, str]) -> str:
@@ -177,14 +202,15 @@ def record_budgets(record: dict[str, Any], images: int, named: list[int | None] 
     return budgets
 
 
-def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], list[ImageRef]]:
-    """``messages`` turns (``role``/``content``, content a string with ``<image>`` markers or a list of
-    ``{"type": "text" | "image"}`` parts) as stored messages, with the budget and the image that each image
-    part names, if any (``{"type": "image", "image": "a.jpg"}``, OpenAI's ``image_url`` parts, LLaMA-Factory
-    v1's ``value``). A table's null keys count as absent."""
+def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], list[ImageRef], list[str]]:
+    """``messages`` turns (``role``/``content``, content a string with ``<image>`` and ``<video>`` markers or a
+    list of ``{"type": "text" | "image" | "video"}`` parts) as stored messages, with the budget and the image
+    that each image part names, if any (``{"type": "image", "image": "a.jpg"}``, OpenAI's ``image_url`` parts,
+    LLaMA-Factory v1's ``value``), and the video each video part names (``{"type": "video", "video":
+    "a.mp4"}``). A table's null keys count as absent."""
     if not isinstance(turns, list):
         raise ConversationError("'messages' must be a list of turns")
-    messages, part_budgets, part_images = [], [], []
+    messages, part_budgets, part_images, part_videos = [], [], [], []
     for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict) or turn.get("content") is None:
             raise ConversationError(f"turn {number}: needs 'role' and 'content'")
@@ -207,6 +233,13 @@ def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], 
                         image = part["image_url"].get("url")
                     if image is not None:
                         part_images.append(image_ref(image, f"turn {number}: an image part's image"))
+                elif kind in ("video", "video_url"):
+                    parts.append(dict(VIDEO_PART))
+                    video = present(part, "video", "path", "url", "value")
+                    if kind == "video_url" and isinstance(part.get("video_url"), dict):
+                        video = part["video_url"].get("url")
+                    if video is not None:
+                        part_videos.append(video_refs(video, f"turn {number}: a video part's video")[0])
                 elif isinstance(text, str):
                     parts += split_markers(text)
                 elif kind in UNTRAINED_PARTS:
@@ -214,31 +247,37 @@ def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], 
                 else:
                     found = repr(part) if not isinstance(part, dict) else f"type {kind!r}" if kind else f"keys {list(part)}"
                     raise ConversationError(
-                        f"turn {number}: a content part must be {{'type': 'text', 'text': ...}} or {{'type': 'image', ...}}, "
-                        f"found {found}"
+                        f"turn {number}: a content part must be {{'type': 'text', 'text': ...}}, {{'type': 'image', ...}} or "
+                        f"{{'type': 'video', ...}}, found {found}"
                     )
         else:
             raise ConversationError(f"turn {number}: content must be a string or a list of parts")
         messages.append({"role": role, "content": parts})
-    return messages, part_budgets, part_images
+    return messages, part_budgets, part_images, part_videos
 
 
-def from_messages(record: dict[str, Any]) -> tuple[list[dict[str, Any]], list[ImageRef], list[int | None]]:
+def from_messages(record: dict[str, Any]) -> Read:
     """A "messages" record (:func:`parse_messages`; an ``images`` list, or images in the image parts; budgets
-    in image parts or a ``budgets`` list; a ``system`` column) as (stored messages, images, budget per image)."""
-    messages, part_budgets, part_images = parse_messages(record.get("messages"))
+    in image parts or a ``budgets`` list; ``videos`` the same way; a ``system`` column) as (stored messages,
+    images, budget per image, videos)."""
+    messages, part_budgets, part_images, part_videos = parse_messages(record.get("messages"))
     messages = with_system(messages, record)
     images = image_refs(record.get("images"), "images")
     if not images and part_images:
         images = part_images
     elif images and part_images:
         raise ConversationError("images are named both in 'images' and in image parts; name them in one place")
-    check_conversation(messages, len(images))
-    return messages, images, record_budgets(record, len(images), part_budgets)
+    videos = video_refs(present(record, "videos", "video"), "'videos'")
+    if videos and part_videos:
+        raise ConversationError("videos are named both in 'videos' and in video parts; name them in one place")
+    videos = videos or part_videos
+    check_conversation(messages, len(images), videos=len(videos))
+    return messages, images, record_budgets(record, len(images), part_budgets), videos
 
 
 def as_template_messages(messages: list[dict[str, Any]], image_token: str) -> list[dict[str, str]]:
-    """Stored messages as chat templates take them: content one string, each image part as ``image_token``."""
+    """Stored messages (videos expanded into frames: :func:`vlmtrain.data.samples.with_frames`) as chat
+    templates take them: content one string, each image part as ``image_token``."""
     return [
         {
             "role": message["role"],

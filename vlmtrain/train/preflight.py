@@ -180,7 +180,7 @@ def check_records(plan: RunPlan, source: str) -> None:
     url = expand_shards(spec)[0]
     if url.startswith("pipe:") or "://" in url:
         return  # reading a remote shard here would cost what the loader pays anyway
-    samples = [s for s, _ in zip(read_shard(url), range(PEEK), strict=False) if isinstance(s, RawSample)]
+    samples = [s for s, _ in zip(read_shard(url, recipe.data.video), range(PEEK), strict=False) if isinstance(s, RawSample)]
     text = recipe.data.text
     if any(s.messages is not None for s in samples) and plan.tokenizer.chat_template is None:
         _fail(
@@ -225,7 +225,9 @@ def sample_sizes(plan: RunPlan, samples: list[RawSample]) -> list[tuple[int, int
 
     data = plan.recipe.data
     unbounded = replace(data.text, max_length=sys.maxsize)  # measured here, not refused
-    builder = BatchBuilder(plan.geometry, TextEncoder(plan.tokenizer, plan.model.lm.image_token), unbounded, data.decoding)
+    builder = BatchBuilder(
+        plan.geometry, TextEncoder(plan.tokenizer, plan.model.lm.image_token), unbounded, data.decoding, data.video
+    )
     sizes = []
     for sample in samples:
         try:

@@ -1,0 +1,133 @@
+"""Video: records with videos convert (their files stored unchanged, with their facts), train as frames sampled at
+the recipe's rate (each an image at the video's budget, after its ``mm:ss`` timestamp), decode to the frames at
+their times, and a broken video is one line at conversion and a counted skip in training."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from helpers import write_tar
+from PIL import Image
+
+from vlmtrain.data.builder import BatchBuilder
+from vlmtrain.data.config import DecodingConfig, TextConfig, VideoConfig
+from vlmtrain.data.demo_video import FPS, make_video_set, mean_levels, write_clip
+from vlmtrain.data.samples import RawSample, SampleError
+from vlmtrain.data.sources import read_shard
+from vlmtrain.data.video import decode_frames, frame_times, probe_video
+from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.tokenizers import IGNORE_INDEX, build_byte_tokenizer
+from vlmtrain.text.encoding import TextEncoder
+
+
+@pytest.fixture(scope="module")
+def video_set(tmp_path_factory) -> Path:
+    """The video demo's files (4 train clips, 1 val) converted by ``vlmtrain shards`` as a user would."""
+    folder = tmp_path_factory.mktemp("videos")
+    make_video_set(folder, 4, 1)
+    for split in ("train", "val"):
+        command = [sys.executable, "-m", "vlmtrain.cli", "shards", str(folder / f"{split}.json"), str(folder / "shards"),
+                   "--images", str(folder / "videos"), "--prefix", split]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    return folder
+
+
+def test_frames_are_sampled_at_the_rate_asked_uniformly_and_never_more_than_the_video_has():
+    assert frame_times(10.0, 30.0, 2.0, 8) == [0.625, 1.875, 3.125, 4.375, 5.625, 6.875, 8.125, 9.375]  # capped: spread
+    assert frame_times(3.0, 30.0, 2.0, 16) == [0.25, 0.75, 1.25, 1.75, 2.25, 2.75]  # 2 a second
+    assert frame_times(0.5, 4.0, 8.0, 16) == [0.125, 0.375]  # the clip has 2 frames
+    assert frame_times(0.2, 30.0, 2.0, 16) == [0.1]  # shorter than one interval: its middle
+    assert VideoConfig(max_frames=16, max_tokens=600).frames(70) == 8 and VideoConfig(max_tokens=100).frames(140) == 1
+
+
+def test_the_decoded_frames_are_the_clips_frames_at_their_times(tmp_path):
+    # a clip whose frame n is grey level 10 n: each decoded frame is the first frame at or after its time (within
+    # half a frame), at the size asked; a seek (past SEEK_AHEAD) and decoding on both land there
+    frames = [Image.new("RGB", (64, 48), (10 * n,) * 3) for n in range(24)]
+    write_clip(tmp_path / "grey.mp4", frames, fps=8)
+    data = (tmp_path / "grey.mp4").read_bytes()
+    facts = probe_video(data)
+    assert {k: facts[k] for k in ("width", "height", "fps", "frames", "duration", "audio")} == {
+        "width": 64, "height": 48, "fps": 8.0, "frames": 24, "duration": 3.0, "audio": False
+    }
+    times = [0.0, 0.3, 0.5, 2.9]
+    decoded = decode_frames(data, times, [(24, 32)] * 4)
+    assert [frame.size for frame in decoded] == [(32, 24)] * 4
+    expected = [10 * math.ceil(time * 8 - 0.5) for time in times]  # frame n shows from n / 8 s
+    assert all(abs(found - level) < 4 for found, level in zip(mean_levels(decoded), expected, strict=True)), mean_levels(decoded)
+
+
+def test_videos_are_stored_unchanged_with_their_facts(video_set):
+    records = json.loads((video_set / "train.json").read_text())
+    with tarfile.open(video_set / "shards" / "train-000000.tar") as tar:
+        members = {member.name: tar.extractfile(member).read() for member in tar.getmembers()}
+    for entry in records:
+        stored = json.loads(members[f"{entry['id']}.json"])
+        assert members[f"{entry['id']}.v0.mp4"] == (video_set / "videos" / entry["videos"][0]).read_bytes()
+        (video,) = stored["videos"]
+        assert (video["name"], video["width"], video["height"], video["fps"], video["audio"]) == ("v0.mp4", 320, 240, FPS, False)
+        assert video["duration"] == video["frames"] / FPS and video["frames"] in (24, 32, 40, 48)
+        assert stored["messages"][0]["content"][0] == {"type": "video"}
+
+
+def test_a_video_trains_as_timestamped_frames_at_its_budget_and_labels_stay_on_the_answers(video_set):
+    tokenizer = build_byte_tokenizer()  # with its own chat template: an assistant turn ends with <eos>
+    geometry = Geometry(16, 1)
+    builder = BatchBuilder(geometry, TextEncoder(tokenizer, "<image>"), TextConfig(max_length=512), DecodingConfig())
+    video = VideoConfig(fps=2.0, max_frames=5, budget=140)
+    records = {record["id"]: record for record in json.loads((video_set / "train.json").read_text())}
+    for sample in read_shard(str(video_set / "shards" / "train-000000.tar"), video):
+        assert isinstance(sample, RawSample)
+        record = records[sample.key]
+        assert len(sample.images) == 5 and sample.budgets == [140] * 5  # every clip is 3-6 s: 2 frames a second, at most 5
+        stamps = [part["text"] for part in sample.messages[0]["content"] if part["type"] == "text"][:5]
+        seconds = [int(60 * int(stamp.split(":")[0]) + int(stamp.split(":")[1])) for stamp in stamps]
+        assert stamps[0] == "00:00 " and all(stamp.startswith(" 00:0") for stamp in stamps[1:]) and seconds == sorted(seconds)
+        encoded = builder.encode(sample, sample.budgets)
+        tokens = geometry.image(240, 320, 140).tokens
+        assert [geometry.tokens for *_, geometry in encoded.images] == [tokens] * 5 and tokens <= 140
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
+        assert encoded.text.input_ids.count(image_id) == 5 * tokens
+        pairs = zip(encoded.text.input_ids, encoded.text.labels, strict=True)
+        labelled = [token for token, label in pairs if label != IGNORE_INDEX]
+        answers = [turn["content"] for turn in record["messages"] if turn["role"] == "assistant"]
+        assert tokenizer.decode(labelled, skip_special_tokens=False) == "".join(f"{answer}<eos>" for answer in answers)
+
+
+def test_a_missing_or_broken_video_is_one_line_at_conversion_and_a_counted_skip_in_training(video_set, tmp_path):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    good = json.loads((video_set / "train.json").read_text())[0]
+    (tmp_path / "videos" / good["videos"][0]).write_bytes((video_set / "videos" / good["videos"][0]).read_bytes())
+    answer = {"role": "assistant", "content": "x"}
+    lines = [
+        good,
+        {"messages": [{"role": "user", "content": "<video>What?"}, answer], "videos": ["gone.mp4"]},
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": "broken.mp4"}]}, answer]},
+    ]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    command = [sys.executable, "-m", "vlmtrain.cli", "shards", str(tmp_path / "a.jsonl"), str(tmp_path / "out"),
+               "--images", str(tmp_path / "videos"), "--skip-bad"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"left out {tmp_path / 'a.jsonl'}:2: video '{tmp_path / 'videos' / 'gone.mp4'}' not found" in result.stdout
+    assert "rejected 000000002: video 'broken.mp4': cannot read the video: " in result.stdout
+    assert "wrote 1 samples in 1 shards" in result.stdout
+
+    # a shard whose video breaks off after its headers: the sample is read, then skipped when its frames decode
+    with tarfile.open(video_set / "shards" / "train-000000.tar") as tar:
+        members = [(member.name, tar.extractfile(member).read()) for member in tar.getmembers()][:2]
+    (name, record), (video_name, data) = sorted(members)
+    cut = write_tar(tmp_path / "cut.tar", [(name, record), (video_name, data[: len(data) * 2 // 3])])
+    (sample,) = read_shard(cut)
+    text = TextEncoder(build_byte_tokenizer(), "<image>")
+    builder = BatchBuilder(Geometry(16, 1), text, TextConfig(max_length=512), DecodingConfig())
+    with pytest.raises(SampleError, match=rf"sample {sample.key!r}: cannot .* the video") as caught:
+        builder.encode(sample, sample.budgets)
+    assert caught.value.kind == "video"

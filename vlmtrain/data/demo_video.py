@@ -1,0 +1,93 @@
+"""The video demo: short clips panning over the shipped photos, a large word shown in the first half of each and
+another in the second, in LLaMA-Factory's video format (``messages`` with ``<video>`` markers and a ``videos``
+list of .mp4 files, H.264 through PyAV). The questions need the frames in order (which word comes first, which
+after it) or any frame (which photo it pans over); 70-token frames read the words. ``vlmtrain shards`` turns the
+files into shards like any user's video data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vlmtrain.data.demo import PHOTOS, WORDS, _font, _photo
+from vlmtrain.reporting import progress
+
+VIDEO_SEED = 11
+FRAME_SIZE = (320, 240)  # width, height: even sides (H.264's yuv420p)
+FPS = 8
+
+
+def write_clip(path: Path, frames: list[Image.Image], fps: int = FPS) -> None:
+    """``frames`` (RGB, all of one even size) as an H.264 .mp4 at ``fps`` frames a second."""
+    import av
+
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def clip(index: int, seed: int) -> tuple[list[Image.Image], dict[str, Any]]:
+    """Clip ``index``: its frames (a pan across a photo, one word over the first half, another over the second)
+    and what it shows."""
+    rng = random.Random(f"video:{seed}:{index}")
+    photo_name = rng.choice(PHOTOS)
+    photo = _photo(photo_name)
+    width, height = FRAME_SIZE
+    scale = height / photo.height * rng.uniform(1.0, 1.5)
+    wide = photo.resize((max(width + 8, round(photo.width * scale)), max(height, round(photo.height * scale))))
+    first, second = rng.sample(WORDS, 2)
+    count = rng.randint(3, 6) * FPS
+    font = _font(rng.randint(44, 60))
+    frames = []
+    for number in range(count):
+        left = round((wide.width - width) * number / (count - 1))
+        frame = wide.crop((left, 0, left + width, height))
+        word = first if number < count // 2 else second
+        draw = ImageDraw.Draw(frame)
+        box = draw.textbbox((0, 0), word, font=font)
+        at = ((width - box[2]) // 2, (height - box[3]) // 2)
+        draw.text(at, word, font=font, fill=(255, 255, 255), stroke_width=3, stroke_fill=(0, 0, 0))
+        frames.append(frame)
+    return frames, {"first": first, "second": second, "photo": photo_name.rsplit(".", 1)[0], "seconds": count / FPS}
+
+
+def video_record(index: int, seed: int, video_dir: Path) -> dict[str, Any]:
+    """Record ``index`` of the video set (its clip written to ``video_dir``), as LLaMA-Factory writes one."""
+    frames, shown = clip(index, seed)
+    name = f"clip{seed}_{index:06d}.mp4"
+    write_clip(video_dir / name, frames)
+    turns = [
+        ("user", "<video>Which word appears first?"), ("assistant", shown["first"]),
+        ("user", "And which word comes after it?"), ("assistant", shown["second"]),
+        ("user", "Which photo does the video pan over?"), ("assistant", shown["photo"]),
+    ]
+    return {"id": f"video{seed}_{index:06d}", "messages": [{"role": r, "content": c} for r, c in turns], "videos": [name]}
+
+
+def make_video_set(out_dir: Path, train: int, val: int, seed: int = VIDEO_SEED) -> dict[str, Path]:
+    """Write ``out_dir/videos/*.mp4`` and the files ``out_dir/train.json`` and ``out_dir/val.json``."""
+    video_dir = out_dir / "videos"
+    video_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, indices in {"train": range(train), "val": range(train, train + val)}.items():
+        files[split] = out_dir / f"{split}.json"
+        shown = progress(indices, f"rendering the {split} clips", len(indices))
+        records = [video_record(index, seed, video_dir) for index in shown]
+        files[split].write_text(json.dumps(records, indent=1) + "\n")
+    return files
+
+
+def mean_levels(frames: list[Image.Image]) -> list[float]:
+    """Each frame's mean pixel value (what tests compare decoded frames by)."""
+    return [float(np.asarray(frame).mean()) for frame in frames]

@@ -1,0 +1,160 @@
+"""Video: the facts of a video file (:func:`probe_video`, what ``vlmtrain shards`` stores beside its bytes), which
+frames a sample trains on (:func:`frame_times`, a pure function of those facts and the recipe's ``data.video``),
+and decoding only those frames at the size their budget needs (:func:`decode_frames`), with PyAV (FFmpeg).
+
+A video trains as its sampled frames: each frame is an image of the sample at the video's budget, written in the
+text with its timestamp (``mm:ss``, as Gemma 4's processor writes video frames) before its image tokens.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from itertools import groupby
+from typing import Any
+
+from PIL import Image
+
+from vlmtrain.data.config import VideoConfig
+from vlmtrain.data.samples import RawSample, SampleError
+
+
+@dataclass(frozen=True)
+class VideoFrame:
+    """One sampled frame of a stored video: the video's bytes and the frame's time in seconds."""
+
+    video: bytes
+    time: float
+
+
+def probe_video(data: bytes) -> dict[str, Any]:
+    """The facts of a video file (container, codec, width, height, duration in seconds, frames per second, frame
+    count, whether it has audio) from its headers; :class:`SampleError` of kind ``video`` when it has no video
+    stream, cannot be read, or lasts no time."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise SampleError("video", "the file holds no video stream")
+            stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            else:
+                duration = (container.duration or 0) / 1e6
+            frames = stream.frames or (round(duration * rate) if rate else 0)
+            facts = {
+                "container": container.format.name.split(",")[0], "codec": stream.codec_context.name,
+                "width": stream.codec_context.width, "height": stream.codec_context.height,
+                "duration": round(duration, 6), "fps": round(rate, 6), "frames": int(frames),
+                "audio": bool(container.streams.audio),
+            }
+    except SampleError:
+        raise
+    except Exception as error:  # FFmpeg raises many types for broken files
+        raise SampleError("video", f"cannot read the video: {type(error).__name__}: {error}") from None
+    if not facts["duration"] > 0 or not facts["frames"] or facts["width"] < 1 or facts["height"] < 1:
+        raise SampleError("video", f"the video lasts no time or has no frames ({facts['frames']} frames, {facts['duration']} s)")
+    return facts
+
+
+def frame_times(duration: float, native_fps: float, fps: float, max_frames: int) -> list[float]:
+    """The times (seconds) of the frames a video trains on: ``fps`` frames a second, at most ``max_frames`` spread
+    uniformly over the video when it is longer, each at the middle of its interval; never more than the video has."""
+    available = max(1, math.floor(duration * native_fps)) if native_fps > 0 else max_frames
+    count = max(1, min(max_frames, available, math.floor(duration * fps) or 1))
+    step = duration / count
+    return [round((index + 0.5) * step, 6) for index in range(count)]
+
+
+def timestamp(seconds: float) -> str:
+    """``mm:ss`` of a frame's time, as Gemma 4's processor writes it."""
+    return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
+
+
+SEEK_AHEAD = 2.0  # seconds: a frame farther ahead than this is reached by a seek, a nearer one by decoding on
+
+
+def decode_frames(data: bytes, times: list[float], sizes: list[tuple[int, int]]) -> list[Image.Image]:
+    """The frames at ``times`` (ascending) of a video, each scaled to its (height, width) in ``sizes`` as it is
+    converted to RGB; a frame more than :data:`SEEK_AHEAD` seconds ahead is sought (decoding from the key frame
+    before it), so that a long video's skipped stretches are never decoded. :class:`SampleError` of kind
+    ``video`` for a broken video."""
+    import av
+
+    frames: list[Image.Image] = []
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            half_frame = 0.5 / float(stream.average_rate or 1)
+            decoded: Iterator[av.VideoFrame] | None = None
+            current = None
+            for time, (height, width) in zip(times, sizes, strict=True):
+                if decoded is None or current is None or current.time + SEEK_AHEAD < time:
+                    container.seek(max(0, int(time / stream.time_base)), stream=stream, backward=True)
+                    decoded, current = container.decode(stream), None
+                while current is None or current.time + half_frame < time:
+                    current = next(decoded, None)
+                    if current is None:
+                        raise SampleError("video", f"the video ends before {time:.2f} s")
+                frames.append(current.to_image(width=width, height=height))
+    except SampleError:
+        raise
+    except Exception as error:  # FFmpeg raises many types for broken files
+        raise SampleError("video", f"cannot decode the video: {type(error).__name__}: {error}") from None
+    return frames
+
+
+def with_frames(sample: RawSample, config: VideoConfig) -> RawSample:
+    """``sample`` with each video part of its conversation replaced by the video's sampled frames (:func:`frame_times`
+    at ``config``): per frame its ``mm:ss`` timestamp and an image part (frames joined by a space, as Gemma 4's
+    processor writes them), the frames among the sample's images in conversation order, each at the video's
+    budget (the one its record fixes, else ``config.budget``)."""
+    if not sample.videos:
+        return sample
+    images, videos = iter(zip(sample.images, sample.sizes, sample.budgets, strict=True)), iter(sample.videos)
+    placed: list[tuple[Any, tuple[int, int], int | None]] = []
+    messages = []
+    for message in sample.messages or []:
+        content = []
+        for part in message["content"]:
+            if part["type"] == "image":
+                placed.append(next(images))
+                content.append(part)
+            elif part["type"] == "video":
+                data, facts = next(videos)
+                budget = facts.get("budget") or config.budget
+                duration, native_fps = float(facts["duration"]), float(facts.get("fps") or 0)
+                times = frame_times(duration, native_fps, config.fps, config.frames(budget))
+                for index, time in enumerate(times):
+                    content += [{"type": "text", "text": f"{' ' if index else ''}{timestamp(time)} "}, {"type": "image"}]
+                    placed.append((VideoFrame(data, time), (int(facts["height"]), int(facts["width"])), budget))
+            else:
+                content.append(part)
+        messages.append({**message, "content": content})
+    frames, sizes, budgets = (list(column) for column in zip(*placed, strict=True)) if placed else ([], [], [])
+    record = {**sample.record, "messages": messages}
+    return replace(sample, record=record, images=frames, sizes=sizes, budgets=budgets, videos=[])
+
+
+def decoded_images(
+    images: list[Any], sizes: list[tuple[int, int]], decode_image: Callable[[Any, int], Image.Image]
+) -> list[Image.Image]:
+    """Each of a sample's images decoded: a run of frames of one video by one :func:`decode_frames` (each at
+    its (height, width) in ``sizes``, the size its budget gives it), any other by ``decode_image(data, index)``."""
+    decoded: list[Image.Image] = []
+    def video_of(item: tuple[int, Any]) -> int:  # frames of one video share it; each other image is its own run
+        index, data = item
+        return id(data.video) if isinstance(data, VideoFrame) else -1 - index
+
+    for _, items in groupby(enumerate(images), key=video_of):
+        run = list(items)
+        first, data = run[0]
+        if isinstance(data, VideoFrame):
+            decoded += decode_frames(data.video, [frame.time for _, frame in run], [sizes[index] for index, _ in run])
+        else:
+            decoded.append(decode_image(data, first))
+    return decoded
