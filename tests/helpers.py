@@ -118,7 +118,7 @@ def built(recipe: Recipe) -> VLMModule:
 def in_use(module: VLMModule) -> ExportedModel:
     """A training module's model as a model in use (what an export of it would load as)."""
     plan = module.plan
-    return ExportedModel(module.model, plan.tokenizer, plan.model, TextFormat.of(plan.recipe.data.text))
+    return ExportedModel(module.model, plan.tokenizer, plan.model, TextFormat.of(plan.recipe.data.text), plan.recipe.data.video)
 
 
 def run_cli(overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import write_tar
 from PIL import Image
 
@@ -131,3 +132,37 @@ def test_a_missing_or_broken_video_is_one_line_at_conversion_and_a_counted_skip_
     with pytest.raises(SampleError, match=rf"sample {sample.key!r}: cannot .* the video") as caught:
         builder.encode(sample, sample.budgets)
     assert caught.value.kind == "video"
+
+
+def test_a_model_in_use_answers_a_video_as_training_saw_it(demo_dir, video_set, tmp_path):
+    """The same conversation and video: the logits of a model in use (frames sampled and decoded as in training,
+    each at the video budget after its timestamp) equal training's on the prompt, through an export too."""
+    from helpers import built, in_use, small_recipe
+
+    from vlmtrain.export.format import TextFormat
+    from vlmtrain.export.run import TrainedModel
+    from vlmtrain.export.write import write_export
+    from vlmtrain.inference import load
+    from vlmtrain.train.run import batch_builder
+
+    video = ("data.video.fps=1.5", "data.video.max_frames=3", "data.video.budget=140", "data.text.max_length=512")
+    recipe = small_recipe(demo_dir, tmp_path / "run", *video)
+    module = built(recipe)
+    builder = batch_builder(module.plan)
+    sample = next(iter(read_shard(str(video_set / "shards" / "train-000000.tar"), recipe.data.video)))
+    record = next(r for r in json.loads((video_set / "train.json").read_text()) if r["id"] == sample.key)
+    batch = builder.collate([builder.encode(sample, sample.budgets)], None, packed=False)
+    with torch.no_grad():
+        trained = module.model.eval()(batch.inputs)
+    question = [record["messages"][0]]  # the first user turn: "<video>Which word appears first?"
+    path = video_set / "videos" / record["videos"][0]
+    text_format = TextFormat.of(recipe.data.text)
+    write_export(TrainedModel(module.model, module.plan.tokenizer, module.plan.model, text_format, recipe, tmp_path),
+                 recipe, tmp_path / "export")
+    for model in (in_use(module), load(tmp_path / "export")):
+        assert model.video == recipe.data.video
+        ids, images = model.inputs([], messages=question, videos=[path])
+        assert images.token_counts.tolist() == [geometry.tokens for *_, geometry in builder.encode(sample, sample.budgets).images]
+        assert ids[0].tolist() == batch.inputs.input_ids[0, : ids.shape[1]].tolist()
+        torch.testing.assert_close(model.logits([], messages=question, videos=[path]), trained[:, : ids.shape[1]])
+    assert isinstance(model.generate([], messages=question, videos=[path.read_bytes()], max_new_tokens=4), str)

@@ -20,6 +20,9 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from vlmtrain.data.config import VideoConfig
+from vlmtrain.data.samples import RawSample
+from vlmtrain.data.video import decoded_images, probe_video, with_frames
 from vlmtrain.errors import UserError
 from vlmtrain.export.format import CONFIG_FILE, SELECTOR_DIR, VISION_DIR, VISION_PARTS, TextFormat
 from vlmtrain.export.layouts import read_export
@@ -80,12 +83,18 @@ class ExportedModel:
     """A model ready for use: prepare images at any budget (one per image), get logits, generate text."""
 
     def __init__(
-        self, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, description: ModelDescription, text: TextFormat
+        self,
+        model: VisionLanguageModel,
+        tokenizer: PreTrainedTokenizerBase,
+        description: ModelDescription,
+        text: TextFormat,
+        video: VideoConfig | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.description = description
         self.text_format = text
+        self.video = video or VideoConfig()  # how training sampled a video's frames: requests are sampled alike
         self.text = TextEncoder(tokenizer, description.lm.image_token)
         self.selector: BudgetSelector | None = None  # set by load() when the export has one
 
@@ -127,12 +136,15 @@ class ExportedModel:
         prompt: str | None,
         budget: int | str | Sequence[int] | None,
         messages: list[dict[str, Any]] | None,
+        videos: Sequence[str | Path | bytes] = (),
     ) -> Prompt:
         """The prompt as the LM takes it. With ``budget="auto[:TOL]"`` the selector's pass at the lowest level is
         reused for the images it leaves there: only the others go through the encoder again."""
         if not isinstance(budget, str):
-            input_ids, batch = self.inputs(images, prompt, budget, messages)
+            input_ids, batch = self.inputs(images, prompt, budget, messages, videos)
             return self._prompt(input_ids, batch)
+        if videos:
+            raise UserError(f"budget {budget!r}: the selector chooses image budgets; with videos give a level or a list")
         choice = self.auto_choice(images, prompt, messages, auto_tolerance(budget))
         lowest = self.geometry.levels[0]
         again = [index for index, chosen in enumerate(choice.budgets) if chosen != lowest]
@@ -154,23 +166,53 @@ class ExportedModel:
         prompt: str | None = None,
         budget: int | str | Sequence[int] | None = None,
         messages: list[dict[str, Any]] | None = None,
+        videos: Sequence[str | Path | bytes] = (),
     ) -> tuple[torch.Tensor, ImageBatch]:
         """Token ids of the prompt, or of ``messages`` through the chat template up to the assistant's next
-        turn, with each image's placeholders; and the images cut at their budgets."""
+        turn, with each image's placeholders; and the images cut at their budgets. ``videos`` (files or their
+        bytes, placed by ``<video>`` markers or video parts of ``messages``) are sampled into frames as in
+        training (:attr:`video`), each frame an image at the video budget after its timestamp."""
         if prompt is not None and messages is not None:
             raise ValueError("give a prompt or messages, not both")
         if isinstance(budget, str):
             budget = self.auto_budgets(images, prompt, messages, auto_tolerance(budget))
-        device = self.device
-        batch = ImageBatch.of_images(images, self.description.default_budget if budget is None else budget, self.geometry)
-        counts = batch.token_counts.tolist()
+        budget = self.description.default_budget if budget is None else budget
+        stored = None
         if messages is not None:
             stored, *_ = parse_messages(messages)
-            check_conversation(stored, len(images), answered=False)
+            check_conversation(stored, len(images), answered=False, videos=len(videos))
+            if videos:
+                stored, images, budget = self.with_frames(stored, images, budget, videos)
+        elif videos:
+            raise ValueError("videos go in messages (a <video> marker or a video part places each)")
+        device = self.device
+        batch = ImageBatch.of_images(images, budget, self.geometry)
+        counts = batch.token_counts.tolist()
+        if stored is not None:
             ids = self.text.encode_chat_prompt(stored, counts)
         else:
             ids = self.text.encode_prompt(self.text_format.prompt if prompt is None else prompt, counts)
         return torch.tensor([ids], device=device), batch.to(device)
+
+    def with_frames(
+        self,
+        stored: list[dict[str, Any]],
+        images: Sequence[Image.Image],
+        budget: int | Sequence[int],
+        videos: Sequence[str | Path | bytes],
+    ) -> tuple[list[dict[str, Any]], list[Image.Image], list[int]]:
+        """The stored messages with each video part replaced by its sampled frames and their timestamps, every
+        image and frame in order, and the budget of each (the images' ``budget``, the frames' the video budget)."""
+        datas = [video if isinstance(video, bytes) else Path(video).read_bytes() for video in videos]
+        budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
+        sample = RawSample(
+            "request", {"messages": stored}, list(images), [(image.height, image.width) for image in images],
+            budgets=budgets, videos=[(data, probe_video(data)) for data in datas],
+        )
+        sample = with_frames(sample, self.video)
+        sizes = [self.geometry.image(h, w, b).resize for (h, w), b in zip(sample.sizes, sample.budgets, strict=True)]
+        frames = decoded_images(sample.images, sizes, lambda image, _: image)
+        return sample.messages, frames, [int(b) for b in sample.budgets]
 
     @torch.no_grad()
     def logits(
@@ -179,9 +221,11 @@ class ExportedModel:
         prompt: str | None = None,
         budget: int | str | Sequence[int] | None = None,
         messages: list[dict[str, Any]] | None = None,
+        videos: Sequence[str | Path | bytes] = (),
     ) -> torch.Tensor:
-        """Next-token logits ``(1, L, vocab)`` for the prompt (or conversation) with the images."""
-        return self._logits(self.embeddings(images, prompt, budget, messages))
+        """Next-token logits ``(1, L, vocab)`` for the prompt (or conversation) with the images (and videos:
+        :meth:`inputs`)."""
+        return self._logits(self.embeddings(images, prompt, budget, messages, videos))
 
     def _logits(self, prompt: Prompt) -> torch.Tensor:
         """The LM's logits for a prepared prompt (its embeddings and positions)."""
@@ -200,13 +244,14 @@ class ExportedModel:
         budget: int | str | Sequence[int] | None = None,
         max_new_tokens: int = 64,
         messages: list[dict[str, Any]] | None = None,
+        videos: Sequence[str | Path | bytes] = (),
         **kwargs: Any,
     ) -> str:
         """Greedy (or ``kwargs``-configured) continuation of the prompt, or the assistant's next turn in
-        ``messages`` (``role``/``content`` turns, ``<image>`` markers or image parts placing the images), as
-        text. One budget per image, or one for all, or ``"auto"`` / ``"auto:TOL"``: the budget selector's
-        choice for each image (:meth:`auto_budgets`)."""
-        prepared = self.embeddings(images, prompt, budget, messages)
+        ``messages`` (``role``/``content`` turns, ``<image>`` and ``<video>`` markers or parts placing the images
+        and ``videos``), as text. One budget per image, or one for all, or ``"auto"`` / ``"auto:TOL"``: the
+        budget selector's choice for each image (:meth:`auto_budgets`); a video's frames at the video budget."""
+        prepared = self.embeddings(images, prompt, budget, messages, videos)
         return self.continue_from(prepared, messages is not None, max_new_tokens, **kwargs)
 
     @torch.no_grad()
@@ -276,7 +321,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         if misfits:
             raise UserError(f"{path}: weights {name}.{misfits[0]} do not fit the described model")
         part.load_state_dict(state)
-    exported = ExportedModel(model.to(device=device, dtype=dtype), tokenizer, description, config.text)
+    exported = ExportedModel(model.to(device=device, dtype=dtype), tokenizer, description, config.text, config.video)
     if (path / SELECTOR_DIR).is_dir():
         exported.selector = load_selector(path / SELECTOR_DIR, list(description.levels)).to(device)
     return exported
@@ -285,7 +330,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 def open_run(path: Path) -> ExportedModel:
     """A run directory (its latest checkpoint) or a checkpoint, as a model ready for use."""
     trained = trained_model(path)
-    return ExportedModel(trained.model, trained.tokenizer, trained.description, trained.text_format)
+    return ExportedModel(trained.model, trained.tokenizer, trained.description, trained.text_format, trained.recipe.data.video)
 
 
 def open_model(path: Path) -> ExportedModel:

@@ -1,4 +1,5 @@
-"""``vlmtrain shards``, ``demo-data`` and ``demo-chat``: writing WebDataset shards from annotations, and the demo sets."""
+"""``vlmtrain shards``, ``demo-data``, ``demo-chat`` and ``demo-video``: writing WebDataset shards from annotations,
+and the demo sets."""
 
 from __future__ import annotations
 
@@ -76,6 +77,16 @@ def cmd_demo_chat(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_demo_video(args: argparse.Namespace) -> None:
+    from vlmtrain.data.demo_video import make_video_set
+
+    files = make_video_set(args.out, args.train, args.val)
+    print(
+        f"wrote {', '.join(str(path) for path in files.values())} (LLaMA-Factory's video format) and {args.out / 'videos'}; "
+        f"next: vlmtrain shards {files['train']} {args.out} --images {args.out / 'videos'} --prefix train --samples-per-shard 64"
+    )
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add this group's commands to the ``vlmtrain`` parser."""
     sub = commands.add_parser("shards", help="write WebDataset shards from images and annotations (records, LLaVA, messages)")
@@ -122,3 +133,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--train", type=positive_int, default=640)
     sub.add_argument("--val", type=positive_int, default=32)
     sub.set_defaults(handler=cmd_demo_chat)
+
+    sub = commands.add_parser("demo-video", help="write the video demo: clips with a word in each half, LLaMA-Factory's format")
+    sub.add_argument("--out", type=folder, default=Path("data/generated/video"))
+    sub.add_argument("--train", type=positive_int, default=256)
+    sub.add_argument("--val", type=positive_int, default=32)
+    sub.set_defaults(handler=cmd_demo_video)

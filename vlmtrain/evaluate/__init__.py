@@ -105,7 +105,7 @@ def evaluate_budget(
     # texts of any length
     geometry = replace(model.geometry, levels=LEVELS)
     fields = (text or model.text_format).text_config(max_length=sys.maxsize)
-    builder = BatchBuilder(geometry, model.text, fields, DecodingConfig(fast=True, max_image_pixels=10**9))
+    builder = BatchBuilder(geometry, model.text, fields, DecodingConfig(fast=True, max_image_pixels=10**9), model.video)
     tally, probe, examples = Tally(), LatencyProbe(model), []
     auto = AutoBudgets(model, builder, auto_tolerance(budget)) if isinstance(budget, str) else None
     stream = EvalStream(urls, builder, auto or budget, limit, batch_tokens, max_batch_size=64, where=where)

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.config import RecipeError, structured
-from vlmtrain.data.config import TextConfig
+from vlmtrain.data.config import TextConfig, VideoConfig
 from vlmtrain.errors import UserError
 from vlmtrain.model.description import ModelDescription
 from vlmtrain.modeling.backbones import BACKBONES
@@ -62,8 +62,9 @@ class TextFormat:
 @dataclass
 class ExportConfig:
     """What ``vision/config.json`` holds: the format version, the layout, the model description, the text
-    format, the LoRA adapter folder (None: merged) and each weights file's fingerprint (path in the folder →
-    :func:`weights_fingerprint`)."""
+    format, the LoRA adapter folder (None: merged), each weights file's fingerprint (path in the folder →
+    :func:`weights_fingerprint`) and how videos were sampled into frames in training (the recipe's
+    ``data.video``; an export written before videos trained gets the defaults)."""
 
     format: str = ""
     layout: str = ""
@@ -71,6 +72,7 @@ class ExportConfig:
     text: TextFormat = field(default_factory=TextFormat)
     adapter: str | None = None
     weights: dict[str, str] = field(default_factory=dict)
+    video: VideoConfig = field(default_factory=VideoConfig)
 
 
 class Layout(Protocol):

@@ -146,7 +146,7 @@ def _write_files(trained: Exportable, recipe: Recipe, out: Path, keep_adapter: b
     )
     adapter = ADAPTER_DIR if keep_adapter else None
     out.mkdir(parents=True)
-    config = ExportConfig(EXPORT_FORMAT, layout.name, description, trained.text_format, adapter)
+    config = ExportConfig(EXPORT_FORMAT, layout.name, description, trained.text_format, adapter, video=recipe.data.video)
     write_config(out, config)
     if adapter is not None:
         save_adapter_folder(model.lm, out / adapter)

@@ -80,7 +80,7 @@ def label_budgets(
     """The loss of the first ``limit`` samples of ``urls`` at each of the model's levels, and their features."""
     levels = list(model.geometry.levels)
     fields = (text or model.text_format).text_config(max_length=sys.maxsize)
-    builder = BatchBuilder(model.geometry, model.text, fields, DecodingConfig(fast=True, max_image_pixels=10**9))
+    builder = BatchBuilder(model.geometry, model.text, fields, DecodingConfig(fast=True, max_image_pixels=10**9), model.video)
     began = time.perf_counter()
     losses: dict[str, dict[int, float]] = {}
     features: dict[str, torch.Tensor] = {}
