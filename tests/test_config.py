@@ -102,7 +102,7 @@ def error_of(overrides: list[str]) -> str:
         ("data.text.prompt=Describe", "data.text.prompt: must contain the image marker '<image>'"),
         ("data.video.budget=100", "data.video.budget: 100 is not one of 70, 140, 280, 560, 1120"),
         ("data.video.fps=nan", "data.video.fps: nan is not a finite number"),
-        ("data.video.max_tokens=69", "data.video.max_tokens: 69 is less than one frame at data.video.budget=70"),
+        ("data.video.max_tokens=69", "data.video.max_tokens: 69 is less than one frame at the largest video budget, 70"),
         (
             "data.batching.batch_tokens=500",
             "data.batching.batch_tokens: 500 cannot hold one image at the largest budget plus data.text.max_length (1184)",

@@ -166,3 +166,25 @@ def test_a_model_in_use_answers_a_video_as_training_saw_it(demo_dir, video_set, 
         assert ids[0].tolist() == batch.inputs.input_ids[0, : ids.shape[1]].tolist()
         torch.testing.assert_close(model.logits([], messages=question, videos=[path]), trained[:, : ids.shape[1]])
     assert isinstance(model.generate([], messages=question, videos=[path.read_bytes()], max_new_tokens=4), str)
+
+
+def test_each_video_draws_one_budget_for_all_its_frames_per_step_and_a_fixed_one_wins():
+    from vlmtrain.budget import BudgetSchedule
+    from vlmtrain.data.video import frame_budgets, with_frames
+
+    facts = {"width": 64, "height": 48, "duration": 2.0, "fps": 8.0}
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "image"}, {"type": "video"}, {"type": "video"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]
+    videos = [(b"a", facts), (b"b", facts), (b"c", {**facts, "budget": 1120})]
+    config = VideoConfig(fps=2.0, levels=[70, 280], weights=[1.0, 1.0])
+    sample = with_frames(RawSample("k", {"messages": messages}, [b"img"], [(48, 64)], budgets=[560], videos=videos), config)
+    assert sample.frame_of == [0] * 4 + [None] + [1] * 4 + [2] * 4
+    assert sample.budgets == [None] * 4 + [560] + [None] * 4 + [1120] * 4  # drawn, the image's, drawn, the record's
+    schedule = BudgetSchedule.uniform(seed=3)
+    draws = [frame_budgets(sample, config, schedule, step) for step in range(400)]
+    assert draws[7] == frame_budgets(sample, config, BudgetSchedule.uniform(seed=3), 7)  # pure: any process agrees
+    for drawn in draws:
+        assert len(set(drawn[:4])) == 1 and len(set(drawn[5:9])) == 1 and drawn[4] == 560 and drawn[9:] == [1120] * 4
+    differ = sum(drawn[0] != drawn[5] for drawn in draws) / len(draws)  # two videos differ in 1 - sum(w^2) = 1/2 of steps
+    over_steps = {drawn[0] for drawn in draws}
+    assert 0.4 < differ < 0.6 and over_steps == {70, 280}

@@ -136,7 +136,17 @@ class BudgetSchedule:
             for index, mine in enumerate(fixed)
         )
 
+    def video_budget(self, step: int, key: str, video: int, levels: Sequence[int], weights: Sequence[float]) -> int:
+        """The budget of every frame of video ``video`` of sample ``key`` at ``step``, drawn from the videos'
+        own ``levels`` and ``weights`` (the recipe's ``data.video``)."""
+        return categorical(levels, weights, unit(self.seed, step, text_id(key), video, 0x71DE0))
+
     def _draw(self, u: float) -> int:
-        cumulative = list(accumulate(self.weights))
-        index = bisect_right(cumulative, u * cumulative[-1])
-        return self.levels[min(index, len(self.levels) - 1)]
+        return categorical(self.levels, self.weights, u)
+
+
+def categorical(levels: Sequence[int], weights: Sequence[float], u: float) -> int:
+    """The level that ``u`` in [0, 1) picks from ``levels`` with ``weights`` (inverse of their cumulative sum)."""
+    cumulative = list(accumulate(weights))
+    index = bisect_right(cumulative, u * cumulative[-1])
+    return levels[min(index, len(levels) - 1)]

@@ -65,17 +65,22 @@ class DecodingConfig:
 @dataclass
 class VideoConfig:
     """How a video trains: ``fps`` frames a second, at most ``max_frames`` (spread uniformly over a longer
-    video), each an image at ``budget`` tokens (a budget a record fixes for its video wins); ``max_tokens`` caps
-    one video's visual tokens (null: no cap): a video whose frames would pass it trains on fewer frames."""
+    video), each an image at ``budget`` tokens, or, with ``levels`` (and ``weights``, uniform by default), at a
+    budget drawn per video and step from them (a budget a record fixes for its video wins); ``max_tokens`` caps
+    one video's visual tokens (null: no cap): a video whose frames would pass it at its largest budget trains
+    on fewer frames."""
 
     fps: float = 2.0
     max_frames: int = 16
     budget: int = 70
+    levels: list[int] | None = None
+    weights: list[float] | None = None
     max_tokens: int | None = None
 
     def frames(self, budget: int) -> int:
-        """The most frames one video trains on at ``budget`` tokens a frame."""
-        return self.max_frames if self.max_tokens is None else max(1, min(self.max_frames, self.max_tokens // budget))
+        """The most frames one video trains on at ``budget`` tokens a frame (its largest drawn level, if drawn)."""
+        largest = max(self.levels) if self.levels else budget
+        return self.max_frames if self.max_tokens is None else max(1, min(self.max_frames, self.max_tokens // largest))
 
 
 @dataclass
@@ -127,9 +132,22 @@ def check_data(data: DataConfig) -> None:
     for key in ("fps", "max_frames"):
         positive(f"video.{key}", getattr(data.video, key))
     require(data.video.budget in LEVELS, "video.budget", f"{data.video.budget} is not one of {', '.join(map(str, LEVELS))}")
-    if data.video.max_tokens is not None:
+    if data.video.levels is not None:
+        levels = data.video.levels
+        known = ", ".join(map(str, LEVELS))
+        require(bool(levels) and set(levels) <= set(LEVELS), "video.levels", f"{levels} must be some of {known}")
+        weights = data.video.weights
         require(
-            data.video.max_tokens >= data.video.budget,
+            weights is None or (len(weights) == len(levels) and all(weight >= 0 for weight in weights) and sum(weights) > 0),
+            "video.weights",
+            f"{weights} must give one weight >= 0 per level of data.video.levels, not all 0",
+        )
+    else:
+        require(data.video.weights is None, "video.weights", "weights need data.video.levels")
+    if data.video.max_tokens is not None:
+        largest = max(data.video.levels or [data.video.budget])
+        require(
+            data.video.max_tokens >= largest,
             "video.max_tokens",
-            f"{data.video.max_tokens} is less than one frame at data.video.budget={data.video.budget}",
+            f"{data.video.max_tokens} is less than one frame at the largest video budget, {largest}",
         )

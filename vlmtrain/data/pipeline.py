@@ -23,6 +23,7 @@ from vlmtrain.data.builder import BatchBuilder, Budgets, EncodedSample
 from vlmtrain.data.config import DataConfig
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import Arrival, Position, ShardSequence, Source, StreamId, read_shard, stream_samples
+from vlmtrain.data.video import frame_budgets
 from vlmtrain.errors import UserError
 from vlmtrain.modeling.geometry import BudgetError
 from vlmtrain.seeding import rng
@@ -209,7 +210,8 @@ class TrainStream(IterableDataset):
         """The budget of each of the sample's images in a batch at ``budget``; drawn independently, from the
         step the sample arrived at (so each sample keeps its draw while it waits, and which samples a batch
         takes cannot favour any budget; see :meth:`~vlmtrain.budget.BudgetSchedule.image_budgets`)."""
-        return self.schedule.image_budgets(entry.arrived, entry.sample.key, budget, entry.sample.budgets)
+        fixed = frame_budgets(entry.sample, self.builder.video, self.schedule, entry.arrived)
+        return self.schedule.image_budgets(entry.arrived, entry.sample.key, budget, fixed)
 
     def take(self, pool: BucketPool, step: int, skips: SkipLog) -> list[Batch]:
         """The batch(es) of ``step``: one bucket, one budget each (several budgets in matryoshka mode). With

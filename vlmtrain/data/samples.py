@@ -28,7 +28,8 @@ class SampleError(ValueError):
 class RawSample:
     """A sample before decoding: its JSON record, image bytes in order (a video's sampled frames among them once
     :func:`vlmtrain.data.video.with_frames` has placed them), (height, width) of each image, the budget a record
-    fixes for each, and its videos still whole (bytes and facts)."""
+    fixes for each (None: drawn), which video each is a frame of (None: an image; empty: no frames), and its
+    videos still whole (bytes and facts)."""
 
     key: str
     record: dict[str, Any]
@@ -37,6 +38,7 @@ class RawSample:
     source: str = ""
     budgets: list[int | None] = field(default_factory=list)
     videos: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
+    frame_of: list[int | None] = field(default_factory=list)
 
     @property
     def messages(self) -> list[dict[str, Any]] | None:

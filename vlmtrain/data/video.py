@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from vlmtrain.budget import BudgetSchedule
 from vlmtrain.data.config import VideoConfig
 from vlmtrain.data.samples import RawSample, SampleError
 
@@ -112,11 +113,13 @@ def with_frames(sample: RawSample, config: VideoConfig) -> RawSample:
     """``sample`` with each video part of its conversation replaced by the video's sampled frames (:func:`frame_times`
     at ``config``): per frame its ``mm:ss`` timestamp and an image part (frames joined by a space, as Gemma 4's
     processor writes them), the frames among the sample's images in conversation order, each at the video's
-    budget (the one its record fixes, else ``config.budget``)."""
+    budget (the one its record fixes, else ``config.budget``, or none when ``config.levels`` draws it:
+    :func:`frame_budgets`)."""
     if not sample.videos:
         return sample
-    images, videos = iter(zip(sample.images, sample.sizes, sample.budgets, strict=True)), iter(sample.videos)
-    placed: list[tuple[Any, tuple[int, int], int | None]] = []
+    images = iter(zip(sample.images, sample.sizes, sample.budgets, [None] * len(sample.images), strict=True))
+    videos = iter(enumerate(sample.videos))
+    placed: list[tuple[Any, tuple[int, int], int | None, int | None]] = []
     messages = []
     for message in sample.messages or []:
         content = []
@@ -125,19 +128,31 @@ def with_frames(sample: RawSample, config: VideoConfig) -> RawSample:
                 placed.append(next(images))
                 content.append(part)
             elif part["type"] == "video":
-                data, facts = next(videos)
-                budget = facts.get("budget") or config.budget
+                video, (data, facts) = next(videos)
+                budget = facts.get("budget") or (None if config.levels else config.budget)
                 duration, native_fps = float(facts["duration"]), float(facts.get("fps") or 0)
-                times = frame_times(duration, native_fps, config.fps, config.frames(budget))
+                times = frame_times(duration, native_fps, config.fps, config.frames(budget or config.budget))
                 for index, time in enumerate(times):
                     content += [{"type": "text", "text": f"{' ' if index else ''}{timestamp(time)} "}, {"type": "image"}]
-                    placed.append((VideoFrame(data, time), (int(facts["height"]), int(facts["width"])), budget))
+                    placed.append((VideoFrame(data, time), (int(facts["height"]), int(facts["width"])), budget, video))
             else:
                 content.append(part)
         messages.append({**message, "content": content})
-    frames, sizes, budgets = (list(column) for column in zip(*placed, strict=True)) if placed else ([], [], [])
+    frames, sizes, budgets, frame_of = (list(column) for column in zip(*placed, strict=True)) if placed else ([], [], [], [])
     record = {**sample.record, "messages": messages}
-    return replace(sample, record=record, images=frames, sizes=sizes, budgets=budgets, videos=[])
+    return replace(sample, record=record, images=frames, sizes=sizes, budgets=budgets, videos=[], frame_of=frame_of)
+
+
+def frame_budgets(sample: RawSample, config: VideoConfig, schedule: BudgetSchedule, step: int) -> list[int | None]:
+    """The budget the sample fixes for each image, every frame whose budget is drawn (``config.levels``) at its
+    video's draw for ``step`` (:meth:`~vlmtrain.budget.BudgetSchedule.video_budget`)."""
+    if not config.levels:
+        return sample.budgets
+    weights = config.weights or [1.0] * len(config.levels)
+    return [
+        schedule.video_budget(step, sample.key, video, config.levels, weights) if budget is None and video is not None else budget
+        for budget, video in zip(sample.budgets, sample.frame_of or [None] * len(sample.budgets), strict=True)
+    ]
 
 
 def decoded_images(

@@ -19,6 +19,7 @@ import torch
 from vlmtrain.config import Recipe, RecipeError
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import expand_shards, read_shard
+from vlmtrain.data.video import frame_budgets
 from vlmtrain.modeling.backbones import BACKBONES, TowerKind
 from vlmtrain.modeling.geometry import BudgetError
 from vlmtrain.train.deepspeed_config import read_user_config
@@ -240,8 +241,10 @@ def sample_sizes(plan: RunPlan, samples: list[RawSample]) -> list[tuple[int, int
 
 
 def _visual_tokens(builder: BatchBuilder, schedule: BudgetSchedule, sample: RawSample, budget: int) -> int:
-    """The sample's visual tokens in a step at ``budget``, its images' fixed budgets kept (as training assigns them)."""
-    return builder.visual_tokens(sample, schedule.image_budgets(0, sample.key, budget, sample.budgets))
+    """The sample's visual tokens in a step at ``budget``, its images' fixed budgets kept and its frames' drawn (as
+    training assigns them)."""
+    fixed = frame_budgets(sample, builder.video, schedule, 0)
+    return builder.visual_tokens(sample, schedule.image_budgets(0, sample.key, budget, fixed))
 
 
 
