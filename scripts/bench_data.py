@@ -34,7 +34,7 @@ from vlmtrain.budget import BudgetSchedule
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.config import BatchingConfig, DataConfig, DecodingConfig, TextConfig
 from vlmtrain.data.datamodule import _unbatched
-from vlmtrain.data.demo import PHOTOS, _photo
+from vlmtrain.data.demo import PHOTOS, demo_photo
 from vlmtrain.data.pipeline import TrainStream
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.shards import write_shards
@@ -57,7 +57,7 @@ def build_corpus(out: Path, count: int, seed: int = 0) -> list[str]:
     image_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(count):
-        photo = _photo(rng.choice(PHOTOS))
+        photo = demo_photo(rng.choice(PHOTOS))
         aspect_w, aspect_h = rng.choice(ASPECTS)
         scale = min(photo.width / aspect_w, photo.height / aspect_h) * rng.uniform(0.5, 1.0)
         w, h = max(8, int(aspect_w * scale)), max(8, int(aspect_h * scale))

@@ -52,7 +52,7 @@ def build_mix(out: Path, count: int, seed: int = 0) -> str:
     from PIL import Image
 
     from vlmtrain.data.annotations import read_annotations
-    from vlmtrain.data.demo import PHOTOS, _photo
+    from vlmtrain.data.demo import PHOTOS, demo_photo
     from vlmtrain.data.shards import write_shards
 
     if (out / "mix-index.json").is_file():
@@ -67,7 +67,7 @@ def build_mix(out: Path, count: int, seed: int = 0) -> str:
         images = 0 if rng.random() < 0.1 else (2 if rng.random() < 0.11 else 1)
         names = []
         for position in range(images):
-            photo = _photo(rng.choice(PHOTOS))
+            photo = demo_photo(rng.choice(PHOTOS))
             aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
             long_side = int(math.exp(rng.uniform(math.log(200), math.log(1600))))
             width, height = (

@@ -81,7 +81,7 @@ def figures_by_hand(run_dir, urls: list[str], budget: int, limit: int, max_new_t
         images += len(sample.sizes)
         start = int(torch.nonzero(inputs.labels[0] != IGNORE_INDEX)[0, 0])
         sequence = inputs.input_ids[:, :start]
-        embeds = model.model.embed(sequence, inputs.images)
+        embeds = model.model.embed(sequence, inputs.images)[0]
         generated: list[int] = []
         for _ in range(max_new_tokens):
             token = int(model.model.lm(inputs_embeds=embeds, use_cache=False).logits[0, -1].argmax())

@@ -339,7 +339,7 @@ def test_each_image_fills_exactly_its_own_placeholders_in_order(tiny_model, real
     model, builder = tiny_model
     batch = builder.collate([builder.encode(s, budget) for s in real_samples], budget, packed=False).inputs
     with torch.no_grad():
-        embeds = model.embed(batch.input_ids, batch.images)
+        embeds = model.embed(batch.input_ids, batch.images)[0]
         placeholders = batch.input_ids == model.image_token_id
         for row in range(batch.size):
             images = torch.nonzero(batch.images.sample_index == row).squeeze(1).tolist()
@@ -464,7 +464,7 @@ def test_one_sample_trains_one_image_at_1120_and_the_other_at_70_in_one_pass(cha
     expected = [model.geometry.image(h, w, b).tokens for (h, w), b in zip(sample.sizes, (1120, 70), strict=True)]
     assert batch.inputs.images.token_counts.tolist() == expected and expected[0] > 1000 >= 70 >= expected[1]
     inputs = batch.inputs
-    embeds = model.embed(inputs.input_ids, inputs.images)
+    embeds = model.embed(inputs.input_ids, inputs.images)[0]
     placeholders = inputs.input_ids[0] == model.image_token_id
     assert int(placeholders.sum()) == sum(expected)
     with torch.no_grad():

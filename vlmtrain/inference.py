@@ -45,7 +45,7 @@ from vlmtrain.train.layout import RECIPE_FILE
 class Prompt:
     """A prompt as the LM takes it: its ids ``(1, L)``, its input embeddings (images spliced in), its 3-D
     positions for an LM with multimodal RoPE (None: the LM counts positions itself), and what else the LM takes
-    of its images (:meth:`VisionLanguageModel.lm_embeddings`)."""
+    of its images (:meth:`VisionLanguageModel.embed`)."""
 
     input_ids: torch.Tensor
     embeds: torch.Tensor
@@ -157,7 +157,7 @@ class ExportedModel:
         return self._prompt(input_ids, batch, torch.cat([visual.get(index, reused[index]) for index in range(len(images))]))
 
     def _prompt(self, input_ids: torch.Tensor, images: ImageBatch, visual: torch.Tensor | None = None) -> Prompt:
-        embeds, visual_inputs = self.model.lm_embeddings(input_ids, images, visual=visual)
+        embeds, visual_inputs = self.model.embed(input_ids, images, visual=visual)
         return Prompt(input_ids, embeds, self.model.rope_positions(input_ids, images), visual_inputs)
 
     def inputs(

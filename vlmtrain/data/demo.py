@@ -38,14 +38,16 @@ MANIFEST = "demo.json"
 
 
 @cache
-def _photo(name: str) -> Image.Image:
+def demo_photo(name: str) -> Image.Image:
+    """A shipped photo (``data/images``) as RGB, read once."""
     with Image.open(DATA_DIR / "images" / name) as image:
         image.load()
         return to_rgb(image)
 
 
 @lru_cache(maxsize=64)
-def _font(size: int) -> ImageFont.FreeTypeFont:
+def demo_font(size: int) -> ImageFont.FreeTypeFont:
+    """The shipped bold font at ``size`` px."""
     return ImageFont.truetype(str(DATA_DIR / "fonts" / "DejaVuSans-Bold.ttf"), size)
 
 
@@ -65,13 +67,13 @@ def render_sample(index: int, seed: int, size: str | None = None) -> tuple[Image
     photo under the text: a coarse target, legible at any budget). ``size`` forces the size class."""
     rng = random.Random(f"demo:{seed}:{index}")
     photo = rng.choice(PHOTOS)
-    image = _crop(_photo(photo), rng.choice(ASPECTS), rng.choice(LONG_SIDES), rng)
+    image = _crop(demo_photo(photo), rng.choice(ASPECTS), rng.choice(LONG_SIDES), rng)
     word, drawn = rng.choice(WORDS), rng.choice(tuple(TEXT_SIZES))
     size = size or drawn
     budget, resized_px = TEXT_SIZES[size]
     resized_height = DEMO_GEOMETRY.image(image.height, image.width, budget).resize[0]
     text_px = round(rng.uniform(*resized_px) * image.height / resized_height)
-    font = _font(text_px)
+    font = demo_font(text_px)
     left, top, right, bottom = font.getbbox(word)
     step_x, step_y = (right - left) * 3 // 2 + 4, (bottom - top) * 9 // 5 + 2
     fill, stroke = rng.choice((((255, 255, 255), (0, 0, 0)), ((0, 0, 0), (255, 255, 255))))

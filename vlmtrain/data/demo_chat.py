@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +65,15 @@ def make_chat_set(out_dir: Path, train: int, val: int, seed: int = CHAT_SEED) ->
     """Write ``out_dir/images/*.jpg`` and the LLaVA files ``out_dir/train.json`` and ``out_dir/val.json``."""
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
+    return write_splits(out_dir, train, val, lambda index: conversation(index, seed, image_dir), "conversations")
+
+
+def write_splits(out_dir: Path, train: int, val: int, record: Callable[[int], dict[str, Any]], what: str) -> dict[str, Path]:
+    """``out_dir/train.json`` (records ``0 .. train - 1`` of a demo set, as ``record`` makes them) and
+    ``out_dir/val.json`` (the next ``val``), as JSON arrays; their paths by split."""
     files = {}
     for split, indices in {"train": range(train), "val": range(train, train + val)}.items():
         files[split] = out_dir / f"{split}.json"
-        records = [
-            conversation(index, seed, image_dir)
-            for index in progress(indices, f"rendering the {split} conversations", len(indices))
-        ]
+        records = [record(index) for index in progress(indices, f"rendering the {split} {what}", len(indices))]
         files[split].write_text(json.dumps(records, indent=1) + "\n")
     return files

@@ -7,7 +7,6 @@ files into shards like any user's video data.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlmtrain.data.demo import PHOTOS, WORDS, _font, _photo
-from vlmtrain.reporting import progress
+from vlmtrain.data.demo import PHOTOS, WORDS, demo_font, demo_photo
+from vlmtrain.data.demo_chat import write_splits
 
 VIDEO_SEED = 11
 FRAME_SIZE = (320, 240)  # width, height: even sides (H.264's yuv420p)
@@ -42,13 +41,13 @@ def clip(index: int, seed: int) -> tuple[list[Image.Image], dict[str, Any]]:
     and what it shows."""
     rng = random.Random(f"video:{seed}:{index}")
     photo_name = rng.choice(PHOTOS)
-    photo = _photo(photo_name)
+    photo = demo_photo(photo_name)
     width, height = FRAME_SIZE
     scale = height / photo.height * rng.uniform(1.0, 1.5)
     wide = photo.resize((max(width + 8, round(photo.width * scale)), max(height, round(photo.height * scale))))
     first, second = rng.sample(WORDS, 2)
     count = rng.randint(3, 6) * FPS
-    font = _font(rng.randint(44, 60))
+    font = demo_font(rng.randint(44, 60))
     frames = []
     for number in range(count):
         left = round((wide.width - width) * number / (count - 1))
@@ -79,13 +78,7 @@ def make_video_set(out_dir: Path, train: int, val: int, seed: int = VIDEO_SEED) 
     """Write ``out_dir/videos/*.mp4`` and the files ``out_dir/train.json`` and ``out_dir/val.json``."""
     video_dir = out_dir / "videos"
     video_dir.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split, indices in {"train": range(train), "val": range(train, train + val)}.items():
-        files[split] = out_dir / f"{split}.json"
-        shown = progress(indices, f"rendering the {split} clips", len(indices))
-        records = [video_record(index, seed, video_dir) for index in shown]
-        files[split].write_text(json.dumps(records, indent=1) + "\n")
-    return files
+    return write_splits(out_dir, train, val, lambda index: video_record(index, seed, video_dir), "clips")
 
 
 def mean_levels(frames: list[Image.Image]) -> list[float]:

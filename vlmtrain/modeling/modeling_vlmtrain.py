@@ -98,7 +98,7 @@ class VlmtrainForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             if pixel_values is not None:
                 images = ImageBatch(pixel_values, pixel_positions, patch_grids, token_grids, image_sample_index)
-                inputs_embeds, visual_inputs = self.vlm.lm_embeddings(input_ids, images)
+                inputs_embeds, visual_inputs = self.vlm.embed(input_ids, images)
                 kwargs.update(visual_inputs)
                 positions = kwargs.get("position_ids")  # generation's 1-D positions of the prompt, if any
                 if positions is None or positions.ndim == 2:  # an LM with multimodal RoPE takes 3-D ones

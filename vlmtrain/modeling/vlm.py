@@ -112,23 +112,13 @@ class VisionLanguageModel(nn.Module):
         sample_ids: torch.Tensor | None = None,
         samples: int | None = None,
         visual: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """LM input embeddings with each image placeholder replaced by its visual token (placeholders row-major
-        are the images' tokens in order); ``sample_ids`` gives each token's sample (default: one per row);
-        ``visual``: the images' visual tokens when the caller has them already (:meth:`encode_images`)."""
-        return self.lm_embeddings(input_ids, images, sample_ids, samples, visual)[0]
-
-    def lm_embeddings(
-        self,
-        input_ids: torch.Tensor,
-        images: ImageBatch,
-        sample_ids: torch.Tensor | None = None,
-        samples: int | None = None,
-        visual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | list[torch.Tensor]]]:
-        """:meth:`embed`'s embeddings, and what else the LM takes of the images: for a tower that feeds the LM's
-        first layers (``layer_features``), where the image tokens are and each layer's features (Qwen3-VL's
-        ``visual_pos_masks`` and ``deepstack_visual_embeds``); nothing for any other."""
+        """LM input embeddings with each image placeholder replaced by its visual token (placeholders row-major
+        are the images' tokens in order; ``sample_ids`` gives each token's sample, default one per row;
+        ``visual``: the images' visual tokens when the caller has them already, :meth:`encode_images`), and what
+        else the LM takes of the images: for a tower that feeds the LM's first layers (``layer_features``), where
+        the image tokens are and each layer's features (Qwen3-VL's ``visual_pos_masks`` and
+        ``deepstack_visual_embeds``); nothing for any other."""
         if sample_ids is None:
             sample_ids, samples = row_ids(input_ids), input_ids.shape[0]
         placeholders = check_placeholders(input_ids, sample_ids.clamp(min=0), samples, self.image_token_id, images)
@@ -158,12 +148,12 @@ class VisionLanguageModel(nn.Module):
         return rope_positions(input_ids, positions, sample_ids, self.image_token_id, images.token_grids)
 
     def lm_inputs(self, inputs: ModelInput) -> dict:
-        """What the LM is called with: the embeddings (and what else it takes of the images: :meth:`lm_embeddings`),
+        """What the LM is called with: the embeddings (and what else it takes of the images: :meth:`embed`),
         the mask or sequence offsets, and the positions (3-D for an LM with multimodal RoPE: :meth:`rope_positions`)."""
         position_ids = self.rope_positions(inputs.input_ids, inputs.images, inputs.position_ids, inputs.sample_ids)
         if position_ids is None:
             position_ids = inputs.position_ids
-        embeds, visual_inputs = self.lm_embeddings(inputs.input_ids, inputs.images, inputs.sample_ids, inputs.size)
+        embeds, visual_inputs = self.embed(inputs.input_ids, inputs.images, inputs.sample_ids, inputs.size)
         return {
             "inputs_embeds": embeds, "attention_mask": inputs.attention_mask, "position_ids": position_ids,
             "use_cache": False, **visual_inputs, **inputs.attention_kwargs(),
