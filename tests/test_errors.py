@@ -61,6 +61,10 @@ FAST_FAILURES = [
         "model.lm.lora.target_modules: the LM has no 'query' layers; its linear layers: down_proj, gate_proj, k_proj, lm_head, "
         "o_proj, q_proj, up_proj, v_proj",
     ),
+    (
+        ("model.vision.lora.rank=4", "model.vision.lora.target_modules=[qkv,q_proj]"),
+        "model.vision.lora.target_modules: the vision encoder has no 'q_proj' layers; its linear layers: 0, 2, proj, qkv",
+    ),
     (("data.text.target_field=caption",), "data.text.target_field: 'caption' is in none of the first 6 records of"),
     (
         ("data.train=/nope/train-{000000..000003}.tar",),

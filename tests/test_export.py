@@ -232,6 +232,29 @@ def test_dora_and_rslora_adapters_export_merged_with_the_training_logits(demo_di
             write_export(model, recipe, tmp_path / "kept", keep_adapter=True)
 
 
+def test_lora_on_the_vision_encoder_trains_only_its_adapters_and_exports_merged_with_the_training_logits(demo_dir, tmp_path):
+    from vlmtrain.train.optim import set_trainable
+
+    vision_lora = ("model.vision.lora.rank=4", "model.vision.lora.target_modules=[qkv,proj]")
+    model, out = untrained_export(demo_dir, tmp_path, *vision_lora, *LORA)
+    recipe = small_recipe(demo_dir, tmp_path / "run", *vision_lora, *LORA)
+    set_trainable(model.model, recipe.optim)
+    trained = {name.split(".")[0] for name, parameter in model.model.named_parameters() if parameter.requires_grad}
+    adapted = {name.split(".")[0] for name, parameter in model.model.named_parameters() if "lora_" in name}
+    tower = model.model.backbone.named_parameters()
+    frozen = [name for name, parameter in tower if "lora_" not in name and parameter.requires_grad]
+    assert adapted == {"backbone", "lm"} and not frozen
+    assert trained == {"backbone", "projector", "lm"}  # average pooling has no weights
+    loaded = load(out)
+    assert not any("lora_" in name for name, _ in loaded.model.named_parameters())  # merged: a plain tower
+    images = [Image.open(path) for path in pictures()]
+    for budget in (70, 140):
+        torch.testing.assert_close(loaded.logits(images, PROMPT, budget), model.logits(images, PROMPT, budget),
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match=r"^model.vision.lora: Target modules \{'q_proj'\} not found"):
+        built(small_recipe(demo_dir, tmp_path / "other", "model.vision.lora.rank=4", "model.vision.lora.target_modules=[q_proj]"))
+
+
 def test_an_lm_converted_from_gguf_exports_and_loads_with_its_lora_adapter_merged_or_kept(demo_dir, tmp_path):
     # scripts/convert_pretrained.py once left the GGUF file's quantization_config in the converted config
     # (the weights are plain); export then failed in save_pretrained ("quantized with gguf, not serializable").

@@ -150,7 +150,8 @@ def _write_files(trained: Exportable, recipe: Recipe, out: Path, keep_adapter: b
     write_config(out, config)
     if adapter is not None:
         save_adapter_folder(model.lm, out / adapter)
-    composed = VisionLanguageModel(model.backbone, model.pooling, model.projector, lm, model.image_token_id, model.geometry)
+    backbone = copy.deepcopy(model.backbone).merge_and_unload() if isinstance(model.backbone, PeftModel) else model.backbone
+    composed = VisionLanguageModel(backbone, model.pooling, model.projector, lm, model.image_token_id, model.geometry)
     layout.write(out, composed, description, trained.tokenizer, {DESCRIPTION_KEY: canonical_json(description)}, adapter)
     write_config(out, replace(config, weights=weights_fingerprints(out)))
     (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from vlmtrain.model.description import ModelDescription, Start
-from vlmtrain.model.lm import KeyMappings, build_lm
+from vlmtrain.model.lm import KeyMappings, add_lora, build_lm
 from vlmtrain.model.pretrained import pretrained_backbone
 from vlmtrain.modeling.backbones import BACKBONES
 from vlmtrain.modeling.pooling import build_pooling
@@ -55,6 +55,8 @@ class Family:
         else:
             backbone = pretrained_backbone(vision.kind, vision.settings, start.vision_weights, start.vision_checkpointing)
         backbone.bins = tuple(level * geometry.pool**2 for level in geometry.levels)  # images of a level run together
+        if start.vision_lora is not None:
+            backbone = add_lora(backbone, start.vision_lora, "model.vision.lora", task_type=None)
         torch.manual_seed(mix(seed, 2))
         pooling = build_pooling(description.pooling.kind, geometry.pool, backbone.width, description.pooling.heads)
         torch.manual_seed(mix(seed, 3))

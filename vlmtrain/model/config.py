@@ -15,6 +15,21 @@ from vlmtrain.modeling.projector import PROJECTORS
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the LM or the vision encoder (PEFT); ``rank`` 0 means none. With adapters, a trainable
+    part trains only them. ``dora``: weight-decomposed LoRA (PEFT's ``use_dora``); ``rslora``: the update scaled
+    by alpha/sqrt(rank). The vision encoder's ``target_modules`` are its own names (no default: they differ by
+    tower, e.g. ``qkv``/``proj`` in the native ViT and Qwen's towers, ``q_proj``/``k_proj``/``v_proj`` in SigLIP2)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dora: bool = False
+    rslora: bool = False
+
+
+@dataclass
 class VisionConfig:
     """The vision encoder. ``native`` is built from the fields below (starting from the weights in ``path``, a
     .safetensors file, when given); HF backbones from a local ``path`` or from ``hf_config``."""
@@ -30,6 +45,7 @@ class VisionConfig:
     rope_theta: float = 100.0
     stem: str = "conv"
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(target_modules=[]))
 
 
 @dataclass
@@ -49,19 +65,6 @@ class ProjectorConfig:
 
     kind: str = "mlp"
     hidden_size: int | None = None
-
-
-@dataclass
-class LoraConfig:
-    """LoRA adapters on the LM (PEFT); ``rank`` 0 means none. With adapters, a trainable LM trains only them.
-    ``dora``: weight-decomposed LoRA (PEFT's ``use_dora``); ``rslora``: the update scaled by alpha/sqrt(rank)."""
-
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    dora: bool = False
-    rslora: bool = False
 
 
 @dataclass
@@ -113,9 +116,18 @@ def _check_vision(model: ModelConfig, levels: list[int]) -> None:
     if vision.patch_size is not None:
         positive("patch_size", vision.patch_size)
     BACKBONES[vision.backbone].check(vision)
+    _check_lora(vision.lora)
 
 
 POOLING_TOWERS = tuple(name for name, kind in BACKBONES.items() if kind.pools_itself)
+
+
+def _check_lora(lora: LoraConfig) -> None:
+    """The rules of a ``lora`` section (keys relative to its part's section)."""
+    require(lora.rank >= 0, "lora.rank", f"must be >= 0, got {lora.rank}")
+    positive("lora.alpha", lora.alpha)
+    require(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    require(not lora.rank or bool(lora.target_modules), "lora.target_modules", "LoRA needs at least one target module")
 
 
 def _check_pooling(model: ModelConfig, levels: list[int]) -> None:
@@ -165,10 +177,7 @@ def _check_lm(model: ModelConfig, levels: list[int]) -> None:
     require(bool(lm.image_token), "image_token", "must not be empty")
     positive("loss_chunk_tokens", lm.loss_chunk_tokens, allow_zero=True)
     lora = lm.lora
-    require(lora.rank >= 0, "lora.rank", f"must be >= 0, got {lora.rank}")
-    positive("lora.alpha", lora.alpha)
-    require(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
-    require(not lora.rank or bool(lora.target_modules), "lora.target_modules", "LoRA needs at least one target module")
+    _check_lora(lora)
     require(
         not (lora.rank and lm.adapter),
         "adapter",

@@ -15,7 +15,7 @@ from typing import Any
 
 from vlmtrain.budget import BudgetConfig, default_budget
 from vlmtrain.errors import UserError
-from vlmtrain.model.config import LMConfig, ModelConfig
+from vlmtrain.model.config import LMConfig, LoraConfig, ModelConfig
 from vlmtrain.modeling.backbones import BACKBONES
 from vlmtrain.modeling.geometry import Geometry
 
@@ -76,17 +76,19 @@ class ModelDescription:
 @dataclass(frozen=True)
 class Start:
     """Where a model's weights start from and how training runs its parts, beyond what it computes: the vision
-    weights (a local path; None: random, or an export's own files), gradient checkpointing, and the LM's
-    source (a folder or a config, its tokenizer, LoRA adapters new or from a folder)."""
+    weights (a local path; None: random, or an export's own files), gradient checkpointing, LoRA adapters on the
+    vision encoder, and the LM's source (a folder or a config, its tokenizer, LoRA adapters new or from a folder)."""
 
     lm: LMConfig
     vision_weights: str | None = None
     vision_checkpointing: bool = False
+    vision_lora: LoraConfig | None = None
 
     @classmethod
     def of(cls, model: ModelConfig) -> Start:
         """What a recipe's ``model`` section starts from."""
-        return cls(model.lm, model.vision.path, model.vision.gradient_checkpointing)
+        lora = model.vision.lora if model.vision.lora.rank else None
+        return cls(model.lm, model.vision.path, model.vision.gradient_checkpointing, lora)
 
 
 def describe_model(model: ModelConfig, budget: BudgetConfig) -> ModelDescription:

@@ -137,8 +137,11 @@ def gathered_for_writing(weights: list[torch.nn.Parameter]) -> AbstractContextMa
     return nullcontext()
 
 
-def add_lora(lm: PreTrainedModel, lora: LoraConfig) -> PeftModel:
-    """Wrap ``lm`` with LoRA adapters (PEFT): base weights frozen, adapters trainable."""
+def add_lora(
+    module: torch.nn.Module, lora: LoraConfig, section: str = "model.lm.lora", task_type: str | None = "CAUSAL_LM"
+) -> PeftModel:
+    """Wrap ``module`` (the LM, or the vision encoder with ``task_type`` None) with LoRA adapters (PEFT): base
+    weights frozen, adapters trainable; a mistake (target modules it does not have) is one line naming ``section``."""
     settings = PeftLoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -146,16 +149,16 @@ def add_lora(lm: PreTrainedModel, lora: LoraConfig) -> PeftModel:
         target_modules=list(lora.target_modules),
         use_dora=lora.dora,
         use_rslora=lora.rslora,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
-        return get_peft_model(lm, settings)
-    except ValueError as error:  # e.g. target modules the LM does not have
-        raise ValueError(f"model.lm.lora: {error}") from None
+        return get_peft_model(module, settings)
+    except ValueError as error:  # e.g. target modules the model does not have
+        raise UserError(f"{section}: {error}") from None
 
 
 def is_adapter_parameter(name: str) -> bool:
-    """Whether the LM parameter ``name`` belongs to its LoRA adapter."""
+    """Whether the parameter ``name`` (of the LM or the vision encoder) belongs to a LoRA adapter."""
     return "lora_" in name
 
 

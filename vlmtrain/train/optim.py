@@ -22,12 +22,14 @@ def part_settings(optim: OptimConfig) -> dict[str, PartConfig]:
 
 
 def set_trainable(model: VisionLanguageModel, optim: OptimConfig) -> None:
-    """Freeze or unfreeze each part as the recipe says; an LM with LoRA adapters trains only the adapters."""
+    """Freeze or unfreeze each part as the recipe says; a part with LoRA adapters (the LM, the vision encoder)
+    trains only the adapters."""
+    settings = part_settings(optim)
     for name, part in model.parts().items():
-        part.requires_grad_(part_settings(optim)[name].trainable)
-    if isinstance(model.lm, PeftModel):
-        for parameter_name, parameter in model.lm.named_parameters():
-            parameter.requires_grad_(optim.lm.trainable and is_adapter_parameter(parameter_name))
+        part.requires_grad_(settings[name].trainable)
+        if isinstance(part, PeftModel):
+            for parameter_name, parameter in part.named_parameters():
+                parameter.requires_grad_(settings[name].trainable and is_adapter_parameter(parameter_name))
 
 
 def parameter_groups(model: VisionLanguageModel, optim: OptimConfig) -> Iterator[dict]:

@@ -20,6 +20,7 @@ from vlmtrain.config import Recipe, RecipeError
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import expand_shards, read_shard
 from vlmtrain.data.video import frame_budgets
+from vlmtrain.model.config import LoraConfig
 from vlmtrain.modeling.backbones import BACKBONES, TowerKind
 from vlmtrain.modeling.geometry import BudgetError
 from vlmtrain.train.deepspeed_config import read_user_config
@@ -248,40 +249,41 @@ def _visual_tokens(builder: BatchBuilder, schedule: BudgetSchedule, sample: RawS
 
 
 
-def linear_names(config: Any) -> list[str]:
-    """The names of the linear layers of a causal LM built from ``config`` (on the meta device: no memory,
-    no weights)."""
-    from transformers import AutoModelForCausalLM
-
-    import vlmtrain.model.lm  # noqa: F401 (registers the causal LMs transformers lacks: Qwen2.5-VL's text model)
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+def linear_names(model: torch.nn.Module) -> list[str]:
+    """The names of the linear layers of ``model``."""
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
 def check_lora_targets(plan: RunPlan, source: str) -> None:
-    """Every LoRA target module matches linear layers of the LM the way PEFT matches them (the whole name or
-    its ending); the error lists the layer names the LM has."""
-    lm = plan.recipe.model.lm
-    if not lm.lora.rank:
-        return
-    from transformers import AutoConfig
+    """Every LoRA target module (of the LM's adapters and the vision encoder's) matches linear layers of its part
+    the way PEFT matches them (the whole name or its ending); the error lists the layer names the part has. The
+    parts are built on the meta device: no memory, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if lm.path is not None:
-        config = AutoConfig.from_pretrained(lm.path, local_files_only=True).get_text_config()  # a whole VLM: its LM
-    else:
-        values = {k: v for k, v in lm.hf_config.items() if k != "model_type"}
-        config = AutoConfig.for_model(lm.hf_config["model_type"], **{"vocab_size": len(plan.tokenizer), **values})
-    names = linear_names(config)
-    missing = [t for t in lm.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    import vlmtrain.model.lm  # noqa: F401 (registers the causal LMs transformers lacks: Qwen-VL's text models)
+
+    model, description = plan.recipe.model, plan.model
+    if model.vision.lora.rank:
+        with torch.device("meta"):
+            backbone = BACKBONES[description.vision.kind].build(description.vision.settings)
+        _check_targets(source, "model.vision.lora.target_modules", "vision encoder", linear_names(backbone), model.vision.lora)
+    lm = model.lm
+    if lm.lora.rank:
+        if lm.path is not None:
+            config = AutoConfig.from_pretrained(lm.path, local_files_only=True).get_text_config()  # a whole VLM: its LM
+        else:
+            values = {k: v for k, v in lm.hf_config.items() if k != "model_type"}
+            config = AutoConfig.for_model(lm.hf_config["model_type"], **{"vocab_size": len(plan.tokenizer), **values})
+        with torch.device("meta"):
+            names = linear_names(AutoModelForCausalLM.from_config(config))
+        _check_targets(source, "model.lm.lora.target_modules", "LM", names, lm.lora)
+
+
+def _check_targets(source: str, key: str, part: str, names: list[str], lora: LoraConfig) -> None:
+    missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         short = sorted({name.rsplit(".", 1)[-1] for name in names})
-        _fail(
-            source,
-            "model.lm.lora.target_modules",
-            f"the LM has no {', '.join(map(repr, missing))} layers; its linear layers: {', '.join(short)}",
-        )
+        _fail(source, key, f"the {part} has no {', '.join(map(repr, missing))} layers; its linear layers: {', '.join(short)}")
 
 
 def resume_log(checkpoint: Path | None, run_dir: Path, resume: str | None) -> None:
