@@ -138,7 +138,8 @@ def measure(spec: str, overrides: list[str], levels: list[int], steps: int, pack
     batches = [step.batches[0] for step in islice(stream.steps(0, 1, 0), steps + 1)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     cap = recipe.data.batching.batch_tokens
-    figures = {"tokens": 0, "positions": 0, "patches": 0, "patch_slots": 0, "seconds": 0.0, "fill": [], "tensor": []}
+    figures = {"tokens": 0, "positions": 0, "patches": 0, "patch_slots": 0, "samples": 0, "seconds": 0.0}
+    figures |= {"fill": [], "tensor": []}
     for index, batch in enumerate(batches):
         began = time.perf_counter()
         model.sample_losses(batch.inputs).mean().backward()
@@ -148,6 +149,7 @@ def measure(spec: str, overrides: list[str], levels: list[int], steps: int, pack
             continue  # the warm-up
         figures["seconds"] += time.perf_counter() - began
         figures["tokens"] += batch.tokens
+        figures["samples"] += len(batch.keys)
         figures["positions"] += batch.inputs.input_ids.numel()
         figures["fill"].append(batch.tokens / cap)
         figures["tensor"].append(batch.inputs.input_ids.numel() / cap)
@@ -163,6 +165,7 @@ def measure(spec: str, overrides: list[str], levels: list[int], steps: int, pack
         "fill_min": min(figures["fill"]),
         "tensor_max": max(figures["tensor"]),
         "tokens_per_s": figures["tokens"] / figures["seconds"],
+        "samples_per_step": figures["samples"] / steps,
         "peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 

@@ -198,6 +198,8 @@ def test_a_trained_model_exports_as_a_native_checkpoint_with_training_outputs_at
     assert line.startswith(f"a native {dict(qwen2_5_vl='Qwen2.5-VL', qwen3_vl='Qwen3-VL')[family]} checkpoint")
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["model_type"] == family and "auto_map" not in config and not list((tmp_path / "export").glob("*.py"))
+    vision_ids = [module.plan.tokenizer.convert_tokens_to_ids(token) for token in ("<|image_pad|>", "<|video_pad|>")]
+    assert [config["image_token_id"], config["video_token_id"]] == vision_ids  # vLLM reads both (scripts/check_vllm.py)
     native = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").eval()
     assert type(native) is getattr(transformers, MODEL_CLASS[family])
     processor, loaded = qwen_processor(tmp_path / "export"), load(tmp_path / "export")

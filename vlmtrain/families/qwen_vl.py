@@ -25,7 +25,7 @@ from vlmtrain.families.native import NativeCheckpoint
 from vlmtrain.model.description import ModelDescription
 from vlmtrain.modeling.backbones import BACKBONES
 from vlmtrain.modeling.geometry import LEVELS
-from vlmtrain.modeling.prompt import QWEN_IMAGE
+from vlmtrain.modeling.prompt import QWEN_IMAGE, QWEN_VIDEO
 from vlmtrain.modeling.vlm import VisionLanguageModel
 
 # vlmtrain's names (VisionLanguageModel's state dict, LoRA merged) → the family's ForConditionalGeneration's
@@ -79,6 +79,7 @@ class QwenVLLayout(NativeCheckpoint):
             vision_start_token_id=start,
             vision_end_token_id=end,
             tie_word_embeddings=getattr(lm.config, "tie_word_embeddings", False),
+            video_token_id=tokenizer.convert_tokens_to_ids(QWEN_VIDEO),
         )
         config.architectures = [self.spec.architecture]
         config.dtype = lm.config.dtype
@@ -139,6 +140,7 @@ class QwenVLFamily(Family):
             (set(description.levels) <= set(LEVELS), f"levels {description.levels} are not all vlmtrain's"),
             (description.lm.image_token == QWEN_IMAGE[0], f"the image token is not {QWEN_IMAGE[0]!r}"),
             (all(token in vocabulary for token in QWEN_IMAGE), f"the tokenizer lacks Qwen's {', '.join(QWEN_IMAGE)}"),
+            (QWEN_VIDEO in vocabulary, f"the tokenizer lacks Qwen's {QWEN_VIDEO} (vLLM's Qwen processors look it up)"),
         )
         return next((reason for ok, reason in checks if not ok), None)
 

