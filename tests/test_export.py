@@ -232,18 +232,21 @@ def test_dora_and_rslora_adapters_export_merged_with_the_training_logits(demo_di
             write_export(model, recipe, tmp_path / "kept", keep_adapter=True)
 
 
-def test_lora_on_the_vision_encoder_trains_only_its_adapters_and_exports_merged_with_the_training_logits(demo_dir, tmp_path):
+def test_lora_on_the_vision_encoder_and_projector_trains_only_adapters_and_exports_merged_with_the_training_logits(
+    demo_dir, tmp_path
+):
     from vlmtrain.train.optim import set_trainable
 
-    vision_lora = ("model.vision.lora.rank=4", "model.vision.lora.target_modules=[qkv,proj]")
+    vision_lora = ("model.vision.lora.rank=4", "model.vision.lora.target_modules=[qkv,proj]", "model.projector.lora.rank=2",
+                   "model.projector.lora.target_modules=[mlp.0,mlp.2]")
     model, out = untrained_export(demo_dir, tmp_path, *vision_lora, *LORA)
     recipe = small_recipe(demo_dir, tmp_path / "run", *vision_lora, *LORA)
     set_trainable(model.model, recipe.optim)
     trained = {name.split(".")[0] for name, parameter in model.model.named_parameters() if parameter.requires_grad}
     adapted = {name.split(".")[0] for name, parameter in model.model.named_parameters() if "lora_" in name}
-    tower = model.model.backbone.named_parameters()
-    frozen = [name for name, parameter in tower if "lora_" not in name and parameter.requires_grad]
-    assert adapted == {"backbone", "lm"} and not frozen
+    parts = [*model.model.backbone.named_parameters(), *model.model.projector.named_parameters()]
+    frozen = [name for name, parameter in parts if "lora_" not in name and parameter.requires_grad]
+    assert adapted == {"backbone", "projector", "lm"} and not frozen
     assert trained == {"backbone", "projector", "lm"}  # average pooling has no weights
     loaded = load(out)
     assert not any("lora_" in name for name, _ in loaded.model.named_parameters())  # merged: a plain tower

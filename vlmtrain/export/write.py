@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from peft import PeftModel
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from vlmtrain.config import Recipe, recipe_to_yaml
@@ -56,6 +57,11 @@ def merged_lm(trained: Exportable, keep_adapter: bool) -> PreTrainedModel:
     if not isinstance(lm, PeftModel):
         return lm
     return copy.deepcopy(lm).unload() if keep_adapter else copy.deepcopy(lm).merge_and_unload()
+
+
+def merged(part: nn.Module) -> nn.Module:
+    """A vision part with its LoRA adapters merged, in a copy (the trained model stays as it was)."""
+    return copy.deepcopy(part).merge_and_unload() if isinstance(part, PeftModel) else part
 
 
 def choose_layout(trained: Exportable, lm: PreTrainedModel, keep_adapter: bool) -> tuple[Layout, str]:
@@ -150,8 +156,8 @@ def _write_files(trained: Exportable, recipe: Recipe, out: Path, keep_adapter: b
     write_config(out, config)
     if adapter is not None:
         save_adapter_folder(model.lm, out / adapter)
-    backbone = copy.deepcopy(model.backbone).merge_and_unload() if isinstance(model.backbone, PeftModel) else model.backbone
-    composed = VisionLanguageModel(backbone, model.pooling, model.projector, lm, model.image_token_id, model.geometry)
+    backbone, projector = (merged(part) for part in (model.backbone, model.projector))
+    composed = VisionLanguageModel(backbone, model.pooling, projector, lm, model.image_token_id, model.geometry)
     layout.write(out, composed, description, trained.tokenizer, {DESCRIPTION_KEY: canonical_json(description)}, adapter)
     write_config(out, replace(config, weights=weights_fingerprints(out)))
     (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))

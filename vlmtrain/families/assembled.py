@@ -64,6 +64,8 @@ class Family:
         lm_width = lm.get_input_embeddings().embedding_dim
         torch.manual_seed(mix(seed, 4))
         projector = build_projector(description.projector.kind, backbone.width, description.projector.hidden_size, lm_width)
+        if start.projector_lora is not None:
+            projector = add_lora(projector, start.projector_lora, "model.projector.lora", task_type=None)
         image_token_id = tokenizer.convert_tokens_to_ids(description.lm.image_token)
         return VisionLanguageModel(backbone, pooling, projector, lm, image_token_id, geometry, start.lm.loss_chunk_tokens)
 

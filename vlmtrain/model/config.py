@@ -61,10 +61,12 @@ class PoolingConfig:
 class ProjectorConfig:
     """From the vision width to the language model's width: ``mlp`` (LayerNorm, then a two-layer GELU MLP of
     ``hidden_size``, default the LM's width) or ``gemma4`` (Gemma 4's embedder: RMSNorm without scale, then
-    one linear map without bias; no hidden size)."""
+    one linear map without bias; no hidden size). ``lora``: LoRA adapters on its linear layers (``mlp.0``,
+    ``mlp.2``; ``embedding_projection`` in Gemma 4's)."""
 
     kind: str = "mlp"
     hidden_size: int | None = None
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(target_modules=[]))
 
 
 @dataclass
@@ -160,6 +162,9 @@ def _check_projector(model: ModelConfig, levels: list[int]) -> None:
     if projector.hidden_size is not None:
         require(PROJECTORS[projector.kind].hidden_layer, "hidden_size", f"the {projector.kind} projector has no hidden layer")
         positive("hidden_size", projector.hidden_size)
+    _check_lora(projector.lora)
+    identity = projector.kind == "identity"
+    require(not (projector.lora.rank and identity), "lora.rank", "the identity projector has no weights to adapt")
 
 
 def _check_lm(model: ModelConfig, levels: list[int]) -> None:

@@ -77,18 +77,20 @@ class ModelDescription:
 class Start:
     """Where a model's weights start from and how training runs its parts, beyond what it computes: the vision
     weights (a local path; None: random, or an export's own files), gradient checkpointing, LoRA adapters on the
-    vision encoder, and the LM's source (a folder or a config, its tokenizer, LoRA adapters new or from a folder)."""
+    vision encoder and on the projector, and the LM's source (a folder or a config, its tokenizer, LoRA adapters
+    new or from a folder)."""
 
     lm: LMConfig
     vision_weights: str | None = None
     vision_checkpointing: bool = False
     vision_lora: LoraConfig | None = None
+    projector_lora: LoraConfig | None = None
 
     @classmethod
     def of(cls, model: ModelConfig) -> Start:
         """What a recipe's ``model`` section starts from."""
-        lora = model.vision.lora if model.vision.lora.rank else None
-        return cls(model.lm, model.vision.path, model.vision.gradient_checkpointing, lora)
+        vision, projector = (lora if lora.rank else None for lora in (model.vision.lora, model.projector.lora))
+        return cls(model.lm, model.vision.path, model.vision.gradient_checkpointing, vision, projector)
 
 
 def describe_model(model: ModelConfig, budget: BudgetConfig) -> ModelDescription:
