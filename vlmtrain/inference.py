@@ -119,7 +119,7 @@ class ExportedModel:
         input_ids, batch = self.inputs(images, prompt, self.geometry.levels[0], messages)
         visual = self.model.encode_images(batch)
         question = question_embedding(self.model.lm.get_input_embeddings(), input_ids[0], self.model.image_token_id)
-        features = selector_features(self.model.token_columns(visual).float(), batch.token_counts, question)
+        features = selector_features(self.model.visual_parts(visual)[0].float(), batch.token_counts, question)
         budgets = selector.choose(features, tolerance)
         return AutoChoice(budgets, input_ids, batch, visual)
 
@@ -182,7 +182,7 @@ class ExportedModel:
             stored, *_ = parse_messages(messages)
             check_conversation(stored, len(images), answered=False, videos=len(videos))
             if videos:
-                stored, images, budget = self.with_frames(stored, images, budget, videos)
+                stored, images, budget = self.video_frames(stored, images, budget, videos)
         elif videos:
             raise ValueError("videos go in messages (a <video> marker or a video part places each)")
         device = self.device
@@ -194,7 +194,7 @@ class ExportedModel:
             ids = self.text.encode_prompt(self.text_format.prompt if prompt is None else prompt, counts)
         return torch.tensor([ids], device=device), batch.to(device)
 
-    def with_frames(
+    def video_frames(
         self,
         stored: list[dict[str, Any]],
         images: Sequence[Image.Image],

@@ -95,9 +95,9 @@ def image_data(ref: ImageRef, image_root: Path, outside_images: bool = False) ->
     return path, path.read_bytes()
 
 
-def encode_sample(record: dict[str, Any], image_root: Path, outside_images: bool = False) -> dict[str, bytes]:
-    """The files of one sample; raises :class:`SampleError` if an image is unusable (:func:`image_path`,
-    undecodable)."""
+def encode_sample(record: dict[str, Any], image_root: Path, outside_images: bool = False) -> tuple[dict[str, bytes], int]:
+    """The files of one sample, and how many of its videos have an audio track; raises :class:`SampleError` if an
+    image or video is unusable (:func:`image_path`, undecodable)."""
     files: dict[str, bytes] = {}
     entries = []
     budgets = record.get("budgets") or [None] * len(record.get("images", []))
@@ -123,18 +123,18 @@ def encode_sample(record: dict[str, Any], image_root: Path, outside_images: bool
     fields = {name: value for name, value in record.items() if name not in ("key", "images", "budgets", "videos")}
     stored = {**fields, "images": entries, **({"videos": videos} if videos else {})}
     files["json"] = json.dumps(stored, sort_keys=True, ensure_ascii=False).encode()
-    return files
+    return files, sum(video["audio"] for video in videos)
 
 
 def _encode_indexed(
     job: tuple[int, dict[str, Any]], image_root: Path, outside_images: bool
-) -> tuple[str, dict[str, bytes] | SampleError]:
+) -> tuple[str, dict[str, bytes] | SampleError, int]:
     index, record = job
     key = sample_key(record, index)
     try:
-        return key, encode_sample(record, image_root, outside_images)
+        return key, *encode_sample(record, image_root, outside_images)
     except SampleError as error:
-        return key, error
+        return key, error, 0
 
 
 def _tar_bytes(files: dict[str, bytes]) -> int:
@@ -183,7 +183,7 @@ def write_shards(
     try:
         with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:
             results = pool.imap(encode, enumerate(records), chunksize=4) if pool else map(encode, enumerate(records))
-            for key, files in reporting.progress(results, f"writing {prefix} shards", total) if progress else results:
+            for key, files, with_audio in reporting.progress(results, f"writing {prefix} shards", total) if progress else results:
                 if isinstance(files, SampleError):
                     report.rejected.append((key, str(files)))
                     if not skip_bad:
@@ -203,7 +203,7 @@ def write_shards(
                     shard_bytes = 0
                 writer.write({"__key__": key, **files})
                 report.shards[shard_path.name] += 1
-                report.videos_with_audio += sum(video["audio"] for video in json.loads(files["json"]).get("videos", []))
+                report.videos_with_audio += with_audio
                 shard_bytes += size
         close()
     except UserError:

@@ -16,7 +16,7 @@ from vlmtrain.modeling.projector import PROJECTORS
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters on the LM or the vision encoder (PEFT); ``rank`` 0 means none. With adapters, a trainable
+    """LoRA adapters on the LM, the vision encoder or the projector (PEFT); ``rank`` 0 means none. With adapters, a trainable
     part trains only them. ``dora``: weight-decomposed LoRA (PEFT's ``use_dora``); ``rslora``: the update scaled
     by alpha/sqrt(rank). The vision encoder's ``target_modules`` are its own names (no default: they differ by
     tower, e.g. ``qkv``/``proj`` in the native ViT and Qwen's towers, ``q_proj``/``k_proj``/``v_proj`` in SigLIP2)."""

@@ -17,7 +17,7 @@ from vlmtrain.errors import UserError
 from vlmtrain.model.config import LMConfig, LoraConfig
 from vlmtrain.modeling import (
     attention,  # noqa: F401 (registers the vlmtrain_varlen attention with transformers)
-    qwen_lm,  # noqa: F401 (registers Qwen2.5-VL's text model as a causal LM)
+    qwen_lm,  # noqa: F401 (registers Qwen2.5-VL's and Qwen3-VL's text models as causal LMs)
 )
 from vlmtrain.modeling.tokenizers import load_tokenizer
 
@@ -140,7 +140,7 @@ def gathered_for_writing(weights: list[torch.nn.Parameter]) -> AbstractContextMa
 def add_lora(
     module: torch.nn.Module, lora: LoraConfig, section: str = "model.lm.lora", task_type: str | None = "CAUSAL_LM"
 ) -> PeftModel:
-    """Wrap ``module`` (the LM, or the vision encoder with ``task_type`` None) with LoRA adapters (PEFT): base
+    """Wrap ``module`` (the LM, or the vision encoder or projector with ``task_type`` None) with LoRA adapters (PEFT): base
     weights frozen, adapters trainable; a mistake (target modules it does not have) is one line naming ``section``."""
     settings = PeftLoraConfig(
         r=lora.rank,
@@ -158,7 +158,7 @@ def add_lora(
 
 
 def is_adapter_parameter(name: str) -> bool:
-    """Whether the parameter ``name`` (of the LM or the vision encoder) belongs to a LoRA adapter."""
+    """Whether the parameter ``name`` (of any part) belongs to a LoRA adapter."""
     return "lora_" in name
 
 

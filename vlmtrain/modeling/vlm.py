@@ -87,10 +87,11 @@ class VisionLanguageModel(nn.Module):
         features = self.backbone(images.pixels, images.positions, images.patch_grids)
         return self.projector(self.pooling(features, images.positions, images.token_grids))
 
-    def token_columns(self, visual: torch.Tensor) -> torch.Tensor:
-        """The visual tokens' own columns of :meth:`encode_images`'s output (without the features that a tower
-        feeding the LM's first layers gives beside them)."""
-        return visual[:, : visual.shape[-1] // (1 + self.backbone.layer_features)]
+    def visual_parts(self, visual: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`encode_images`'s output as the visual tokens' own columns and the features, one block per layer,
+        that a tower feeding the LM's first layers gives beside them (none for any other tower)."""
+        tokens, *layers = visual.split(visual.shape[-1] // (1 + self.backbone.layer_features), dim=-1)
+        return tokens, layers
 
     def dummy_images(self, device: torch.device) -> ImageBatch:
         """One blank one-token image: run through the vision parts when a batch has no image, so that every
@@ -126,7 +127,7 @@ class VisionLanguageModel(nn.Module):
         if images.count == 0:
             return embeds + 0.0 * self.encode_images(self.dummy_images(input_ids.device)).sum().to(embeds.dtype), {}
         visual = (self.encode_images(images) if visual is None else visual).to(embeds.dtype)
-        tokens, *layers = visual.split(visual.shape[-1] // (1 + self.backbone.layer_features), dim=-1)
+        tokens, layers = self.visual_parts(visual)
         embeds = embeds.masked_scatter(placeholders[..., None], tokens)
         return embeds, ({"visual_pos_masks": placeholders, "deepstack_visual_embeds": layers} if layers else {})
 

@@ -79,7 +79,7 @@ def batch_features(model: VisionLanguageModel, inputs: ModelInput) -> list[torch
     at the lowest level): the question is the sample's text that carries no label (prompt, earlier turns)."""
     embeddings = model.lm.get_input_embeddings()
     images = inputs.images
-    per_image = model.token_columns(model.encode_images(images)).float().split(images.token_counts.tolist())
+    per_image = model.visual_parts(model.encode_images(images))[0].float().split(images.token_counts.tolist())
     owners, asked = inputs.sample_ids, inputs.labels == IGNORE_INDEX
     found = []
     for row in range(inputs.size):

@@ -22,8 +22,8 @@ def part_settings(optim: OptimConfig) -> dict[str, PartConfig]:
 
 
 def set_trainable(model: VisionLanguageModel, optim: OptimConfig) -> None:
-    """Freeze or unfreeze each part as the recipe says; a part with LoRA adapters (the LM, the vision encoder)
-    trains only the adapters."""
+    """Freeze or unfreeze each part as the recipe says; a part with LoRA adapters (the LM, the vision encoder, the
+    projector) trains only the adapters."""
     settings = part_settings(optim)
     for name, part in model.parts().items():
         part.requires_grad_(settings[name].trainable)
