@@ -64,6 +64,13 @@ def zero3_lora_run(demo_dir, mixed_dir, tmp_path_factory) -> tuple[Path, list[st
 
 
 @pytest.fixture(scope="session")
+def fsdp_lora_run(demo_dir, mixed_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """FSDP2 + LoRA on two processes: (run directory, its overrides)."""
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    return run_dir, two_process_run(demo_dir, mixed_dir, run_dir, "trainer.strategy=fsdp")
+
+
+@pytest.fixture(scope="session")
 def ddp_lora_run(demo_dir, mixed_dir, tmp_path_factory) -> tuple[Path, list[str]]:
     """DDP + LoRA on two processes: (run directory, its overrides)."""
     run_dir = tmp_path_factory.mktemp("ddp") / "run"

@@ -1,4 +1,4 @@
-"""Several processes on CPU (gloo): DDP and DeepSpeed ZeRO-2/3 with LoRA, ranks that must agree, resume after
+"""Several processes on CPU (gloo): DDP, FSDP2 and DeepSpeed ZeRO-2/3 with LoRA, ranks that must agree, resume after
 SIGKILL, torchrun. Every test here starts processes: all are marked slow."""
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from helpers import (
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from vlmtrain.config import load_recipe
 from vlmtrain.data.sources import ShardSequence, Source, StreamId
@@ -59,7 +60,7 @@ def test_every_rank_stops_when_ranks_disagree_on_the_budget(tmp_path):
         assert (tmp_path / f"{rank}").read_text() == "ranks disagree on (step, budgets): [[6, 70], [6, 140]]"
 
 
-@pytest.mark.parametrize("run", ["ddp_lora_run", "zero3_lora_run"])
+@pytest.mark.parametrize("run", ["ddp_lora_run", "zero3_lora_run", "fsdp_lora_run"])
 def test_steps_where_one_rank_has_only_text_complete_on_two_ranks(mixed_dir, run, request):
     run_dir, overrides = request.getfixturevalue(run)
     recipe = load_recipe(TINY, overrides)
@@ -76,9 +77,20 @@ def initial_lora(overrides: list[str]) -> dict[str, torch.Tensor]:
     }
 
 
-def check_saved_adapter(run_dir: Path, overrides: list[str], tmp_path: Path) -> None:
-    """The run's adapter folder holds the whole trained adapter, equal to DeepSpeed's own consolidation
-    and to what export reads, and it reloads onto a fresh base LM to the trained LM's logits."""
+def zero_consolidated(state: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a DeepSpeed checkpoint, consolidated by DeepSpeed's own tool."""
+    return convert_zero_checkpoint_to_fp32_state_dict(state, tmp_path / "full.pt")["state_dict"]
+
+
+def dcp_consolidated(state: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a sharded (torch.distributed.checkpoint) checkpoint, consolidated by torch's own tool."""
+    dcp_to_torch_save(state, tmp_path / "full.pt")
+    return torch.load(tmp_path / "full.pt", weights_only=False)["state_dict"]
+
+
+def check_saved_adapter(run_dir: Path, overrides: list[str], tmp_path: Path, consolidate=zero_consolidated) -> None:
+    """The run's adapter folder holds the whole trained adapter, equal to the strategy's own consolidation of
+    its checkpoint and to what export reads, and it reloads onto a fresh base LM to the trained LM's logits."""
     saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     start = initial_lora(overrides)
     assert len(saved) == len(start) == 4
@@ -88,13 +100,11 @@ def check_saved_adapter(run_dir: Path, overrides: list[str], tmp_path: Path) -> 
         assert not torch.equal(saved[key], initial), f"{name} did not train"
 
     # the consolidated checkpoint holds the same adapter, and only what trained
-    consolidated = convert_zero_checkpoint_to_fp32_state_dict(
-        latest_checkpoint(run_dir / "checkpoints") / "state", tmp_path / "full.pt"
-    )["state_dict"]
+    consolidated = consolidate(latest_checkpoint(run_dir / "checkpoints") / "state", tmp_path)
     assert not any(name.startswith("model.lm.") and "lora_" not in name for name in consolidated)
     for name in start:
         torch.testing.assert_close(consolidated[f"model.lm.{name}"], saved[name.replace(".default", "")])
-    # what export reads, gathered by vlmtrain itself, equals DeepSpeed's own consolidation
+    # what export reads, gathered by vlmtrain itself, equals the strategy's own consolidation
     trained = load_file(latest_checkpoint(run_dir / "checkpoints") / "trained.safetensors")
     assert set(trained) == set(consolidated)
     for name, tensor in trained.items():
@@ -112,6 +122,24 @@ def check_saved_adapter(run_dir: Path, overrides: list[str], tmp_path: Path) -> 
 
 def test_zero3_saves_the_gathered_trained_adapter_and_it_reloads(zero3_lora_run, tmp_path):
     check_saved_adapter(*zero3_lora_run, tmp_path)
+
+
+def test_fsdp2_saves_the_gathered_trained_adapter_and_it_reloads(fsdp_lora_run, tmp_path):
+    check_saved_adapter(*fsdp_lora_run, tmp_path, dcp_consolidated)
+
+
+def test_fsdp2_trains_the_numbers_ddp_trains(fsdp_lora_run, ddp_lora_run):
+    # the same steps on the same data: sharding changes where weights live, not what the model computes
+    (fsdp_dir, _), (ddp_dir, _) = fsdp_lora_run, ddp_lora_run
+    fsdp, ddp = losses(fsdp_dir), losses(ddp_dir)
+    assert sorted(fsdp) == sorted(ddp) == [0, 1, 2, 3]
+    for step in fsdp:
+        assert fsdp[step] == pytest.approx(ddp[step], rel=1e-5, abs=1e-6)
+    sharded = load_file(latest_checkpoint(fsdp_dir / "checkpoints") / "trained.safetensors")
+    replicated = load_file(latest_checkpoint(ddp_dir / "checkpoints") / "trained.safetensors")
+    assert set(sharded) == set(replicated)
+    for name, tensor in sharded.items():
+        torch.testing.assert_close(tensor, replicated[name], rtol=1e-4, atol=1e-5)
 
 
 def test_zero2_saves_the_gathered_trained_adapter_and_it_reloads(demo_dir, tmp_path):
@@ -132,11 +160,13 @@ def test_zero2_saves_the_gathered_trained_adapter_and_it_reloads(demo_dir, tmp_p
     check_saved_adapter(tmp_path / "run", overrides, tmp_path)
 
 
-def test_zero3_resume_continues_with_the_losses_of_an_uninterrupted_run(demo_dir, tmp_path):
+@pytest.mark.parametrize(
+    "strategy", [("trainer.strategy=deepspeed", "trainer.deepspeed.stage=3"), ("trainer.strategy=fsdp",)], ids=["zero3", "fsdp2"]
+)
+def test_sharded_resume_continues_with_the_losses_of_an_uninterrupted_run(demo_dir, tmp_path, strategy):
     common = (
         *TWO_PROCESSES,
-        "trainer.strategy=deepspeed",
-        "trainer.deepspeed.stage=3",
+        *strategy,
         *LORA,
         "data.num_workers=1",
         "trainer.checkpoint_every=3",

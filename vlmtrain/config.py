@@ -35,7 +35,7 @@ from vlmtrain.text.chat import NAMED_TEMPLATES
 LOGGERS = ("wandb", "csv", "none")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 LR_SCHEDULES = ("cosine", "constant")
-STRATEGIES = ("auto", "ddp", "deepspeed")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 
 
 class RecipeError(UserError, ValueError):
@@ -463,12 +463,14 @@ def _check_across(recipe: Recipe) -> None:
             f"trainer.deepspeed.{key}",
             "needs trainer.strategy: deepspeed",
         )
-    zero3 = recipe.trainer.strategy == "deepspeed" and recipe.trainer.deepspeed.stage == 3
+    strategy = recipe.trainer.strategy
+    sharded = strategy == "fsdp" or (strategy == "deepspeed" and recipe.trainer.deepspeed.stage == 3)
     one_grid = not data.batching.packing and data.batching.buckets and budget.per_image == "shared"
     require(
-        not (zero3 and backbone.runs_per_grid) or one_grid,
+        not (sharded and backbone.runs_per_grid) or one_grid,
         "data.batching.packing",
-        "DINOv2 runs once per image grid, and under ZeRO-3 every rank must run it equally often: set data.batching.packing: "
+        "DINOv2 runs once per image grid, and with sharded weights (ZeRO-3, FSDP) every rank must run it equally often: "
+        "set data.batching.packing: "
         "false (one aspect bucket per step) and budget.per_image: shared",
     )
     require(

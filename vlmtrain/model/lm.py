@@ -162,8 +162,8 @@ def is_adapter_parameter(name: str) -> bool:
     return "lora_" in name
 
 
-def save_adapter_folder(lm: PeftModel, directory: Path) -> None:
-    """Write ``lm``'s adapter as a PEFT folder. Only what trained is saved: PEFT would otherwise save whole
-    embedding matrices of an LM whose vocabulary grew by the image token (its rows follow from the base
-    weights, :func:`add_token_rows`)."""
-    lm.save_pretrained(directory, save_embedding_layers=False)
+def save_adapter_folder(lm: PeftModel, directory: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``lm``'s adapter as a PEFT folder, from ``weights`` (its adapter parameters by name, whole) where
+    the LM's own are sharded. Only what trained is saved: PEFT would otherwise save whole embedding matrices
+    of an LM whose vocabulary grew by the image token (its rows follow from the base weights, :func:`add_token_rows`)."""
+    lm.save_pretrained(directory, save_embedding_layers=False, state_dict=weights)

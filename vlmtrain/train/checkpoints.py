@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_only
 from safetensors.torch import save_file
 
-from vlmtrain.train.adapters import gathered
+from vlmtrain.train.adapters import whole_values
 from vlmtrain.train.layout import LATEST, PARTIAL, STATE, TRAINED, checkpoint_name, latest_checkpoint
 
 
@@ -31,14 +31,9 @@ def _remove(path: Path) -> None:
 
 
 def trained_weights(module: L.LightningModule, strategy: L.pytorch.strategies.Strategy) -> dict[str, torch.Tensor]:
-    """Every trained parameter of ``module`` by its state-dict name, on CPU (gathered one at a time under
-    ZeRO-3; tied parameters once). Collective: every rank calls it, rank 0 gets the values."""
-    weights = {}
-    for name, parameter in module.named_parameters():
-        if parameter.requires_grad:
-            with gathered([parameter], strategy):
-                weights[name] = parameter.detach().to("cpu", copy=True).contiguous()
-    return weights
+    """Every trained parameter of ``module`` by its state-dict name, whole and on CPU (tied parameters once).
+    Collective: every rank calls it."""
+    return whole_values([(name, p) for name, p in module.named_parameters() if p.requires_grad], strategy)
 
 
 @rank_zero_only

@@ -15,6 +15,7 @@ from vlmtrain.families import build_model
 from vlmtrain.modeling.vlm import SampleLosses, VisionLanguageModel
 from vlmtrain.plan import RunPlan
 from vlmtrain.seeding import mix
+from vlmtrain.train.fsdp import shard
 from vlmtrain.train.optim import learning_rate_schedule, parameter_groups, part_settings, set_trainable
 
 
@@ -124,7 +125,8 @@ class VLMModule(L.LightningModule):
 
     The model itself is built in :meth:`configure_model`, which Lightning calls inside the strategy's
     context: under DeepSpeed ZeRO-3 every weight is created (and loaded) already partitioned, so no rank
-    ever holds the whole LM. The plan (tokenizer, geometry, schedule) is known before, for the data side.
+    ever holds the whole LM; under FSDP2 it is built whole and then sharded. The plan (tokenizer, geometry,
+    schedule) is known before, for the data side.
     """
 
     def __init__(self, plan: RunPlan) -> None:
@@ -138,11 +140,14 @@ class VLMModule(L.LightningModule):
         self.strict_loading = False
 
     def configure_model(self) -> None:
-        """Build the model (once), seeded from the recipe: every rank and every launch builds the same one."""
+        """Build the model (once), seeded from the recipe: every rank and every launch builds the same one;
+        under FSDP2 it is then sharded over the ranks (the strategy gives the device mesh)."""
         if self.model is not None:
             return
         self.model = build_model(self.plan.model, self.plan.start, self.plan.tokenizer, self.recipe.seed)
         set_trainable(self.model, self.recipe.optim)
+        if self.device_mesh is not None:
+            shard(self.model, self.device_mesh["data_parallel"])
         # from_pretrained leaves models in eval mode: what trains must train (dropout on); frozen parts stay in eval
         self.model.train()
         for part in self.model.parts().values():

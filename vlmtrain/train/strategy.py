@@ -1,6 +1,6 @@
 """Choosing how training is distributed: one place turns the recipe into a Lightning strategy.
 
-``auto`` (one device), ``ddp``, or ``deepspeed`` with ZeRO stage 2 or 3; the DeepSpeed config is
+``auto`` (one device), ``ddp``, ``fsdp`` (FSDP2, :mod:`.fsdp`), or ``deepspeed`` with ZeRO stage 2 or 3; the DeepSpeed config is
 generated from the recipe, a user's own DeepSpeed JSON laid over it if the recipe names one
 (:mod:`.deepspeed_config`). On CPU (tests, CI) DeepSpeed runs on gloo through
 a strategy that skips Lightning's CUDA-only check.
@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 
 from vlmtrain.config import Recipe
 from vlmtrain.train.deepspeed_config import deepspeed_config
+from vlmtrain.train.fsdp import FSDP2Strategy
 
 
 def on_gpu(recipe: Recipe) -> bool:
@@ -56,8 +57,11 @@ def build_strategy(recipe: Recipe) -> Strategy | str:
     if name == "auto":
         return "auto"
     gpu = on_gpu(recipe)
+    backend = "nccl" if gpu else "gloo"
     if name == "ddp":
-        return DDPStrategy(process_group_backend="nccl" if gpu else "gloo", find_unused_parameters=False)
+        return DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
+    if name == "fsdp":
+        return FSDP2Strategy(device_count(recipe) * node_count(recipe), backend)
     config = deepspeed_config(recipe, pin_memory=gpu)
     if gpu:
         strategy = DeepSpeedStrategy(config=config, exclude_frozen_parameters=True)
