@@ -63,7 +63,11 @@ FAST_FAILURES = [
     ),
     (
         ("model.vision.lora.rank=4", "model.vision.lora.target_modules=[qkv,q_proj]"),
-        "model.vision.lora.target_modules: the vision encoder has no 'q_proj' layers; its linear layers: 0, 2, proj, qkv",
+        "model.vision.lora.target_modules: the vision encoder has no 'q_proj' layers; its linear layers: mlp.0, mlp.2, proj, qkv",
+    ),
+    (
+        ("model.projector.lora.rank=2", "model.projector.lora.target_modules=[mlp.0,fc1]"),
+        "model.projector.lora.target_modules: the projector has no 'fc1' layers; its linear layers: mlp.0, mlp.2",
     ),
     (("data.text.target_field=caption",), "data.text.target_field: 'caption' is in none of the first 6 records of"),
     (

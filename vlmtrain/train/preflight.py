@@ -23,6 +23,7 @@ from vlmtrain.data.video import frame_budgets
 from vlmtrain.model.config import LoraConfig
 from vlmtrain.modeling.backbones import BACKBONES, TowerKind
 from vlmtrain.modeling.geometry import BudgetError
+from vlmtrain.modeling.projector import build_projector
 from vlmtrain.train.deepspeed_config import read_user_config
 from vlmtrain.train.layout import TRAINED, resume_checkpoint
 from vlmtrain.weights import open_weights
@@ -255,7 +256,7 @@ def linear_names(model: torch.nn.Module) -> list[str]:
 
 
 def check_lora_targets(plan: RunPlan, source: str) -> None:
-    """Every LoRA target module (of the LM's adapters and the vision encoder's) matches linear layers of its part
+    """Every LoRA target module (of the LM's, the vision encoder's and the projector's adapters) matches linear layers of its part
     the way PEFT matches them (the whole name or its ending); the error lists the layer names the part has. The
     parts are built on the meta device: no memory, no weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -267,6 +268,10 @@ def check_lora_targets(plan: RunPlan, source: str) -> None:
         with torch.device("meta"):
             backbone = BACKBONES[description.vision.kind].build(description.vision.settings)
         _check_targets(source, "model.vision.lora.target_modules", "vision encoder", linear_names(backbone), model.vision.lora)
+    if model.projector.lora.rank:
+        with torch.device("meta"):  # its layer names do not depend on the widths
+            projector = build_projector(description.projector.kind, 8, description.projector.hidden_size, 8)
+        _check_targets(source, "model.projector.lora.target_modules", "projector", linear_names(projector), model.projector.lora)
     lm = model.lm
     if lm.lora.rank:
         if lm.path is not None:
@@ -282,8 +287,15 @@ def check_lora_targets(plan: RunPlan, source: str) -> None:
 def _check_targets(source: str, key: str, part: str, names: list[str], lora: LoraConfig) -> None:
     missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        short = sorted({name.rsplit(".", 1)[-1] for name in names})
+        short = sorted({_short_name(name) for name in names})
         _fail(source, key, f"the {part} has no {', '.join(map(repr, missing))} layers; its linear layers: {', '.join(short)}")
+
+
+def _short_name(name: str) -> str:
+    """A layer's name as a LoRA target can give it: its last part, or its last two where the last is an index
+    (``mlp.0``)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
 def resume_log(checkpoint: Path | None, run_dir: Path, resume: str | None) -> None:
