@@ -139,7 +139,7 @@ BAD = [
     ),
     (  # videos and their markers must match, whatever way a record gives them (LLaMA-Factory, TRL, OpenAI)
         {"messages": [{"role": "user", "content": [{"type": "video", "video": 5}]}, {"role": "assistant", "content": "x"}]},
-        "turn 1: a video part's video must be a path or a list of paths of video files",
+        "turn 1: a video part's video must be a video file's path or a list of its frames' image paths",
     ),
     (
         {"messages": [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "x"}], "videos": ["a.mp4"]},

@@ -188,3 +188,68 @@ def test_each_video_draws_one_budget_for_all_its_frames_per_step_and_a_fixed_one
     differ = sum(drawn[0] != drawn[5] for drawn in draws) / len(draws)  # two videos differ in 1 - sum(w^2) = 1/2 of steps
     over_steps = {drawn[0] for drawn in draws}
     assert 0.4 < differ < 0.6 and over_steps == {70, 280}
+
+
+def grey_frames(folder: Path, count: int) -> list[str]:
+    """``count`` JPEG frames, frame n a flat grey of level 20 n, written under ``folder``: their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(count):
+        Image.new("RGB", (64, 48), (20 * n,) * 3).save(folder / f"f{n}.jpg", quality=95)
+    return [f"f{n}.jpg" for n in range(count)]
+
+
+def test_a_video_given_as_frame_images_is_stored_frame_by_frame_and_trains_as_frames_fps_apart(tmp_path):
+    from helpers import built, in_use, small_recipe
+
+    from vlmtrain.data.demo import make_demo_shards
+    from vlmtrain.train.run import batch_builder
+
+    names = grey_frames(tmp_path / "frames", 5)
+    answer = {"role": "assistant", "content": "grey"}
+    lines = [  # LLaMA-Factory's nested list, a TRL/qwen-vl-utils video part, and a frame given as if it were a video file
+        {"messages": [{"role": "user", "content": "<video>Which grey?"}, answer], "videos": [names]},
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": names}, {"type": "text", "text": "Which grey?"}]},
+                      answer]},
+        {"messages": [{"role": "user", "content": "<video>Which grey?"}, answer], "videos": names[:1]},
+    ]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    command = [sys.executable, "-m", "vlmtrain.cli", "shards", str(tmp_path / "a.jsonl"), str(tmp_path / "out"),
+               "--images", str(tmp_path / "frames"), "--skip-bad"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 2 samples in 1 shards" in result.stdout
+    assert "rejected 000000002: video 'f0.jpg': " in result.stdout
+    assert "(an image: a video given as frames is a list of image paths, one list per video)" in result.stdout
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        members = {member.name: tar.extractfile(member).read() for member in tar.getmembers()}
+    for key in ("000000000", "000000001"):
+        (video,) = json.loads(members[f"{key}.json"])["videos"]
+        assert video == {"frames": 5, "images": [{"name": f"v0.{n}.jpg", "width": 64, "height": 48} for n in range(5)]}
+        assert [members[f"{key}.v0.{n}.jpg"] for n in range(5)] == [(tmp_path / "frames" / name).read_bytes() for name in names]
+
+    # taken 2 a second (data.video.fps), at most 3 of them: frames 0, 2 and 4, at 00:00, 00:01, 00:02
+    demo = tmp_path / "demo"
+    make_demo_shards(demo, train_samples=4, val_samples=2, seed=1, samples_per_shard=4)
+    video = ("data.video.fps=2", "data.video.max_frames=3", "data.video.budget=70", "data.text.max_length=512")
+    module = built(small_recipe(demo, tmp_path / "run", *video))
+    builder = batch_builder(module.plan)
+    for sample in read_shard(str(tmp_path / "out" / "shard-000000.tar"), module.recipe.data.video):
+        assert sample.images == [members[f"{sample.key}.v0.{n}.jpg"] for n in (0, 2, 4)] and sample.budgets == [70] * 3
+        stamps = [part["text"] for part in sample.messages[0]["content"] if part["type"] == "text"][:3]
+        assert stamps == ["00:00 ", " 00:01 ", " 00:02 "]
+    batch = builder.collate([builder.encode(sample, sample.budgets)], None, packed=False)
+    images = batch.inputs.images
+    means = [float(pixels.float().mean()) for pixels in images.pixels.split(images.patch_counts.tolist())]
+    assert all(abs(found - level) < 3 for found, level in zip(means, (0, 40, 80), strict=True)), means
+
+    # a model in use given the frames (images, or their files) as one video: training's ids, token counts and logits
+    question = [{"role": "user", "content": "<video>Which grey?"}]
+    with torch.no_grad():
+        trained = module.model.eval()(batch.inputs)
+    model = in_use(module)
+    frames = [Image.open(tmp_path / "frames" / name) for name in names]
+    for given in (frames, [tmp_path / "frames" / name for name in names]):
+        ids, images = model.inputs([], messages=question, videos=[given])
+        assert images.token_counts.tolist() == batch.inputs.images.token_counts.tolist()
+        assert ids[0].tolist() == batch.inputs.input_ids[0, : ids.shape[1]].tolist()
+        torch.testing.assert_close(model.logits([], messages=question, videos=[given]), trained[:, : ids.shape[1]])

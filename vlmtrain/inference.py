@@ -40,6 +40,8 @@ from vlmtrain.text.conversation import check_conversation, parse_messages
 from vlmtrain.text.encoding import TextEncoder
 from vlmtrain.train.layout import RECIPE_FILE
 
+VideoInput = str | Path | bytes | Sequence[Image.Image | str | Path]  # a video file (or its bytes), or its frames in order
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -77,6 +79,16 @@ class AutoChoice:
     input_ids: torch.Tensor
     batch: ImageBatch
     visual: torch.Tensor
+
+
+def video_with_facts(video: VideoInput) -> tuple[bytes | list[Image.Image], dict[str, Any]]:
+    """A requested video as training stores one: a file's bytes with its facts, or its frames (images, or
+    image files) with their sizes."""
+    if isinstance(video, (str, Path, bytes)):
+        data = video if isinstance(video, bytes) else Path(video).read_bytes()
+        return data, probe_video(data)
+    frames = [frame if isinstance(frame, Image.Image) else Image.open(frame).convert("RGB") for frame in video]
+    return frames, {"images": [{"width": frame.width, "height": frame.height} for frame in frames], "frames": len(frames)}
 
 
 class ExportedModel:
@@ -136,7 +148,7 @@ class ExportedModel:
         prompt: str | None,
         budget: int | str | Sequence[int] | None,
         messages: list[dict[str, Any]] | None,
-        videos: Sequence[str | Path | bytes] = (),
+        videos: Sequence[VideoInput] = (),
     ) -> Prompt:
         """The prompt as the LM takes it. With ``budget="auto[:TOL]"`` the selector's pass at the lowest level is
         reused for the images it leaves there: only the others go through the encoder again."""
@@ -166,11 +178,11 @@ class ExportedModel:
         prompt: str | None = None,
         budget: int | str | Sequence[int] | None = None,
         messages: list[dict[str, Any]] | None = None,
-        videos: Sequence[str | Path | bytes] = (),
+        videos: Sequence[VideoInput] = (),
     ) -> tuple[torch.Tensor, ImageBatch]:
         """Token ids of the prompt, or of ``messages`` through the chat template up to the assistant's next
-        turn, with each image's placeholders; and the images cut at their budgets. ``videos`` (files or their
-        bytes, placed by ``<video>`` markers or video parts of ``messages``) are sampled into frames as in
+        turn, with each image's placeholders; and the images cut at their budgets. ``videos`` (files, their
+        bytes, or lists of frames, placed by ``<video>`` markers or video parts of ``messages``) are sampled into frames as in
         training (:attr:`video`), each frame an image at the video budget after its timestamp."""
         if prompt is not None and messages is not None:
             raise ValueError("give a prompt or messages, not both")
@@ -199,15 +211,14 @@ class ExportedModel:
         stored: list[dict[str, Any]],
         images: Sequence[Image.Image],
         budget: int | Sequence[int],
-        videos: Sequence[str | Path | bytes],
+        videos: Sequence[VideoInput],
     ) -> tuple[list[dict[str, Any]], list[Image.Image], list[int]]:
         """The stored messages with each video part replaced by its sampled frames and their timestamps, every
         image and frame in order, and the budget of each (the images' ``budget``, the frames' the video budget)."""
-        datas = [video if isinstance(video, bytes) else Path(video).read_bytes() for video in videos]
         budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
         sample = RawSample(
             "request", {"messages": stored}, list(images), [(image.height, image.width) for image in images],
-            budgets=budgets, videos=[(data, probe_video(data)) for data in datas],
+            budgets=budgets, videos=[video_with_facts(video) for video in videos],
         )
         sample = with_frames(sample, self.video)
         sizes = [self.geometry.image(h, w, b).resize for (h, w), b in zip(sample.sizes, sample.budgets, strict=True)]
@@ -221,7 +232,7 @@ class ExportedModel:
         prompt: str | None = None,
         budget: int | str | Sequence[int] | None = None,
         messages: list[dict[str, Any]] | None = None,
-        videos: Sequence[str | Path | bytes] = (),
+        videos: Sequence[VideoInput] = (),
     ) -> torch.Tensor:
         """Next-token logits ``(1, L, vocab)`` for the prompt (or conversation) with the images (and videos:
         :meth:`inputs`)."""
@@ -244,7 +255,7 @@ class ExportedModel:
         budget: int | str | Sequence[int] | None = None,
         max_new_tokens: int = 64,
         messages: list[dict[str, Any]] | None = None,
-        videos: Sequence[str | Path | bytes] = (),
+        videos: Sequence[VideoInput] = (),
         **kwargs: Any,
     ) -> str:
         """Greedy (or ``kwargs``-configured) continuation of the prompt, or the assistant's next turn in

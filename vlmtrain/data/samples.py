@@ -29,7 +29,7 @@ class RawSample:
     """A sample before decoding: its JSON record, image bytes in order (a video's sampled frames among them once
     :func:`vlmtrain.data.video.with_frames` has placed them), (height, width) of each image, the budget a record
     fixes for each (None: drawn), which video each is a frame of (None: an image; empty: no frames), and its
-    videos still whole (bytes and facts)."""
+    videos still whole (a file's bytes, or a list of its frames' bytes, and the facts)."""
 
     key: str
     record: dict[str, Any]
@@ -37,7 +37,7 @@ class RawSample:
     sizes: list[tuple[int, int]] = field(default_factory=list)
     source: str = ""
     budgets: list[int | None] = field(default_factory=list)
-    videos: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
+    videos: list[tuple[bytes | list[bytes], dict[str, Any]]] = field(default_factory=list)
     frame_of: list[int | None] = field(default_factory=list)
 
     @property
@@ -51,6 +51,28 @@ class RawSample:
         if not isinstance(value, str):
             raise SampleError("missing_text", f"sample {self.key!r} has no text field {name!r}")
         return value
+
+
+def video_files(key: str, entry: Any, files: dict[str, bytes]) -> tuple[bytes | list[bytes], dict[str, Any]]:
+    """A stored video's bytes (a file, or its frames' images in order) and its entry; :class:`SampleError` when
+    the entry lacks its facts or a file is missing."""
+    frames = entry.get("images") if isinstance(entry, dict) else None
+    try:
+        if frames is not None:
+            names = [str(frame["name"]).lower() for frame in frames if int(frame["width"]) > 0 and int(frame["height"]) > 0]
+            if not names or len(names) != len(frames):
+                raise ValueError
+        else:
+            names = [str(entry["name"]).lower()]
+            if not (int(entry["width"]) > 0 and int(entry["height"]) > 0 and float(entry["duration"]) > 0):
+                raise ValueError
+    except (KeyError, TypeError, ValueError, AttributeError):
+        needs = "name, width, height, duration (> 0)" if frames is None else "images (each with name, width, height)"
+        raise SampleError("bad_json", f"sample {key!r}: video entry {entry!r:.200} needs {needs}") from None
+    for name in names:
+        if name not in files:
+            raise SampleError("missing_video", f"sample {key!r}: video file {name!r} is missing")
+    return ([files[name] for name in names] if frames is not None else files[names[0]]), entry
 
 
 def parse_sample(files: dict[str, Any]) -> RawSample:
@@ -81,18 +103,7 @@ def parse_sample(files: dict[str, Any]) -> RawSample:
         images.append(files[name])
         sizes.append((height, width))
         budgets.append(entry.get("budget"))
-    videos = []
-    for entry in record.get("videos", []):
-        try:
-            name = str(entry["name"]).lower()
-            if not (int(entry["width"]) > 0 and int(entry["height"]) > 0 and float(entry["duration"]) > 0):
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            needs = "needs name, width, height, duration (> 0)"
-            raise SampleError("bad_json", f"sample {key!r}: video entry {entry!r} {needs}") from None
-        if name not in files:
-            raise SampleError("missing_video", f"sample {key!r}: video file {name!r} is missing")
-        videos.append((files[name], entry))
+    videos = [video_files(key, entry, files) for entry in record.get("videos", [])]
     try:
         check_budgets(budgets + [video.get("budget") for _, video in videos])
         if "messages" in record:

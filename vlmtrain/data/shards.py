@@ -2,7 +2,7 @@
 
 Each sample becomes ``KEY.json`` (the record's text fields or its conversation, and every image's name,
 width, height and fixed budget if any, every video's name and facts) and ``KEY.<i>.<ext>`` per image,
-``KEY.v<i>.<ext>`` per video, bytes unchanged. Images are read
+``KEY.v<i>.<ext>`` per video, ``KEY.v<i>.<j>.<ext>`` per frame of a video given as images, bytes unchanged. Images are read
 from inside the images folder only, unless allowed otherwise. Output is deterministic for the same input (whatever
 the number of worker processes); images that cannot be decoded are reported and their samples left
 out; every shard is written to a temporary name and renamed when complete; ``<prefix>-index.json`` maps
@@ -32,7 +32,7 @@ from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import SampleError
 from vlmtrain.data.video import probe_video
 from vlmtrain.errors import UserError
-from vlmtrain.text.conversation import ImageRef
+from vlmtrain.text.conversation import ImageRef, VideoRef
 
 EXTENSIONS = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "gif": "gif", "tif": "tif", "tiff": "tif", "webp": "webp", "bmp": "bmp"}
 MAX_IMAGE_PIXELS = 178_956_970
@@ -84,7 +84,10 @@ def check_image_paths(record: dict[str, Any], image_root: Path, outside_images: 
         if isinstance(ref, str):
             image_path(ref, image_root, outside_images)
     for ref in record.get("videos", []):
-        image_path(ref, image_root, outside_images, "video")
+        for name in ref if isinstance(ref, list) else []:
+            image_path(name, image_root, outside_images, "video frame")
+        if isinstance(ref, str):
+            image_path(ref, image_root, outside_images, "video")
 
 
 def image_data(ref: ImageRef, image_root: Path, outside_images: bool = False) -> tuple[Path, bytes]:
@@ -109,21 +112,49 @@ def encode_sample(record: dict[str, Any], image_root: Path, outside_images: bool
         entries.append(
             {"name": stored_name, "width": width, "height": height, **({"budget": budget} if budget is not None else {})}
         )
-    videos = []
-    for position, ref in enumerate(record.get("videos", [])):
-        path = image_path(ref, image_root, outside_images, "video")
-        data = path.read_bytes()
-        try:
-            facts = probe_video(data)
-        except SampleError as error:
-            raise SampleError(error.kind, f"video {ref!r}: {error}") from None
-        stored_name = f"v{position}.{VIDEO_EXTENSIONS.get(facts['container'], path.suffix.lstrip('.').lower() or 'video')}"
-        files[stored_name] = data
-        videos.append({"name": stored_name, **facts})
+    refs = record.get("videos", [])
+    videos = [encode_video(ref, f"v{index}", files, image_root, outside_images) for index, ref in enumerate(refs)]
     fields = {name: value for name, value in record.items() if name not in ("key", "images", "budgets", "videos")}
     stored = {**fields, "images": entries, **({"videos": videos} if videos else {})}
     files["json"] = json.dumps(stored, sort_keys=True, ensure_ascii=False).encode()
-    return files, sum(video["audio"] for video in videos)
+    return files, sum(video.get("audio", False) for video in videos)
+
+
+def encode_video(ref: VideoRef, stem: str, files: dict[str, bytes], image_root: Path, outside_images: bool) -> dict[str, Any]:
+    """Add one video's files to ``files`` under ``stem`` and return its entry: a video file's bytes with its facts
+    (:func:`probe_video`), or each frame of a video given as images with its size; :class:`SampleError` names
+    the unusable file."""
+    if isinstance(ref, list):
+        frames = []
+        for index, name in enumerate(ref):
+            path = image_path(name, image_root, outside_images, "video frame")
+            data = path.read_bytes()
+            try:
+                height, width = stored_size(data)
+            except SampleError as error:
+                raise SampleError(error.kind, f"video frame {name!r}: {error}") from None
+            frames.append({"name": f"{stem}.{index}.{image_extension(path, data)}", "width": width, "height": height})
+            files[frames[-1]["name"]] = data
+        return {"images": frames, "frames": len(frames)}
+    path = image_path(ref, image_root, outside_images, "video")
+    data = path.read_bytes()
+    try:
+        facts = probe_video(data)
+    except SampleError as error:
+        hint = " (an image: a video given as frames is a list of image paths, one list per video)" if _is_image(data) else ""
+        raise SampleError(error.kind, f"video {ref!r}: {error}{hint}") from None
+    name = f"{stem}.{VIDEO_EXTENSIONS.get(facts['container'], path.suffix.lstrip('.').lower() or 'video')}"
+    files[name] = data
+    return {"name": name, **facts}
+
+
+def _is_image(data: bytes) -> bool:
+    """Whether ``data`` opens as an image (a frame given where a video file was expected)."""
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except Exception:
+        return False
 
 
 def _encode_indexed(

@@ -109,6 +109,23 @@ def decode_frames(data: bytes, times: list[float], sizes: list[tuple[int, int]])
     return frames
 
 
+def sampled_frames(
+    data: bytes | list[bytes], facts: dict[str, Any], config: VideoConfig, max_frames: int
+) -> list[tuple[float, Any, tuple[int, int]]]:
+    """(time, what decodes it, (height, width)) of each frame a video trains on (:func:`frame_times`): a
+    :class:`VideoFrame` of a video file, or the image of a video given as frames. Frames given as images are
+    taken to be ``config.fps`` apart (as LLaMA-Factory takes them ``video_fps`` apart), so all of them train
+    unless there are more than ``max_frames``."""
+    if isinstance(data, list):
+        fps, count = config.fps, len(data)
+        times = frame_times(count / fps, fps, fps, max_frames)
+        picked = [min(count - 1, math.floor(time * fps)) for time in times]
+        sizes = [(int(frame["height"]), int(frame["width"])) for frame in facts["images"]]
+        return [(time, data[index], sizes[index]) for time, index in zip(times, picked, strict=True)]
+    times = frame_times(float(facts["duration"]), float(facts.get("fps") or 0), config.fps, max_frames)
+    return [(time, VideoFrame(data, time), (int(facts["height"]), int(facts["width"]))) for time in times]
+
+
 def with_frames(sample: RawSample, config: VideoConfig) -> RawSample:
     """``sample`` with each video part of its conversation replaced by the video's sampled frames (:func:`frame_times`
     at ``config``): per frame its ``mm:ss`` timestamp and an image part (frames joined by a space, as Gemma 4's
@@ -130,11 +147,10 @@ def with_frames(sample: RawSample, config: VideoConfig) -> RawSample:
             elif part["type"] == "video":
                 video, (data, facts) = next(videos)
                 budget = facts.get("budget") or (None if config.levels else config.budget)
-                duration, native_fps = float(facts["duration"]), float(facts.get("fps") or 0)
-                times = frame_times(duration, native_fps, config.fps, config.frames(budget or config.budget))
-                for index, time in enumerate(times):
+                frames = sampled_frames(data, facts, config, config.frames(budget or config.budget))
+                for index, (time, frame, size) in enumerate(frames):
                     content += [{"type": "text", "text": f"{' ' if index else ''}{timestamp(time)} "}, {"type": "image"}]
-                    placed.append((VideoFrame(data, time), (int(facts["height"]), int(facts["width"])), budget, video))
+                    placed.append((frame, size, budget, video))
             else:
                 content.append(part)
         messages.append({**message, "content": content})

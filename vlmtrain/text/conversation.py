@@ -6,11 +6,12 @@ Stored form, in a shard record's JSON::
     "messages": [{"role": "system" | "user" | "assistant",
                   "content": [{"type": "text", "text": "..."} | {"type": "image"} | {"type": "video"}, ...]}, ...]
     "images":   [{"name": "0.jpg", "width": W, "height": H, "budget": 1120}, ...]
-    "videos":   [{"name": "v0.mp4", "width": W, "height": H, "duration": S, "fps": F, "frames": N, ...}, ...]
+    "videos":   [{"name": "v0.mp4", "width": W, "height": H, "duration": S, "fps": F, "frames": N, ...}
+                 | {"images": [{"name": "v1.0.jpg", "width": W, "height": H}, ...], "frames": N}, ...]
 
-The k-th image part of the conversation is ``images[k]``, the k-th video part ``videos[k]``; an image's (or a
-video's) ``budget`` is optional (it fixes that image's, or each of the video's frames', token budget in
-training, whatever the schedule draws).
+The k-th image part of the conversation is ``images[k]``, the k-th video part ``videos[k]``: a video file, or a
+video given as its frames (images); an image's (or a video's) ``budget`` is optional (it fixes that image's, or
+each of the video's frames', token budget in training, whatever the schedule draws).
 """
 
 from __future__ import annotations
@@ -124,14 +125,26 @@ def image_ref(value: Any, where: str) -> ImageRef:
     raise ConversationError(f"{where} must be a path or an image with its bytes ({{'bytes': ..., 'path': ...}})")
 
 
-def video_refs(value: Any, where: str) -> list[str]:
-    """The videos that a record's key or a video part (``where``) gives: one path, a list, or null (none)."""
+VideoRef = str | list[str]  # a video file's path, or the paths of a video's frames in order (a video given as images)
+
+
+def video_ref(value: Any, where: str) -> VideoRef:
+    """One video: a video file's path, or a list of its frames' image paths (LLaMA-Factory's nested lists,
+    qwen-vl-utils' frame lists)."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and value and all(isinstance(frame, str) and frame for frame in value):
+        return list(value)
+    raise ConversationError(f"{where} must be a video file's path or a list of its frames' image paths, found {value!r:.80}")
+
+
+def video_refs(value: Any, where: str) -> list[VideoRef]:
+    """The videos of a record's key (``where``): one path, a list of videos (each a path or a list of frame
+    paths), or null (none)."""
     if value is None:
         return []
     refs = value if isinstance(value, list) else [value]
-    if not all(isinstance(ref, str) and ref for ref in refs):
-        raise ConversationError(f"{where} must be a path or a list of paths of video files")
-    return refs
+    return [video_ref(ref, where) for ref in refs]
 
 
 def image_refs(value: Any, key: str) -> list[ImageRef]:
@@ -159,7 +172,7 @@ def with_system(messages: list[dict[str, Any]], record: dict[str, Any]) -> list[
     return [{"role": "system", "content": [{"type": "text", "text": system}] if system else []}, *messages]
 
 
-Read = tuple[list[dict[str, Any]], list[ImageRef], list[int | None], list[str]]  # messages, images, budgets, videos
+Read = tuple[list[dict[str, Any]], list[ImageRef], list[int | None], list[VideoRef]]  # messages, images, budgets, videos
 
 
 def from_llava(record: dict[str, Any]) -> Read:
@@ -202,12 +215,12 @@ def record_budgets(record: dict[str, Any], images: int, named: list[int | None] 
     return budgets
 
 
-def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], list[ImageRef], list[str]]:
+def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], list[ImageRef], list[VideoRef]]:
     """``messages`` turns (``role``/``content``, content a string with ``<image>`` and ``<video>`` markers or a
     list of ``{"type": "text" | "image" | "video"}`` parts) as stored messages, with the budget and the image
     that each image part names, if any (``{"type": "image", "image": "a.jpg"}``, OpenAI's ``image_url`` parts,
     LLaMA-Factory v1's ``value``), and the video each video part names (``{"type": "video", "video":
-    "a.mp4"}``). A table's null keys count as absent."""
+    "a.mp4"}``, or a list of frame images). A table's null keys count as absent."""
     if not isinstance(turns, list):
         raise ConversationError("'messages' must be a list of turns")
     messages, part_budgets, part_images, part_videos = [], [], [], []
@@ -239,7 +252,7 @@ def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], 
                     if kind == "video_url" and isinstance(part.get("video_url"), dict):
                         video = part["video_url"].get("url")
                     if video is not None:
-                        part_videos.append(video_refs(video, f"turn {number}: a video part's video")[0])
+                        part_videos.append(video_ref(video, f"turn {number}: a video part's video"))
                 elif isinstance(text, str):
                     parts += split_markers(text)
                 elif kind in UNTRAINED_PARTS:
