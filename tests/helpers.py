@@ -179,10 +179,11 @@ def save_as_full_checkpoint(model: torch.nn.Module, folder: Path, model_type: st
 
 def gemma4_tokenizer(folder: Path) -> Path:
     """A tokenizer folder (the byte tokenizer) that declares Gemma 4's image, begin- and end-of-image tokens
-    (and its audio ones) as Gemma 4's tokenizer does, so that its processor can expand images."""
+    (and its audio ones) as Gemma 4's tokenizer does, so that its processor can expand images; it has Gemma 4's
+    video token too."""
     tokenizer = build_byte_tokenizer(GEMMA4_IMAGE_TOKENS["image_token"])
     named = {**GEMMA4_IMAGE_TOKENS, **GEMMA4_AUDIO_TOKENS}
-    others = [token for name, token in named.items() if name != "image_token"]
+    others = [token for name, token in named.items() if name != "image_token"] + ["<|video|>"]
     tokenizer.add_special_tokens({"additional_special_tokens": others}, replace_extra_special_tokens=False)
     tokenizer.save_pretrained(folder)
     config_file = folder / "tokenizer_config.json"

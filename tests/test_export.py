@@ -702,3 +702,34 @@ def test_the_shipped_modules_import_each_other_relatively():
                 names = [node.module or ""]
             absolute += [f"{file.name}:{node.lineno} {name}" for name in names if name.split(".")[0] == "vlmtrain"]
     assert absolute == []
+
+
+@pytest.mark.slow
+def test_a_gemma4_shaped_export_answers_a_video_in_transformers_with_the_training_logits(gemma4_export):
+    """Gemma 4's video layout (each frame's ``mm:ss`` time, then its soft tokens as Gemma 4's video token between
+    <|image> and <image|>, frames joined by a space): the native export, given the frames as Gemma 4's video
+    input (pixel values from its image processor, frame by frame), computes what training computes."""
+    from PIL import ImageOps
+
+    model, out = gemma4_export
+    budget = 70
+    picture = at_budget(Image.open(pictures()[0]), model.geometry, budget)
+    frames = [picture, ImageOps.mirror(picture), ImageOps.invert(picture)]  # 3 frames 0.5 s apart (data.video.fps 2)
+    question = [{"role": "user", "content": "<video>What changes?"}]
+    ids, images = model.inputs([], messages=question, videos=[frames])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokens = model.geometry.image(picture.height, picture.width, budget).tokens
+    block = GEMMA4_IMAGE_TOKENS["boi_token"] + "<|video|>" * tokens + GEMMA4_IMAGE_TOKENS["eoi_token"]
+    assert f"00:00 {block} 00:00 {block} 00:01 {block}What changes?" in tokenizer.decode(ids[0])  # Gemma4Processor's text
+    config = json.loads((out / "config.json").read_text())
+    assert config["video_token_id"] == tokenizer.convert_tokens_to_ids("<|video|>")
+    pixels = AutoImageProcessor.from_pretrained(out)(frames, max_soft_tokens=budget, return_tensors="pt")
+    native = AutoModelForImageTextToText.from_pretrained(out).eval()
+    with torch.no_grad():
+        served = native(
+            input_ids=ids, pixel_values_videos=pixels["pixel_values"], video_position_ids=pixels["image_position_ids"],
+            num_frames_per_video=torch.tensor([3]),
+        ).logits
+    trained = model.logits([], messages=question, videos=[frames])
+    torch.testing.assert_close(served, trained, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(load(out).logits([], messages=question, videos=[frames]), trained, atol=1e-5, rtol=1e-5)

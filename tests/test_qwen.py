@@ -12,7 +12,7 @@ from runpy import run_path
 
 import pytest
 import torch
-from helpers import ROOT, built, losses_and_grads, random_images, small_recipe
+from helpers import ROOT, built, in_use, losses_and_grads, random_images, small_recipe
 
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.config import TextConfig
@@ -301,4 +301,81 @@ def test_a_whole_checkpoint_trains_under_zero3_on_two_processes_and_exports_what
     images = served_images(exported.geometry, 140, [(300, 451), (900, 420)], seed=7)
     prompt = f"Look {IMAGE} and {IMAGE}: "
     torch.testing.assert_close(exported.logits(images, prompt, [140, 70]), trained.logits(images, prompt, [140, 70]),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_qwen3_vl_writes_a_video_as_its_processor_does_and_its_export_answers_it_with_the_training_logits(demo_dir, tmp_path):
+    """Qwen3-VL's own video layout: two consecutive frames share one temporal patch (the last one filled with
+    its last frame), each pair after ``<t seconds>`` in its own vision block of ``<|video_pad|>`` tokens; training,
+    a model in use and the native export (transformers' class, given the video's patches from Qwen's image
+    processor frame by frame) compute the same logits."""
+    import io
+
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vlmtrain.data.video import with_frames
+    from vlmtrain.export.run import TrainedModel
+    from vlmtrain.export.write import write_export
+    from vlmtrain.inference import load
+    from vlmtrain.modeling.prompt import FrameLayout
+    from vlmtrain.train.run import batch_builder
+
+    folder = tmp_path / "qwen3"
+    run_path(str(ROOT / "scripts" / "tiny_qwen.py"))["write_tiny_qwen"](folder, family="qwen3_vl")
+    video = ("data.video.fps=2", "data.video.budget=70", "data.text.max_length=512")
+    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder, "qwen3_vl"), *video)
+    module = built(recipe)
+    assert module.plan.frames == FrameLayout(frames=2, stamp="seconds", token="<|video_pad|>")
+    frames = served_images(module.plan.geometry, 70, [(300, 451)] * 3, seed=3)  # 3 frames, 2 a second
+    files = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        frame.save(buffer, format="PNG")
+        files.append(buffer.getvalue())
+    question = [{"role": "user", "content": "<video>What changes?"}]
+
+    # training: the frames as a stored video given as images (0.25, 0.75 and 1.25 s), encoded by the data pipeline
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What changes?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "colours"}]}]
+    facts = {"images": [{"width": frame.width, "height": frame.height} for frame in frames], "frames": 3}
+    sample = with_frames(RawSample("k", {"messages": messages}, videos=[(files, facts)]), recipe.data.video, module.plan.frames)
+    builder = batch_builder(module.plan)
+    encoded = builder.encode(sample, sample.budgets)
+    batch = builder.collate([encoded], None, packed=False)
+    with torch.no_grad():
+        trained = module.model.eval()(batch.inputs)
+
+    tokens = module.plan.geometry.image(frames[0].height, frames[0].width, 70).tokens
+    block = "<|vision_start|>" + "<|video_pad|>" * tokens + "<|vision_end|>"
+    expected = f"<0.5 seconds>{block}<1.2 seconds>{block}What changes?"  # Qwen3VLProcessor's text for these frames
+    model = in_use(module)
+    ids, images = model.inputs([], messages=question, videos=[frames])
+    assert expected in module.plan.tokenizer.decode(ids[0])
+    assert images.token_counts.tolist() == [tokens, tokens]
+    assert ids[0].tolist() == batch.inputs.input_ids[0, : ids.shape[1]].tolist()
+    torch.testing.assert_close(model.logits([], messages=question, videos=[frames]), trained[:, : ids.shape[1]])
+
+    # the native export, given what Qwen3-VL's video processor gives: each temporal patch its two frames'
+    # patches (Qwen's image processor repeats one frame over the patch: take each frame's first)
+    write_export(TrainedModel(module.model, module.plan.tokenizer, module.plan.model, TextFormat.of(recipe.data.text),
+                              recipe, tmp_path), recipe, tmp_path / "export")
+    native = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").eval()
+    min_pixels, cell, patch, mean, std = PROCESSOR["qwen3_vl"]
+    processor = Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": 70 * cell * cell},
+                                         patch_size=patch, image_mean=mean, image_std=std)
+    per_frame = [processor(images=[frame], return_tensors="pt") for frame in frames]
+    grid = per_frame[0]["image_grid_thw"][0]
+    first = [out["pixel_values"].view(-1, 3, 2, patch, patch)[:, :, 0] for out in per_frame]
+    units = [torch.stack([first[0], first[1]], dim=2), torch.stack([first[2], first[2]], dim=2)]
+    video_id = module.plan.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    inputs = {  # what Qwen3VLProcessor gives beside the ids: the patches, their grid, each token's modality (2: video)
+        "pixel_values_videos": torch.cat(units).flatten(1), "video_grid_thw": torch.tensor([[2, *grid[1:].tolist()]]),
+        "mm_token_type_ids": (ids == video_id).long() * 2,
+    }
+    with torch.no_grad():
+        served = native(input_ids=ids, **inputs).logits
+    torch.testing.assert_close(served, trained[:, : ids.shape[1]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(load(tmp_path / "export").logits([], messages=question, videos=[frames]), served,
                                atol=1e-5, rtol=1e-5)

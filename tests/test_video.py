@@ -45,6 +45,8 @@ def test_frames_are_sampled_at_the_rate_asked_uniformly_and_never_more_than_the_
     assert frame_times(0.5, 4.0, 8.0, 16) == [0.125, 0.375]  # the clip has 2 frames
     assert frame_times(0.2, 30.0, 2.0, 16) == [0.1]  # shorter than one interval: its middle
     assert VideoConfig(max_frames=16, max_tokens=600).frames(70) == 8 and VideoConfig(max_tokens=100).frames(140) == 1
+    # Qwen3-VL's two frames share their tokens: the cap allows twice the frames, max_frames still bounds them
+    assert VideoConfig(max_frames=16, max_tokens=300).frames(70, 2) == 8 and VideoConfig(max_tokens=600).frames(70, 2) == 16
 
 
 def test_the_decoded_frames_are_the_clips_frames_at_their_times(tmp_path):
@@ -198,6 +200,7 @@ def grey_frames(folder: Path, count: int) -> list[str]:
     return [f"f{n}.jpg" for n in range(count)]
 
 
+@pytest.mark.slow
 def test_a_video_given_as_frame_images_is_stored_frame_by_frame_and_trains_as_frames_fps_apart(tmp_path):
     from helpers import built, in_use, small_recipe
 

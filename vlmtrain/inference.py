@@ -20,14 +20,15 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from vlmtrain.data.config import VideoConfig
+from vlmtrain.data.builder import BatchBuilder
+from vlmtrain.data.config import DecodingConfig, TextConfig, VideoConfig
 from vlmtrain.data.samples import RawSample
 from vlmtrain.data.video import decoded_images, probe_video, with_frames
 from vlmtrain.errors import UserError
 from vlmtrain.export.format import CONFIG_FILE, SELECTOR_DIR, VISION_DIR, VISION_PARTS, TextFormat
 from vlmtrain.export.layouts import read_export
 from vlmtrain.export.run import trained_model
-from vlmtrain.families import build_model
+from vlmtrain.families import build_model, frame_layout
 from vlmtrain.model.config import LMConfig
 from vlmtrain.model.description import ModelDescription, Start
 from vlmtrain.model.lm import lm_tokenizer
@@ -107,12 +108,19 @@ class ExportedModel:
         self.description = description
         self.text_format = text
         self.video = video or VideoConfig()  # how training sampled a video's frames: requests are sampled alike
-        self.text = TextEncoder(tokenizer, description.lm.image_token)
+        self.frames = frame_layout(description, tokenizer)  # and how its family writes them
+        self.text = TextEncoder(tokenizer, description.lm.image_token, self.frames.token)
         self.selector: BudgetSelector | None = None  # set by load() when the export has one
 
     @property
     def geometry(self) -> Geometry:
         return self.model.geometry
+
+    def batch_builder(self, fields: TextConfig, geometry: Geometry | None = None) -> BatchBuilder:
+        """How evaluation and budget labelling turn samples into this model's batches: as training did (its text,
+        video sampling and frame layout), every image decoded fast whatever its size (``geometry``: other levels)."""
+        decoding = DecodingConfig(fast=True, max_image_pixels=10**9)
+        return BatchBuilder(geometry or self.geometry, self.text, fields, decoding, self.video, self.frames)
 
     def budget_selector(self) -> BudgetSelector:
         """The export's budget selector, for ``budget="auto"``; one line when it has none."""
@@ -130,7 +138,8 @@ class ExportedModel:
         selector = self.budget_selector()
         input_ids, batch = self.inputs(images, prompt, self.geometry.levels[0], messages)
         visual = self.model.encode_images(batch)
-        question = question_embedding(self.model.lm.get_input_embeddings(), input_ids[0], self.model.image_token_id)
+        ids = input_ids[0]
+        question = question_embedding(self.model.lm.get_input_embeddings(), ids, self.model.placeholders(ids))
         features = selector_features(self.model.visual_parts(visual)[0].float(), batch.token_counts, question)
         budgets = selector.choose(features, tolerance)
         return AutoChoice(budgets, input_ids, batch, visual)
@@ -182,26 +191,27 @@ class ExportedModel:
     ) -> tuple[torch.Tensor, ImageBatch]:
         """Token ids of the prompt, or of ``messages`` through the chat template up to the assistant's next
         turn, with each image's placeholders; and the images cut at their budgets. ``videos`` (files, their
-        bytes, or lists of frames, placed by ``<video>`` markers or video parts of ``messages``) are sampled into frames as in
-        training (:attr:`video`), each frame an image at the video budget after its timestamp."""
+        bytes, or lists of frames, placed by ``<video>`` markers or video parts of ``messages``) are sampled into
+        frames as in training (:attr:`video`) and written as the model's family writes them (:attr:`frames`), each
+        frame an image at the video budget after its time."""
         if prompt is not None and messages is not None:
             raise ValueError("give a prompt or messages, not both")
         if isinstance(budget, str):
             budget = self.auto_budgets(images, prompt, messages, auto_tolerance(budget))
         budget = self.description.default_budget if budget is None else budget
-        stored = None
+        stored, frames = None, []
         if messages is not None:
             stored, *_ = parse_messages(messages)
             check_conversation(stored, len(images), answered=False, videos=len(videos))
             if videos:
-                stored, images, budget = self.video_frames(stored, images, budget, videos)
+                stored, images, budget, frames = self.video_frames(stored, images, budget, videos)
         elif videos:
             raise ValueError("videos go in messages (a <video> marker or a video part places each)")
         device = self.device
         batch = ImageBatch.of_images(images, budget, self.geometry)
         counts = batch.token_counts.tolist()
         if stored is not None:
-            ids = self.text.encode_chat_prompt(stored, counts)
+            ids = self.text.encode_chat_prompt(stored, counts, frames)
         else:
             ids = self.text.encode_prompt(self.text_format.prompt if prompt is None else prompt, counts)
         return torch.tensor([ids], device=device), batch.to(device)
@@ -212,18 +222,20 @@ class ExportedModel:
         images: Sequence[Image.Image],
         budget: int | Sequence[int],
         videos: Sequence[VideoInput],
-    ) -> tuple[list[dict[str, Any]], list[Image.Image], list[int]]:
-        """The stored messages with each video part replaced by its sampled frames and their timestamps, every
-        image and frame in order, and the budget of each (the images' ``budget``, the frames' the video budget)."""
+    ) -> tuple[list[dict[str, Any]], list[Image.Image | tuple[Image.Image, ...]], list[int], list[bool]]:
+        """The stored messages with each video part replaced by its sampled frames and their times, every image and
+        frame (or unit of frames) in order, the budget of each (the images' ``budget``, the frames' the video
+        budget) and which are frames."""
         budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
         sample = RawSample(
             "request", {"messages": stored}, list(images), [(image.height, image.width) for image in images],
             budgets=budgets, videos=[video_with_facts(video) for video in videos],
         )
-        sample = with_frames(sample, self.video)
+        sample = with_frames(sample, self.video, self.frames)
         sizes = [self.geometry.image(h, w, b).resize for (h, w), b in zip(sample.sizes, sample.budgets, strict=True)]
         frames = decoded_images(sample.images, sizes, lambda image, _: image)
-        return sample.messages, frames, [int(b) for b in sample.budgets]
+        budgets = [self.video.budget if b is None else int(b) for b in sample.budgets]  # drawn in training: the default here
+        return sample.messages, frames, budgets, [video is not None for video in sample.frame_of]
 
     @torch.no_grad()
     def logits(

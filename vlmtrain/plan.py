@@ -1,6 +1,6 @@
 """The run plan: what a recipe decides before anything is built, made once and handed to the model side and
 the data side alike: the model description (and so the geometry), what the model starts from, the budget
-schedule and the tokenizer."""
+schedule, the tokenizer and how the model's family writes a video's frames."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.config import Recipe
+from vlmtrain.families import frame_layout
 from vlmtrain.model.description import ModelDescription, Start, describe_model
 from vlmtrain.model.lm import lm_tokenizer
 from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.prompt import FrameLayout
 from vlmtrain.text.chat import resolve_chat_template
 
 
@@ -26,6 +28,7 @@ class RunPlan:
     geometry: Geometry
     schedule: BudgetSchedule
     tokenizer: PreTrainedTokenizerBase
+    frames: FrameLayout
 
 
 def plan_run(recipe: Recipe) -> RunPlan:
@@ -37,4 +40,5 @@ def plan_run(recipe: Recipe) -> RunPlan:
     if template is not None:
         tokenizer.chat_template = template
     schedule = BudgetSchedule.of(recipe.budget, recipe.seed)
-    return RunPlan(recipe, model, Start.of(recipe.model), model.geometry(), schedule, tokenizer)
+    frames = frame_layout(model, tokenizer)
+    return RunPlan(recipe, model, Start.of(recipe.model), model.geometry(), schedule, tokenizer, frames)

@@ -18,6 +18,7 @@ from vlmtrain.data.video import decoded_images
 from vlmtrain.modeling.geometry import Geometry, ImageGeometry, ImageSizeError
 from vlmtrain.modeling.inputs import ImageBatch, ModelInput
 from vlmtrain.modeling.pixels import image_patches
+from vlmtrain.modeling.prompt import FRAMES_AS_IMAGES, FrameLayout
 from vlmtrain.text.chat import ChatTemplateError
 from vlmtrain.text.conversation import image_count, text_of
 from vlmtrain.text.encoding import EncodedText, TextEncoder, TextError
@@ -69,12 +70,14 @@ class BatchBuilder:
         fields: TextConfig,
         decoding: DecodingConfig,
         video: VideoConfig | None = None,
+        frame_layout: FrameLayout = FRAMES_AS_IMAGES,
     ) -> None:
         self.geometry = geometry
         self.text = text
         self.fields = fields
         self.decoding = decoding
         self.video = video or VideoConfig()
+        self.frame_layout = frame_layout  # how the model's family writes a video's frames (:func:`with_frames`)
 
     def image_geometries(self, sample: RawSample, budgets: Budgets) -> list[ImageGeometry]:
         """Each image's geometry at its budget, from the stored sizes (no decoding); an image the geometry cannot
@@ -108,7 +111,8 @@ class BatchBuilder:
         """A conversation record through the chat template, a prompt/target record as written."""
         try:
             if sample.messages is not None:
-                encoded = self.text.encode_chat(sample.messages, image_tokens, self.fields.train_on)
+                frames = [video is not None for video in sample.frame_of]
+                encoded = self.text.encode_chat(sample.messages, image_tokens, self.fields.train_on, frames)
             else:
                 encoded = self.text.encode(*self._prompt_and_target(sample), image_tokens)
         except TextError as error:
@@ -130,14 +134,13 @@ class BatchBuilder:
         if sample.messages is None:
             prompt, target = self._prompt_and_target(sample)
             return [Question(self.text.encode_prompt(prompt, counts), len(counts), target, chat=False)]
-        questions = []
+        questions, frames = [], [video is not None for video in sample.frame_of]
         for index, message in enumerate(sample.messages):
             if message["role"] == "assistant":
                 before = sample.messages[:index]
                 images = image_count(before)
-                questions.append(
-                    Question(self.text.encode_chat_prompt(before, counts[:images]), images, text_of(message), chat=True)
-                )
+                prompt = self.text.encode_chat_prompt(before, counts[:images], frames[:images])
+                questions.append(Question(prompt, images, text_of(message), chat=True))
         return questions
 
     def text_tokens(self, sample: RawSample) -> int:
@@ -158,8 +161,9 @@ class BatchBuilder:
             decoded = decoded_images(sample.images, [geometry.resize for geometry in geometries], decode)
         except SampleError as error:
             raise SampleError(error.kind, f"sample {sample.key!r}: {error}") from None
-        patch = self.geometry.patch_size
-        images = [(*image_patches(image, geometry, patch), geometry) for image, geometry in zip(decoded, geometries, strict=True)]
+        patch, frames = self.geometry.patch_size, self.geometry.frames
+        pairs = zip(decoded, geometries, strict=True)
+        images = [(*image_patches(image, geometry, patch, frames), geometry) for image, geometry in pairs]
         text = self._encode_text(sample, [geometry.tokens for *_, geometry in images])
         group = str(sample.record.get(self.fields.group_field, "")) if self.fields.group_field else ""
         return EncodedSample(key=sample.key, text=text, images=images, group=group, budgets=budgets)
@@ -173,7 +177,7 @@ class BatchBuilder:
         sequences, labels = [s.text.input_ids for s in samples], [s.text.labels for s in samples]
         images = ImageBatch.stack(
             [(pixels, positions, geometry, index) for index, s in enumerate(samples) for pixels, positions, geometry in s.images],
-            patch_dim=3 * self.geometry.patch_size**2,
+            patch_dim=self.geometry.patch_dim,
         )
         if packed:
             input_ids, position_ids, sequence_ids, label_tensor, cu_seqlens = pack_text(

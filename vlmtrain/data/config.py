@@ -77,10 +77,12 @@ class VideoConfig:
     weights: list[float] | None = None
     max_tokens: int | None = None
 
-    def frames(self, budget: int) -> int:
-        """The most frames one video trains on at ``budget`` tokens a frame (its largest drawn level, if drawn)."""
+    def frames(self, budget: int, per_unit: int = 1) -> int:
+        """The most frames one video trains on at ``budget`` tokens (its largest drawn level, if drawn) for each unit
+        of ``per_unit`` frames (Qwen3-VL's two frames share their tokens)."""
         largest = max(self.levels) if self.levels else budget
-        return self.max_frames if self.max_tokens is None else max(1, min(self.max_frames, self.max_tokens // largest))
+        by_tokens = self.max_frames if self.max_tokens is None else max(1, self.max_tokens // largest) * per_unit
+        return max(1, min(self.max_frames, by_tokens))
 
 
 @dataclass

@@ -153,7 +153,9 @@ class TrainStream(IterableDataset):
         """Steps of stream ``index`` (of ``count``): ``first_step``, ``first_step + count``, ..."""
         state = self.states.get(index, StreamState())
         returning = {(k, item): arrived for k, item, arrived in state.pool}
-        arrivals = stream_samples(self.shards(index, count), min([state.read, *returning]), self.builder.video)
+        arrivals = stream_samples(
+            self.shards(index, count), min([state.read, *returning]), self.builder.video, self.builder.frame_layout
+        )
         batching = self.data.batching
         pool = BucketPool(batching.lookahead, batching.max_wait)
         skips = SkipLog(self.data.max_consecutive_failures, state.skipped)
@@ -276,7 +278,7 @@ class EvalStream(IterableDataset):
 
     def samples(self) -> Iterator[RawSample]:
         for url in self.urls:
-            for sample in read_shard(url, self.builder.video):
+            for sample in read_shard(url, self.builder.video, self.builder.frame_layout):
                 if isinstance(sample, SampleError):
                     self.skips.add(sample.kind, f"{sample} (shard {url})", url)
                 elif all(str(sample.record.get(field)) == value for field, value in self.where.items()):

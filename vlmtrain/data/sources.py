@@ -25,6 +25,7 @@ from vlmtrain.data.config import VideoConfig
 from vlmtrain.data.samples import RawSample, SampleError, parse_sample
 from vlmtrain.data.video import with_frames
 from vlmtrain.errors import UserError
+from vlmtrain.modeling.prompt import FRAMES_AS_IMAGES, FrameLayout
 from vlmtrain.seeding import mix, unit
 
 DEFAULT_VIDEO = VideoConfig()  # a recipe's data.video when none is given
@@ -131,8 +132,11 @@ class _CheckedStream:
         self.stream.close()
 
 
-def read_shard(url: str, video: VideoConfig = DEFAULT_VIDEO) -> Iterator[RawSample | SampleError]:
-    """The samples of one shard in order (their videos as frames sampled by ``video``: :func:`with_frames`), a
+def read_shard(
+    url: str, video: VideoConfig = DEFAULT_VIDEO, layout: FrameLayout = FRAMES_AS_IMAGES
+) -> Iterator[RawSample | SampleError]:
+    """The samples of one shard in order (their videos as frames sampled by ``video``, written as ``layout`` says:
+    :func:`with_frames`), a
     malformed one as its SampleError (so positions stay stable); a shard that cannot be opened or breaks off ends
     with a SampleError of kind ``bad_shard``."""
     errors: list[Exception] = []
@@ -149,7 +153,7 @@ def read_shard(url: str, video: VideoConfig = DEFAULT_VIDEO) -> Iterator[RawSamp
     try:
         for files in group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=keep), handler=keep):
             try:
-                yield with_frames(parse_sample(files), video)
+                yield with_frames(parse_sample(files), video, layout)
             except SampleError as error:
                 yield error
         if not errors and not stream.complete():
@@ -173,13 +177,15 @@ class Arrival:
     url: str
 
 
-def stream_samples(shards: ShardSequence, start: Position, video: VideoConfig = DEFAULT_VIDEO) -> Iterator[Arrival]:
-    """Every sample of the stream from position ``start`` on, forever (videos as frames sampled by ``video``)."""
+def stream_samples(
+    shards: ShardSequence, start: Position, video: VideoConfig = DEFAULT_VIDEO, layout: FrameLayout = FRAMES_AS_IMAGES
+) -> Iterator[Arrival]:
+    """Every sample of the stream from position ``start`` on, forever (videos as frames: :func:`read_shard`)."""
     k, first_item = start
     while True:
         url, epoch = shards.shard(k)
         produced = False
-        for item, sample in enumerate(read_shard(url, video)):
+        for item, sample in enumerate(read_shard(url, video, layout)):
             if item >= first_item:
                 produced = True
                 yield Arrival((k, item), epoch, sample, url)

@@ -2,8 +2,10 @@
 frames a sample trains on (:func:`frame_times`, a pure function of those facts and the recipe's ``data.video``),
 and decoding only those frames at the size their budget needs (:func:`decode_frames`), with PyAV (FFmpeg).
 
-A video trains as its sampled frames: each frame is an image of the sample at the video's budget, written in the
-text with its timestamp (``mm:ss``, as Gemma 4's processor writes video frames) before its image tokens.
+A video trains as its sampled frames, written as the model's family writes them (:class:`FrameLayout`): each frame
+(or each unit of frames that share their tokens, Qwen3-VL's two) an image of the sample at the video's budget,
+after its time (``mm:ss`` as Gemma 4's processor writes it, ``<1.5 seconds>`` as Qwen3-VL's), its tokens the
+family's video token where it has one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.data.config import VideoConfig
 from vlmtrain.data.samples import RawSample, SampleError
+from vlmtrain.modeling.prompt import FRAMES_AS_IMAGES, FrameLayout
 
 
 @dataclass(frozen=True)
@@ -69,11 +72,6 @@ def frame_times(duration: float, native_fps: float, fps: float, max_frames: int)
     count = max(1, min(max_frames, available, math.floor(duration * fps) or 1))
     step = duration / count
     return [round((index + 0.5) * step, 6) for index in range(count)]
-
-
-def timestamp(seconds: float) -> str:
-    """``mm:ss`` of a frame's time, as Gemma 4's processor writes it."""
-    return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
 
 
 SEEK_AHEAD = 2.0  # seconds: a frame farther ahead than this is reached by a seek, a nearer one by decoding on
@@ -126,11 +124,12 @@ def sampled_frames(
     return [(time, VideoFrame(data, time), (int(facts["height"]), int(facts["width"]))) for time in times]
 
 
-def with_frames(sample: RawSample, config: VideoConfig) -> RawSample:
+def with_frames(sample: RawSample, config: VideoConfig, layout: FrameLayout = FRAMES_AS_IMAGES) -> RawSample:
     """``sample`` with each video part of its conversation replaced by the video's sampled frames (:func:`frame_times`
-    at ``config``): per frame its ``mm:ss`` timestamp and an image part (frames joined by a space, as Gemma 4's
-    processor writes them), the frames among the sample's images in conversation order, each at the video's
-    budget (the one its record fixes, else ``config.budget``, or none when ``config.levels`` draws it:
+    at ``config``) as the model's family writes them (``layout``): per unit of ``layout.frames`` consecutive frames
+    (the last one filled with its last frame), its time (the mean of its frames') and an image part, the units
+    among the sample's images in conversation order (a unit of several frames as a tuple of them), each at the
+    video's budget (the one its record fixes, else ``config.budget``, or none when ``config.levels`` draws it:
     :func:`frame_budgets`)."""
     if not sample.videos:
         return sample
@@ -147,10 +146,13 @@ def with_frames(sample: RawSample, config: VideoConfig) -> RawSample:
             elif part["type"] == "video":
                 video, (data, facts) = next(videos)
                 budget = facts.get("budget") or (None if config.levels else config.budget)
-                frames = sampled_frames(data, facts, config, config.frames(budget or config.budget))
-                for index, (time, frame, size) in enumerate(frames):
-                    content += [{"type": "text", "text": f"{' ' if index else ''}{timestamp(time)} "}, {"type": "image"}]
-                    placed.append((frame, size, budget, video))
+                frames = sampled_frames(data, facts, config, config.frames(budget or config.budget, layout.frames))
+                for start in range(0, len(frames), layout.frames):
+                    unit = frames[start : start + layout.frames]
+                    seconds = (unit[0][0] + unit[-1][0]) / 2
+                    content += [{"type": "text", "text": layout.stamp_text(seconds, start == 0)}, {"type": "image"}]
+                    items = tuple(frame for _, frame, _ in unit)
+                    placed.append((items if layout.frames > 1 else items[0], unit[0][2], budget, video))
             else:
                 content.append(part)
         messages.append({**message, "content": content})
@@ -173,19 +175,24 @@ def frame_budgets(sample: RawSample, config: VideoConfig, schedule: BudgetSchedu
 
 def decoded_images(
     images: list[Any], sizes: list[tuple[int, int]], decode_image: Callable[[Any, int], Image.Image]
-) -> list[Image.Image]:
-    """Each of a sample's images decoded: a run of frames of one video by one :func:`decode_frames` (each at
-    its (height, width) in ``sizes``, the size its budget gives it), any other by ``decode_image(data, index)``."""
-    decoded: list[Image.Image] = []
-    def video_of(item: tuple[int, Any]) -> int:  # frames of one video share it; each other image is its own run
-        index, data = item
-        return id(data.video) if isinstance(data, VideoFrame) else -1 - index
+) -> list[Image.Image | tuple[Image.Image, ...]]:
+    """Each of a sample's images decoded (a unit of several frames: a tuple of them): a run of frames of one video
+    by one :func:`decode_frames` (each at its image's (height, width) in ``sizes``, the size its budget gives it),
+    any other by ``decode_image(data, index)``."""
+    flat = [(index, item) for index, image in enumerate(images) for item in (image if isinstance(image, tuple) else (image,))]
+    decoded: list[list[Image.Image]] = [[] for _ in images]
 
-    for _, items in groupby(enumerate(images), key=video_of):
-        run = list(items)
-        first, data = run[0]
-        if isinstance(data, VideoFrame):
-            decoded += decode_frames(data.video, [frame.time for _, frame in run], [sizes[index] for index, _ in run])
+    def video_of(entry: tuple[int, tuple[int, Any]]) -> int:  # frames of one video share it; any other image is its own
+        position, (_, item) = entry
+        return id(item.video) if isinstance(item, VideoFrame) else -1 - position
+
+    for _, entries in groupby(enumerate(flat), key=video_of):
+        run = [entry for _, entry in entries]
+        index, item = run[0]
+        if isinstance(item, VideoFrame):
+            frames = decode_frames(item.video, [frame.time for _, frame in run], [sizes[index] for index, _ in run])
+            for (index, _), frame in zip(run, frames, strict=True):
+                decoded[index].append(frame)
         else:
-            decoded.append(decode_image(data, first))
-    return decoded
+            decoded[index].append(decode_image(item, index))
+    return [tuple(frames) if isinstance(image, tuple) else frames[0] for image, frames in zip(images, decoded, strict=True)]

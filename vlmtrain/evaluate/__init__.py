@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from vlmtrain.data.builder import BatchBuilder, Question
-from vlmtrain.data.config import DecodingConfig
 from vlmtrain.data.pipeline import EvalStream
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import expand_shards
@@ -105,7 +104,7 @@ def evaluate_budget(
     # texts of any length
     geometry = replace(model.geometry, levels=LEVELS)
     fields = (text or model.text_format).text_config(max_length=sys.maxsize)
-    builder = BatchBuilder(geometry, model.text, fields, DecodingConfig(fast=True, max_image_pixels=10**9), model.video)
+    builder = model.batch_builder(fields, geometry)
     tally, probe, examples = Tally(), LatencyProbe(model), []
     auto = AutoBudgets(model, builder, auto_tolerance(budget)) if isinstance(budget, str) else None
     stream = EvalStream(urls, builder, auto or budget, limit, batch_tokens, max_batch_size=64, where=where)

@@ -48,9 +48,11 @@ def write_transformers_model(
     tokenizer: PreTrainedTokenizerBase,
     folders: tuple[str, str],
     adapter: str | None = None,
+    video_token_id: int | None = None,
 ) -> None:
     """Make ``out`` (whose ``folders``, vision then LM, hold the weights; ``adapter``, a LoRA adapter folder
-    merged in at loading) load as one transformers model."""
+    merged in at loading; ``video_token_id``, the token of a video's frames in the family's layout) load as one
+    transformers model."""
     for file in sorted(SHIPPED.glob("*.py")):
         if file.name != "__init__.py":
             shutil.copyfile(file, out / file.name)
@@ -62,6 +64,7 @@ def write_transformers_model(
         "description": description,
         "text_config": text_config,
         "image_token_id": tokenizer.convert_tokens_to_ids(description["lm"]["image_token"]),
+        "video_token_id": video_token_id,
         "adapter": adapter,
         "tie_word_embeddings": text_config.get("tie_word_embeddings", False),
         "dtype": text_config.get("dtype", "float32"),
@@ -76,6 +79,7 @@ def write_transformers_model(
         "levels": list(geometry.levels),
         "rule": geometry.rule,
         "min_pixels": geometry.min_pixels,
+        "frames": geometry.frames,
         "default_budget": description["default_budget"],
         "image_token": description["lm"]["image_token"],
         "processor_class": "VlmtrainProcessor",

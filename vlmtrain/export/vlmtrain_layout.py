@@ -68,7 +68,9 @@ class VlmtrainLayout:
         # under the causal LM's own names (which the index maps), not those of the checkpoint it was read from
         model.lm.save_pretrained(out / LM_DIR, safe_serialization=True, save_original_format=False)
         tokenizer.save_pretrained(out / LM_DIR)
-        write_transformers_model(out, description.to_dict(), model.geometry, model.lm, tokenizer, (VISION_DIR, LM_DIR), adapter)
+        write_transformers_model(
+            out, description.to_dict(), model.geometry, model.lm, tokenizer, (VISION_DIR, LM_DIR), adapter, model.video_token_id
+        )
 
     def weights_file(self, folder: Path) -> Path:
         return folder / VISION_DIR / WEIGHTS_FILE

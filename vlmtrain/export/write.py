@@ -157,7 +157,9 @@ def _write_files(trained: Exportable, recipe: Recipe, out: Path, keep_adapter: b
     if adapter is not None:
         save_adapter_folder(model.lm, out / adapter)
     backbone, projector = (merged(part) for part in (model.backbone, model.projector))
-    composed = VisionLanguageModel(backbone, model.pooling, projector, lm, model.image_token_id, model.geometry)
+    composed = VisionLanguageModel(
+        backbone, model.pooling, projector, lm, model.image_token_id, model.geometry, video_token_id=model.video_token_id
+    )
     layout.write(out, composed, description, trained.tokenizer, {DESCRIPTION_KEY: canonical_json(description)}, adapter)
     write_config(out, replace(config, weights=weights_fingerprints(out)))
     (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))

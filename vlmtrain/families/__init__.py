@@ -19,6 +19,7 @@ from vlmtrain.families.gemma4 import GEMMA4
 from vlmtrain.families.qwen_vl import QWEN2_5_VL, QWEN3_VL
 from vlmtrain.model.description import ModelDescription, Start
 from vlmtrain.modeling.backbones import read_config
+from vlmtrain.modeling.prompt import FrameLayout
 from vlmtrain.modeling.vlm import VisionLanguageModel
 
 FAMILIES: tuple[Family, ...] = (GEMMA4, QWEN2_5_VL, QWEN3_VL)  # asked in order; a model none of them concerns is assembled
@@ -39,6 +40,11 @@ def checkpoint_recipe(path: str) -> dict[str, Any]:
 def family_of(description: ModelDescription) -> Family:
     """The family of the described model."""
     return next((family for family in FAMILIES if family.concerns(description)), ASSEMBLED)
+
+
+def frame_layout(description: ModelDescription, tokenizer: PreTrainedTokenizerBase) -> FrameLayout:
+    """How the described model's text holds a video: its family's layout (:meth:`Family.frame_layout`)."""
+    return family_of(description).frame_layout(description, tokenizer)
 
 
 def build_model(

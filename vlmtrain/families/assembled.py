@@ -14,14 +14,16 @@ from vlmtrain.model.pretrained import pretrained_backbone
 from vlmtrain.modeling.backbones import BACKBONES
 from vlmtrain.modeling.pooling import build_pooling
 from vlmtrain.modeling.projector import build_projector
+from vlmtrain.modeling.prompt import FrameLayout
 from vlmtrain.modeling.vlm import VisionLanguageModel
 from vlmtrain.seeding import mix
 
 
 class Family:
     """What a model family knows: which models it is (:meth:`concerns`), how to build one from a description and
-    read its whole checkpoints (:meth:`build`, :attr:`checkpoint_lms`), and whether a model can be exported in
-    the family's own checkpoint format (:attr:`native_layout`, :meth:`native_mismatch`)."""
+    read its whole checkpoints (:meth:`build`, :attr:`checkpoint_lms`), how its text holds a video
+    (:meth:`frame_layout`), and whether a model can be exported in the family's own checkpoint format
+    (:attr:`native_layout`, :meth:`native_mismatch`)."""
 
     name = "assembled"
     title = "assembled"
@@ -67,7 +69,16 @@ class Family:
         if start.projector_lora is not None:
             projector = add_lora(projector, start.projector_lora, "model.projector.lora", task_type=None)
         image_token_id = tokenizer.convert_tokens_to_ids(description.lm.image_token)
-        return VisionLanguageModel(backbone, pooling, projector, lm, image_token_id, geometry, start.lm.loss_chunk_tokens)
+        video_token = self.frame_layout(description, tokenizer).token
+        video_token_id = None if video_token is None else tokenizer.convert_tokens_to_ids(video_token)
+        return VisionLanguageModel(
+            backbone, pooling, projector, lm, image_token_id, geometry, start.lm.loss_chunk_tokens, video_token_id
+        )
+
+    def frame_layout(self, description: ModelDescription, tokenizer: PreTrainedTokenizerBase) -> FrameLayout:
+        """How the family's text holds a video (:class:`FrameLayout`): assembled models write each frame as an image
+        after its ``mm:ss`` time, frames joined by a space (Gemma 4's layout, with the image token)."""
+        return FrameLayout()
 
     def native_mismatch(
         self, description: dict[str, Any], lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase

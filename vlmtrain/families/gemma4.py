@@ -30,6 +30,7 @@ from vlmtrain.model.description import ModelDescription, Start
 from vlmtrain.model.lm import KeyMappings
 from vlmtrain.model.pretrained import load_weights, prefixed_tensors
 from vlmtrain.modeling.geometry import LEVELS
+from vlmtrain.modeling.prompt import FrameLayout
 from vlmtrain.modeling.vlm import VisionLanguageModel
 
 # vlmtrain's names (VisionLanguageModel's state dict, LoRA merged) → Gemma4ForConditionalGeneration's
@@ -41,6 +42,8 @@ NATIVE_NAMES = (
 )
 TEXT_MODEL_TYPE = "gemma4_text"
 AUDIO_TOKENS = ("audio_token", "boa_token", "eoa_token")
+
+VIDEO_TOKEN = "<|video|>"  # what holds a video frame's place in Gemma 4's text (its processor's video layout)
 
 
 class Gemma4Layout(NativeCheckpoint):
@@ -86,6 +89,11 @@ class Gemma4Family(Family):
             },
             "data": {"text": {"prompt": image}},
         }
+
+    def frame_layout(self, description: ModelDescription, tokenizer: PreTrainedTokenizerBase) -> FrameLayout:
+        """Gemma 4's processor's layout: each frame after its ``mm:ss`` time, frames joined by a space, each frame's
+        tokens Gemma 4's video token (its image token where the tokenizer lacks it)."""
+        return FrameLayout(token=VIDEO_TOKEN if VIDEO_TOKEN in tokenizer.get_vocab() else None)
 
     def build(
         self,
@@ -152,6 +160,7 @@ def gemma4_config(description: ModelDescription, lm: PreTrainedModel, tokenizer:
     if text_config.get("use_bidirectional_attention") == "vision":
         text_config["use_bidirectional_attention"] = None
     ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, name)) for name in ("image_token", "boi_token", "eoi_token")}
+    video = {"video_token_id": tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)} if VIDEO_TOKEN in tokenizer.get_vocab() else {}
     config = Gemma4Config(
         text_config=text_config,
         # default_output_length: what vLLM reads as the budget of a request that names none (it fails to start
@@ -164,6 +173,7 @@ def gemma4_config(description: ModelDescription, lm: PreTrainedModel, tokenizer:
         boi_token_id=ids["boi_token"],
         eoi_token_id=ids["eoi_token"],
         tie_word_embeddings=lm.config.tie_word_embeddings,
+        **video,
     )
     config.architectures = ["Gemma4ForConditionalGeneration"]
     config.dtype = lm.config.dtype

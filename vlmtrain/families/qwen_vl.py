@@ -25,7 +25,7 @@ from vlmtrain.families.native import NativeCheckpoint
 from vlmtrain.model.description import ModelDescription
 from vlmtrain.modeling.backbones import BACKBONES
 from vlmtrain.modeling.geometry import LEVELS
-from vlmtrain.modeling.prompt import QWEN_IMAGE, QWEN_VIDEO
+from vlmtrain.modeling.prompt import QWEN_IMAGE, QWEN_VIDEO, FrameLayout
 from vlmtrain.modeling.vlm import VisionLanguageModel
 
 # vlmtrain's names (VisionLanguageModel's state dict, LoRA merged) → the family's ForConditionalGeneration's
@@ -40,7 +40,8 @@ NATIVE_NAMES = (
 class QwenVLSpec:
     """What tells the Qwen-VL families apart: names (the tower kind's and the whole checkpoint's model_type), the
     side of one token's square of pixels in its releases (patch × merge), the transformers config and model
-    classes, the text model's model_type and the processor class."""
+    classes, the text model's model_type, the processor class, and whether its processor writes a video as Qwen3-VL's
+    does (each temporal patch after its time, in its own vision block of video tokens)."""
 
     name: str
     title: str
@@ -49,6 +50,7 @@ class QwenVLSpec:
     architecture: str
     text_model_type: str
     processor_class: str
+    timed_video_blocks: bool = False
 
     @property
     def min_pixels(self) -> int:
@@ -117,6 +119,16 @@ class QwenVLFamily(Family):
     def concerns(self, description: ModelDescription) -> bool:
         return description.vision.kind == self.name
 
+    def frame_layout(self, description: ModelDescription, tokenizer: PreTrainedTokenizerBase) -> FrameLayout:
+        """Qwen3-VL's processor's layout where the model reads Qwen's vision tokens: each temporal patch (two
+        consecutive frames) after ``<t seconds>`` in its own ``<|vision_start|>…<|vision_end|>`` block of
+        ``<|video_pad|>`` tokens. Qwen2.5-VL writes a video as one block with time-scaled positions, which vlmtrain
+        does not yet: its frames train as images, as an assembled model's."""
+        qwen_tokens = description.lm.image_token == QWEN_IMAGE[0] and QWEN_VIDEO in tokenizer.get_vocab()
+        if not (self.spec.timed_video_blocks and qwen_tokens):
+            return FrameLayout()
+        return FrameLayout(frames=description.geometry().frames, stamp="seconds", token=QWEN_VIDEO)
+
     def checkpoint_recipe(self, path: str) -> dict[str, Any]:
         return {
             "model": {
@@ -151,4 +163,5 @@ QWEN2_5_VL = QwenVLFamily(QwenVLSpec(
 ))
 QWEN3_VL = QwenVLFamily(QwenVLSpec(
     "qwen3_vl", "Qwen3-VL", 32, "Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "qwen3_vl_text", "Qwen3VLProcessor",
+    timed_video_blocks=True,
 ))

@@ -116,8 +116,9 @@ class TowerSpec:
     it in :mod:`.hf_vision` (by name: looked up when a tower is built), its model_type, where its weights sit in
     a whole-model checkpoint that transformers cannot load the tower from (empty: it can), defaults its config
     takes here, the config key of its own pooling (None: it has none), whether it runs once per patch grid
-    (no masks: see the recipe rules), whether it pools and projects to the LM's width itself, and its family's
-    resize rule (:mod:`.geometry`) with the smallest image area its processor leaves."""
+    (no masks: see the recipe rules), whether it pools and projects to the LM's width itself, its family's
+    resize rule (:mod:`.geometry`) with the smallest image area its processor leaves, and the config key of the
+    frames one patch spans (None: one)."""
 
     model_class_name: str
     config_class_name: str
@@ -130,6 +131,7 @@ class TowerSpec:
     pools_itself: bool = False
     resize_rule: str = "fill"
     min_pixels: int = 0
+    frames_key: str | None = None
 
     @property
     def model_class(self) -> type[transformers.PreTrainedModel]:
@@ -163,12 +165,12 @@ TOWERS: dict[str, TowerSpec] = {
     "qwen2_5_vl": TowerSpec(  # its patch merger included: it gives tokens at the LM's width
         "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig", "Qwen25VLBackbone", "qwen2_5_vl_vision",
         prefixes=("model.visual.", "visual."), own_pool_key="spatial_merge_size", pools_itself=True,
-        resize_rule="smart_resize", min_pixels=56 * 56,
+        resize_rule="smart_resize", min_pixels=56 * 56, frames_key="temporal_patch_size",
     ),
     "qwen3_vl": TowerSpec(  # as Qwen2.5-VL's; its DeepStack features go to the LM's first layers
         "Qwen3VLVisionModel", "Qwen3VLVisionConfig", "Qwen3VLBackbone", "qwen3_vl_vision",
         prefixes=("model.visual.", "visual."), own_pool_key="spatial_merge_size", pools_itself=True,
-        resize_rule="smart_resize", min_pixels=256 * 256,
+        resize_rule="smart_resize", min_pixels=256 * 256, frames_key="temporal_patch_size",
     ),
 }
 
@@ -192,7 +194,8 @@ class TowerKind(BackboneKind):
         self.pools_itself = spec.pools_itself
 
     def geometry(self, settings: dict[str, Any], pool: int, levels: tuple[int, ...]) -> Geometry:
-        return Geometry(self.patch_size(settings), pool, tuple(levels), self.spec.resize_rule, self.spec.min_pixels)
+        frames = settings[self.spec.frames_key] if self.spec.frames_key else 1
+        return Geometry(self.patch_size(settings), pool, tuple(levels), self.spec.resize_rule, self.spec.min_pixels, frames)
 
     def check(self, vision: VisionSection) -> None:
         needs = f"backbone {self.name!r} needs a local path or an hf_config"

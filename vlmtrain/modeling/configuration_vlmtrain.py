@@ -39,6 +39,7 @@ class VlmtrainConfig(PretrainedConfig):
         text_config: dict[str, Any] | PretrainedConfig | None = None,
         image_token_id: int | None = None,
         adapter: str | None = None,
+        video_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(text_config, dict):
@@ -46,5 +47,6 @@ class VlmtrainConfig(PretrainedConfig):
         self.description = description or {}
         self.text_config = text_config
         self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
         self.adapter = adapter
         super().__init__(**kwargs)

@@ -81,7 +81,8 @@ class ImageGeometry:
 @dataclass(frozen=True)
 class Geometry:
     """Patch size and pool size of a model, the budgets it serves, and its resize rule (see the module docstring;
-    ``min_pixels``: the smallest area ``smart_resize`` leaves an image).
+    ``min_pixels``: the smallest area ``smart_resize`` leaves an image; ``frames``: the frames one patch spans,
+    Qwen-VL's temporal patch of 2, which an image fills with itself and a video with consecutive frames).
 
     One visual token covers a ``cell`` × ``cell`` square of pixels, ``cell = patch_size * pool``.
     """
@@ -91,6 +92,7 @@ class Geometry:
     levels: tuple[int, ...] = LEVELS
     rule: str = "fill"
     min_pixels: int = 0
+    frames: int = 1
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.pool < 1:
@@ -114,6 +116,11 @@ class Geometry:
     @property
     def cell(self) -> int:
         return self.patch_size * self.pool
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one patch: ``frames`` RGB squares of ``patch_size``."""
+        return self.frames * 3 * self.patch_size**2
 
     def max_patches(self, budget: int) -> int:
         """Patches an image may use at ``budget``: the encoder's sequence cap."""

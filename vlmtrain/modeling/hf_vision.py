@@ -126,8 +126,9 @@ def merge_window_order(patch_grids: torch.Tensor, merge: int) -> torch.Tensor:
 class Qwen25VLBackbone(VisionBackbone):
     """Qwen2.5-VL's vision tower, its patch merger included: it pools 2x2 patches into a token and projects it to
     the LM's width itself (the model's pooling and projector pass its tokens through). Patches go in as Qwen's
-    processor lays them out (normalised, each flattened as channel, frame, row, column with the one frame
-    repeated for the temporal patch, in merge-window order); its tokens come out row-major, image after image."""
+    processors lay them out (normalised, each flattened as channel, frame, row, column over its temporal patch:
+    an image repeated, a video's consecutive frames; in merge-window order); its tokens come out row-major,
+    image after image."""
 
     normalisation = (CLIP_MEAN, CLIP_STD)
 
@@ -141,10 +142,10 @@ class Qwen25VLBackbone(VisionBackbone):
         self.normalise = PixelNormalisation(*self.normalisation)
 
     def forward(self, pixels: torch.Tensor, positions: torch.Tensor, patch_grids: torch.Tensor) -> torch.Tensor:
-        size = self.patch_size
+        size, count = self.patch_size, pixels.shape[0]
         ordered = unit_pixels(pixels[merge_window_order(patch_grids, self.merge)], torch.float32)
-        patches = self.normalise(ordered.view(-1, size, size, 3).permute(0, 3, 1, 2))
-        patches = patches[:, :, None].expand(-1, -1, self.frames, -1, -1).reshape(patches.shape[0], -1)
+        squares = self.normalise(ordered.view(-1, size, size, 3).permute(0, 3, 1, 2))  # every frame of every patch
+        patches = squares.view(count, self.frames, 3, size, size).transpose(1, 2).reshape(count, -1)
         grid_thw = torch.cat([torch.ones_like(patch_grids[:, :1]), patch_grids], dim=1)
         dtype = self.model.patch_embed.proj.weight.dtype
         return self.tokens(self.model(patches.to(dtype), grid_thw=grid_thw))

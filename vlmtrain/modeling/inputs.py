@@ -22,9 +22,10 @@ from .pixels import image_patches, to_rgb
 class ImageBatch:
     """All images of a batch, in text order, their patches packed one image after another.
 
-    ``pixels``: ``(P, patch*patch*3)`` uint8, every image's patches row-major; ``positions``: ``(P, 2)`` each
-    patch's (x, y) in its image; ``patch_grids`` and ``token_grids``: ``(I, 2)`` (rows, cols) of each image's
-    patches and of the visual tokens the geometry promised; ``sample_index``: ``(I,)`` each image's sample.
+    ``pixels``: ``(P, frames*patch*patch*3)`` uint8, every image's patches row-major (``frames``: the
+    geometry's); ``positions``: ``(P, 2)`` each patch's (x, y) in its image; ``patch_grids`` and
+    ``token_grids``: ``(I, 2)`` (rows, cols) of each image's patches and of the visual tokens the geometry
+    promised; ``sample_index``: ``(I,)`` each image's sample.
     """
 
     pixels: torch.Tensor
@@ -58,19 +59,24 @@ class ImageBatch:
 
     @classmethod
     def of_images(
-        cls, images: Sequence[Image.Image], budget: int | Sequence[int], geometry: Geometry, samples: Sequence[int] | None = None
+        cls,
+        images: Sequence[Image.Image | Sequence[Image.Image]],
+        budget: int | Sequence[int],
+        geometry: Geometry,
+        samples: Sequence[int] | None = None,
     ) -> ImageBatch:
         """PIL images as the model takes them, each at ``budget`` (one for all, or one per image), of sample
-        ``samples[i]`` (default 0): what inference and every exported processor feed the model."""
+        ``samples[i]`` (default 0): what inference and every exported processor feed the model. An image may be
+        a video's frames that share one patch (a sequence of up to ``geometry.frames``: :func:`image_patches`)."""
         budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
         if len(budgets) != len(images):
             raise ValueError(f"{len(budgets)} budgets for {len(images)} images")
         items = []
         for image, image_budget, sample in zip(images, budgets, samples or [0] * len(images), strict=True):
-            image = to_rgb(image)
-            shape = geometry.image(image.height, image.width, image_budget)
-            items.append((*image_patches(image, shape, geometry.patch_size), shape, sample))
-        return cls.stack(items, patch_dim=3 * geometry.patch_size**2)
+            frames = [to_rgb(frame) for frame in ([image] if isinstance(image, Image.Image) else image)]
+            shape = geometry.image(frames[0].height, frames[0].width, image_budget)
+            items.append((*image_patches(frames, shape, geometry.patch_size, geometry.frames), shape, sample))
+        return cls.stack(items, patch_dim=geometry.patch_dim)
 
     def select(self, chosen: list[int]) -> ImageBatch:
         """Images ``chosen`` (indices, in this order) as a batch of their own, their sample index kept."""

@@ -50,7 +50,9 @@ class VlmtrainForConditionalGeneration(PreTrainedModel, GenerationMixin):
         projector = build_projector(projection["kind"], backbone.width, projection["hidden_size"], width)
         pool = build_pooling(pooling["kind"], geometry.pool, backbone.width, pooling["heads"])
         # the composition, not a submodule: its parts are, under the weight files' names
-        object.__setattr__(self, "vlm", VisionLanguageModel(backbone, pool, projector, lm, config.image_token_id, geometry))
+        token_ids = {"image_token_id": config.image_token_id, "video_token_id": config.video_token_id}
+        vlm = VisionLanguageModel(backbone, pool, projector, lm, geometry=geometry, **token_ids)
+        object.__setattr__(self, "vlm", vlm)
         for name in ("backbone", "pooling", "projector"):
             self.add_module(name, getattr(self.vlm, name))
         for name, child in lm.named_children():

@@ -5,6 +5,7 @@ same pixels everywhere; depends on torch, numpy and PIL only (an export ships th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -48,10 +49,19 @@ def patchify(image: Image.Image, geometry: ImageGeometry, patch_size: int) -> to
     return patches.reshape(rows * cols, patch_size * patch_size * 3)
 
 
-def image_patches(image: Image.Image, geometry: ImageGeometry, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An image as the model takes it: its patches at the geometry's size (:func:`patchify`) and their
-    (x, y) positions (:func:`patch_positions`)."""
-    return patchify(image, geometry, patch_size), patch_positions(geometry)
+def image_patches(
+    image: Image.Image | Sequence[Image.Image], geometry: ImageGeometry, patch_size: int, frames: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image as the model takes it: its patches at the geometry's size (:func:`patchify`) and their (x, y)
+    positions (:func:`patch_positions`). With ``frames`` > 1 each patch row holds that many frames side by side
+    (Qwen-VL's temporal patch): a video's consecutive frames (a sequence of images), an image (or the last frame
+    of a video) repeated to fill them."""
+    given = [image] if isinstance(image, Image.Image) else list(image)
+    if not 1 <= len(given) <= frames:
+        raise ValueError(f"{len(given)} frames for patches of {frames}")
+    patches = [patchify(frame, geometry, patch_size) for frame in given]
+    patches += patches[-1:] * (frames - len(patches))
+    return (patches[0] if frames == 1 else torch.cat(patches, dim=1)), patch_positions(geometry)
 
 
 @lru_cache(maxsize=4096)

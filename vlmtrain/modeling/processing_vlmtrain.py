@@ -35,10 +35,12 @@ class VlmtrainProcessor(ProcessorMixin):
         chat_template: str | None = None,
         rule: str = "fill",
         min_pixels: int = 0,
+        frames: int = 1,
     ) -> None:
         super().__init__(tokenizer, chat_template=chat_template)
         self.patch_size, self.pool, self.levels, self.rule, self.min_pixels = patch_size, pool, list(levels), rule, min_pixels
-        self.geometry = Geometry(patch_size, pool, tuple(levels), rule, min_pixels)
+        self.frames = frames
+        self.geometry = Geometry(patch_size, pool, tuple(levels), rule, min_pixels, frames)
         self.default_budget = default_budget
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)

@@ -6,11 +6,33 @@ ids everywhere; depends on transformers only (an export ships this file)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 QWEN_IMAGE = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")  # Qwen-VL: an image's placeholder and bounds
 QWEN_VIDEO = "<|video_pad|>"  # Qwen-VL's video placeholder: its native exports name its id (vLLM looks the token up)
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """How a model's text holds a video, as its family's processor writes it: the frames that share one set of
+    visual tokens (``frames``: Qwen-VL's temporal patch), the time written before each such unit (``"mm:ss"``:
+    ``00:03`` after a space from the second on, as Gemma 4 writes frames; ``"seconds"``: ``<1.5 seconds>``, as
+    Qwen3-VL does), and the token that holds a unit's place (None: the image token)."""
+
+    frames: int = 1
+    stamp: str = "mm:ss"
+    token: str | None = None
+
+    def stamp_text(self, seconds: float, first: bool) -> str:
+        """The text before a unit at ``seconds`` (the mean of its frames' times); ``first``: the video's first unit."""
+        if self.stamp == "seconds":
+            return f"<{seconds:.1f} seconds>"
+        return f"{'' if first else ' '}{int(seconds // 60):02d}:{int(seconds % 60):02d} "
+
+
+FRAMES_AS_IMAGES = FrameLayout()  # the default: each frame an image after its mm:ss time, as Gemma 4 writes them
 
 
 def image_bounds(tokenizer: PreTrainedTokenizerBase, image_token: str) -> tuple[list[int], list[int]]:

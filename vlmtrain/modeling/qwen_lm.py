@@ -91,13 +91,14 @@ class QwenVLTextForCausalLM:
 
     @staticmethod
     def rope_positions(
-        input_ids: torch.Tensor, positions: torch.Tensor, sample_ids: torch.Tensor, image_token_id: int, token_grids: torch.Tensor
+        input_ids: torch.Tensor, positions: torch.Tensor, sample_ids: torch.Tensor, placeholders: torch.Tensor,
+        token_grids: torch.Tensor,
     ) -> torch.Tensor:
         """``(3, R, L)`` positions of rows ``input_ids`` whose 1-D ``positions`` restart at each of their samples
-        (``sample_ids``: each token's; -1 on padding), the images' placeholders in order holding ``token_grids``
-        (rows, columns) tokens each."""
+        (``sample_ids``: each token's; -1 on padding), the images' ``placeholders`` (a mask) in order holding
+        ``token_grids`` (rows, columns) tokens each (a video's frames as Qwen3-VL places them: one image each)."""
         time, row, column = (positions.clone() for _ in range(3))
-        flat = torch.nonzero(input_ids.flatten() == image_token_id).squeeze(1)
+        flat = torch.nonzero(placeholders.flatten()).squeeze(1)
         length = input_ids.shape[1]
         start = 0
         for rows, columns in token_grids.tolist():

@@ -33,11 +33,10 @@ class SampleLosses:
 
 
 def check_placeholders(
-    input_ids: torch.Tensor, sample_ids: torch.Tensor, samples: int, image_token_id: int, images: ImageBatch
+    placeholders: torch.Tensor, sample_ids: torch.Tensor, samples: int, images: ImageBatch
 ) -> torch.Tensor:
-    """The placeholder mask of ``input_ids``; raises :class:`GeometryMismatch` unless every sample (``sample_ids``
-    gives each token's) holds exactly as many placeholders as its images have visual tokens."""
-    placeholders = input_ids == image_token_id
+    """The placeholder mask, checked: raises :class:`GeometryMismatch` unless every sample (``sample_ids`` gives
+    each token's) holds exactly as many placeholders as its images have visual tokens."""
     found = torch.bincount(sample_ids[placeholders], minlength=samples)
     expected = torch.zeros_like(found).index_add_(0, images.sample_index, images.token_counts)
     if bool((found != expected).any()):
@@ -62,6 +61,7 @@ class VisionLanguageModel(nn.Module):
         image_token_id: int,
         geometry: Geometry,
         loss_chunk: int = 0,
+        video_token_id: int | None = None,
     ) -> None:
         super().__init__()
         if geometry.patch_size != backbone.patch_size or geometry.pool != pooling.pool:
@@ -71,6 +71,7 @@ class VisionLanguageModel(nn.Module):
         self.projector = projector
         self.lm = lm
         self.image_token_id = image_token_id
+        self.video_token_id = video_token_id  # what holds a video frame's place, where the family's layout has its own
         self.geometry = geometry
         transformers_lm = self._transformers_lm()
         self._lm_keeps_logits = "logits_to_keep" in inspect.signature(transformers_lm.forward).parameters
@@ -96,10 +97,10 @@ class VisionLanguageModel(nn.Module):
     def dummy_images(self, device: torch.device) -> ImageBatch:
         """One blank one-token image: run through the vision parts when a batch has no image, so that every
         rank runs the same modules on every step (ZeRO-3 and DDP hang otherwise)."""
-        pool, patch = self.geometry.pool, self.geometry.patch_size
+        pool = self.geometry.pool
         y, x = torch.meshgrid(torch.arange(pool, device=device), torch.arange(pool, device=device), indexing="ij")
         return ImageBatch(
-            pixels=torch.zeros(pool * pool, 3 * patch * patch, dtype=torch.uint8, device=device),
+            pixels=torch.zeros(pool * pool, self.geometry.patch_dim, dtype=torch.uint8, device=device),
             positions=torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1),
             patch_grids=torch.full((1, 2), pool, dtype=torch.long, device=device),
             token_grids=torch.ones(1, 2, dtype=torch.long, device=device),
@@ -122,7 +123,7 @@ class VisionLanguageModel(nn.Module):
         ``deepstack_visual_embeds``); nothing for any other."""
         if sample_ids is None:
             sample_ids, samples = row_ids(input_ids), input_ids.shape[0]
-        placeholders = check_placeholders(input_ids, sample_ids.clamp(min=0), samples, self.image_token_id, images)
+        placeholders = check_placeholders(self.placeholders(input_ids), sample_ids.clamp(min=0), samples, images)
         embeds = self.lm.get_input_embeddings()(input_ids)
         if images.count == 0:
             return embeds + 0.0 * self.encode_images(self.dummy_images(input_ids.device)).sum().to(embeds.dtype), {}
@@ -130,6 +131,11 @@ class VisionLanguageModel(nn.Module):
         tokens, layers = self.visual_parts(visual)
         embeds = embeds.masked_scatter(placeholders[..., None], tokens)
         return embeds, ({"visual_pos_masks": placeholders, "deepstack_visual_embeds": layers} if layers else {})
+
+    def placeholders(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Where visual tokens go: the image token, and the video token of a family that writes frames with one."""
+        mask = input_ids == self.image_token_id
+        return mask if self.video_token_id is None else mask | (input_ids == self.video_token_id)
 
     def rope_positions(
         self,
@@ -146,7 +152,7 @@ class VisionLanguageModel(nn.Module):
         if positions is None:  # rows of one sample each, any padding at the end
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         sample_ids = row_ids(input_ids) if sample_ids is None else sample_ids
-        return rope_positions(input_ids, positions, sample_ids, self.image_token_id, images.token_grids)
+        return rope_positions(input_ids, positions, sample_ids, self.placeholders(input_ids), images.token_grids)
 
     def lm_inputs(self, inputs: ModelInput) -> dict:
         """What the LM is called with: the embeddings (and what else it takes of the images: :meth:`embed`),

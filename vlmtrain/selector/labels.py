@@ -13,8 +13,6 @@ from typing import Protocol
 import torch
 from safetensors.torch import save_file
 
-from vlmtrain.data.builder import BatchBuilder
-from vlmtrain.data.config import DecodingConfig
 from vlmtrain.data.pipeline import EvalStream
 from vlmtrain.errors import UserError
 from vlmtrain.export.format import TextFormat
@@ -80,7 +78,7 @@ def label_budgets(
     """The loss of the first ``limit`` samples of ``urls`` at each of the model's levels, and their features."""
     levels = list(model.geometry.levels)
     fields = (text or model.text_format).text_config(max_length=sys.maxsize)
-    builder = BatchBuilder(model.geometry, model.text, fields, DecodingConfig(fast=True, max_image_pixels=10**9), model.video)
+    builder = model.batch_builder(fields)
     began = time.perf_counter()
     losses: dict[str, dict[int, float]] = {}
     features: dict[str, torch.Tensor] = {}

@@ -68,9 +68,9 @@ def load_selector(directory: Path, levels: list[int]) -> BudgetSelector:
     return selector.eval()
 
 
-def question_embedding(embeddings: nn.Module, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """``(width,)``: the mean input embedding of a question's text tokens (image placeholders left out)."""
-    text = input_ids[input_ids != image_token_id]
+def question_embedding(embeddings: nn.Module, input_ids: torch.Tensor, placeholders: torch.Tensor) -> torch.Tensor:
+    """``(width,)``: the mean input embedding of a question's text tokens (its ``placeholders`` left out)."""
+    text = input_ids[~placeholders]
     return embeddings(text).float().mean(dim=0)
 
 
@@ -84,7 +84,8 @@ def batch_features(model: VisionLanguageModel, inputs: ModelInput) -> list[torch
     found = []
     for row in range(inputs.size):
         mine = torch.nonzero(images.sample_index == row).squeeze(1).tolist()
-        question = question_embedding(embeddings, inputs.input_ids[(owners == row) & asked], model.image_token_id)
+        ids = inputs.input_ids[(owners == row) & asked]
+        question = question_embedding(embeddings, ids, model.placeholders(ids))
         visual = torch.cat([per_image[index] for index in mine]) if mine else per_image[0][:0]
         found.append(selector_features(visual, images.token_counts[mine], question))
     return found

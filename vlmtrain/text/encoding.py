@@ -7,6 +7,7 @@ template is literal text); a conversation goes through the tokenizer's chat temp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,12 +30,14 @@ class EncodedText:
 class TextEncoder:
     """Turns (prompt, target, tokens per image) into input ids with expanded placeholders and labels."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token: str) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_token: str, video_token: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no id for the image token {image_token!r}")
+        # a video frame's placeholders: the family's video token (Gemma 4's, Qwen-VL's), else the image token
+        self.video_token_id = self.image_token_id if video_token is None else tokenizer.convert_tokens_to_ids(video_token)
         self.bounds = image_bounds(tokenizer, image_token)
         self._ids = lru_cache(maxsize=16384)(self._tokenize)  # a sample's text is measured, then encoded
 
@@ -61,29 +64,35 @@ class TextEncoder:
         labels = [IGNORE_INDEX] * prompt_length + target_ids
         return EncodedText(input_ids=input_ids, labels=labels)
 
-    def _expand(self, text: str, image_tokens: list[int], images_before: int) -> list[int]:
+    def _expand(self, text: str, image_tokens: list[int], images_before: int, frames: Sequence[bool] = ()) -> list[int]:
         """Token ids of ``text`` with its image tokens expanded, the first one to ``image_tokens[images_before]``
-        placeholders, and so on."""
+        placeholders, and so on; an image that ``frames`` marks is a video's frame (its placeholders the video
+        token)."""
         pieces = text.split(self.image_token)
         if images_before + len(pieces) - 1 > len(image_tokens):
             raise TextError(f"the conversation places more images than the sample has ({len(image_tokens)})")
         ids: list[int] = []
         for index, piece in enumerate(pieces):
             if index:
-                ids += image_span(self.bounds, self.image_token_id, image_tokens[images_before + index - 1])
+                image = images_before + index - 1
+                token_id = self.video_token_id if image < len(frames) and frames[image] else self.image_token_id
+                ids += image_span(self.bounds, token_id, image_tokens[image])
             ids += self._ids(piece)
         return ids
 
-    def encode_chat(self, messages: list[dict], image_tokens: list[int], train_on: str) -> EncodedText:
+    def encode_chat(
+        self, messages: list[dict], image_tokens: list[int], train_on: str, frames: Sequence[bool] = ()
+    ) -> EncodedText:
         """Encode a stored conversation (:mod:`vlmtrain.text.conversation`) through the tokenizer's chat
-        template: image ``i`` becomes ``image_tokens[i]`` placeholders; the content and end-of-turn token of
-        the assistant turns ``train_on`` names carry labels (:func:`~vlmtrain.text.chat.chat_segments`)."""
+        template: image ``i`` becomes ``image_tokens[i]`` placeholders (video tokens where ``frames[i]``: a
+        video's frame); the content and end-of-turn token of the assistant turns ``train_on`` names carry
+        labels (:func:`~vlmtrain.text.chat.chat_segments`)."""
         segments = chat_segments(self.tokenizer, as_template_messages(messages, self.image_token), self.image_token, train_on)
         input_ids: list[int] = []
         labels: list[int] = []
         placed = 0
         for segment in segments:
-            ids = self._expand(segment.text, image_tokens, placed)
+            ids = self._expand(segment.text, image_tokens, placed, frames)
             placed += segment.text.count(self.image_token)
             input_ids += ids
             labels += ids if segment.labelled else [IGNORE_INDEX] * len(ids)
@@ -91,6 +100,8 @@ class TextEncoder:
             raise TextError(f"the conversation places {placed} images, the sample has {len(image_tokens)}")
         return EncodedText(input_ids=input_ids, labels=labels)
 
-    def encode_chat_prompt(self, messages: list[dict], image_tokens: list[int]) -> list[int]:
-        """Token ids that ask the model for the next assistant turn of a stored conversation."""
-        return self._expand(generation_prompt(self.tokenizer, as_template_messages(messages, self.image_token)), image_tokens, 0)
+    def encode_chat_prompt(self, messages: list[dict], image_tokens: list[int], frames: Sequence[bool] = ()) -> list[int]:
+        """Token ids that ask the model for the next assistant turn of a stored conversation (``frames``: as in
+        :meth:`encode_chat`)."""
+        prompt = generation_prompt(self.tokenizer, as_template_messages(messages, self.image_token))
+        return self._expand(prompt, image_tokens, 0, frames)

@@ -183,7 +183,8 @@ def check_records(plan: RunPlan, source: str) -> None:
     url = expand_shards(spec)[0]
     if url.startswith("pipe:") or "://" in url:
         return  # reading a remote shard here would cost what the loader pays anyway
-    samples = [s for s, _ in zip(read_shard(url, recipe.data.video), range(PEEK), strict=False) if isinstance(s, RawSample)]
+    peeked = zip(read_shard(url, recipe.data.video, plan.frames), range(PEEK), strict=False)
+    samples = [sample for sample, _ in peeked if isinstance(sample, RawSample)]
     text = recipe.data.text
     if any(s.messages is not None for s in samples) and plan.tokenizer.chat_template is None:
         _fail(
@@ -228,9 +229,8 @@ def sample_sizes(plan: RunPlan, samples: list[RawSample]) -> list[tuple[int, int
 
     data = plan.recipe.data
     unbounded = replace(data.text, max_length=sys.maxsize)  # measured here, not refused
-    builder = BatchBuilder(
-        plan.geometry, TextEncoder(plan.tokenizer, plan.model.lm.image_token), unbounded, data.decoding, data.video
-    )
+    text = TextEncoder(plan.tokenizer, plan.model.lm.image_token, plan.frames.token)
+    builder = BatchBuilder(plan.geometry, text, unbounded, data.decoding, data.video, plan.frames)
     sizes = []
     for sample in samples:
         try:

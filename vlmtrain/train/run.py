@@ -152,8 +152,8 @@ def build_trainer(recipe: Recipe, run_dir: Path, extra_callbacks: Sequence[L.Cal
 def batch_builder(plan: RunPlan) -> BatchBuilder:
     """How the plan's samples become batches: its geometry, tokenizer and the recipe's text and decoding."""
     data = plan.recipe.data
-    text = TextEncoder(plan.tokenizer, plan.model.lm.image_token)
-    return BatchBuilder(plan.geometry, text, data.text, data.decoding, data.video)
+    text = TextEncoder(plan.tokenizer, plan.model.lm.image_token, plan.frames.token)
+    return BatchBuilder(plan.geometry, text, data.text, data.decoding, data.video, plan.frames)
 
 
 def build_datamodule(plan: RunPlan) -> ShardDataModule:
