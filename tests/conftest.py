@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import IMAGES, LORA, TWO_PROCESSES, run_cli, small_overrides
+from helpers import IMAGES, two_process_run
 
 from vlmtrain.data.annotations import read_annotations
 from vlmtrain.data.demo import make_demo_shards
@@ -44,15 +44,6 @@ def mixed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_shards(images, IMAGES, out, "images", samples_per_shard=100)
     write_shards(texts, IMAGES, out, "texts", samples_per_shard=100)
     return out
-
-
-def two_process_run(demo_dir: Path, mixed_dir: Path, run_dir: Path, *strategy: str) -> list[str]:
-    """A 4-step LoRA run on two CPU processes over the mixed shards (one rank reads only text); returns its
-    overrides (the run is in ``run_dir``)."""
-    shards = f"data.train={mixed_dir}/images-000000.tar::{mixed_dir}/texts-000000.tar"
-    overrides = small_overrides(demo_dir, run_dir, shards, *TWO_PROCESSES, *strategy, *LORA, "optim.lm.lr=0.01")
-    run_cli(overrides)
-    return overrides
 
 
 @pytest.fixture(scope="session")

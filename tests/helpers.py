@@ -103,6 +103,15 @@ def small_overrides(demo_dir: Path, run_dir: Path, *overrides: str) -> list[str]
     ]
 
 
+def two_process_run(demo_dir: Path, mixed_dir: Path, run_dir: Path, *strategy: str) -> list[str]:
+    """A 4-step LoRA run on two CPU processes over the mixed shards (one rank reads only text), ``strategy``'s
+    overrides last; returns its overrides (the run is in ``run_dir``)."""
+    shards = f"data.train={mixed_dir}/images-000000.tar::{mixed_dir}/texts-000000.tar"
+    overrides = small_overrides(demo_dir, run_dir, shards, *TWO_PROCESSES, *LORA, "optim.lm.lr=0.01", *strategy)
+    run_cli(overrides)
+    return overrides
+
+
 def small_recipe(demo_dir: Path, run_dir: Path, *overrides: str) -> Recipe:
     """The tiny recipe with :func:`small_overrides`."""
     return load_recipe(TINY, small_overrides(demo_dir, run_dir, *overrides))

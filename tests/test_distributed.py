@@ -26,6 +26,7 @@ from helpers import (
     run_cli,
     save_as_full_checkpoint,
     small_overrides,
+    two_process_run,
 )
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 from peft import PeftModel
@@ -140,6 +141,19 @@ def test_fsdp2_trains_the_numbers_ddp_trains(fsdp_lora_run, ddp_lora_run):
     assert set(sharded) == set(replicated)
     for name, tensor in sharded.items():
         torch.testing.assert_close(tensor, replicated[name], rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_layers_train_under_fsdp2_and_ddp_as_eager_layers_do(demo_dir, mixed_dir, tmp_path):
+    # no dropout: compiled and eager kernels draw their random masks differently
+    plain = ("model.lm.lora.dropout=0", "model.lm.hf_config.num_hidden_layers=2")
+    for name, strategy in (("eager", ("trainer.strategy=ddp",)), ("ddp", ("trainer.strategy=ddp", "trainer.compile=true")),
+                           ("fsdp", ("trainer.strategy=fsdp", "trainer.compile=true"))):
+        two_process_run(demo_dir, mixed_dir, tmp_path / name, *strategy, *plain)
+    eager, ddp, fsdp = (losses(tmp_path / name) for name in ("eager", "ddp", "fsdp"))
+    assert sorted(eager) == sorted(ddp) == sorted(fsdp) == [0, 1, 2, 3]
+    for step in range(4):
+        assert ddp[step] == pytest.approx(eager[step], rel=1e-5, abs=1e-6)
+        assert fsdp[step] == pytest.approx(eager[step], rel=1e-5, abs=1e-6)
 
 
 def test_zero2_saves_the_gathered_trained_adapter_and_it_reloads(demo_dir, tmp_path):

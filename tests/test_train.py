@@ -256,3 +256,33 @@ def test_summary_table_shows_each_groups_last_validation_loss_per_budget():
     assert lines[0].endswith("last val: large  last val: small")
     assert lines[1].split()[-3:] == ["5.0", "0.100", "0.900"] and "0.900 → 0.500" in lines[1]
     assert lines[2].split()[-3:] == ["5.0", "0.300", "-"]
+
+
+@pytest.mark.slow
+def test_compiled_layers_compute_the_eager_losses_and_gradients_and_a_new_length_recompiles_nothing(demo_dir, tmp_path):
+    from helpers import losses_and_grads
+    from torch._dynamo.utils import counters
+
+    from vlmtrain.data.sources import read_shard
+    from vlmtrain.train.run import batch_builder
+
+    overrides = ("model.lm.hf_config.num_hidden_layers=2", "model.lm.lora.rank=4", "model.lm.lora.target_modules=[q_proj,v_proj]")
+    eager = built(small_recipe(demo_dir, tmp_path / "eager", *overrides)).model.eval()  # no dropout: the same numbers
+    module = built(small_recipe(demo_dir, tmp_path / "compiled", *overrides, "trainer.compile=true"))
+    compiled = module.model.eval()
+    layers = compiled.transformers_lm().get_decoder().layers
+    assert len(layers) == 2 and all(layer._compiled_call_impl is not None for layer in layers)
+    builder = batch_builder(module.plan)
+    samples = list(read_shard(f"{demo_dir}/train-000000.tar"))
+    counters.clear()
+    for count in (2, 4, 6):  # three packed lengths
+        inputs = builder.collate([builder.encode(sample, 70) for sample in samples[:count]], 70).inputs
+        (plain, plain_grads), (fast, fast_grads) = losses_and_grads(eager, inputs), losses_and_grads(compiled, inputs)
+        torch.testing.assert_close(fast.loss_sum, plain.loss_sum, rtol=1e-5, atol=1e-5)
+        assert set(fast_grads) == set(plain_grads)
+        for name, grad in plain_grads.items():  # fused kernels sum in another order: relative to the gradient's size
+            assert (fast_grads[name] - grad).norm() <= 1e-4 * grad.norm() + 1e-7, name
+    assert counters["stats"]["unique_graphs"] > 0  # it did compile
+    assert sum(counters["recompiles"].values()) == 0
+    with pytest.raises(RecipeError, match="trainer.compile: is tested with trainer.strategy auto, ddp and fsdp, not deepspeed"):
+        small_recipe(demo_dir, tmp_path / "z", "trainer.compile=true", "trainer.strategy=deepspeed")

@@ -95,6 +95,7 @@ class TrainerConfig:
     num_nodes: str = "auto"
     accumulate_grad_batches: int = 1
     deterministic: bool = False
+    compile: bool = False  # torch.compile each LM layer (dynamic shapes; attention eager): vlmtrain/train/compile.py
     stop_within: float = 25.0  # seconds from a stop signal to exit, when no step can end (SLURM, Kubernetes kill at 30)
 
 
@@ -465,6 +466,11 @@ def _check_across(recipe: Recipe) -> None:
         )
     strategy = recipe.trainer.strategy
     sharded = strategy == "fsdp" or (strategy == "deepspeed" and recipe.trainer.deepspeed.stage == 3)
+    require(
+        not recipe.trainer.compile or strategy in ("auto", "ddp", "fsdp"),
+        "trainer.compile",
+        f"is tested with trainer.strategy auto, ddp and fsdp, not {strategy}",
+    )
     one_grid = not data.batching.packing and data.batching.buckets and budget.per_image == "shared"
     require(
         not (sharded and backbone.runs_per_grid) or one_grid,

@@ -111,6 +111,7 @@ def lm_segments(cu_seqlens: torch.Tensor, longest: int) -> Segments:
     return _last[1]
 
 
+@torch.compiler.disable  # it groups sequences by their lengths, values a compiled layer would recompile for: run eager
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

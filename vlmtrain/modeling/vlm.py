@@ -73,7 +73,7 @@ class VisionLanguageModel(nn.Module):
         self.image_token_id = image_token_id
         self.video_token_id = video_token_id  # what holds a video frame's place, where the family's layout has its own
         self.geometry = geometry
-        transformers_lm = self._transformers_lm()
+        transformers_lm = self.transformers_lm()
         self._lm_keeps_logits = "logits_to_keep" in inspect.signature(transformers_lm.forward).parameters
         self.loss_chunk = loss_chunk  # labelled tokens per chunk of the loss (0: all logits at once; see .loss)
         if loss_chunk:
@@ -146,7 +146,7 @@ class VisionLanguageModel(nn.Module):
     ) -> torch.Tensor | None:
         """3-D positions for an LM with multimodal RoPE (which says how: ``rope_positions``), None for any other;
         ``positions``/``sample_ids``: the rows' 1-D positions and samples (default: one sample per row, from 0)."""
-        rope_positions = getattr(self._transformers_lm(), "rope_positions", None)
+        rope_positions = getattr(self.transformers_lm(), "rope_positions", None)
         if rope_positions is None:
             return None
         if positions is None:  # rows of one sample each, any padding at the end
@@ -166,7 +166,8 @@ class VisionLanguageModel(nn.Module):
             "use_cache": False, **visual_inputs, **inputs.attention_kwargs(),
         }
 
-    def _transformers_lm(self) -> PreTrainedModel:
+    def transformers_lm(self) -> PreTrainedModel:
+        """The transformers LM itself (the base model inside a PEFT wrapper)."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm  # inside a PEFT wrapper
 
     def forward(self, inputs: ModelInput) -> torch.Tensor:
@@ -184,7 +185,7 @@ class VisionLanguageModel(nn.Module):
         lm_inputs = self.lm_inputs(inputs)
         counted = targets != IGNORE_INDEX
         if self.loss_chunk:
-            transformers_lm = self._transformers_lm()
+            transformers_lm = self.transformers_lm()
             hidden = transformers_lm.get_decoder()(**lm_inputs).last_hidden_state[:, :-1][counted]
             softcap = getattr(transformers_lm.config, "final_logit_softcapping", None)
             labels = targets[counted]

@@ -15,6 +15,7 @@ from vlmtrain.families import build_model
 from vlmtrain.modeling.vlm import SampleLosses, VisionLanguageModel
 from vlmtrain.plan import RunPlan
 from vlmtrain.seeding import mix
+from vlmtrain.train.compile import compile_layers
 from vlmtrain.train.fsdp import shard
 from vlmtrain.train.optim import learning_rate_schedule, parameter_groups, part_settings, set_trainable
 
@@ -141,11 +142,14 @@ class VLMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Build the model (once), seeded from the recipe: every rank and every launch builds the same one;
-        under FSDP2 it is then sharded over the ranks (the strategy gives the device mesh)."""
+        its LM layers compiled if the recipe asks; under FSDP2 it is then sharded over the ranks (the strategy
+        gives the device mesh)."""
         if self.model is not None:
             return
         self.model = build_model(self.plan.model, self.plan.start, self.plan.tokenizer, self.recipe.seed)
         set_trainable(self.model, self.recipe.optim)
+        if self.recipe.trainer.compile:
+            compile_layers(self.model)
         if self.device_mesh is not None:
             shard(self.model, self.device_mesh["data_parallel"])
         # from_pretrained leaves models in eval mode: what trains must train (dropout on); frozen parts stay in eval
