@@ -148,6 +148,13 @@ def test_bad_recipes_give_one_clear_line(override, expected):
             "model.lm.lora.target_modules: LoRA needs at least one target module",
         ),
         (["resume=auto", "overwrite=true"], "resume: cannot resume and overwrite at once"),
+        (["model.lm.quantization=nf4"], "model.lm.quantization: nf4 quantizes a pretrained LM's weights under new LoRA adapters"),
+        (["model.lm.quantization=int3"], "model.lm.quantization: 'int3' is not one of null, nf4"),
+        (
+            ["model.lm.path=models/x", "model.lm.hf_config=null", "model.lm.lora.rank=4", "model.lm.quantization=nf4",
+             "trainer.strategy=fsdp"],
+            "model.lm.quantization: a 4-bit LM trains with trainer.strategy auto or ddp, not fsdp",
+        ),
         (
             [
                 "model.vision.backbone=dinov2",

@@ -733,3 +733,44 @@ def test_a_gemma4_shaped_export_answers_a_video_in_transformers_with_the_trainin
     trained = model.logits([], messages=question, videos=[frames])
     torch.testing.assert_close(served, trained, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(load(out).logits([], messages=question, videos=[frames]), trained, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_qlora_trains_adapters_over_a_4bit_lm_and_exports_them_merged_into_its_full_precision_weights(demo_dir, tmp_path):
+    check_qlora(demo_dir, tmp_path)
+
+
+def check_qlora(demo_dir: Path, tmp_path: Path, *overrides: str) -> None:
+    """A QLoRA run (its recipe with ``overrides``): the LM's linear layers 4-bit and frozen under the adapters;
+    the export merges the trained adapter into the LM's full-precision weights, as PEFT applies it to them."""
+    bnb = pytest.importorskip("bitsandbytes")  # in the dev extras; a runtime install has it with vlmtrain[qlora]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_byte_tokenizer()
+    wide = {**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 128}  # rows of bitsandbytes' 64-value blocks
+    build_lm(LMConfig(hf_config=wide), tokenizer).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    qlora = (f"model.lm.path={tmp_path / 'llama'}", "model.lm.hf_config=null", *LORA, "model.lm.lora.dropout=0",
+             "model.lm.quantization=nf4", "optim.lm.lr=0.01", *overrides)
+    module = built(small_recipe(demo_dir, tmp_path / "run", *qlora))
+    four_bit = [name for name, layer in module.model.lm.named_modules() if isinstance(layer, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 7  # q k v o gate up down (two under LoRA), the head and embeddings kept
+    trained = [name for name, parameter in module.model.lm.named_parameters() if parameter.requires_grad]
+    assert trained and all("lora_" in name for name in trained)  # the 4-bit base stays frozen
+
+    run_cli(small_overrides(demo_dir, tmp_path / "run", *qlora))
+    export(tmp_path / "run", tmp_path / "export")
+    loaded = load(tmp_path / "export")
+    assert not any(isinstance(layer, bnb.nn.Linear4bit) for layer in loaded.model.modules())
+    # the export: the adapter merged into the LM's full-precision weights, as PEFT puts it onto them
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "llama"), tmp_path / "run" / "adapter")
+    tokens = torch.randint(0, 250, (2, 12))
+    with torch.no_grad():
+        merged = loaded.model.lm(input_ids=tokens).logits
+        torch.testing.assert_close(merged, reference.eval()(input_ids=tokens).logits, atol=1e-5, rtol=1e-5)
+        with reference.disable_adapter():
+            plain = reference(input_ids=tokens).logits
+    assert (merged - plain).abs().max() > 1e-3  # the adapter trained, and the export carries it
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(tensor.abs().max() > 0 for name, tensor in adapter.items() if "lora_B" in name)

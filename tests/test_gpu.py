@@ -2,7 +2,8 @@
 without padding, packed against padded steps in bf16, host-device synchronisations per training step, and
 DeepSpeed ZeRO-3 + LoRA in bf16 on one GPU: on a CUDA GPU (tests marked gpu, skipped elsewhere), and the
 same checks on the CPU where they mean something there (its autocast, flash kernel and packed attention
-exist too), so that the GPU tests cannot break unseen. scripts/gpu_check.sh runs the gpu ones."""
+exist too), so that the GPU tests cannot break unseen; QLoRA in bf16 (on the CPU: tests/test_export.py).
+scripts/gpu_check.sh runs the gpu ones."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from helpers import LORA, built, image_batch, run_cli, small_overrides, small_recipe
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from test_distributed import check_saved_adapter
-from test_export import BACKBONES
+from test_export import BACKBONES, check_qlora
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlmtrain.data.samples import RawSample
@@ -183,6 +184,11 @@ def test_zero3_with_lora_in_bf16_on_one_gpu_trains_saves_and_reloads_the_adapter
     overrides = small_overrides(demo_dir, tmp_path / "run", *gpu, *zero3, *LORA, "optim.lm.lr=0.01")
     run_cli(overrides)
     check_saved_adapter(tmp_path / "run", overrides, tmp_path)
+
+
+@pytest.mark.gpu
+def test_qlora_in_bf16_on_one_gpu_trains_and_exports_the_adapter_merged(demo_dir, tmp_path):
+    check_qlora(demo_dir, tmp_path, "trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=bf16-mixed")
 
 
 @pytest.mark.slow

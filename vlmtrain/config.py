@@ -467,6 +467,11 @@ def _check_across(recipe: Recipe) -> None:
     strategy = recipe.trainer.strategy
     sharded = strategy == "fsdp" or (strategy == "deepspeed" and recipe.trainer.deepspeed.stage == 3)
     require(
+        model.lm.quantization is None or strategy in ("auto", "ddp"),
+        "model.lm.quantization",
+        f"a 4-bit LM trains with trainer.strategy auto or ddp, not {strategy} (its 4-bit weights are not sharded)",
+    )
+    require(
         not recipe.trainer.compile or strategy in ("auto", "ddp", "fsdp"),
         "trainer.compile",
         f"is tested with trainer.strategy auto, ddp and fsdp, not {strategy}",

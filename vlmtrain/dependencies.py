@@ -7,16 +7,23 @@ import logging
 import warnings
 
 
-class _DropAdverts(logging.Filter):
-    """Lightning advertises a cloud logger on every run; users of this framework do not need to see it."""
+class _DropMessages(logging.Filter):
+    """Drops log lines that contain any of ``texts``."""
+
+    def __init__(self, *texts: str) -> None:
+        super().__init__()
+        self.texts = texts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        return not any(text in record.getMessage() for text in self.texts)
 
 
 def quiet_dependencies() -> None:
     """Silence Lightning's advert and warnings that dependencies raise about their own internals."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("litlogger"))  # a cloud advert
+    # bitsandbytes (imported by PEFT where installed) looks for a faster CPU kernel on the Hub; offline, it says so
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessages("from kernels-community"))
+    logging.getLogger("kernels._internals.hf_hub").addFilter(_DropMessages("kernels-community/"))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor` is deprecated")  # inside DeepSpeed
     warnings.filterwarnings("ignore", message=r"When saving the DeepSpeed Stage 3 checkpoint")  # export consolidates

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint (exit 128 + the signal), any other failure is one line and exit code 1; ``--debug`` or
     ``VLMTRAIN_DEBUG=1`` shows the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network at run time: what Hugging Face libraries would fetch, they don't
     debug = os.environ.get("VLMTRAIN_DEBUG", "") not in ("", "0") or "--debug" in argv
     args = parser().parse_args([arg for arg in argv if arg != "--debug"])
     show_logs()

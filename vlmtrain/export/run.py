@@ -1,9 +1,10 @@
 """A run's model as training left it: its recipe's plan rebuilt (same seeds, same pretrained folders) and its
-checkpoint's trained weights loaded, read from ``trained.safetensors`` (no pickle, no DeepSpeed)."""
+checkpoint's trained weights loaded, read from ``trained.safetensors`` (no pickle, no DeepSpeed); a QLoRA run's LM
+at full precision under its adapters."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -49,7 +50,9 @@ def trained_model(source: Path) -> TrainedModel:
     """The model of a run directory (its latest checkpoint) or of a checkpoint, with its trained weights."""
     run_dir, checkpoint = locate(source)
     plan = plan_run(load_recipe(run_dir / RECIPE_FILE))
-    model = build_model(plan.model, plan.start, plan.tokenizer, plan.recipe.seed)
+    # a 4-bit (QLoRA) LM's adapters go onto its full-precision weights, what an export merges them into and serves
+    start = replace(plan.start, lm=replace(plan.start.lm, quantization=None))
+    model = build_model(plan.model, start, plan.tokenizer, plan.recipe.seed)
     set_trainable(model, plan.recipe.optim)
     trained = {name.removeprefix("model."): tensor for name, tensor in read_weights(checkpoint / TRAINED).items()}
     expected = {name for name, parameter in model.named_parameters() if parameter.requires_grad}

@@ -72,7 +72,8 @@ class ProjectorConfig:
 @dataclass
 class LMConfig:
     """A Hugging Face causal LM: from a local ``path``, or random weights from ``hf_config`` (needs model_type);
-    new LoRA adapters (``lora``) or the PEFT adapter folder ``adapter`` on top."""
+    new LoRA adapters (``lora``) or the PEFT adapter folder ``adapter`` on top; ``quantization: nf4`` loads the
+    folder's weights 4-bit (bitsandbytes) under the adapters: QLoRA."""
 
     path: str | None = None
     hf_config: dict[str, Any] | None = field(default_factory=dict)  # null clears it (a recipe switching to a path)
@@ -83,6 +84,7 @@ class LMConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     adapter: str | None = None
     loss_chunk_tokens: int = 0  # the loss's logits a chunk of this many labelled tokens at a time (0: all at once)
+    quantization: str | None = None  # "nf4": the base LM's linear layers 4-bit, frozen, under LoRA (QLoRA)
 
     def __post_init__(self) -> None:
         if self.hf_config is None:
@@ -180,6 +182,12 @@ def _check_lm(model: ModelConfig, levels: list[int]) -> None:
         "is not used when model.lm.path loads a model (its config comes from the folder); clear it: model.lm.hf_config=null",
     )
     require(bool(lm.image_token), "image_token", "must not be empty")
+    require(lm.quantization in (None, "nf4"), "quantization", f"{lm.quantization!r} is not one of null, nf4")
+    require(
+        lm.quantization is None or (lm.path is not None and lm.lora.rank > 0),
+        "quantization",
+        "nf4 quantizes a pretrained LM's weights under new LoRA adapters: it needs model.lm.path and model.lm.lora.rank",
+    )
     positive("loss_chunk_tokens", lm.loss_chunk_tokens, allow_zero=True)
     lora = lm.lora
     _check_lora(lora)

@@ -9,7 +9,14 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import logging as transformers_logging
 
@@ -41,12 +48,17 @@ def folder_config(path: str) -> PretrainedConfig:
 KeyMappings = Mapping[str, Mapping[str, str]]  # a whole checkpoint's model_type → where its LM's weights are
 
 
-def load_folder_lm(path: str, attn_implementation: str, key_mappings: KeyMappings) -> PreTrainedModel:
+def load_folder_lm(
+    path: str, attn_implementation: str, key_mappings: KeyMappings, quantization: str | None = None
+) -> PreTrainedModel:
     """The causal LM in folder ``path``: a causal LM's folder, or the text model of a whole vision-language
     checkpoint whose model_type ``key_mappings`` knows (a transformers key_mapping from the checkpoint's names
-    to the causal LM's; e.g. a Gemma 4 release, whose vision tower the recipe reads too)."""
+    to the causal LM's; e.g. a Gemma 4 release, whose vision tower the recipe reads too); its linear layers
+    4-bit with ``quantization`` (:func:`quantization_config`)."""
     lm_config = folder_config(path)
     options = {"local_files_only": True, "dtype": torch.get_default_dtype(), "attn_implementation": attn_implementation}
+    if quantization is not None:
+        options["quantization_config"] = quantization_config(quantization)
     key_mapping = key_mappings.get(lm_config.model_type)
     if key_mapping is None:
         return AutoModelForCausalLM.from_pretrained(path, config=lm_config, **options)
@@ -67,6 +79,18 @@ def load_folder_lm(path: str, attn_implementation: str, key_mappings: KeyMapping
     return lm
 
 
+def quantization_config(kind: str) -> BitsAndBytesConfig:
+    """bitsandbytes' 4-bit ``kind`` (nf4) with nested quantization, computing in the default dtype, as QLoRA does."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"model.lm.quantization: {kind} needs bitsandbytes: pip install 'vlmtrain[qlora]'") from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.get_default_dtype(),
+    )
+
+
 def build_lm(
     config: LMConfig, tokenizer: PreTrainedTokenizerBase, key_mappings: KeyMappings | None = None
 ) -> PreTrainedModel | PeftModel:
@@ -82,7 +106,7 @@ def build_lm(
     if config.path is not None:
         if not Path(config.path).is_dir():
             raise FileNotFoundError(f"language model folder {config.path!r} not found (only local paths are read)")
-        lm = load_folder_lm(config.path, config.attn_implementation, key_mappings or {})
+        lm = load_folder_lm(config.path, config.attn_implementation, key_mappings or {}, config.quantization)
     else:
         values = dict(config.hf_config)
         model_type = values.pop("model_type")

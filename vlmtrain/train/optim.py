@@ -26,10 +26,9 @@ def set_trainable(model: VisionLanguageModel, optim: OptimConfig) -> None:
     projector) trains only the adapters."""
     settings = part_settings(optim)
     for name, part in model.parts().items():
-        part.requires_grad_(settings[name].trainable)
-        if isinstance(part, PeftModel):
-            for parameter_name, parameter in part.named_parameters():
-                parameter.requires_grad_(settings[name].trainable and is_adapter_parameter(parameter_name))
+        adapted = isinstance(part, PeftModel)
+        for parameter_name, parameter in part.named_parameters():  # one by one: a 4-bit base weight cannot train
+            parameter.requires_grad_(settings[name].trainable and (not adapted or is_adapter_parameter(parameter_name)))
 
 
 def parameter_groups(model: VisionLanguageModel, optim: OptimConfig) -> Iterator[dict]:
