@@ -14,7 +14,7 @@ from vlmtrain.model.pretrained import pretrained_backbone
 from vlmtrain.modeling.backbones import BACKBONES
 from vlmtrain.modeling.pooling import build_pooling
 from vlmtrain.modeling.projector import build_projector
-from vlmtrain.modeling.prompt import FrameLayout
+from vlmtrain.modeling.prompt import FRAMES_AS_IMAGES, FrameLayout
 from vlmtrain.modeling.vlm import VisionLanguageModel
 from vlmtrain.seeding import mix
 
@@ -78,7 +78,7 @@ class Family:
     def frame_layout(self, description: ModelDescription, tokenizer: PreTrainedTokenizerBase) -> FrameLayout:
         """How the family's text holds a video (:class:`FrameLayout`): assembled models write each frame as an image
         after its ``mm:ss`` time, frames joined by a space (Gemma 4's layout, with the image token)."""
-        return FrameLayout()
+        return FRAMES_AS_IMAGES
 
     def native_mismatch(
         self, description: dict[str, Any], lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase

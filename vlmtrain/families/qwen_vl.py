@@ -25,7 +25,7 @@ from vlmtrain.families.native import NativeCheckpoint
 from vlmtrain.model.description import ModelDescription
 from vlmtrain.modeling.backbones import BACKBONES
 from vlmtrain.modeling.geometry import LEVELS
-from vlmtrain.modeling.prompt import QWEN_IMAGE, QWEN_VIDEO, FrameLayout
+from vlmtrain.modeling.prompt import FRAMES_AS_IMAGES, QWEN_IMAGE, QWEN_VIDEO, FrameLayout
 from vlmtrain.modeling.vlm import VisionLanguageModel
 
 # vlmtrain's names (VisionLanguageModel's state dict, LoRA merged) → the family's ForConditionalGeneration's
@@ -126,7 +126,7 @@ class QwenVLFamily(Family):
         does not yet: its frames train as images, as an assembled model's."""
         qwen_tokens = description.lm.image_token == QWEN_IMAGE[0] and QWEN_VIDEO in tokenizer.get_vocab()
         if not (self.spec.timed_video_blocks and qwen_tokens):
-            return FrameLayout()
+            return FRAMES_AS_IMAGES
         return FrameLayout(frames=description.geometry().frames, stamp="seconds", token=QWEN_VIDEO)
 
     def checkpoint_recipe(self, path: str) -> dict[str, Any]:
