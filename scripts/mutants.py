@@ -126,7 +126,7 @@ MUTANTS = [
     Mutant("qwen3 video: a temporal patch repeats its first frame", "vlmtrain/modeling/hf_vision.py",
            "patches = squares.view(count, self.frames, 3, size, size).transpose(1, 2).reshape(count, -1)",
            "patches = squares.view(count, self.frames, 3, size, size)[:, :1].expand(-1, self.frames, -1, -1, -1)"
-           ".transpose(1, 2).reshape(count, -1)", ("tests/test_qwen.py", "-k", "writes_a_video")),
+           ".transpose(1, 2).reshape(count, -1)", ("tests/test_qwen.py", "-k", "written_as_the_family")),
     Mutant("gemma4 video: frames written with the image token", "vlmtrain/families/gemma4.py",
            "return FrameLayout(token=VIDEO_TOKEN if VIDEO_TOKEN in tokenizer.get_vocab() else None)",
            "return FrameLayout(token=None)", ("tests/test_export.py", "-k", "answers_a_video")),

@@ -305,11 +305,15 @@ def test_a_whole_checkpoint_trains_under_zero3_on_two_processes_and_exports_what
 
 
 @pytest.mark.slow
-def test_qwen3_vl_writes_a_video_as_its_processor_does_and_its_export_answers_it_with_the_training_logits(demo_dir, tmp_path):
-    """Qwen3-VL's own video layout: two consecutive frames share one temporal patch (the last one filled with
-    its last frame), each pair after ``<t seconds>`` in its own vision block of ``<|video_pad|>`` tokens; training,
-    a model in use and the native export (transformers' class, given the video's patches from Qwen's image
-    processor frame by frame) compute the same logits."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_video_is_written_as_the_familys_processor_writes_it_and_its_export_answers_it_with_the_training_logits(
+    demo_dir, tmp_path, family
+):
+    """Each family's own video layout: two consecutive frames share one temporal patch (the last one filled with
+    its last frame); Qwen3-VL writes each pair after ``<t seconds>`` in its own vision block of ``<|video_pad|>``
+    tokens, Qwen2.5-VL all pairs in one block, their times in their M-RoPE positions. Training, a model in use and
+    the native export (transformers' class, given the video's patches from Qwen's image processor frame by frame)
+    compute the same logits."""
     import io
 
     from transformers import AutoModelForImageTextToText
@@ -322,12 +326,15 @@ def test_qwen3_vl_writes_a_video_as_its_processor_does_and_its_export_answers_it
     from vlmtrain.modeling.prompt import FrameLayout
     from vlmtrain.train.run import batch_builder
 
-    folder = tmp_path / "qwen3"
-    run_path(str(ROOT / "scripts" / "tiny_qwen.py"))["write_tiny_qwen"](folder, family="qwen3_vl")
+    folder = tmp_path / family
+    run_path(str(ROOT / "scripts" / "tiny_qwen.py"))["write_tiny_qwen"](folder, family=family)
     video = ("data.video.fps=2", "data.video.budget=70", "data.text.max_length=512")
-    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder, "qwen3_vl"), *video)
+    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder, family), *video)
     module = built(recipe)
-    assert module.plan.frames == FrameLayout(frames=2, stamp="seconds", token="<|video_pad|>")
+    if family == "qwen3_vl":
+        assert module.plan.frames == FrameLayout(frames=2, stamp="seconds", token="<|video_pad|>")
+    else:  # Qwen2.5-VL's default tokens_per_second
+        assert module.plan.frames == FrameLayout(frames=2, stamp="none", token="<|video_pad|>", joined=True, tokens_per_second=4)
     frames = served_images(module.plan.geometry, 70, [(300, 451)] * 3, seed=3)  # 3 frames, 2 a second
     files = []
     for frame in frames:
@@ -349,7 +356,10 @@ def test_qwen3_vl_writes_a_video_as_its_processor_does_and_its_export_answers_it
 
     tokens = module.plan.geometry.image(frames[0].height, frames[0].width, 70).tokens
     block = "<|vision_start|>" + "<|video_pad|>" * tokens + "<|vision_end|>"
-    expected = f"<0.5 seconds>{block}<1.2 seconds>{block}What changes?"  # Qwen3VLProcessor's text for these frames
+    expected = {  # the family's processor's text for these frames
+        "qwen3_vl": f"<0.5 seconds>{block}<1.2 seconds>{block}What changes?",
+        "qwen2_5_vl": "<|vision_start|>" + "<|video_pad|>" * 2 * tokens + "<|vision_end|>What changes?",
+    }[family]
     model = in_use(module)
     ids, images = model.inputs([], messages=question, videos=[frames])
     assert expected in module.plan.tokenizer.decode(ids[0])
@@ -357,12 +367,12 @@ def test_qwen3_vl_writes_a_video_as_its_processor_does_and_its_export_answers_it
     assert ids[0].tolist() == batch.inputs.input_ids[0, : ids.shape[1]].tolist()
     torch.testing.assert_close(model.logits([], messages=question, videos=[frames]), trained[:, : ids.shape[1]])
 
-    # the native export, given what Qwen3-VL's video processor gives: each temporal patch its two frames'
+    # the native export, given what the family's video processor gives: each temporal patch its two frames'
     # patches (Qwen's image processor repeats one frame over the patch: take each frame's first)
     write_export(TrainedModel(module.model, module.plan.tokenizer, module.plan.model, TextFormat.of(recipe.data.text),
                               recipe, tmp_path), recipe, tmp_path / "export")
     native = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").eval()
-    min_pixels, cell, patch, mean, std = PROCESSOR["qwen3_vl"]
+    min_pixels, cell, patch, mean, std = PROCESSOR[family]
     processor = Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": 70 * cell * cell},
                                          patch_size=patch, image_mean=mean, image_std=std)
     per_frame = [processor(images=[frame], return_tensors="pt") for frame in frames]
@@ -370,10 +380,12 @@ def test_qwen3_vl_writes_a_video_as_its_processor_does_and_its_export_answers_it
     first = [out["pixel_values"].view(-1, 3, 2, patch, patch)[:, :, 0] for out in per_frame]
     units = [torch.stack([first[0], first[1]], dim=2), torch.stack([first[2], first[2]], dim=2)]
     video_id = module.plan.tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    inputs = {  # what Qwen3VLProcessor gives beside the ids: the patches, their grid, each token's modality (2: video)
+    inputs = {  # what the family's processor gives beside the ids: the patches, their grid, each token's modality (2: video)
         "pixel_values_videos": torch.cat(units).flatten(1), "video_grid_thw": torch.tensor([[2, *grid[1:].tolist()]]),
         "mm_token_type_ids": (ids == video_id).long() * 2,
     }
+    if family == "qwen2_5_vl":
+        inputs["second_per_grid_ts"] = torch.tensor([2 / 2.0])  # temporal patch / fps
     with torch.no_grad():
         served = native(input_ids=ids, **inputs).logits
     torch.testing.assert_close(served, trained[:, : ids.shape[1]], atol=1e-5, rtol=1e-5)

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.config import DecodingConfig, TextConfig, VideoConfig
 from vlmtrain.data.samples import RawSample
-from vlmtrain.data.video import decoded_images, probe_video, with_frames
+from vlmtrain.data.video import decoded_images, placeholder_kinds, probe_video, with_frames
 from vlmtrain.errors import UserError
 from vlmtrain.export.format import CONFIG_FILE, SELECTOR_DIR, VISION_DIR, VISION_PARTS, TextFormat
 from vlmtrain.export.layouts import read_export
@@ -199,19 +199,19 @@ class ExportedModel:
         if isinstance(budget, str):
             budget = self.auto_budgets(images, prompt, messages, auto_tolerance(budget))
         budget = self.description.default_budget if budget is None else budget
-        stored, frames = None, []
+        stored, kinds, times = None, [], None
         if messages is not None:
             stored, *_ = parse_messages(messages)
             check_conversation(stored, len(images), answered=False, videos=len(videos))
             if videos:
-                stored, images, budget, frames = self.video_frames(stored, images, budget, videos)
+                stored, images, budget, kinds, times = self.video_frames(stored, images, budget, videos)
         elif videos:
             raise ValueError("videos go in messages (a <video> marker or a video part places each)")
         device = self.device
-        batch = ImageBatch.of_images(images, budget, self.geometry)
+        batch = ImageBatch.of_images(images, budget, self.geometry, token_times=times)
         counts = batch.token_counts.tolist()
         if stored is not None:
-            ids = self.text.encode_chat_prompt(stored, counts, frames)
+            ids = self.text.encode_chat_prompt(stored, counts, kinds)
         else:
             ids = self.text.encode_prompt(self.text_format.prompt if prompt is None else prompt, counts)
         return torch.tensor([ids], device=device), batch.to(device)
@@ -222,10 +222,10 @@ class ExportedModel:
         images: Sequence[Image.Image],
         budget: int | Sequence[int],
         videos: Sequence[VideoInput],
-    ) -> tuple[list[dict[str, Any]], list[Image.Image | tuple[Image.Image, ...]], list[int], list[bool]]:
+    ) -> tuple[list[dict[str, Any]], list[Image.Image | tuple[Image.Image, ...]], list[int], list[int], list[int]]:
         """The stored messages with each video part replaced by its sampled frames and their times, every image and
         frame (or unit of frames) in order, the budget of each (the images' ``budget``, the frames' the video
-        budget) and which are frames."""
+        budget), what each is in the text and its M-RoPE time in its block (:func:`placeholder_kinds`)."""
         budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
         sample = RawSample(
             "request", {"messages": stored}, list(images), [(image.height, image.width) for image in images],
@@ -235,7 +235,7 @@ class ExportedModel:
         sizes = [self.geometry.image(h, w, b).resize for (h, w), b in zip(sample.sizes, sample.budgets, strict=True)]
         frames = decoded_images(sample.images, sizes, lambda image, _: image)
         budgets = [self.video.budget if b is None else int(b) for b in sample.budgets]  # drawn in training: the default here
-        return sample.messages, frames, budgets, [video is not None for video in sample.frame_of]
+        return sample.messages, frames, budgets, placeholder_kinds(sample, self.frames), sample.token_times
 
     @torch.no_grad()
     def logits(

@@ -14,11 +14,11 @@ from vlmtrain.data.batch import Batch, pack_text, pad_text
 from vlmtrain.data.config import DecodingConfig, TextConfig, VideoConfig
 from vlmtrain.data.images import decode_image
 from vlmtrain.data.samples import RawSample, SampleError
-from vlmtrain.data.video import decoded_images
+from vlmtrain.data.video import decoded_images, placeholder_kinds
 from vlmtrain.modeling.geometry import Geometry, ImageGeometry, ImageSizeError
 from vlmtrain.modeling.inputs import ImageBatch, ModelInput
 from vlmtrain.modeling.pixels import image_patches
-from vlmtrain.modeling.prompt import FRAMES_AS_IMAGES, FrameLayout
+from vlmtrain.modeling.prompt import FRAMES_AS_IMAGES, OPENS, FrameLayout
 from vlmtrain.text.chat import ChatTemplateError
 from vlmtrain.text.conversation import image_count, text_of
 from vlmtrain.text.encoding import EncodedText, TextEncoder, TextError
@@ -26,13 +26,15 @@ from vlmtrain.text.encoding import EncodedText, TextEncoder, TextError
 
 @dataclass
 class EncodedSample:
-    """One sample ready for collation: its text and, per image, (patches, positions, geometry) and budget."""
+    """One sample ready for collation: its text and, per image, (patches, positions, geometry), budget and M-RoPE
+    time in its video's block (:data:`~vlmtrain.modeling.prompt.OPENS` for an image)."""
 
     key: str
     text: EncodedText
     images: list[tuple[torch.Tensor, torch.Tensor, ImageGeometry]]
     group: str
     budgets: tuple[int, ...] = ()
+    token_times: tuple[int, ...] = ()
 
 
 Budgets = int | Sequence[int]  # one budget for every image of a sample, or one per image
@@ -111,8 +113,8 @@ class BatchBuilder:
         """A conversation record through the chat template, a prompt/target record as written."""
         try:
             if sample.messages is not None:
-                frames = [video is not None for video in sample.frame_of]
-                encoded = self.text.encode_chat(sample.messages, image_tokens, self.fields.train_on, frames)
+                kinds = placeholder_kinds(sample, self.frame_layout)
+                encoded = self.text.encode_chat(sample.messages, image_tokens, self.fields.train_on, kinds)
             else:
                 encoded = self.text.encode(*self._prompt_and_target(sample), image_tokens)
         except TextError as error:
@@ -134,12 +136,12 @@ class BatchBuilder:
         if sample.messages is None:
             prompt, target = self._prompt_and_target(sample)
             return [Question(self.text.encode_prompt(prompt, counts), len(counts), target, chat=False)]
-        questions, frames = [], [video is not None for video in sample.frame_of]
+        questions, kinds = [], placeholder_kinds(sample, self.frame_layout)
         for index, message in enumerate(sample.messages):
             if message["role"] == "assistant":
                 before = sample.messages[:index]
                 images = image_count(before)
-                prompt = self.text.encode_chat_prompt(before, counts[:images], frames[:images])
+                prompt = self.text.encode_chat_prompt(before, counts[:images], kinds[:images])
                 questions.append(Question(prompt, images, text_of(message), chat=True))
         return questions
 
@@ -166,7 +168,8 @@ class BatchBuilder:
         images = [(*image_patches(image, geometry, patch, frames), geometry) for image, geometry in pairs]
         text = self._encode_text(sample, [geometry.tokens for *_, geometry in images])
         group = str(sample.record.get(self.fields.group_field, "")) if self.fields.group_field else ""
-        return EncodedSample(key=sample.key, text=text, images=images, group=group, budgets=budgets)
+        times = tuple(sample.token_times) or (OPENS,) * len(images)
+        return EncodedSample(key=sample.key, text=text, images=images, group=group, budgets=budgets, token_times=times)
 
     def collate(
         self, samples: list[EncodedSample], budget: int | None, packed: bool = True, row_tokens: int | None = None
@@ -178,6 +181,7 @@ class BatchBuilder:
         images = ImageBatch.stack(
             [(pixels, positions, geometry, index) for index, s in enumerate(samples) for pixels, positions, geometry in s.images],
             patch_dim=self.geometry.patch_dim,
+            token_times=[time for s in samples for time in s.token_times or (OPENS,) * len(s.images)],
         )
         if packed:
             input_ids, position_ids, sequence_ids, label_tensor, cu_seqlens = pack_text(

@@ -28,8 +28,9 @@ class SampleError(ValueError):
 class RawSample:
     """A sample before decoding: its JSON record, image bytes in order (a video's sampled frames among them once
     :func:`vlmtrain.data.video.with_frames` has placed them), (height, width) of each image, the budget a record
-    fixes for each (None: drawn), which video each is a frame of (None: an image; empty: no frames), and its
-    videos still whole (a file's bytes, or a list of its frames' bytes, and the facts)."""
+    fixes for each (None: drawn), which video each is a frame of (None: an image; empty: no frames), the M-RoPE
+    time of each in its video's block (empty: each opens its own; :meth:`FrameLayout.token_time`), its videos still whole
+    (a file's bytes, or a list of its frames' bytes, and the facts)."""
 
     key: str
     record: dict[str, Any]
@@ -39,6 +40,7 @@ class RawSample:
     budgets: list[int | None] = field(default_factory=list)
     videos: list[tuple[bytes | list[bytes], dict[str, Any]]] = field(default_factory=list)
     frame_of: list[int | None] = field(default_factory=list)
+    token_times: list[int] = field(default_factory=list)
 
     @property
     def messages(self) -> list[dict[str, Any]] | None:

@@ -22,7 +22,7 @@ from PIL import Image
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.data.config import VideoConfig
 from vlmtrain.data.samples import RawSample, SampleError
-from vlmtrain.modeling.prompt import FRAMES_AS_IMAGES, FrameLayout
+from vlmtrain.modeling.prompt import FRAME, FRAMES_AS_IMAGES, IMAGE, NEXT_FRAME, OPENS, FrameLayout
 
 
 @dataclass(frozen=True)
@@ -133,9 +133,10 @@ def with_frames(sample: RawSample, config: VideoConfig, layout: FrameLayout = FR
     :func:`frame_budgets`)."""
     if not sample.videos:
         return sample
-    images = iter(zip(sample.images, sample.sizes, sample.budgets, [None] * len(sample.images), strict=True))
+    count = len(sample.images)
+    images = iter(zip(sample.images, sample.sizes, sample.budgets, [None] * count, [OPENS] * count, strict=True))
     videos = iter(enumerate(sample.videos))
-    placed: list[tuple[Any, tuple[int, int], int | None, int | None]] = []
+    placed: list[tuple[Any, tuple[int, int], int | None, int | None, int]] = []
     messages = []
     for message in sample.messages or []:
         content = []
@@ -149,16 +150,30 @@ def with_frames(sample: RawSample, config: VideoConfig, layout: FrameLayout = FR
                 frames = sampled_frames(data, facts, config, config.frames(budget or config.budget, layout.frames))
                 for start in range(0, len(frames), layout.frames):
                     unit = frames[start : start + layout.frames]
-                    seconds = (unit[0][0] + unit[-1][0]) / 2
-                    content += [{"type": "text", "text": layout.stamp_text(seconds, start == 0)}, {"type": "image"}]
+                    stamp = layout.stamp_text((unit[0][0] + unit[-1][0]) / 2, start == 0)
+                    content += [{"type": "text", "text": stamp}, {"type": "image"}] if stamp else [{"type": "image"}]
                     items = tuple(frame for _, frame, _ in unit)
-                    placed.append((items if layout.frames > 1 else items[0], unit[0][2], budget, video))
+                    time = layout.token_time(start // layout.frames, config.fps)
+                    placed.append((items if layout.frames > 1 else items[0], unit[0][2], budget, video, time))
             else:
                 content.append(part)
         messages.append({**message, "content": content})
-    frames, sizes, budgets, frame_of = (list(column) for column in zip(*placed, strict=True)) if placed else ([], [], [], [])
+    columns = [list(column) for column in zip(*placed, strict=True)] if placed else [[] for _ in range(5)]
+    frames, sizes, budgets, frame_of, times = columns
     record = {**sample.record, "messages": messages}
-    return replace(sample, record=record, images=frames, sizes=sizes, budgets=budgets, videos=[], frame_of=frame_of)
+    return replace(
+        sample, record=record, images=frames, sizes=sizes, budgets=budgets, videos=[], frame_of=frame_of, token_times=times
+    )
+
+
+def placeholder_kinds(sample: RawSample, layout: FrameLayout) -> list[int]:
+    """What each of the sample's images is in the text: an image, a video's unit, or (``layout.joined``) a unit
+    in the block its video's previous unit opened (:data:`~vlmtrain.modeling.prompt.IMAGE` and so on)."""
+    kinds = []
+    for index, video in enumerate(sample.frame_of):
+        continues = layout.joined and video is not None and index > 0 and sample.frame_of[index - 1] == video
+        kinds.append(IMAGE if video is None else NEXT_FRAME if continues else FRAME)
+    return kinds
 
 
 def frame_budgets(sample: RawSample, config: VideoConfig, schedule: BudgetSchedule, step: int) -> list[int | None]:

@@ -120,14 +120,18 @@ class QwenVLFamily(Family):
         return description.vision.kind == self.name
 
     def frame_layout(self, description: ModelDescription, tokenizer: PreTrainedTokenizerBase) -> FrameLayout:
-        """Qwen3-VL's processor's layout where the model reads Qwen's vision tokens: each temporal patch (two
-        consecutive frames) after ``<t seconds>`` in its own ``<|vision_start|>…<|vision_end|>`` block of
-        ``<|video_pad|>`` tokens. Qwen2.5-VL writes a video as one block with time-scaled positions, which vlmtrain
-        does not yet: its frames train as images, as an assembled model's."""
+        """The family's processors' layout where the model reads Qwen's vision tokens, each temporal patch (two
+        consecutive frames) a set of ``<|video_pad|>`` tokens: Qwen3-VL's each after ``<t seconds>`` in its own
+        ``<|vision_start|>…<|vision_end|>`` block; Qwen2.5-VL's all in one block, their time in their M-RoPE positions
+        (its tower's ``tokens_per_second``). Without Qwen's tokens, frames are images as in an assembled model."""
         qwen_tokens = description.lm.image_token == QWEN_IMAGE[0] and QWEN_VIDEO in tokenizer.get_vocab()
-        if not (self.spec.timed_video_blocks and qwen_tokens):
+        if not qwen_tokens:
             return FRAMES_AS_IMAGES
-        return FrameLayout(frames=description.geometry().frames, stamp="seconds", token=QWEN_VIDEO)
+        frames = description.geometry().frames
+        if self.spec.timed_video_blocks:
+            return FrameLayout(frames=frames, stamp="seconds", token=QWEN_VIDEO)
+        rate = float(description.vision.settings["tokens_per_second"])
+        return FrameLayout(frames=frames, stamp="none", token=QWEN_VIDEO, joined=True, tokens_per_second=rate)
 
     def checkpoint_recipe(self, path: str) -> dict[str, Any]:
         return {

@@ -25,7 +25,9 @@ class ImageBatch:
     ``pixels``: ``(P, frames*patch*patch*3)`` uint8, every image's patches row-major (``frames``: the
     geometry's); ``positions``: ``(P, 2)`` each patch's (x, y) in its image; ``patch_grids`` and
     ``token_grids``: ``(I, 2)`` (rows, cols) of each image's patches and of the visual tokens the geometry
-    promised; ``sample_index``: ``(I,)`` each image's sample.
+    promised; ``sample_index``: ``(I,)`` each image's sample; ``token_times``: ``(I,)`` the M-RoPE time of each
+    in the vision block the previous one opened (Qwen2.5-VL's joined video units), -1 where it opens its own
+    (None: every one does).
     """
 
     pixels: torch.Tensor
@@ -33,6 +35,7 @@ class ImageBatch:
     patch_grids: torch.Tensor
     token_grids: torch.Tensor
     sample_index: torch.Tensor
+    token_times: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -47,14 +50,23 @@ class ImageBatch:
         return self.patch_grids[:, 0] * self.patch_grids[:, 1]
 
     @classmethod
-    def stack(cls, images: list[tuple[torch.Tensor, torch.Tensor, ImageGeometry, int]], patch_dim: int) -> ImageBatch:
-        """Pack ``(patches, positions, geometry, sample_index)`` tuples, image after image."""
+    def stack(
+        cls,
+        images: list[tuple[torch.Tensor, torch.Tensor, ImageGeometry, int]],
+        patch_dim: int,
+        token_times: Sequence[int] | None = None,
+    ) -> ImageBatch:
+        """Pack ``(patches, positions, geometry, sample_index)`` tuples, image after image (``token_times``: each
+        one's, kept where one continues a block)."""
+        joined = token_times is not None and any(time >= 0 for time in token_times)
+        times = torch.tensor(list(token_times), dtype=torch.long) if joined else None
         return cls(
             pixels=torch.cat([pixels for pixels, *_ in images]) if images else torch.zeros(0, patch_dim, dtype=torch.uint8),
             positions=torch.cat([positions for _, positions, *_ in images]) if images else torch.zeros(0, 2, dtype=torch.long),
             patch_grids=torch.tensor([geometry.patch_grid for *_, geometry, _ in images], dtype=torch.long).view(-1, 2),
             token_grids=torch.tensor([geometry.token_grid for *_, geometry, _ in images], dtype=torch.long).view(-1, 2),
             sample_index=torch.tensor([index for *_, index in images], dtype=torch.long),
+            token_times=times,
         )
 
     @classmethod
@@ -64,10 +76,12 @@ class ImageBatch:
         budget: int | Sequence[int],
         geometry: Geometry,
         samples: Sequence[int] | None = None,
+        token_times: Sequence[int] | None = None,
     ) -> ImageBatch:
         """PIL images as the model takes them, each at ``budget`` (one for all, or one per image), of sample
         ``samples[i]`` (default 0): what inference and every exported processor feed the model. An image may be
-        a video's frames that share one patch (a sequence of up to ``geometry.frames``: :func:`image_patches`)."""
+        a video's frames that share one patch (a sequence of up to ``geometry.frames``: :func:`image_patches`),
+        at its ``token_times`` within its video's block."""
         budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
         if len(budgets) != len(images):
             raise ValueError(f"{len(budgets)} budgets for {len(images)} images")
@@ -76,7 +90,7 @@ class ImageBatch:
             frames = [to_rgb(frame) for frame in ([image] if isinstance(image, Image.Image) else image)]
             shape = geometry.image(frames[0].height, frames[0].width, image_budget)
             items.append((*image_patches(frames, shape, geometry.patch_size, geometry.frames), shape, sample))
-        return cls.stack(items, patch_dim=geometry.patch_dim)
+        return cls.stack(items, patch_dim=geometry.patch_dim, token_times=token_times)
 
     def select(self, chosen: list[int]) -> ImageBatch:
         """Images ``chosen`` (indices, in this order) as a batch of their own, their sample index kept."""
@@ -87,15 +101,17 @@ class ImageBatch:
             + [torch.zeros(0, dtype=torch.long, device=device)]
         )
         index = torch.tensor(chosen, dtype=torch.long, device=device)
+        times = None if self.token_times is None else self.token_times[index]
         return ImageBatch(
-            self.pixels[rows], self.positions[rows], self.patch_grids[index], self.token_grids[index], self.sample_index[index]
+            self.pixels[rows], self.positions[rows], self.patch_grids[index], self.token_grids[index], self.sample_index[index],
+            times,
         )
 
     def pin_memory(self) -> ImageBatch:
-        return ImageBatch(*(getattr(self, f.name).pin_memory() for f in fields(self)))
+        return ImageBatch(*(None if (value := getattr(self, f.name)) is None else value.pin_memory() for f in fields(self)))
 
     def to(self, device: torch.device | str) -> ImageBatch:
-        return ImageBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+        return ImageBatch(*(None if (value := getattr(self, f.name)) is None else value.to(device) for f in fields(self)))
 
 
 @dataclass

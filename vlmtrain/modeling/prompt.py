@@ -19,17 +19,29 @@ class FrameLayout:
     """How a model's text holds a video, as its family's processor writes it: the frames that share one set of
     visual tokens (``frames``: Qwen-VL's temporal patch), the time written before each such unit (``"mm:ss"``:
     ``00:03`` after a space from the second on, as Gemma 4 writes frames; ``"seconds"``: ``<1.5 seconds>``, as
-    Qwen3-VL does), and the token that holds a unit's place (None: the image token)."""
+    Qwen3-VL does; ``"none"``), the token that holds a unit's place (None: the image token), and whether a video's
+    units share one vision block, their time told by their M-RoPE positions instead, ``tokens_per_second`` of them
+    (``joined``: Qwen2.5-VL)."""
 
     frames: int = 1
     stamp: str = "mm:ss"
     token: str | None = None
+    joined: bool = False
+    tokens_per_second: float = 0.0
 
     def stamp_text(self, seconds: float, first: bool) -> str:
         """The text before a unit at ``seconds`` (the mean of its frames' times); ``first``: the video's first unit."""
         if self.stamp == "seconds":
             return f"<{seconds:.1f} seconds>"
+        if self.stamp == "none":
+            return ""
         return f"{'' if first else ' '}{int(seconds // 60):02d}:{int(seconds % 60):02d} "
+
+    def token_time(self, unit: int, fps: float) -> int:
+        """The M-RoPE time of a joined video's ``unit``-th unit in its block, its frames sampled ``fps`` a second
+        (Qwen2.5-VL's ``tokens_per_second`` × seconds per unit, rounded down); :data:`OPENS` for a unit that opens
+        a block (the first, or any when units are not joined)."""
+        return int(unit * self.tokens_per_second * self.frames / fps) if self.joined and unit else OPENS
 
 
 FRAMES_AS_IMAGES = FrameLayout()  # the default: each frame an image after its mm:ss time, as Gemma 4 writes them
@@ -48,9 +60,16 @@ def image_bounds(tokenizer: PreTrainedTokenizerBase, image_token: str) -> tuple[
     return [tokenizer.convert_tokens_to_ids(boi)], [tokenizer.convert_tokens_to_ids(eoi)]
 
 
-def image_span(bounds: tuple[list[int], list[int]], image_token_id: int, count: int) -> list[int]:
-    """One image in a token sequence: its ``count`` placeholders inside its bounds (:func:`image_bounds`)."""
-    return [*bounds[0], *[image_token_id] * count, *bounds[1]]
+OPENS = -1  # the M-RoPE time of an image, or a video unit, that opens its own vision block
+IMAGE, FRAME, NEXT_FRAME = 0, 1, 2  # a span of placeholders: an image, a video's unit opening its block, one continuing it
+
+
+def image_span(
+    bounds: tuple[list[int], list[int]], image_token_id: int, count: int, opens: bool = True, closes: bool = True
+) -> list[int]:
+    """One image in a token sequence: its ``count`` placeholders inside its bounds (:func:`image_bounds`); a joined
+    video's units share one pair of bounds (``opens``, ``closes``)."""
+    return [*(bounds[0] if opens else []), *[image_token_id] * count, *(bounds[1] if closes else [])]
 
 
 class TextError(ValueError):

@@ -92,26 +92,33 @@ class QwenVLTextForCausalLM:
     @staticmethod
     def rope_positions(
         input_ids: torch.Tensor, positions: torch.Tensor, sample_ids: torch.Tensor, placeholders: torch.Tensor,
-        token_grids: torch.Tensor,
+        token_grids: torch.Tensor, token_times: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``(3, R, L)`` positions of rows ``input_ids`` whose 1-D ``positions`` restart at each of their samples
         (``sample_ids``: each token's; -1 on padding), the images' ``placeholders`` (a mask) in order holding
-        ``token_grids`` (rows, columns) tokens each (a video's frames as Qwen3-VL places them: one image each)."""
+        ``token_grids`` (rows, columns) tokens each: one block each (an image, a video's unit as Qwen3-VL places it),
+        or, where ``token_times`` is not -1, in the block the previous one opened at that time after its start (a
+        joined video's units, as Qwen2.5-VL places them)."""
         time, row, column = (positions.clone() for _ in range(3))
         flat = torch.nonzero(placeholders.flatten()).squeeze(1)
+        times = [-1] * len(token_grids) if token_times is None else token_times.tolist()
         length = input_ids.shape[1]
-        start = 0
-        for rows, columns in token_grids.tolist():
+        start, base = 0, 0
+        for (rows, columns), offset in zip(token_grids.tolist(), times, strict=True):
             places = flat[start : start + rows * columns]
             start += rows * columns
             line, first = divmod(int(places[0]), length)
-            base = int(time[line, first])
+            continues = offset >= 0
+            base, offset = (base, offset) if continues else (int(time[line, first]), 0)
             index = torch.arange(rows * columns, device=input_ids.device)
             cells = places % length
-            time[line, cells], row[line, cells], column[line, cells] = base, base + index // columns, base + index % columns
+            time[line, cells], row[line, cells], column[line, cells] = (
+                base + offset, base + index // columns, base + index % columns
+            )
             later = torch.arange(length, device=input_ids.device) > int(cells[-1])
             after = later & (sample_ids[line] == sample_ids[line, first])
-            shift = rows * columns - max(rows, columns)  # the text after the image goes on from base + max(rows, columns)
+            # the text after an image (a block) goes on from base + max(rows, columns)
+            shift = rows * columns - (0 if continues else max(rows, columns))
             for part in (time, row, column):
                 part[line, after] -= shift
         return torch.stack([time, row, column])

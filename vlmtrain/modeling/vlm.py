@@ -152,7 +152,9 @@ class VisionLanguageModel(nn.Module):
         if positions is None:  # rows of one sample each, any padding at the end
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         sample_ids = row_ids(input_ids) if sample_ids is None else sample_ids
-        return rope_positions(input_ids, positions, sample_ids, self.placeholders(input_ids), images.token_grids)
+        return rope_positions(
+            input_ids, positions, sample_ids, self.placeholders(input_ids), images.token_grids, images.token_times
+        )
 
     def lm_inputs(self, inputs: ModelInput) -> dict:
         """What the LM is called with: the embeddings (and what else it takes of the images: :meth:`embed`),

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
 
-from vlmtrain.modeling.prompt import TextError, image_bounds, image_span, prompt_ids
+from vlmtrain.modeling.prompt import IMAGE, NEXT_FRAME, TextError, image_bounds, image_span, prompt_ids
 from vlmtrain.modeling.tokenizers import IGNORE_INDEX
 from vlmtrain.text.chat import chat_segments, generation_prompt
 from vlmtrain.text.conversation import as_template_messages
@@ -64,35 +64,37 @@ class TextEncoder:
         labels = [IGNORE_INDEX] * prompt_length + target_ids
         return EncodedText(input_ids=input_ids, labels=labels)
 
-    def _expand(self, text: str, image_tokens: list[int], images_before: int, frames: Sequence[bool] = ()) -> list[int]:
+    def _expand(self, text: str, image_tokens: list[int], images_before: int, kinds: Sequence[int] = ()) -> list[int]:
         """Token ids of ``text`` with its image tokens expanded, the first one to ``image_tokens[images_before]``
-        placeholders, and so on; an image that ``frames`` marks is a video's frame (its placeholders the video
-        token)."""
+        placeholders, and so on; ``kinds`` says which are a video's units (:data:`~vlmtrain.modeling.prompt.FRAME`:
+        video tokens; ``NEXT_FRAME``: in the previous unit's bounds)."""
         pieces = text.split(self.image_token)
         if images_before + len(pieces) - 1 > len(image_tokens):
             raise TextError(f"the conversation places more images than the sample has ({len(image_tokens)})")
+        kinds = list(kinds) + [IMAGE] * (len(image_tokens) - len(kinds))
         ids: list[int] = []
         for index, piece in enumerate(pieces):
             if index:
                 image = images_before + index - 1
-                token_id = self.video_token_id if image < len(frames) and frames[image] else self.image_token_id
-                ids += image_span(self.bounds, token_id, image_tokens[image])
+                token_id = self.image_token_id if kinds[image] == IMAGE else self.video_token_id
+                closes = image + 1 == len(kinds) or kinds[image + 1] != NEXT_FRAME
+                ids += image_span(self.bounds, token_id, image_tokens[image], kinds[image] != NEXT_FRAME, closes)
             ids += self._ids(piece)
         return ids
 
     def encode_chat(
-        self, messages: list[dict], image_tokens: list[int], train_on: str, frames: Sequence[bool] = ()
+        self, messages: list[dict], image_tokens: list[int], train_on: str, kinds: Sequence[int] = ()
     ) -> EncodedText:
         """Encode a stored conversation (:mod:`vlmtrain.text.conversation`) through the tokenizer's chat
-        template: image ``i`` becomes ``image_tokens[i]`` placeholders (video tokens where ``frames[i]``: a
-        video's frame); the content and end-of-turn token of the assistant turns ``train_on`` names carry
+        template: image ``i`` becomes ``image_tokens[i]`` placeholders (a video's unit as ``kinds[i]`` says:
+        :meth:`_expand`); the content and end-of-turn token of the assistant turns ``train_on`` names carry
         labels (:func:`~vlmtrain.text.chat.chat_segments`)."""
         segments = chat_segments(self.tokenizer, as_template_messages(messages, self.image_token), self.image_token, train_on)
         input_ids: list[int] = []
         labels: list[int] = []
         placed = 0
         for segment in segments:
-            ids = self._expand(segment.text, image_tokens, placed, frames)
+            ids = self._expand(segment.text, image_tokens, placed, kinds)
             placed += segment.text.count(self.image_token)
             input_ids += ids
             labels += ids if segment.labelled else [IGNORE_INDEX] * len(ids)
@@ -100,8 +102,8 @@ class TextEncoder:
             raise TextError(f"the conversation places {placed} images, the sample has {len(image_tokens)}")
         return EncodedText(input_ids=input_ids, labels=labels)
 
-    def encode_chat_prompt(self, messages: list[dict], image_tokens: list[int], frames: Sequence[bool] = ()) -> list[int]:
-        """Token ids that ask the model for the next assistant turn of a stored conversation (``frames``: as in
+    def encode_chat_prompt(self, messages: list[dict], image_tokens: list[int], kinds: Sequence[int] = ()) -> list[int]:
+        """Token ids that ask the model for the next assistant turn of a stored conversation (``kinds``: as in
         :meth:`encode_chat`)."""
         prompt = generation_prompt(self.tokenizer, as_template_messages(messages, self.image_token))
-        return self._expand(prompt, image_tokens, 0, frames)
+        return self._expand(prompt, image_tokens, 0, kinds)
