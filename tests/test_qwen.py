@@ -391,3 +391,62 @@ def test_a_video_is_written_as_the_familys_processor_writes_it_and_its_export_an
     torch.testing.assert_close(served, trained[:, : ids.shape[1]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(load(tmp_path / "export").logits([], messages=question, videos=[frames]), served,
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_packed_rows_give_each_video_sample_the_positions_its_family_gives_it_alone(demo_dir, qwen_checkpoint, tmp_path):
+    """Two video samples (3 and 5 frames: 2 and 3 temporal patches) and an image sample packed in one row: packed
+    equals padded (per-sample losses, fp32), and each sample's 3-D positions are what the family's get_rope_index
+    gives it alone (Qwen2.5-VL: one block per video, patches time-scaled; Qwen3-VL: a block per patch)."""
+    import io
+
+    from vlmtrain.data.video import with_frames
+    from vlmtrain.train.run import batch_builder
+
+    folder, whole = qwen_checkpoint
+    family = family_of(whole)
+    recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder, family), "data.video.budget=70",
+                          "data.text.max_length=512")
+    module = built(recipe)
+    builder = batch_builder(module.plan)
+
+    def video_sample(key: str, count: int, seed: int) -> RawSample:
+        frames = served_images(module.plan.geometry, 70, [(240, 320)] * count, seed=seed)
+        files = []
+        for frame in frames:
+            buffer = io.BytesIO()
+            frame.save(buffer, format="PNG")
+            files.append(buffer.getvalue())
+        facts = {"images": [{"width": frame.width, "height": frame.height} for frame in frames], "frames": count}
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What changes?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": f"{key} changes"}]}]
+        sample = RawSample(key, {"messages": messages}, videos=[(files, facts)])
+        return with_frames(sample, recipe.data.video, module.plan.frames)
+
+    picture = served_images(module.plan.geometry, 140, [(300, 451)], seed=9)[0]
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    image_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "a picture"}]}]
+    image_sample = RawSample("image", {"messages": image_messages}, [buffer.getvalue()], [(picture.height, picture.width)],
+                             budgets=[140])
+    samples = [video_sample("three", 3, 1), image_sample, video_sample("five", 5, 2)]
+    encoded = [builder.encode(sample, sample.budgets) for sample in samples]
+    packed_inputs = builder.collate(encoded, None, packed=True).inputs
+    padded_inputs = builder.collate(encoded, None, packed=False).inputs
+    with torch.no_grad():
+        packed, padded = (module.model.eval().sample_losses(inputs) for inputs in (packed_inputs, padded_inputs))
+    torch.testing.assert_close(packed.loss_sum, padded.loss_sum, atol=1e-5, rtol=1e-5)
+    positions = module.model.lm_inputs(packed_inputs)["position_ids"]
+    video_id = module.plan.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    for index, (sample, one) in enumerate(zip(samples, encoded, strict=True)):
+        ids = torch.tensor([one.text.input_ids])
+        types = (ids == whole.config.image_token_id).long() + 2 * (ids == video_id).long()
+        grids = [geometry.patch_grid for *_, geometry in one.images]
+        if sample.key == "image":
+            expected = whole.model.get_rope_index(ids, types, image_grid_thw=torch.tensor([[1, *grids[0]]]))[0]
+        else:
+            thw = torch.tensor([[len(grids), *grids[0]]])
+            extra = {"second_per_grid_ts": torch.tensor([2 / recipe.data.video.fps])} if family == "qwen2_5_vl" else {}
+            expected = whole.model.get_rope_index(ids, types, video_grid_thw=thw, **extra)[0]
+        assert torch.equal(positions[:, packed_inputs.sequence_ids == index], expected[:, 0]), sample.key

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.checkpoint import DefaultLoadPlanner, load
+from torch.distributed.checkpoint import load
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -55,7 +55,8 @@ def frozen_keys(module: torch.nn.Module) -> set[str]:
 
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's FSDP2 strategy with every rank in one data-parallel group, resuming from checkpoints that
-    hold only the trained weights (Lightning's own loader asks the checkpoint for every weight, frozen ones too)."""
+    hold only the trained weights: it asks them for those alone (Lightning's own loader asks for every weight,
+    frozen ones too, and fails)."""
 
     def __init__(self, world_size: int, process_group_backend: str) -> None:
         super().__init__(data_parallel_size=world_size, tensor_parallel_size=1, process_group_backend=process_group_backend)
@@ -65,7 +66,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         frozen = frozen_keys(self.model)
         weights = {key: value for key, value in get_model_state_dict(self.model).items() if key not in frozen}
-        load({"state_dict": weights}, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+        load({"state_dict": weights}, checkpoint_id=path)
         set_model_state_dict(self.model, weights, options=StateDictOptions(strict=False))
         for index, optimizer in enumerate(self.optimizers):
             state = {f"optimizer_{index}": get_optimizer_state_dict(self.model, optimizer)}
