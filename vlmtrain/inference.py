@@ -235,7 +235,7 @@ class ExportedModel:
         sizes = [self.geometry.image(h, w, b).resize for (h, w), b in zip(sample.sizes, sample.budgets, strict=True)]
         frames = decoded_images(sample.images, sizes, lambda image, _: image)
         budgets = [self.video.budget if b is None else int(b) for b in sample.budgets]  # drawn in training: the default here
-        return sample.messages, frames, budgets, placeholder_kinds(sample, self.frames), sample.token_times
+        return sample.messages, frames, budgets, placeholder_kinds(sample), sample.token_times
 
     @torch.no_grad()
     def logits(

@@ -113,7 +113,7 @@ class BatchBuilder:
         """A conversation record through the chat template, a prompt/target record as written."""
         try:
             if sample.messages is not None:
-                kinds = placeholder_kinds(sample, self.frame_layout)
+                kinds = placeholder_kinds(sample)
                 encoded = self.text.encode_chat(sample.messages, image_tokens, self.fields.train_on, kinds)
             else:
                 encoded = self.text.encode(*self._prompt_and_target(sample), image_tokens)
@@ -136,7 +136,7 @@ class BatchBuilder:
         if sample.messages is None:
             prompt, target = self._prompt_and_target(sample)
             return [Question(self.text.encode_prompt(prompt, counts), len(counts), target, chat=False)]
-        questions, kinds = [], placeholder_kinds(sample, self.frame_layout)
+        questions, kinds = [], placeholder_kinds(sample)
         for index, message in enumerate(sample.messages):
             if message["role"] == "assistant":
                 before = sample.messages[:index]
@@ -181,7 +181,7 @@ class BatchBuilder:
         images = ImageBatch.stack(
             [(pixels, positions, geometry, index) for index, s in enumerate(samples) for pixels, positions, geometry in s.images],
             patch_dim=self.geometry.patch_dim,
-            token_times=[time for s in samples for time in s.token_times or (OPENS,) * len(s.images)],
+            token_times=[time for s in samples for time in s.token_times],
         )
         if packed:
             input_ids, position_ids, sequence_ids, label_tensor, cu_seqlens = pack_text(

@@ -166,14 +166,15 @@ def with_frames(sample: RawSample, config: VideoConfig, layout: FrameLayout = FR
     )
 
 
-def placeholder_kinds(sample: RawSample, layout: FrameLayout) -> list[int]:
-    """What each of the sample's images is in the text: an image, a video's unit, or (``layout.joined``) a unit
-    in the block its video's previous unit opened (:data:`~vlmtrain.modeling.prompt.IMAGE` and so on)."""
-    kinds = []
-    for index, video in enumerate(sample.frame_of):
-        continues = layout.joined and video is not None and index > 0 and sample.frame_of[index - 1] == video
-        kinds.append(IMAGE if video is None else NEXT_FRAME if continues else FRAME)
-    return kinds
+def placeholder_kinds(sample: RawSample) -> list[int]:
+    """What each of the sample's images is in the text: an image, a video's unit, or a unit in the block its
+    video's previous unit opened (it has a time in it: :func:`with_frames`); :data:`~vlmtrain.modeling.prompt.IMAGE`
+    and so on."""
+    times = sample.token_times or [OPENS] * len(sample.frame_of)
+    return [
+        IMAGE if video is None else FRAME if time == OPENS else NEXT_FRAME
+        for video, time in zip(sample.frame_of, times, strict=True)
+    ]
 
 
 def frame_budgets(sample: RawSample, config: VideoConfig, schedule: BudgetSchedule, step: int) -> list[int | None]:

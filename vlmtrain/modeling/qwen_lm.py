@@ -28,6 +28,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedModel
 
+from .prompt import OPENS
+
 
 class QwenVLTextForCausalLM:
     """A Qwen-VL text model and LM head (the weights ``model.language_model.*`` and ``lm_head.*`` of a whole
@@ -97,18 +99,18 @@ class QwenVLTextForCausalLM:
         """``(3, R, L)`` positions of rows ``input_ids`` whose 1-D ``positions`` restart at each of their samples
         (``sample_ids``: each token's; -1 on padding), the images' ``placeholders`` (a mask) in order holding
         ``token_grids`` (rows, columns) tokens each: one block each (an image, a video's unit as Qwen3-VL places it),
-        or, where ``token_times`` is not -1, in the block the previous one opened at that time after its start (a
+        or, where ``token_times`` is not OPENS (-1), in the block the previous one opened at that time after its start (a
         joined video's units, as Qwen2.5-VL places them)."""
         time, row, column = (positions.clone() for _ in range(3))
         flat = torch.nonzero(placeholders.flatten()).squeeze(1)
-        times = [-1] * len(token_grids) if token_times is None else token_times.tolist()
+        times = [OPENS] * len(token_grids) if token_times is None else token_times.tolist()
         length = input_ids.shape[1]
         start, base = 0, 0
         for (rows, columns), offset in zip(token_grids.tolist(), times, strict=True):
             places = flat[start : start + rows * columns]
             start += rows * columns
             line, first = divmod(int(places[0]), length)
-            continues = offset >= 0
+            continues = offset != OPENS
             base, offset = (base, offset) if continues else (int(time[line, first]), 0)
             index = torch.arange(rows * columns, device=input_ids.device)
             cells = places % length
