@@ -19,8 +19,9 @@ from PIL import Image
 
 from vlmtrain.data.demo import DATA_DIR
 from vlmtrain.data.demo_video import write_clip
-from vlmtrain.data.video import decode_frames, frame_times, probe_video
+from vlmtrain.data.video import decode_frames, probe_video
 from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.prompt import FRAMES_AS_IMAGES
 
 
 def long_clip(seconds: int, fps: int = 30, size: tuple[int, int] = (640, 360)) -> bytes:
@@ -67,7 +68,7 @@ def loader_figures(seconds: int, repeats: int) -> None:
     print("| frames sampled | budget | seek + scaled decode, frames/s | full decode + resize, frames/s | ratio |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for fps, max_frames, budget in ((2.0, 16, 70), (2.0, 16, 280), (0.5, 8, 1120)):
-        times = frame_times(facts["duration"], facts["fps"], fps, max_frames)
+        times = [index / facts["fps"] for index in FRAMES_AS_IMAGES.frame_indices(facts["frames"], facts["fps"], fps, max_frames)]
         size = geometry.image(facts["height"], facts["width"], budget).resize
         timings = {}
         for name, decode in (("seek", decode_frames), ("naive", naive_frames)):

@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
 from vlmtrain.config import load_recipe, recipe_from_configs
 from vlmtrain.errors import UserError
@@ -723,6 +724,14 @@ def test_a_gemma4_shaped_export_answers_a_video_in_transformers_with_the_trainin
     assert f"00:00 {block} 00:00 {block} 00:01 {block}What changes?" in tokenizer.decode(ids[0])  # Gemma4Processor's text
     config = json.loads((out / "config.json").read_text())
     assert config["video_token_id"] == tokenizer.convert_tokens_to_ids("<|video|>")
+    # its video processor (it needs torchvision) at the video budget, sampling as training: its settings given to
+    # the sampler it calls, transformers' default one, pick the frames training took (all 3 of these)
+    settings = json.loads((out / "processor_config.json").read_text())
+    video, image = settings["video_processor"], settings["image_processor"]
+    assert (video["max_soft_tokens"], video["patch_size"], video["pooling_kernel_size"]) == (
+        budget, image["patch_size"], image["pooling_kernel_size"])
+    metadata = VideoMetadata(total_num_frames=3, fps=2.0, duration=1.5)
+    assert default_sample_indices_fn(metadata, num_frames=video["num_frames"], fps=video["fps"]).tolist() == [0, 1, 2]
     pixels = AutoImageProcessor.from_pretrained(out)(frames, max_soft_tokens=budget, return_tensors="pt")
     native = AutoModelForImageTextToText.from_pretrained(out).eval()
     with torch.no_grad():

@@ -332,9 +332,11 @@ def test_a_video_is_written_as_the_familys_processor_writes_it_and_its_export_an
     recipe = small_recipe(demo_dir, tmp_path / "run", *qwen_overrides(folder, family), *video)
     module = built(recipe)
     if family == "qwen3_vl":
-        assert module.plan.frames == FrameLayout(frames=2, stamp="seconds", token="<|video_pad|>")
+        assert module.plan.frames == FrameLayout(frames=2, stamp="seconds", token="<|video_pad|>", sampling="linspace")
     else:  # Qwen2.5-VL's default tokens_per_second
-        assert module.plan.frames == FrameLayout(frames=2, stamp="none", token="<|video_pad|>", joined=True, tokens_per_second=4)
+        assert module.plan.frames == FrameLayout(
+            frames=2, stamp="none", token="<|video_pad|>", joined=True, tokens_per_second=4, sampling="stride"
+        )
     frames = served_images(module.plan.geometry, 70, [(300, 451)] * 3, seed=3)  # 3 frames, 2 a second
     files = []
     for frame in frames:
@@ -354,16 +356,19 @@ def test_a_video_is_written_as_the_familys_processor_writes_it_and_its_export_an
     with torch.no_grad():
         trained = module.model.eval()(batch.inputs)
 
+    # the frames the family's video processor samples of 3 at 2 a second: Qwen3-VL all 3 (0, 0.5, 1 s: two temporal
+    # patches, the second its last frame twice); Qwen2.5-VL a whole number of patches, frames 0 and 1
     tokens = module.plan.geometry.image(frames[0].height, frames[0].width, 70).tokens
     block = "<|vision_start|>" + "<|video_pad|>" * tokens + "<|vision_end|>"
     expected = {  # the family's processor's text for these frames
-        "qwen3_vl": f"<0.5 seconds>{block}<1.2 seconds>{block}What changes?",
-        "qwen2_5_vl": "<|vision_start|>" + "<|video_pad|>" * 2 * tokens + "<|vision_end|>What changes?",
+        "qwen3_vl": f"<0.2 seconds>{block}<1.0 seconds>{block}What changes?",
+        "qwen2_5_vl": f"{block}What changes?",
     }[family]
+    units = 2 if family == "qwen3_vl" else 1
     model = in_use(module)
     ids, images = model.inputs([], messages=question, videos=[frames])
     assert expected in module.plan.tokenizer.decode(ids[0])
-    assert images.token_counts.tolist() == [tokens, tokens]
+    assert images.token_counts.tolist() == [tokens] * units
     assert ids[0].tolist() == batch.inputs.input_ids[0, : ids.shape[1]].tolist()
     torch.testing.assert_close(model.logits([], messages=question, videos=[frames]), trained[:, : ids.shape[1]])
 
@@ -373,15 +378,36 @@ def test_a_video_is_written_as_the_familys_processor_writes_it_and_its_export_an
                               recipe, tmp_path), recipe, tmp_path / "export")
     native = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").eval()
     min_pixels, cell, patch, mean, std = PROCESSOR[family]
+    video_settings = json.loads((tmp_path / "export" / "video_preprocessor_config.json").read_text())
+    assert {name: video_settings[name] for name in ("fps", "min_frames", "max_frames", "do_sample_frames", "size")} == {
+        "fps": 2.0, "min_frames": 2, "max_frames": 16, "do_sample_frames": True,
+        "size": {"shortest_edge": min_pixels, "longest_edge": 70 * cell * cell * (16 if family == "qwen3_vl" else 1)},
+    }
+    if family == "qwen3_vl":  # its video processor samples, and its processor writes, training's frames and text
+        from transformers import Qwen3VLProcessor
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+        from transformers.video_utils import VideoMetadata
+
+        from vlmtrain.modeling.prompt import QWEN_IMAGE
+
+        served = object.__new__(Qwen3VLProcessor)  # its constructor looks its video processor up in torchvision's absence
+        served.video_processor = Qwen3VLVideoProcessor.from_pretrained(tmp_path / "export")
+        served.video_token, served.vision_start_token, served.vision_end_token = "<|video_pad|>", *QWEN_IMAGE[1:]
+        metadata = VideoMetadata(total_num_frames=3, fps=2.0, duration=1.5)
+        metadata.frames_indices = served.video_processor.sample_frames(metadata)
+        assert metadata.frames_indices.tolist() == [0, 1, 2]
+        grid = torch.tensor([[units, *module.plan.geometry.image(frames[0].height, frames[0].width, 70).patch_grid]])
+        text = served.replace_video_token({"video_grid_thw": grid, "video_metadata": [metadata]}, 0)
+        assert text + "What changes?" == expected
     processor = Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": 70 * cell * cell},
                                          patch_size=patch, image_mean=mean, image_std=std)
     per_frame = [processor(images=[frame], return_tensors="pt") for frame in frames]
     grid = per_frame[0]["image_grid_thw"][0]
     first = [out["pixel_values"].view(-1, 3, 2, patch, patch)[:, :, 0] for out in per_frame]
-    units = [torch.stack([first[0], first[1]], dim=2), torch.stack([first[2], first[2]], dim=2)]
+    patches = [torch.stack([first[0], first[1]], dim=2), torch.stack([first[2], first[2]], dim=2)][:units]
     video_id = module.plan.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     inputs = {  # what the family's processor gives beside the ids: the patches, their grid, each token's modality (2: video)
-        "pixel_values_videos": torch.cat(units).flatten(1), "video_grid_thw": torch.tensor([[2, *grid[1:].tolist()]]),
+        "pixel_values_videos": torch.cat(patches).flatten(1), "video_grid_thw": torch.tensor([[units, *grid[1:].tolist()]]),
         "mm_token_type_ids": (ids == video_id).long() * 2,
     }
     if family == "qwen2_5_vl":

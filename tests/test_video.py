@@ -21,8 +21,9 @@ from vlmtrain.data.config import DecodingConfig, TextConfig, VideoConfig
 from vlmtrain.data.demo_video import FPS, make_video_set, mean_levels, write_clip
 from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import read_shard
-from vlmtrain.data.video import decode_frames, frame_times, probe_video
+from vlmtrain.data.video import decode_frames, probe_video
 from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.prompt import FrameLayout
 from vlmtrain.modeling.tokenizers import IGNORE_INDEX, build_byte_tokenizer
 from vlmtrain.text.encoding import TextEncoder
 
@@ -39,11 +40,39 @@ def video_set(tmp_path_factory) -> Path:
     return folder
 
 
-def test_frames_are_sampled_at_the_rate_asked_uniformly_and_never_more_than_the_video_has():
-    assert frame_times(10.0, 30.0, 2.0, 8) == [0.625, 1.875, 3.125, 4.375, 5.625, 6.875, 8.125, 9.375]  # capped: spread
-    assert frame_times(3.0, 30.0, 2.0, 16) == [0.25, 0.75, 1.25, 1.75, 2.25, 2.75]  # 2 a second
-    assert frame_times(0.5, 4.0, 8.0, 16) == [0.125, 0.375]  # the clip has 2 frames
-    assert frame_times(0.2, 30.0, 2.0, 16) == [0.1]  # shorter than one interval: its middle
+CLIPS = [(90, 30.0), (7, 30.0), (300, 25.0), (61, 30.0), (5, 2.0), (1, 30.0), (33, 8.0), (1000, 29.97)]  # (frames, rate)
+
+
+@pytest.mark.parametrize(("total", "rate"), CLIPS)
+def test_the_frames_sampled_are_those_each_familys_video_processor_samples(total, rate):
+    """2 frames a second, at most 16, at least one unit: the indices transformers' own samplers give for the
+    settings the native exports write (Qwen3-VL's video processor; Gemma 4's, transformers' default sampler,
+    given the rate, or the frame count for a video longer than max_frames / fps)."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+
+    def metadata() -> VideoMetadata:
+        return VideoMetadata(total_num_frames=total, fps=rate, duration=total / rate)
+
+    qwen3 = Qwen3VLVideoProcessor(fps=2.0, min_frames=2, max_frames=16).sample_frames(metadata())
+    assert FrameLayout(frames=2, sampling="linspace").frame_indices(total, rate, 2.0, 16) == qwen3.tolist()
+    longer = total / rate * 2.0 > 16
+    gemma4 = default_sample_indices_fn(metadata(), **({"num_frames": 16} if longer else {"fps": 2.0}))
+    assert FrameLayout().frame_indices(total, rate, 2.0, 16) == gemma4.tolist()
+
+
+def test_qwen2_5_vl_frames_are_those_its_video_processor_samples():
+    # Qwen2VLVideoProcessor (it needs torchvision: worked out from its sample_frames for fps 2, min_frames 2,
+    # max_frames 16): a whole number of temporal patches, total / count apart from 0, rounded down
+    stride = FrameLayout(frames=2, sampling="stride")
+    assert stride.frame_indices(90, 30.0, 2.0, 16) == [0, 15, 30, 45, 60, 75]
+    assert stride.frame_indices(7, 30.0, 2.0, 16) == [0, 3]  # shorter than a second: one temporal patch
+    assert stride.frame_indices(300, 25.0, 2.0, 16) == [0, 18, 37, 56, 75, 93, 112, 131, 150, 168, 187, 206, 225, 243, 262, 281]
+    assert stride.frame_indices(61, 30.0, 2.0, 16) == [0, 15, 30, 45]
+    assert stride.frame_indices(5, 2.0, 2.0, 16) == [0, 1, 2, 3]  # 5 frames: the odd one out is left
+
+
+def test_a_cap_on_a_videos_tokens_takes_fewer_frames():
     assert VideoConfig(max_frames=16, max_tokens=600).frames(70) == 8 and VideoConfig(max_tokens=100).frames(140) == 1
     # Qwen3-VL's two frames share their tokens: the cap allows twice the frames, max_frames still bounds them
     assert VideoConfig(max_frames=16, max_tokens=300).frames(70, 2) == 8 and VideoConfig(max_tokens=600).frames(70, 2) == 16
@@ -174,7 +203,7 @@ def test_each_video_draws_one_budget_for_all_its_frames_per_step_and_a_fixed_one
     from vlmtrain.budget import BudgetSchedule
     from vlmtrain.data.video import frame_budgets, with_frames
 
-    facts = {"width": 64, "height": 48, "duration": 2.0, "fps": 8.0}
+    facts = {"width": 64, "height": 48, "duration": 2.0, "fps": 8.0, "frames": 16}
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "image"}, {"type": "video"}, {"type": "video"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]
     videos = [(b"a", facts), (b"b", facts), (b"c", {**facts, "budget": 1120})]
@@ -230,20 +259,21 @@ def test_a_video_given_as_frame_images_is_stored_frame_by_frame_and_trains_as_fr
         assert video == {"frames": 5, "images": [{"name": f"v0.{n}.jpg", "width": 64, "height": 48} for n in range(5)]}
         assert [members[f"{key}.v0.{n}.jpg"] for n in range(5)] == [(tmp_path / "frames" / name).read_bytes() for name in names]
 
-    # taken 2 a second (data.video.fps), at most 3 of them: frames 0, 2 and 4, at 00:00, 00:01, 00:02
+    # taken 2 a second (data.video.fps), at most 3 of them spread as transformers' default sampler spreads them
+    # (frame i x 5 // 3): frames 0, 1 and 3, at 0, 0.5 and 1.5 s (00:00, 00:00, 00:01)
     demo = tmp_path / "demo"
     make_demo_shards(demo, train_samples=4, val_samples=2, seed=1, samples_per_shard=4)
     video = ("data.video.fps=2", "data.video.max_frames=3", "data.video.budget=70", "data.text.max_length=512")
     module = built(small_recipe(demo, tmp_path / "run", *video))
     builder = batch_builder(module.plan)
     for sample in read_shard(str(tmp_path / "out" / "shard-000000.tar"), module.recipe.data.video):
-        assert sample.images == [members[f"{sample.key}.v0.{n}.jpg"] for n in (0, 2, 4)] and sample.budgets == [70] * 3
+        assert sample.images == [members[f"{sample.key}.v0.{n}.jpg"] for n in (0, 1, 3)] and sample.budgets == [70] * 3
         stamps = [part["text"] for part in sample.messages[0]["content"] if part["type"] == "text"][:3]
-        assert stamps == ["00:00 ", " 00:01 ", " 00:02 "]
+        assert stamps == ["00:00 ", " 00:00 ", " 00:01 "]
     batch = builder.collate([builder.encode(sample, sample.budgets)], None, packed=False)
     images = batch.inputs.images
     means = [float(pixels.float().mean()) for pixels in images.pixels.split(images.patch_counts.tolist())]
-    assert all(abs(found - level) < 3 for found, level in zip(means, (0, 40, 80), strict=True)), means
+    assert all(abs(found - level) < 3 for found, level in zip(means, (0, 20, 60), strict=True)), means
 
     # a model in use given the frames (images, or their files) as one video: training's ids, token counts and logits
     question = [{"role": "user", "content": "<video>Which grey?"}]
@@ -256,3 +286,69 @@ def test_a_video_given_as_frame_images_is_stored_frame_by_frame_and_trains_as_fr
         assert images.token_counts.tolist() == batch.inputs.images.token_counts.tolist()
         assert ids[0].tolist() == batch.inputs.input_ids[0, : ids.shape[1]].tolist()
         torch.testing.assert_close(model.logits([], messages=question, videos=[given]), trained[:, : ids.shape[1]])
+
+
+def test_a_key_frame_a_record_fixes_trains_in_place_of_the_nearest_sampled_frame_at_its_budget(demo_dir, tmp_path):
+    """A video part's (or a ``video_budgets`` column's) ``budget`` and ``key_frames`` are stored with the video; the
+    key frame trains in place of the sampled frame nearest it, at its budget, the others at the video's; a model in
+    use given the same part does the same. A key frame past the end, a qwen-vl-utils sampling key or a level
+    that is none are one line each."""
+    from helpers import built, in_use, small_recipe
+
+    from vlmtrain.data.images import decode_image
+    from vlmtrain.data.video import decoded_images
+    from vlmtrain.train.run import batch_builder
+
+    (tmp_path / "videos").mkdir()
+    write_clip(tmp_path / "videos" / "grey.mp4", [Image.new("RGB", (64, 48), (10 * n,) * 3) for n in range(24)], fps=8)
+    key = {"time": 1.1, "budget": 1120}  # frame round(1.1 x 8) = 9, nearest sampled frame 8 (of 0, 4, 8, ... at 2 a second)
+    part = {"type": "video", "video": "grey.mp4", "budget": 70, "key_frames": [key]}
+    answer = {"role": "assistant", "content": "grey"}
+
+    def asked(**fixed: object) -> dict:
+        return {"messages": [{"role": "user", "content": "<video>Which grey?"}, answer], "videos": ["grey.mp4"], **fixed}
+
+    lines = [
+        {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "Which grey?"}]}, answer]},
+        asked(video_budgets=[{"budget": 70, "key_frames": [key]}]),  # LLaMA-Factory-style: a column beside 'videos'
+        asked(video_budgets=[{"key_frames": [{"time": 3.5, "budget": 1120}]}]),
+        {"messages": [{"role": "user", "content": [{**part, "fps": 4.0}]}, answer]},
+        asked(video_budgets=[{"key_frames": [{"time": 1, "budget": 1000}]}]),
+    ]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    command = [sys.executable, "-m", "vlmtrain.cli", "shards", str(tmp_path / "a.jsonl"), str(tmp_path / "out"),
+               "--images", str(tmp_path / "videos"), "--skip-bad"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 2 samples in 1 shards" in result.stdout
+    assert "rejected 000000002: video 1: a key frame at 3.5 s, past its end (3.00 s)" in result.stdout
+    assert f"{tmp_path / 'a.jsonl'}:4: turn 1: a video part's 'fps': vlmtrain sizes images and frames" in result.stdout
+    assert f"{tmp_path / 'a.jsonl'}:5: video 1: a key frame's: budget 1000 is not one of 70, 140" in result.stdout
+
+    video = ("data.video.fps=2", "data.video.budget=280", "data.text.max_length=512", "data.batching.batch_tokens=4096",
+             "budget.levels=[70,1120]")
+    recipe = small_recipe(demo_dir, tmp_path / "run", *video)
+    module = built(recipe)
+    geometry = module.plan.geometry
+    tokens = {budget: geometry.image(48, 64, budget).tokens for budget in (70, 1120)}
+    expected = [tokens[70]] * 2 + [tokens[1120]] + [tokens[70]] * 3
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        stored = [json.load(tar.extractfile(member)) for member in tar.getmembers() if member.name.endswith(".json")]
+    assert [{name: video[name] for name in ("budget", "key_frames")} for (video,) in (entry["videos"] for entry in stored)] == [
+        {"budget": 70, "key_frames": [key]}] * 2
+    for framed in read_shard(str(tmp_path / "out" / "shard-000000.tar"), recipe.data.video):
+        assert framed.budgets == [70, 70, 1120, 70, 70, 70]
+        stamps = [part["text"] for part in framed.messages[0]["content"] if part["type"] == "text"][:6]
+        assert stamps == ["00:00 ", " 00:00 ", " 00:01 ", " 00:01 ", " 00:02 ", " 00:02 "]  # 0, 0.5, 1.125, 1.5, 2, 2.5 s
+        sizes = [geometry.image(h, w, budget).resize for (h, w), budget in zip(framed.sizes, framed.budgets, strict=True)]
+        decoded = decoded_images(framed.images, sizes, lambda data, _: decode_image(data))
+        found = mean_levels(decoded)
+        assert all(abs(a - b) < 4 for a, b in zip(found, [0, 40, 90, 120, 160, 200], strict=True)), found  # frames 0, 4, 9, ...
+
+    builder_sample = next(iter(read_shard(str(tmp_path / "out" / "shard-000000.tar"), recipe.data.video, module.plan.frames)))
+    builder = batch_builder(module.plan)
+    encoded = builder.encode(builder_sample, builder_sample.budgets)
+    assert [geometry.tokens for *_, geometry in encoded.images] == expected
+    ids, images = in_use(module).inputs([], messages=[lines[0]["messages"][0]], videos=[tmp_path / "videos" / "grey.mp4"])
+    assert images.token_counts.tolist() == expected
+    assert ids[0].tolist() == builder.collate([encoded], None, packed=False).inputs.input_ids[0, : ids.shape[1]].tolist()

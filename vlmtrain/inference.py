@@ -37,7 +37,7 @@ from vlmtrain.modeling.inputs import ImageBatch, ModelInput
 from vlmtrain.modeling.vlm import SampleLosses, VisionLanguageModel
 from vlmtrain.selector.model import BudgetSelector, batch_features, load_selector, question_embedding, selector_features
 from vlmtrain.text.chat import stop_tokens
-from vlmtrain.text.conversation import check_conversation, parse_messages
+from vlmtrain.text.conversation import check_conversation, parse_messages, record_video_budgets
 from vlmtrain.text.encoding import TextEncoder
 from vlmtrain.train.layout import RECIPE_FILE
 
@@ -201,10 +201,10 @@ class ExportedModel:
         budget = self.description.default_budget if budget is None else budget
         stored, kinds, times = None, [], None
         if messages is not None:
-            stored, *_ = parse_messages(messages)
+            stored, _, _, _, fixed = parse_messages(messages)
             check_conversation(stored, len(images), answered=False, videos=len(videos))
             if videos:
-                stored, images, budget, kinds, times = self.video_frames(stored, images, budget, videos)
+                stored, images, budget, kinds, times = self.video_frames(stored, images, budget, videos, fixed)
         elif videos:
             raise ValueError("videos go in messages (a <video> marker or a video part places each)")
         device = self.device
@@ -222,14 +222,18 @@ class ExportedModel:
         images: Sequence[Image.Image],
         budget: int | Sequence[int],
         videos: Sequence[VideoInput],
+        fixed: Sequence[dict[str, Any]],
     ) -> tuple[list[dict[str, Any]], list[Image.Image | tuple[Image.Image, ...]], list[int], list[int], list[int]]:
         """The stored messages with each video part replaced by its sampled frames and their times, every image and
-        frame (or unit of frames) in order, the budget of each (the images' ``budget``, the frames' the video
-        budget), what each is in the text and its M-RoPE time in its block (:func:`placeholder_kinds`)."""
+        frame (or unit of frames) in order, the budget of each (the images' ``budget``, the frames' their video
+        part's ``budget`` and ``key_frames``, ``fixed``, else the video budget), what each is in the text and its
+        M-RoPE time in its block (:func:`placeholder_kinds`)."""
         budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
+        fixed = record_video_budgets({}, len(videos), list(fixed))
+        given = [(data, facts | what) for (data, facts), what in zip(map(video_with_facts, videos), fixed, strict=True)]
         sample = RawSample(
-            "request", {"messages": stored}, list(images), [(image.height, image.width) for image in images],
-            budgets=budgets, videos=[video_with_facts(video) for video in videos],
+            "request", {"messages": stored}, list(images), [(image.height, image.width) for image in images], budgets=budgets,
+            videos=given,
         )
         sample = with_frames(sample, self.video, self.frames)
         sizes = [self.geometry.image(h, w, b).resize for (h, w), b in zip(sample.sizes, sample.budgets, strict=True)]

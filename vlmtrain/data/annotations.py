@@ -41,8 +41,8 @@ from vlmtrain.text.conversation import (
 
 FORMATS = ("auto", "records", "llava", "messages")
 # what a conversation record's keys become: its turns, images, budgets, system prompt, and its key (or id)
-CONVERSATION_KEYS = ("messages", "images", "budgets", "videos", "key", "id", "source_key")
-MAPPED_KEYS = ("messages", "images", "videos", "system", "id", "budgets")  # what --columns may name
+CONVERSATION_KEYS = ("messages", "images", "budgets", "videos", "video_budgets", "key", "id", "source_key")
+MAPPED_KEYS = ("messages", "images", "videos", "system", "id", "budgets", "video_budgets")  # what --columns may name
 
 
 @dataclass
@@ -146,8 +146,8 @@ def sample_key(record: dict[str, Any], index: int) -> str:
 
 
 CONVERSATION_READERS = {  # format → (its reader, the keys the reader consumes)
-    "llava": (from_llava, ("conversations", "image", "images", "video", "videos", "budgets", "system")),
-    "messages": (from_messages, ("messages", "images", "video", "videos", "budgets", "system")),
+    "llava": (from_llava, ("conversations", "image", "images", "video", "videos", "budgets", "video_budgets", "system")),
+    "messages": (from_messages, ("messages", "images", "video", "videos", "budgets", "video_budgets", "system")),
 }
 
 
@@ -161,13 +161,15 @@ def normalise(value: Any, fmt: str) -> tuple[str, dict[str, Any]]:
     kind = fmt if fmt != "auto" else "llava" if "conversations" in value else "messages" if "messages" in value else "records"
     if kind in CONVERSATION_READERS:
         read, consumed = CONVERSATION_READERS[kind]
-        messages, images, budgets, videos = read(value)
+        messages, images, budgets, videos, fixed = read(value)
         rest = storable({name: entry for name, entry in value.items() if name not in consumed})
         stored = {**rest, "images": images, "messages": messages, "budgets": budgets}
+        if any(fixed):
+            stored["video_budgets"] = fixed
         return kind, {**stored, "videos": videos} if videos else stored
     if "conversations" in value or "messages" in value:
         raise ConversationError(f"a conversation, but --format {fmt} was asked for")
-    if value.get("videos") or value.get("video"):
+    if value.get("videos") or value.get("video") or value.get("video_budgets"):
         raise ConversationError("videos train in conversations only (a 'messages' or 'conversations' record)")
     if "image" in value and "images" not in value:
         raise ConversationError("'image' is not a field of prompt/target records; use 'images', a list of paths")

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmtrain.text.conversation import ConversationError, check_budgets, check_conversation
+from vlmtrain.text.conversation import ConversationError, check_budgets, check_conversation, video_budgets
 
 
 class SampleError(ValueError):
@@ -66,10 +66,10 @@ def video_files(key: str, entry: Any, files: dict[str, bytes]) -> tuple[bytes | 
                 raise ValueError
         else:
             names = [str(entry["name"]).lower()]
-            if not (int(entry["width"]) > 0 and int(entry["height"]) > 0 and float(entry["duration"]) > 0):
+            if not all(float(entry[name]) > 0 for name in ("width", "height", "duration", "fps", "frames")):
                 raise ValueError
     except (KeyError, TypeError, ValueError, AttributeError):
-        needs = "name, width, height, duration (> 0)" if frames is None else "images (each with name, width, height)"
+        needs = "name, width, height, duration, fps, frames (> 0)" if frames is None else "images (each with name, width, height)"
         raise SampleError("bad_json", f"sample {key!r}: video entry {entry!r:.200} needs {needs}") from None
     for name in names:
         if name not in files:
@@ -107,7 +107,9 @@ def parse_sample(files: dict[str, Any]) -> RawSample:
         budgets.append(entry.get("budget"))
     videos = [video_files(key, entry, files) for entry in record.get("videos", [])]
     try:
-        check_budgets(budgets + [video.get("budget") for _, video in videos])
+        check_budgets(budgets)
+        for index, (_, video) in enumerate(videos):
+            video_budgets({name: video.get(name) for name in ("budget", "key_frames")}, f"video {index + 1}")
         if "messages" in record:
             check_conversation(record["messages"], len(images), videos=len(videos))
         elif videos:

@@ -113,11 +113,27 @@ def encode_sample(record: dict[str, Any], image_root: Path, outside_images: bool
             {"name": stored_name, "width": width, "height": height, **({"budget": budget} if budget is not None else {})}
         )
     refs = record.get("videos", [])
-    videos = [encode_video(ref, f"v{index}", files, image_root, outside_images) for index, ref in enumerate(refs)]
-    fields = {name: value for name, value in record.items() if name not in ("key", "images", "budgets", "videos")}
+    fixed = record.get("video_budgets") or [{}] * len(refs)
+    videos = [
+        key_frames_within(encode_video(ref, f"v{index}", files, image_root, outside_images) | budgets, index)
+        for index, (ref, budgets) in enumerate(zip(refs, fixed, strict=True))
+    ]
+    unstored = ("key", "images", "budgets", "videos", "video_budgets")
+    fields = {name: value for name, value in record.items() if name not in unstored}
     stored = {**fields, "images": entries, **({"videos": videos} if videos else {})}
     files["json"] = json.dumps(stored, sort_keys=True, ensure_ascii=False).encode()
     return files, sum(video.get("audio", False) for video in videos)
+
+
+def key_frames_within(entry: dict[str, Any], index: int) -> dict[str, Any]:
+    """A stored video's entry, once each key frame its record fixes is checked to lie within the video file
+    (:class:`SampleError` names the first that does not; a video given as frames lasts as long as the recipe's
+    rate makes it, and a key frame past its last frame is its last frame)."""
+    for key in entry.get("key_frames", []) if "duration" in entry else []:
+        if key["time"] >= entry["duration"]:
+            end = f"past its end ({entry['duration']:.2f} s)"
+            raise SampleError("video", f"video {index + 1}: a key frame at {key['time']} s, {end}")
+    return entry
 
 
 def encode_video(ref: VideoRef, stem: str, files: dict[str, bytes], image_root: Path, outside_images: bool) -> dict[str, Any]:

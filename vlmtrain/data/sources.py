@@ -136,9 +136,8 @@ def read_shard(
     url: str, video: VideoConfig = DEFAULT_VIDEO, layout: FrameLayout = FRAMES_AS_IMAGES
 ) -> Iterator[RawSample | SampleError]:
     """The samples of one shard in order (their videos as frames sampled by ``video``, written as ``layout`` says:
-    :func:`with_frames`), a
-    malformed one as its SampleError (so positions stay stable); a shard that cannot be opened or breaks off ends
-    with a SampleError of kind ``bad_shard``."""
+    :func:`with_frames`), a malformed one as its SampleError (so positions stay stable); a shard that cannot be
+    opened or breaks off ends with a SampleError of kind ``bad_shard``."""
     errors: list[Exception] = []
 
     def keep(error: Exception) -> bool:

@@ -1,5 +1,6 @@
 """Video: the facts of a video file (:func:`probe_video`, what ``vlmtrain shards`` stores beside its bytes), which
-frames a sample trains on (:func:`frame_times`, a pure function of those facts and the recipe's ``data.video``),
+frames a sample trains on (:meth:`FrameLayout.frame_indices`, a pure function of those facts, the recipe's
+``data.video`` and the family's layout: the frames its own video processor samples, at their times),
 and decoding only those frames at the size their budget needs (:func:`decode_frames`), with PyAV (FFmpeg).
 
 A video trains as its sampled frames, written as the model's family writes them (:class:`FrameLayout`): each frame
@@ -11,7 +12,6 @@ family's video token where it has one.
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from itertools import groupby
@@ -65,23 +65,14 @@ def probe_video(data: bytes) -> dict[str, Any]:
     return facts
 
 
-def frame_times(duration: float, native_fps: float, fps: float, max_frames: int) -> list[float]:
-    """The times (seconds) of the frames a video trains on: ``fps`` frames a second, at most ``max_frames`` spread
-    uniformly over the video when it is longer, each at the middle of its interval; never more than the video has."""
-    available = max(1, math.floor(duration * native_fps)) if native_fps > 0 else max_frames
-    count = max(1, min(max_frames, available, math.floor(duration * fps) or 1))
-    step = duration / count
-    return [round((index + 0.5) * step, 6) for index in range(count)]
-
-
 SEEK_AHEAD = 2.0  # seconds: a frame farther ahead than this is reached by a seek, a nearer one by decoding on
 
 
 def decode_frames(data: bytes, times: list[float], sizes: list[tuple[int, int]]) -> list[Image.Image]:
-    """The frames at ``times`` (ascending) of a video, each scaled to its (height, width) in ``sizes`` as it is
-    converted to RGB; a frame more than :data:`SEEK_AHEAD` seconds ahead is sought (decoding from the key frame
-    before it), so that a long video's skipped stretches are never decoded. :class:`SampleError` of kind
-    ``video`` for a broken video."""
+    """The frames at ``times`` (ascending, seconds from the video's first frame) of a video, each scaled to its
+    (height, width) in ``sizes`` as it is converted to RGB; a frame more than :data:`SEEK_AHEAD` seconds ahead is
+    sought (decoding from the key frame before it), so that a long video's skipped stretches are never decoded.
+    :class:`SampleError` of kind ``video`` for a broken video."""
     import av
 
     frames: list[Image.Image] = []
@@ -89,16 +80,18 @@ def decode_frames(data: bytes, times: list[float], sizes: list[tuple[int, int]])
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             half_frame = 0.5 / float(stream.average_rate or 1)
+            start = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
             decoded: Iterator[av.VideoFrame] | None = None
             current = None
             for time, (height, width) in zip(times, sizes, strict=True):
+                time += start
                 if decoded is None or current is None or current.time + SEEK_AHEAD < time:
                     container.seek(max(0, int(time / stream.time_base)), stream=stream, backward=True)
                     decoded, current = container.decode(stream), None
                 while current is None or current.time + half_frame < time:
                     current = next(decoded, None)
                     if current is None:
-                        raise SampleError("video", f"the video ends before {time:.2f} s")
+                        raise SampleError("video", f"the video ends before {time - start:.2f} s")
                 frames.append(current.to_image(width=width, height=height))
     except SampleError:
         raise
@@ -108,29 +101,46 @@ def decode_frames(data: bytes, times: list[float], sizes: list[tuple[int, int]])
 
 
 def sampled_frames(
-    data: bytes | list[bytes], facts: dict[str, Any], config: VideoConfig, max_frames: int
-) -> list[tuple[float, Any, tuple[int, int]]]:
-    """(time, what decodes it, (height, width)) of each frame a video trains on (:func:`frame_times`): a
-    :class:`VideoFrame` of a video file, or the image of a video given as frames. Frames given as images are
-    taken to be ``config.fps`` apart (as LLaMA-Factory takes them ``video_fps`` apart), so all of them train
-    unless there are more than ``max_frames``."""
-    if isinstance(data, list):
-        fps, count = config.fps, len(data)
-        times = frame_times(count / fps, fps, fps, max_frames)
-        picked = [min(count - 1, math.floor(time * fps)) for time in times]
+    data: bytes | list[bytes], facts: dict[str, Any], config: VideoConfig, max_frames: int, layout: FrameLayout = FRAMES_AS_IMAGES
+) -> list[tuple[float, Any, tuple[int, int], int | None]]:
+    """(time, what decodes it, (height, width), the budget its record fixes for it) of each frame a video trains
+    on: those its family samples (``layout.frame_indices``) and its key frames (:func:`with_key_frames`); what
+    decodes it is a :class:`VideoFrame` of a video file, or the image of a video given as frames. Frames given as
+    images are taken to be ``config.fps`` apart (as LLaMA-Factory takes them ``video_fps`` apart), so all of them
+    train unless there are more than ``max_frames`` (or, Qwen2.5-VL's, an odd one out)."""
+    given_as_images = isinstance(data, list)
+    total, rate = (len(data), config.fps) if given_as_images else (int(facts["frames"]), float(facts["fps"]))
+    picked = with_key_frames(layout.frame_indices(total, rate, config.fps, max_frames), facts.get("key_frames", []), rate, total)
+    if given_as_images:
         sizes = [(int(frame["height"]), int(frame["width"])) for frame in facts["images"]]
-        return [(time, data[index], sizes[index]) for time, index in zip(times, picked, strict=True)]
-    times = frame_times(float(facts["duration"]), float(facts.get("fps") or 0), config.fps, max_frames)
-    return [(time, VideoFrame(data, time), (int(facts["height"]), int(facts["width"]))) for time in times]
+        return [(index / rate, data[index], sizes[index], budget) for index, budget in picked]
+    size = (int(facts["height"]), int(facts["width"]))
+    return [(index / rate, VideoFrame(data, index / rate), size, budget) for index, budget in picked]
+
+
+def with_key_frames(
+    indices: list[int], key_frames: list[dict[str, Any]], rate: float, total: int
+) -> list[tuple[int, int | None]]:
+    """The sampled frames' ``indices`` with each key frame (``{"time", "budget"}``: the frame at time × ``rate``,
+    rounded; past the end, the last) in place of the sampled frame nearest it that is no key frame itself (beside
+    them when all are), ascending, each with the budget its key frame fixes (None: the video's)."""
+    picked: dict[int, int | None] = dict.fromkeys(indices)
+    for key in key_frames:
+        index = min(total - 1, round(key["time"] * rate))
+        free = [sampled for sampled, budget in picked.items() if budget is None and sampled != index]
+        if index not in picked and free:
+            del picked[min(free, key=lambda sampled: abs(sampled - index))]
+        picked[index] = max(picked.get(index) or 0, int(key["budget"]))
+    return sorted(picked.items())
 
 
 def with_frames(sample: RawSample, config: VideoConfig, layout: FrameLayout = FRAMES_AS_IMAGES) -> RawSample:
-    """``sample`` with each video part of its conversation replaced by the video's sampled frames (:func:`frame_times`
-    at ``config``) as the model's family writes them (``layout``): per unit of ``layout.frames`` consecutive frames
-    (the last one filled with its last frame), its time (the mean of its frames') and an image part, the units
-    among the sample's images in conversation order (a unit of several frames as a tuple of them), each at the
-    video's budget (the one its record fixes, else ``config.budget``, or none when ``config.levels`` draws it:
-    :func:`frame_budgets`)."""
+    """``sample`` with each video part of its conversation replaced by the video's sampled frames
+    (:meth:`FrameLayout.frame_indices` at ``config``) as the model's family writes them (``layout``): per unit of
+    ``layout.frames`` consecutive frames (the last one filled with its last frame), its time (the mean of its
+    frames') and an image part, the units among the sample's images in conversation order (a unit of several
+    frames as a tuple of them), each at the video's budget (the one its record fixes, else ``config.budget``, or
+    none when ``config.levels`` draws it: :func:`frame_budgets`), a unit that holds a key frame at its budget."""
     if not sample.videos:
         return sample
     count = len(sample.images)
@@ -147,14 +157,15 @@ def with_frames(sample: RawSample, config: VideoConfig, layout: FrameLayout = FR
             elif part["type"] == "video":
                 video, (data, facts) = next(videos)
                 budget = facts.get("budget") or (None if config.levels else config.budget)
-                frames = sampled_frames(data, facts, config, config.frames(budget or config.budget, layout.frames))
+                frames = sampled_frames(data, facts, config, config.frames(budget or config.budget, layout.frames), layout)
                 for start in range(0, len(frames), layout.frames):
                     unit = frames[start : start + layout.frames]
                     stamp = layout.stamp_text((unit[0][0] + unit[-1][0]) / 2, start == 0)
                     content += [{"type": "text", "text": stamp}, {"type": "image"}] if stamp else [{"type": "image"}]
-                    items = tuple(frame for _, frame, _ in unit)
+                    items = tuple(frame for _, frame, _, _ in unit)
+                    fixed = [key for *_, key in unit if key is not None]  # a key frame's budget is its unit's
                     time = layout.token_time(start // layout.frames, config.fps)
-                    placed.append((items if layout.frames > 1 else items[0], unit[0][2], budget, video, time))
+                    placed.append((items if layout.frames > 1 else items[0], unit[0][2], max(fixed, default=budget), video, time))
             else:
                 content.append(part)
         messages.append({**message, "content": content})

@@ -92,10 +92,12 @@ class Layout(Protocol):
         description: ModelDescription,
         tokenizer: PreTrainedTokenizerBase,
         metadata: dict[str, str],
+        video: VideoConfig,
         adapter: str | None = None,
     ) -> None:
         """Write ``model`` (its LM merged, or the base LM when ``adapter`` names the folder that keeps its LoRA
-        adapter; only vlmtrain's own layout keeps one) into ``out``, every safetensors file with ``metadata``."""
+        adapter; only vlmtrain's own layout keeps one) into ``out``, every safetensors file with ``metadata``, its
+        processor sampling videos as training did (``video``)."""
 
     def weights_file(self, folder: Path) -> Path:
         """A weights file of the export, whose metadata keeps the description."""

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
+from vlmtrain.data.config import VideoConfig
 from vlmtrain.export.format import LM_DIR, VISION_DIR, VISION_PARTS, WEIGHTS_FILE
 from vlmtrain.export.transformers_model import write_transformers_model
 from vlmtrain.model.description import ModelDescription
@@ -54,6 +55,7 @@ class VlmtrainLayout:
         description: ModelDescription,
         tokenizer: PreTrainedTokenizerBase,
         metadata: dict[str, str],
+        video: VideoConfig,
         adapter: str | None = None,
     ) -> None:
         """Write ``model`` (its LM merged, or the base LM when ``adapter`` names the folder that keeps its LoRA

@@ -160,7 +160,8 @@ def _write_files(trained: Exportable, recipe: Recipe, out: Path, keep_adapter: b
     composed = VisionLanguageModel(
         backbone, model.pooling, projector, lm, model.image_token_id, model.geometry, video_token_id=model.video_token_id
     )
-    layout.write(out, composed, description, trained.tokenizer, {DESCRIPTION_KEY: canonical_json(description)}, adapter)
+    metadata = {DESCRIPTION_KEY: canonical_json(description)}
+    layout.write(out, composed, description, trained.tokenizer, metadata, recipe.data.video, adapter)
     write_config(out, replace(config, weights=weights_fingerprints(out)))
     (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     (out / "README.md").write_text(model_card(recipe, description, layout, trained.text_format.prompt, evaluation))

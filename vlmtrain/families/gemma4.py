@@ -24,6 +24,7 @@ from transformers import Gemma4Config, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
+from vlmtrain.data.config import VideoConfig
 from vlmtrain.families.assembled import Family
 from vlmtrain.families.native import NativeCheckpoint
 from vlmtrain.model.description import ModelDescription, Start
@@ -59,8 +60,10 @@ class Gemma4Layout(NativeCheckpoint):
     def config(self, description: ModelDescription, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Gemma4Config:
         return gemma4_config(description, lm, tokenizer)
 
-    def processor_files(self, description: ModelDescription, model: VisionLanguageModel) -> dict[str, dict[str, Any]]:
-        return {"processor_config.json": processor_config(description, model.geometry.patch_size)}
+    def processor_files(
+        self, description: ModelDescription, model: VisionLanguageModel, video: VideoConfig
+    ) -> dict[str, dict[str, Any]]:
+        return {"processor_config.json": processor_config(description, model.geometry.patch_size, video)}
 
     def budget_kwargs(self, budget: int) -> str:
         return f'{{"max_soft_tokens": {budget}}}'
@@ -180,9 +183,12 @@ def gemma4_config(description: ModelDescription, lm: PreTrainedModel, tokenizer:
     return config
 
 
-def processor_config(description: ModelDescription, patch_size: int) -> dict[str, Any]:
+def processor_config(description: ModelDescription, patch_size: int, video: VideoConfig) -> dict[str, Any]:
     """``processor_config.json`` of Gemma 4's processor: the image processor at the model's patch size and
-    pool, ``max_soft_tokens`` its default budget (any of its levels per call: ``images_kwargs``)."""
+    pool, ``max_soft_tokens`` its default budget (any of its levels per call: ``images_kwargs``); the video
+    processor the same at the video budget, sampling ``video.fps`` frames a second as training did (its
+    ``num_frames`` null: given a number it takes that many frames whatever the video's length, so a video longer
+    than ``max_frames`` / ``fps`` seconds trains on what it samples with ``num_frames=max_frames``)."""
     budget, pool = description.default_budget, description.pooling.size
     image_processor = Gemma4ImageProcessorPil(patch_size=patch_size, pooling_kernel_size=pool, max_soft_tokens=budget)
     image_processor = json.loads(image_processor.to_json_string())
@@ -192,7 +198,10 @@ def processor_config(description: ModelDescription, patch_size: int) -> dict[str
         "image_seq_length": budget,
         "image_processor": image_processor,
         "feature_extractor": json.loads(Gemma4AudioFeatureExtractor().to_json_string()),
-        "video_processor": {"video_processor_type": "Gemma4VideoProcessor"},
+        "video_processor": {
+            "video_processor_type": "Gemma4VideoProcessor", "patch_size": patch_size, "pooling_kernel_size": pool,
+            "max_soft_tokens": video.budget, "do_sample_frames": True, "fps": video.fps, "num_frames": None,
+        },
     }
 
 

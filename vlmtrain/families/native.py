@@ -14,6 +14,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from vlmtrain.data.config import VideoConfig
 from vlmtrain.model.description import ModelDescription
 from vlmtrain.model.pretrained import prefixed_tensors
 from vlmtrain.modeling.vlm import VisionLanguageModel
@@ -34,8 +35,11 @@ class NativeCheckpoint:
         """The checkpoint's config.json."""
         raise NotImplementedError
 
-    def processor_files(self, description: ModelDescription, model: VisionLanguageModel) -> dict[str, dict[str, Any]]:
-        """The processor's JSON files by name, its default budget the model's."""
+    def processor_files(
+        self, description: ModelDescription, model: VisionLanguageModel, video: VideoConfig
+    ) -> dict[str, dict[str, Any]]:
+        """The processor's JSON files by name, its default budget the model's, its video processor sampling frames
+        as training did (``video``: its rate, its most frames, their budget)."""
         raise NotImplementedError
 
     def budget_kwargs(self, budget: int) -> str:
@@ -66,10 +70,12 @@ class NativeCheckpoint:
         description: ModelDescription,
         tokenizer: PreTrainedTokenizerBase,
         metadata: dict[str, str],
+        video: VideoConfig,
         adapter: str | None = None,
     ) -> None:
         """Write ``model`` (its LM merged: a native checkpoint keeps no ``adapter``) into ``out``: config, weights
-        under the family's names (sharded, each file's metadata with ``metadata``), tokenizer, processor files."""
+        under the family's names (sharded, each file's metadata with ``metadata``), tokenizer, processor files
+        (videos sampled as ``video`` says)."""
         config = self.config(description, model.lm, tokenizer)
         config.save_pretrained(out)
         state = {self.native_name(name): tensor for name, tensor in model.state_dict().items()}
@@ -77,7 +83,7 @@ class NativeCheckpoint:
             state.pop("lm_head.weight", None)
         save_torch_state_dict(state, out, metadata={"format": "pt", **metadata})
         tokenizer.save_pretrained(out)
-        for name, values in self.processor_files(description, model).items():
+        for name, values in self.processor_files(description, model, video).items():
             (out / name).write_text(json.dumps(values, indent=1))
         if model.lm.generation_config is not None:
             model.lm.generation_config.save_pretrained(out)

@@ -20,6 +20,7 @@ import transformers
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from vlmtrain.data.config import VideoConfig
 from vlmtrain.families.assembled import Family
 from vlmtrain.families.native import NativeCheckpoint
 from vlmtrain.model.description import ModelDescription
@@ -40,8 +41,9 @@ NATIVE_NAMES = (
 class QwenVLSpec:
     """What tells the Qwen-VL families apart: names (the tower kind's and the whole checkpoint's model_type), the
     side of one token's square of pixels in its releases (patch × merge), the transformers config and model
-    classes, the text model's model_type, the processor class, and whether its processor writes a video as Qwen3-VL's
-    does (each temporal patch after its time, in its own vision block of video tokens)."""
+    classes, the text model's model_type, the processor class, and its video processor: its class, how it spreads
+    the frames it samples (:attr:`FrameLayout.sampling`), and whether its processor writes a video as
+    Qwen3-VL's does (each temporal patch after its time, in its own vision block of video tokens)."""
 
     name: str
     title: str
@@ -50,6 +52,8 @@ class QwenVLSpec:
     architecture: str
     text_model_type: str
     processor_class: str
+    video_processor_class: str
+    video_sampling: str
     timed_video_blocks: bool = False
 
     @property
@@ -87,18 +91,36 @@ class QwenVLLayout(NativeCheckpoint):
         config.dtype = lm.config.dtype
         return config
 
-    def processor_files(self, description: ModelDescription, model: VisionLanguageModel) -> dict[str, dict[str, Any]]:
-        """``preprocessor_config.json``: Qwen's image processor, its default ``max_pixels`` the default budget's."""
+    def processor_files(
+        self, description: ModelDescription, model: VisionLanguageModel, video: VideoConfig
+    ) -> dict[str, dict[str, Any]]:
+        """``preprocessor_config.json``: Qwen's image processor, its default ``max_pixels`` the default budget's;
+        ``video_preprocessor_config.json``: the family's video processor sampling frames as training did (``video``:
+        ``fps`` a second, at least one temporal patch, at most the frames training takes), each frame at most the
+        video budget's pixels (Qwen3-VL's per-frame cap, ``max_video_tokens``; Qwen2.5-VL's ``longest_edge``)."""
         geometry, normalisation = model.geometry, model.backbone.normalisation
+        shared = {
+            "patch_size": geometry.patch_size, "merge_size": geometry.pool, "image_mean": list(normalisation[0]),
+            "image_std": list(normalisation[1]), "processor_class": self.spec.processor_class,
+        }
         processor = Qwen2VLImageProcessorPil(
             size={"shortest_edge": geometry.min_pixels, "longest_edge": description.default_budget * geometry.cell**2},
-            patch_size=geometry.patch_size, merge_size=geometry.pool, image_mean=list(normalisation[0]),
-            image_std=list(normalisation[1]),
+            **{name: value for name, value in shared.items() if name != "processor_class"},
         )
-        values = json.loads(processor.to_json_string())
+        values = json.loads(processor.to_json_string()) | shared
         values["image_processor_type"] = "Qwen2VLImageProcessor"  # transformers picks the backend it has
-        values["processor_class"] = self.spec.processor_class
-        return {"preprocessor_config.json": values}
+        frame_pixels, most = video.budget * geometry.cell**2, video.frames(video.budget, geometry.frames)
+        per_frame = (  # Qwen3-VL caps each frame by max_video_tokens; Qwen2.5-VL by longest_edge
+            {"cap_pixels_per_frame": True, "max_video_tokens": video.budget, "longest_edge": frame_pixels * most}
+            if self.spec.timed_video_blocks
+            else {"cap_pixels_per_frame": False, "longest_edge": frame_pixels}
+        )
+        videos = shared | {
+            "video_processor_type": self.spec.video_processor_class, "temporal_patch_size": geometry.frames,
+            "do_sample_frames": True, "fps": video.fps, "min_frames": geometry.frames, "max_frames": most,
+            "size": {"shortest_edge": geometry.min_pixels, "longest_edge": per_frame.pop("longest_edge")}, **per_frame,
+        }
+        return {"preprocessor_config.json": values, "video_preprocessor_config.json": videos}
 
     def budget_kwargs(self, budget: int) -> str:
         cell = self.spec.cell
@@ -129,9 +151,11 @@ class QwenVLFamily(Family):
             return FRAMES_AS_IMAGES
         frames = description.geometry().frames
         if self.spec.timed_video_blocks:
-            return FrameLayout(frames=frames, stamp="seconds", token=QWEN_VIDEO)
+            return FrameLayout(frames=frames, stamp="seconds", token=QWEN_VIDEO, sampling=self.spec.video_sampling)
         rate = float(description.vision.settings["tokens_per_second"])
-        return FrameLayout(frames=frames, stamp="none", token=QWEN_VIDEO, joined=True, tokens_per_second=rate)
+        return FrameLayout(
+            frames=frames, stamp="none", token=QWEN_VIDEO, joined=True, tokens_per_second=rate, sampling=self.spec.video_sampling
+        )
 
     def checkpoint_recipe(self, path: str) -> dict[str, Any]:
         return {
@@ -163,9 +187,9 @@ class QwenVLFamily(Family):
 
 QWEN2_5_VL = QwenVLFamily(QwenVLSpec(
     "qwen2_5_vl", "Qwen2.5-VL", 28, "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "qwen2_5_vl_text",
-    "Qwen2_5_VLProcessor",
+    "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor", "stride",
 ))
 QWEN3_VL = QwenVLFamily(QwenVLSpec(
     "qwen3_vl", "Qwen3-VL", 32, "Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "qwen3_vl_text", "Qwen3VLProcessor",
-    timed_video_blocks=True,
+    "Qwen3VLVideoProcessor", "linspace", timed_video_blocks=True,
 ))

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy
+import torch
 from transformers import PreTrainedTokenizerBase
 
 QWEN_IMAGE = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")  # Qwen-VL: an image's placeholder and bounds
@@ -21,13 +23,17 @@ class FrameLayout:
     ``00:03`` after a space from the second on, as Gemma 4 writes frames; ``"seconds"``: ``<1.5 seconds>``, as
     Qwen3-VL does; ``"none"``), the token that holds a unit's place (None: the image token), and whether a video's
     units share one vision block, their time told by their M-RoPE positions instead, ``tokens_per_second`` of them
-    (``joined``: Qwen2.5-VL)."""
+    (``joined``: Qwen2.5-VL); and how its video processor spreads the n frames it samples over a video of N
+    (``sampling``, as transformers 5.25 does: ``"spread"``, frame i × N // n, its default_sample_indices_fn and Gemma
+    4's; ``"linspace"``, n frames from 0 to N - 1 rounded, Qwen3-VL's; ``"stride"``, a whole number of units, N / n
+    apart from 0 rounded down, Qwen2-VL's and Qwen2.5-VL's)."""
 
     frames: int = 1
     stamp: str = "mm:ss"
     token: str | None = None
     joined: bool = False
     tokens_per_second: float = 0.0
+    sampling: str = "spread"
 
     def stamp_text(self, seconds: float, first: bool) -> str:
         """The text before a unit at ``seconds`` (the mean of its frames' times); ``first``: the video's first unit."""
@@ -42,6 +48,19 @@ class FrameLayout:
         (Qwen2.5-VL's ``tokens_per_second`` × seconds per unit, rounded down); :data:`OPENS` for a unit that opens
         a block (the first, or any when units are not joined)."""
         return int(unit * self.tokens_per_second * self.frames / fps) if self.joined and unit else OPENS
+
+    def frame_indices(self, total: int, native_fps: float, fps: float, max_frames: int) -> list[int]:
+        """The indices of the frames of a video of ``total`` frames at ``native_fps`` that the family's video
+        processor samples (:attr:`sampling`) when asked for ``fps`` frames a second, at least one unit and at most
+        ``max_frames``: ``fps`` a second, spread over the whole video when that would be more than ``max_frames``,
+        never more than the video has. A frame's time is its index / ``native_fps``, as the processors stamp it."""
+        count = min(max(int(total / native_fps * fps), self.frames), max_frames, total)
+        if self.sampling == "stride":
+            count = max(1, count // self.frames * self.frames)
+            return torch.arange(0, total, total / count).int().tolist()
+        if self.sampling == "linspace":
+            return numpy.linspace(0, total - 1, count).round().astype(int).tolist()
+        return [index * total // count for index in range(count)]
 
 
 FRAMES_AS_IMAGES = FrameLayout()  # the default: each frame an image after its mm:ss time, as Gemma 4 writes them

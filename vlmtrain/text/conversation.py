@@ -11,7 +11,9 @@ Stored form, in a shard record's JSON::
 
 The k-th image part of the conversation is ``images[k]``, the k-th video part ``videos[k]``: a video file, or a
 video given as its frames (images); an image's (or a video's) ``budget`` is optional (it fixes that image's, or
-each of the video's frames', token budget in training, whatever the schedule draws).
+each of the video's frames', token budget in training, whatever the schedule draws), and so are a video's
+``key_frames``, ``[{"time": 4.0, "budget": 1120}, ...]``: the frame at that time (seconds) trains in place of the
+sampled frame nearest it, at that budget.
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ IMAGE_PART = {"type": "image"}
 VIDEO_PART = {"type": "video"}
 MEDIA_PARTS = {MARKER: IMAGE_PART, VIDEO_MARKER: VIDEO_PART}
 MEDIA_NAMES = {"image": "an image", "video": "a video"}
+MEDIA_TYPES = ("image", "image_url", "video", "video_url")  # the content parts that place an image or a video
+# qwen-vl-utils' and LLaMA-Factory's per-part sampling and sizing keys, which vlmtrain does not read
+UNREAD_PART_KEYS = (
+    "fps", "nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels", "resized_height",
+    "resized_width", "video_start", "video_end",
+)
+UNREAD_PART_WHY = (
+    "vlmtrain sizes images and frames by their token budget and samples videos as the recipe's data.video says: "
+    "give a 'budget' (a video's 'key_frames') or leave the key out"
+)
 
 
 class ConversationError(ValueError):
@@ -101,11 +113,37 @@ def _is_part(part: Any) -> bool:
     return part.get("type") == "text" and isinstance(part.get("text"), str)
 
 
-def check_budgets(budgets: list[Any]) -> None:
-    """Budgets fixed per image: each one of the five levels, or null (the schedule draws it)."""
+def check_budgets(budgets: list[Any], where: str = "") -> None:
+    """Budgets fixed per image (or, ``where`` said, of a video): each one of the five levels, or null (the
+    schedule draws it)."""
     for index, budget in enumerate(budgets):
         if budget is not None and (isinstance(budget, bool) or budget not in LEVELS):
-            raise ConversationError(f"image {index + 1}: budget {budget!r} is not one of {', '.join(map(str, LEVELS))}")
+            raise ConversationError(
+                f"{where or f'image {index + 1}'}: budget {budget!r} is not one of {', '.join(map(str, LEVELS))}"
+            )
+
+
+def video_budgets(value: Any, where: str) -> dict[str, Any]:
+    """What a record fixes of a video's budgets (``where`` names it), as its stored entry keeps it: null (nothing),
+    a level (every frame's ``budget``), or ``{"budget": level, "key_frames": [{"time": seconds, "budget": level},
+    ...]}`` (either key may be left out)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        value = {"budget": value}
+    unknown = sorted(set(value) - {"budget", "key_frames"})
+    if unknown:
+        raise ConversationError(f"{where}: {', '.join(map(repr, unknown))} is not a video budget key ('budget', 'key_frames')")
+    fixed = {name: value[name] for name in ("budget", "key_frames") if value.get(name) is not None}
+    check_budgets([fixed.get("budget")], where)
+    keys = fixed.get("key_frames", [])
+    if not isinstance(keys, list) or not all(
+        isinstance(key, dict) and set(key) == {"time", "budget"} and isinstance(key["time"], int | float)
+        and not isinstance(key["time"], bool) and key["time"] >= 0 for key in keys
+    ):
+        raise ConversationError(f"{where}: 'key_frames' must list {{'time': seconds >= 0, 'budget': level}}, found {keys!r:.80}")
+    check_budgets([key["budget"] for key in keys], f"{where}: a key frame's")
+    return fixed
 
 
 ImageRef = str | dict[str, Any]  # a path, or a Hugging Face image struct carrying its bytes: {"bytes": b"...", "path": name}
@@ -172,13 +210,15 @@ def with_system(messages: list[dict[str, Any]], record: dict[str, Any]) -> list[
     return [{"role": "system", "content": [{"type": "text", "text": system}] if system else []}, *messages]
 
 
-Read = tuple[list[dict[str, Any]], list[ImageRef], list[int | None], list[VideoRef]]  # messages, images, budgets, videos
+# messages, images, budget per image, videos, what is fixed of each video's budgets
+Read = tuple[list[dict[str, Any]], list[ImageRef], list[int | None], list[VideoRef], list[dict[str, Any]]]
 
 
 def from_llava(record: dict[str, Any]) -> Read:
     """A LLaVA/ShareGPT record (``image`` one image or a list, ``videos`` (or ``video``) the same for videos,
     ``conversations`` of ``from``/``value`` turns with ``<image>`` and ``<video>`` markers, optionally a
-    ``system`` prompt and ``budgets``, one per image) as (stored messages, images, budgets, videos)."""
+    ``system`` prompt, ``budgets``, one per image, and ``video_budgets``, one per video) as (stored messages, images,
+    budgets, videos, video budgets)."""
     turns = record.get("conversations")
     if not isinstance(turns, list):
         raise ConversationError("'conversations' must be a list of turns")
@@ -191,7 +231,7 @@ def from_llava(record: dict[str, Any]) -> Read:
     images = image_refs(present(record, "image", "images"), "image")
     videos = video_refs(present(record, "videos", "video"), "'videos'")
     check_conversation(messages, len(images), videos=len(videos))
-    return messages, images, record_budgets(record, len(images)), videos
+    return messages, images, record_budgets(record, len(images)), videos, record_video_budgets(record, len(videos))
 
 
 def _role(name: Any, number: int, roles: dict[str, str]) -> str:
@@ -207,6 +247,8 @@ def record_budgets(record: dict[str, Any], images: int, named: list[int | None] 
     """The budget fixed for each image: the record's ``budgets`` list, or those its image parts ``named``
     when every image is a part, else none (null: the schedule draws it)."""
     budgets = record.get("budgets")
+    if named and any(budget is not None for budget in named) and len(named) != images:
+        raise ConversationError("budgets in image parts need every image given as a part (or a 'budgets' list)")
     if budgets is None:
         budgets = named if named is not None and len(named) == images else [None] * images
     elif not isinstance(budgets, list) or len(budgets) != images:
@@ -215,15 +257,34 @@ def record_budgets(record: dict[str, Any], images: int, named: list[int | None] 
     return budgets
 
 
-def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], list[ImageRef], list[VideoRef]]:
+def record_video_budgets(record: dict[str, Any], videos: int, named: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """What the record fixes of each video's budgets (:func:`video_budgets`): its ``video_budgets`` list, one entry
+    per video, or what its video parts ``named`` (when every video is a part), else nothing."""
+    listed = record.get("video_budgets")
+    if named and any(named) and len(named) != videos:
+        raise ConversationError("budgets in video parts need every video given as a part (or a 'video_budgets' list)")
+    if listed is None:
+        return named if named is not None and len(named) == videos else [{}] * videos
+    if not isinstance(listed, list) or len(listed) != videos:
+        entry = "a level, {'budget', 'key_frames'} or null"
+        raise ConversationError(f"'video_budgets' must list one entry ({entry}) per video ({videos})")
+    if named and any(named):
+        raise ConversationError("video budgets are given both in 'video_budgets' and in video parts; give them in one place")
+    return [video_budgets(entry, f"video {index + 1}") for index, entry in enumerate(listed)]
+
+
+def parse_messages(
+    turns: Any,
+) -> tuple[list[dict[str, Any]], list[int | None], list[ImageRef], list[VideoRef], list[dict[str, Any]]]:
     """``messages`` turns (``role``/``content``, content a string with ``<image>`` and ``<video>`` markers or a
     list of ``{"type": "text" | "image" | "video"}`` parts) as stored messages, with the budget and the image
     that each image part names, if any (``{"type": "image", "image": "a.jpg"}``, OpenAI's ``image_url`` parts,
-    LLaMA-Factory v1's ``value``), and the video each video part names (``{"type": "video", "video":
-    "a.mp4"}``, or a list of frame images). A table's null keys count as absent."""
+    LLaMA-Factory v1's ``value``), and the video and budgets each video part names (``{"type": "video", "video":
+    "a.mp4", "budget": 70, "key_frames": [...]}``, a list of frame images in place of the file). A table's null keys
+    count as absent; a part's sizing or sampling keys (:data:`UNREAD_PART_KEYS`) are refused."""
     if not isinstance(turns, list):
         raise ConversationError("'messages' must be a list of turns")
-    messages, part_budgets, part_images, part_videos = [], [], [], []
+    messages, part_budgets, part_images, part_videos, part_video_budgets = [], [], [], [], []
     for number, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict) or turn.get("content") is None:
             raise ConversationError(f"turn {number}: needs 'role' and 'content'")
@@ -238,6 +299,9 @@ def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], 
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
                 text = present(part, "text", "value") if kind == "text" else None
+                unread = [name for name in UNREAD_PART_KEYS if kind in MEDIA_TYPES and part.get(name) is not None]
+                if unread:
+                    raise ConversationError(f"turn {number}: a {kind} part's {', '.join(map(repr, unread))}: {UNREAD_PART_WHY}")
                 if kind in ("image", "image_url"):
                     parts.append(dict(IMAGE_PART))
                     part_budgets.append(part.get("budget"))
@@ -248,6 +312,8 @@ def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], 
                         part_images.append(image_ref(image, f"turn {number}: an image part's image"))
                 elif kind in ("video", "video_url"):
                     parts.append(dict(VIDEO_PART))
+                    fixed = {"budget": part.get("budget"), "key_frames": part.get("key_frames")}
+                    part_video_budgets.append(video_budgets(fixed, f"turn {number}: a video part"))
                     video = present(part, "video", "path", "url", "value")
                     if kind == "video_url" and isinstance(part.get("video_url"), dict):
                         video = part["video_url"].get("url")
@@ -266,14 +332,14 @@ def parse_messages(turns: Any) -> tuple[list[dict[str, Any]], list[int | None], 
         else:
             raise ConversationError(f"turn {number}: content must be a string or a list of parts")
         messages.append({"role": role, "content": parts})
-    return messages, part_budgets, part_images, part_videos
+    return messages, part_budgets, part_images, part_videos, part_video_budgets
 
 
 def from_messages(record: dict[str, Any]) -> Read:
     """A "messages" record (:func:`parse_messages`; an ``images`` list, or images in the image parts; budgets
-    in image parts or a ``budgets`` list; ``videos`` the same way; a ``system`` column) as (stored messages,
-    images, budget per image, videos)."""
-    messages, part_budgets, part_images, part_videos = parse_messages(record.get("messages"))
+    in image parts or a ``budgets`` list; ``videos`` and their budgets the same way; a ``system`` column) as
+    (stored messages, images, budget per image, videos, video budgets)."""
+    messages, part_budgets, part_images, part_videos, part_video_budgets = parse_messages(record.get("messages"))
     messages = with_system(messages, record)
     images = image_refs(record.get("images"), "images")
     if not images and part_images:
@@ -285,7 +351,8 @@ def from_messages(record: dict[str, Any]) -> Read:
         raise ConversationError("videos are named both in 'videos' and in video parts; name them in one place")
     videos = videos or part_videos
     check_conversation(messages, len(images), videos=len(videos))
-    return messages, images, record_budgets(record, len(images), part_budgets), videos
+    fixed = record_video_budgets(record, len(videos), part_video_budgets)
+    return messages, images, record_budgets(record, len(images), part_budgets), videos, fixed
 
 
 def as_template_messages(messages: list[dict[str, Any]], image_token: str) -> list[dict[str, str]]:
