@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp3
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
 from vlmtrain.config import load_recipe, recipe_from_configs
@@ -187,6 +187,38 @@ def untrained_export(demo_dir: Path, tmp_path: Path, *overrides: str) -> tuple[E
     model = in_use(module)
     write_export(model, recipe, tmp_path / "export")
     return model, tmp_path / "export"
+
+
+def test_the_exported_processor_takes_videos_as_frames_and_gives_the_training_ids_and_logits(demo_dir, tmp_path):
+    """The export's own processor (remote code) given a ``<video>`` prompt and the video's frames: the frames the
+    family samples (2 a second, 3 of 5 spread as transformers' default sampler spreads them), each after its
+    ``mm:ss`` time at the video budget (or the one asked), as vlmtrain.load writes the same conversation; the
+    export's model gives its logits."""
+    from PIL import ImageOps
+
+    from vlmtrain.text.chat import generation_prompt
+
+    model, out = untrained_export(demo_dir, tmp_path, "data.video.max_frames=3", "data.text.max_length=512")
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    served = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+    picture = Image.open(pictures()[0]).convert("RGB").resize((96, 64))
+    frames = [picture, ImageOps.mirror(picture), ImageOps.invert(picture), ImageOps.flip(picture), picture.rotate(90)]
+    question = [{"role": "user", "content": "<video>What changes?"}]
+    reference = load(out)
+    text = generation_prompt(processor.tokenizer, question)
+    for budget in (None, 140):
+        inputs = processor(text, videos=[frames], video_budget=budget)
+        part = {"type": "video"} if budget is None else {"type": "video", "budget": budget}
+        asked = [{"role": "user", "content": [part, {"type": "text", "text": "What changes?"}]}]
+        ids, images = reference.inputs([], messages=asked, videos=[frames])
+        assert inputs["input_ids"].tolist() == ids.tolist()
+        tokens = model.geometry.image(64, 96, budget or 70).tokens
+        assert images.token_counts.tolist() == [tokens] * 3
+        block = "<image>" * tokens
+        assert f"00:00 {block} 00:00 {block} 00:01 {block}What changes?" in processor.decode(inputs["input_ids"][0])
+        with torch.no_grad():
+            logits = served(**inputs).logits
+        torch.testing.assert_close(logits, reference.logits([], messages=asked, videos=[frames]), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -237,6 +237,21 @@ def test_a_trained_model_exports_as_a_native_checkpoint_with_training_outputs_at
         tokens = served.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     assert remote.tokenizer.decode(tokens, skip_special_tokens=True) == reference.generate(images, prompt, 280, max_new_tokens=6)
 
+    # its processor takes a video's frames and writes them as the family does (Qwen2.5-VL: one block, each pair's
+    # time in its M-RoPE positions; Qwen3-VL: a block per pair after its time): training's ids and logits
+    from vlmtrain.text.chat import generation_prompt
+
+    frames = served_images(loaded.geometry, 70, [(300, 451)] * 5, seed=6)
+    question = [{"role": "user", "content": "<video>What changes?"}]
+    inputs = remote(text=generation_prompt(remote.tokenizer, question), videos=[frames])
+    ids, _ = reference.inputs([], messages=question, videos=[frames])
+    assert inputs["input_ids"].tolist() == ids.tolist()
+    times = inputs.get("image_token_times")  # frames 0-3 as 2 pairs in one block; frames 0-4 as 3 pairs, 3 blocks
+    assert (None if times is None else times.tolist()) == {"qwen2_5_vl": [-1, 4], "qwen3_vl": None}[family]
+    with torch.no_grad():
+        torch.testing.assert_close(served(**inputs).logits, reference.logits([], messages=question, videos=[frames]),
+                                   atol=1e-5, rtol=1e-5)
+
 
 def test_packed_rows_give_each_sample_its_own_3d_positions(demo_dir, qwen_checkpoint, caption_dir, tmp_path):
     """Packed (one row, and rows of ~200 tokens) equals padded for mixed budgets, two-image and text-only

@@ -22,7 +22,7 @@ from PIL import Image
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.data.config import VideoConfig
 from vlmtrain.data.samples import RawSample, SampleError
-from vlmtrain.modeling.prompt import FRAME, FRAMES_AS_IMAGES, IMAGE, NEXT_FRAME, OPENS, FrameLayout
+from vlmtrain.modeling.prompt import FRAMES_AS_IMAGES, IMAGE, OPENS, FrameLayout, unit_kind
 
 
 @dataclass(frozen=True)
@@ -158,13 +158,11 @@ def with_frames(sample: RawSample, config: VideoConfig, layout: FrameLayout = FR
                 video, (data, facts) = next(videos)
                 budget = facts.get("budget") or (None if config.levels else config.budget)
                 frames = sampled_frames(data, facts, config, config.frames(budget or config.budget, layout.frames), layout)
-                for start in range(0, len(frames), layout.frames):
-                    unit = frames[start : start + layout.frames]
-                    stamp = layout.stamp_text((unit[0][0] + unit[-1][0]) / 2, start == 0)
+                for start, stop, stamp, time in layout.units([time for time, *_ in frames], config.fps):
+                    unit = frames[start:stop]
                     content += [{"type": "text", "text": stamp}, {"type": "image"}] if stamp else [{"type": "image"}]
                     items = tuple(frame for _, frame, _, _ in unit)
                     fixed = [key for *_, key in unit if key is not None]  # a key frame's budget is its unit's
-                    time = layout.token_time(start // layout.frames, config.fps)
                     placed.append((items if layout.frames > 1 else items[0], unit[0][2], max(fixed, default=budget), video, time))
             else:
                 content.append(part)
@@ -182,10 +180,7 @@ def placeholder_kinds(sample: RawSample) -> list[int]:
     video's previous unit opened (it has a time in it: :func:`with_frames`); :data:`~vlmtrain.modeling.prompt.IMAGE`
     and so on."""
     times = sample.token_times or [OPENS] * len(sample.frame_of)
-    return [
-        IMAGE if video is None else FRAME if time == OPENS else NEXT_FRAME
-        for video, time in zip(sample.frame_of, times, strict=True)
-    ]
+    return [IMAGE if video is None else unit_kind(time) for video, time in zip(sample.frame_of, times, strict=True)]
 
 
 def frame_budgets(sample: RawSample, config: VideoConfig, schedule: BudgetSchedule, step: int) -> list[int | None]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import vlmtrain.modeling
+from vlmtrain.data.config import VideoConfig
 from vlmtrain.modeling.geometry import Geometry
+from vlmtrain.modeling.prompt import FrameLayout
 from vlmtrain.weights import open_weights
 
 SHIPPED = Path(vlmtrain.modeling.__file__).parent  # every module in it is copied, as it is
@@ -40,6 +43,15 @@ def weight_map(out: Path, folder: str) -> dict[str, str]:
         return dict.fromkeys(handle.keys(), f"{folder}/model.safetensors")
 
 
+def video_settings(layout: FrameLayout, video: VideoConfig) -> dict[str, Any]:
+    """The processor's video settings: how the model's family writes and samples a video (``layout``), and how
+    training sampled them (``video``: the rate, the most frames at the video budget, that budget)."""
+    return {
+        "frame_layout": asdict(layout), "video_fps": video.fps, "video_max_frames": video.frames(video.budget, layout.frames),
+        "video_budget": video.budget,
+    }
+
+
 def write_transformers_model(
     out: Path,
     description: dict[str, Any],
@@ -49,10 +61,11 @@ def write_transformers_model(
     folders: tuple[str, str],
     adapter: str | None = None,
     video_token_id: int | None = None,
+    video: dict[str, Any] | None = None,
 ) -> None:
     """Make ``out`` (whose ``folders``, vision then LM, hold the weights; ``adapter``, a LoRA adapter folder
-    merged in at loading; ``video_token_id``, the token of a video's frames in the family's layout) load as one
-    transformers model."""
+    merged in at loading; ``video_token_id``, the token of a video's frames in the family's layout; ``video``, how
+    its processor samples and writes a video: :func:`video_settings`) load as one transformers model."""
     for file in sorted(SHIPPED.glob("*.py")):
         if file.name != "__init__.py":
             shutil.copyfile(file, out / file.name)
@@ -82,6 +95,7 @@ def write_transformers_model(
         "frames": geometry.frames,
         "default_budget": description["default_budget"],
         "image_token": description["lm"]["image_token"],
+        **(video or {}),
         "processor_class": "VlmtrainProcessor",
         "auto_map": {"AutoProcessor": "processing_vlmtrain.VlmtrainProcessor"},
     }

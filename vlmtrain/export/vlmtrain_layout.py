@@ -19,7 +19,8 @@ from transformers import PreTrainedTokenizerBase
 
 from vlmtrain.data.config import VideoConfig
 from vlmtrain.export.format import LM_DIR, VISION_DIR, VISION_PARTS, WEIGHTS_FILE
-from vlmtrain.export.transformers_model import write_transformers_model
+from vlmtrain.export.transformers_model import video_settings, write_transformers_model
+from vlmtrain.families import frame_layout
 from vlmtrain.model.description import ModelDescription
 from vlmtrain.modeling.vlm import VisionLanguageModel
 from vlmtrain.weights import read_weights
@@ -45,6 +46,8 @@ class VlmtrainLayout:
             'processor = AutoProcessor.from_pretrained("PATH/TO/THIS/FOLDER", trust_remote_code=True)',
             f'inputs = processor({prompt!r}, [Image.open("page.png")], budget={budget})',
             "print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs['input_ids'].shape[1]:]))",
+            "# a video as its frames (PIL images, 2 a second unless training said otherwise), placed by <video>:",
+            '# inputs = processor("<video>What happens?", videos=[frames], video_budget=70)',
             "```",
         ]
 
@@ -59,7 +62,8 @@ class VlmtrainLayout:
         adapter: str | None = None,
     ) -> None:
         """Write ``model`` (its LM merged, or the base LM when ``adapter`` names the folder that keeps its LoRA
-        adapter) into ``out``."""
+        adapter) into ``out``, its processor sampling and writing videos as training did (``video``, the family's
+        frame layout)."""
         vision = {
             f"{part}.{name}": tensor.contiguous()
             for part in VISION_PARTS
@@ -70,8 +74,10 @@ class VlmtrainLayout:
         # under the causal LM's own names (which the index maps), not those of the checkpoint it was read from
         model.lm.save_pretrained(out / LM_DIR, safe_serialization=True, save_original_format=False)
         tokenizer.save_pretrained(out / LM_DIR)
+        videos = video_settings(frame_layout(description, tokenizer), video)
         write_transformers_model(
-            out, description.to_dict(), model.geometry, model.lm, tokenizer, (VISION_DIR, LM_DIR), adapter, model.video_token_id
+            out, description.to_dict(), model.geometry, model.lm, tokenizer, (VISION_DIR, LM_DIR), adapter, model.video_token_id,
+            videos,
         )
 
     def weights_file(self, folder: Path) -> Path:

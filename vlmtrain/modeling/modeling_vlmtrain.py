@@ -25,7 +25,7 @@ from .projector import build_projector
 from .qwen_lm import QwenVLTextForCausalLM  # noqa: F401 (importing it registers Qwen-VL's text models as causal LMs)
 from .vlm import VisionLanguageModel
 
-IMAGE_INPUTS = ("pixel_values", "pixel_positions", "patch_grids", "token_grids", "image_sample_index")
+IMAGE_INPUTS = ("pixel_values", "pixel_positions", "patch_grids", "token_grids", "image_sample_index", "image_token_times")
 
 
 class VlmtrainForConditionalGeneration(PreTrainedModel, GenerationMixin):
@@ -93,13 +93,16 @@ class VlmtrainForConditionalGeneration(PreTrainedModel, GenerationMixin):
         patch_grids: torch.Tensor | None = None,
         token_grids: torch.Tensor | None = None,
         image_sample_index: torch.Tensor | None = None,
+        image_token_times: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """The LM's output, each image placeholder in ``input_ids`` replaced by its visual token."""
+        """The LM's output, each image placeholder in ``input_ids`` replaced by its visual token (a video's units
+        at their M-RoPE times in their block, ``image_token_times``)."""
         if inputs_embeds is None:
             if pixel_values is not None:
-                images = ImageBatch(pixel_values, pixel_positions, patch_grids, token_grids, image_sample_index)
+                grids = (patch_grids, token_grids)
+                images = ImageBatch(pixel_values, pixel_positions, *grids, image_sample_index, image_token_times)
                 inputs_embeds, visual_inputs = self.vlm.embed(input_ids, images)
                 kwargs.update(visual_inputs)
                 positions = kwargs.get("position_ids")  # generation's 1-D positions of the prompt, if any

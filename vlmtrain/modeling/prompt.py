@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 QWEN_IMAGE = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")  # Qwen-VL: an image's placeholder and bounds
 QWEN_VIDEO = "<|video_pad|>"  # Qwen-VL's video placeholder: its native exports name its id (vLLM looks the token up)
+VIDEO_MARKER = "<video>"  # where a video goes in a prompt (LLaMA-Factory's marker)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,16 @@ class FrameLayout:
         a block (the first, or any when units are not joined)."""
         return int(unit * self.tokens_per_second * self.frames / fps) if self.joined and unit else OPENS
 
+    def units(self, times: Sequence[float], fps: float) -> list[tuple[int, int, str, int]]:
+        """Each unit of a video's frames sampled at ``times`` (seconds; sampled ``fps`` a second): its first frame
+        and the frame after its last, the text before it (:meth:`stamp_text` at the mean of its frames' times) and
+        its M-RoPE time in its block (:meth:`token_time`)."""
+        bounds = [(start, min(start + self.frames, len(times))) for start in range(0, len(times), self.frames)]
+        return [
+            (start, stop, self.stamp_text((times[start] + times[stop - 1]) / 2, start == 0), self.token_time(unit, fps))
+            for unit, (start, stop) in enumerate(bounds)
+        ]
+
     def frame_indices(self, total: int, native_fps: float, fps: float, max_frames: int) -> list[int]:
         """The indices of the frames of a video of ``total`` frames at ``native_fps`` that the family's video
         processor samples (:attr:`sampling`) when asked for ``fps`` frames a second, at least one unit and at most
@@ -83,12 +94,29 @@ OPENS = -1  # the M-RoPE time of an image, or a video unit, that opens its own v
 IMAGE, FRAME, NEXT_FRAME = 0, 1, 2  # a span of placeholders: an image, a video's unit opening its block, one continuing it
 
 
+def unit_kind(time: int) -> int:
+    """What a video's unit is in the text, by its M-RoPE time in its block: one that opens its block (:data:`FRAME`)
+    or one that continues the block its video's previous unit opened (:data:`NEXT_FRAME`)."""
+    return FRAME if time == OPENS else NEXT_FRAME
+
+
 def image_span(
     bounds: tuple[list[int], list[int]], image_token_id: int, count: int, opens: bool = True, closes: bool = True
 ) -> list[int]:
     """One image in a token sequence: its ``count`` placeholders inside its bounds (:func:`image_bounds`); a joined
     video's units share one pair of bounds (``opens``, ``closes``)."""
     return [*(bounds[0] if opens else []), *[image_token_id] * count, *(bounds[1] if closes else [])]
+
+
+def placeholder_span(
+    bounds: tuple[list[int], list[int]], token_ids: tuple[int, int], counts: Sequence[int], kinds: Sequence[int], index: int
+) -> list[int]:
+    """The ``index``-th image of a sample in its token sequence: ``counts[index]`` placeholders, the image token or,
+    for a video's unit, the video token (``token_ids``: both), in their bounds unless ``kinds`` (:data:`IMAGE`,
+    :data:`FRAME`, :data:`NEXT_FRAME` per image) say its video's units share them (:func:`image_span`)."""
+    kind = kinds[index]
+    closes = index + 1 == len(kinds) or kinds[index + 1] != NEXT_FRAME
+    return image_span(bounds, token_ids[kind != IMAGE], counts[index], kind != NEXT_FRAME, closes)
 
 
 class TextError(ValueError):
@@ -103,9 +131,12 @@ def prompt_ids(
     image_token_id: int,
     image_tokens: Sequence[int],
     tokenize: Callable[[str], Sequence[int]] | None = None,
+    kinds: Sequence[int] = (),
+    video_token_id: int | None = None,
 ) -> list[int]:
     """The prompt's token ids (after a BOS token when the tokenizer has one and the prompt does not start
-    with it, as chat templates do); image ``i`` becomes ``image_tokens[i]`` placeholders (:func:`image_span`).
+    with it, as chat templates do); image ``i`` becomes ``image_tokens[i]`` placeholders, a video's unit as
+    ``kinds[i]`` says in ``video_token_id`` ones (:func:`placeholder_span`).
 
     Several markers in ``prompt`` place the images one for one; a single marker (or none: the front)
     stands for all of the sample's images in order, so one template serves samples with 0, 1 or many.
@@ -123,8 +154,11 @@ def prompt_ids(
     bos = tokenizer.bos_token
     input_ids = [tokenizer.bos_token_id] if bos is not None and not prompt.startswith(bos) else []
     bounds = image_bounds(tokenizer, image_token)
+    kinds = list(kinds) or [IMAGE] * len(image_tokens)
+    token_ids = (image_token_id, image_token_id if video_token_id is None else video_token_id)
     for index, piece in enumerate(pieces):
         input_ids += tokenize(piece)
         if index < len(image_tokens):
-            input_ids += image_span(bounds, image_token_id, image_tokens[index])
+            input_ids += placeholder_span(bounds, token_ids, image_tokens, kinds, index)
     return input_ids
+

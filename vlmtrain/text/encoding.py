@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from transformers import PreTrainedTokenizerBase
 
-from vlmtrain.modeling.prompt import IMAGE, NEXT_FRAME, TextError, image_bounds, image_span, prompt_ids
+from vlmtrain.modeling.prompt import IMAGE, TextError, image_bounds, placeholder_span, prompt_ids
 from vlmtrain.modeling.tokenizers import IGNORE_INDEX
 from vlmtrain.text.chat import chat_segments, generation_prompt
 from vlmtrain.text.conversation import as_template_messages
@@ -48,9 +48,11 @@ class TextEncoder:
     def _tokenize(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else ()
 
-    def encode_prompt(self, prompt: str, image_tokens: list[int]) -> list[int]:
-        """The prompt's token ids, image ``i`` as ``image_tokens[i]`` placeholders (:func:`.prompt.prompt_ids`)."""
-        return prompt_ids(self.tokenizer, prompt, self.image_token, self.image_token_id, image_tokens, self._ids)
+    def encode_prompt(self, prompt: str, image_tokens: list[int], kinds: Sequence[int] = ()) -> list[int]:
+        """The prompt's token ids, image ``i`` as ``image_tokens[i]`` placeholders (a video's unit as ``kinds[i]``
+        says: :func:`.prompt.prompt_ids`)."""
+        token, token_id = self.image_token, self.image_token_id
+        return prompt_ids(self.tokenizer, prompt, token, token_id, image_tokens, self._ids, kinds, self.video_token_id)
 
     def encode(self, prompt: str, target: str, image_tokens: list[int]) -> EncodedText:
         """Encode one training sample: the prompt (see :meth:`encode_prompt`), then the target and EOS, which
@@ -72,13 +74,11 @@ class TextEncoder:
         if images_before + len(pieces) - 1 > len(image_tokens):
             raise TextError(f"the conversation places more images than the sample has ({len(image_tokens)})")
         kinds = list(kinds) + [IMAGE] * (len(image_tokens) - len(kinds))
+        token_ids = (self.image_token_id, self.video_token_id)
         ids: list[int] = []
         for index, piece in enumerate(pieces):
             if index:
-                image = images_before + index - 1
-                token_id = self.image_token_id if kinds[image] == IMAGE else self.video_token_id
-                closes = image + 1 == len(kinds) or kinds[image + 1] != NEXT_FRAME
-                ids += image_span(self.bounds, token_id, image_tokens[image], kinds[image] != NEXT_FRAME, closes)
+                ids += placeholder_span(self.bounds, token_ids, image_tokens, kinds, images_before + index - 1)
             ids += self._ids(piece)
         return ids
 
