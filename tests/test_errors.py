@@ -140,11 +140,11 @@ def test_resume_auto_without_a_checkpoint_says_the_run_starts_from_step_0(demo_d
         (("geometry", "0x480"), "error: image size '0x480' must be positive"),
         (
             ("eval", "x", "--data", "y", "--budgets", "70,abc"),
-            "error: --budgets '70,abc' must be token levels or auto[:TOL] separated by commas",
+            "error: --budgets '70,abc' must be token levels, auto[:TOL] or record separated by commas",
         ),
         (
             ("eval", "x", "--data", "y", "--budgets", ","),
-            "error: --budgets ',' must be token levels or auto[:TOL] separated by commas",
+            "error: --budgets ',' must be token levels, auto[:TOL] or record separated by commas",
         ),
         (
             ("eval", "x", "--data", "y", "--budgets", "70,auto:x"),

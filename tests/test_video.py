@@ -288,6 +288,19 @@ def test_a_video_given_as_frame_images_is_stored_frame_by_frame_and_trains_as_fr
         torch.testing.assert_close(model.logits([], messages=question, videos=[given]), trained[:, : ids.shape[1]])
 
 
+def test_the_detail_sets_clips_show_their_sign_in_the_one_frame_their_record_fixes_as_a_key_frame(tmp_path):
+    from vlmtrain.data.demo_video import clip, video_record
+
+    plain, shown = clip(3, 11)
+    frames, detail = clip(3, 11, detail=True)
+    differ = [number for number, (a, b) in enumerate(zip(plain, frames, strict=True)) if a.tobytes() != b.tobytes()]
+    assert differ == [round(detail["sign_time"] * FPS)] and shown == {k: v for k, v in detail.items() if not k.startswith("sign")}
+    record = video_record(3, 11, tmp_path, detail=True)
+    assert record["video_budgets"] == [{"key_frames": [{"time": detail["sign_time"], "budget": 1120}]}]
+    assert record["messages"][1]["content"] == detail["sign"] not in (detail["first"], detail["second"])
+
+
+@pytest.mark.slow
 def test_a_key_frame_a_record_fixes_trains_in_place_of_the_nearest_sampled_frame_at_its_budget(demo_dir, tmp_path):
     """A video part's (or a ``video_budgets`` column's) ``budget`` and ``key_frames`` are stored with the video; the
     key frame trains in place of the sampled frame nearest it, at its budget, the others at the video's; a model in
@@ -352,3 +365,19 @@ def test_a_key_frame_a_record_fixes_trains_in_place_of_the_nearest_sampled_frame
     ids, images = in_use(module).inputs([], messages=[lines[0]["messages"][0]], videos=[tmp_path / "videos" / "grey.mp4"])
     assert images.token_counts.tolist() == expected
     assert ids[0].tolist() == builder.collate([encoded], None, packed=False).inputs.input_ids[0, : ids.shape[1]].tolist()
+
+    # vlmtrain eval at the records' budgets: the key frame at 1120, the other frames at the video budget (a fixed
+    # budget puts the key frame, sampled all the same, at that budget)
+    from vlmtrain.evaluate import evaluate
+    from vlmtrain.export.format import TextFormat
+    from vlmtrain.export.run import TrainedModel
+    from vlmtrain.export.write import write_export
+
+    text_format = TextFormat.of(recipe.data.text)
+    write_export(TrainedModel(module.model, module.plan.tokenizer, module.plan.model, text_format, recipe, tmp_path), recipe,
+                 tmp_path / "export")
+    results = evaluate([tmp_path / "export"], str(tmp_path / "out" / "shard-000000.tar"), ["record", 70], 2,
+                       tmp_path / "eval", generate=False)
+    rows = {row["budget"]: row for row in results["models"][0]["budgets"]}
+    assert rows["record"]["visual_tokens_per_image"] == pytest.approx(sum(expected) / 6)
+    assert rows[70]["visual_tokens_per_image"] == tokens[70] and rows[70]["images"] == rows["record"]["images"] == 12

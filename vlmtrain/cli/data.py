@@ -80,7 +80,7 @@ def cmd_demo_chat(args: argparse.Namespace) -> None:
 def cmd_demo_video(args: argparse.Namespace) -> None:
     from vlmtrain.data.demo_video import make_video_set
 
-    files = make_video_set(args.out, args.train, args.val)
+    files = make_video_set(args.out, args.train, args.val, detail=args.detail)
     print(
         f"wrote {', '.join(str(path) for path in files.values())} (LLaMA-Factory's video format) and {args.out / 'videos'}; "
         f"next: vlmtrain shards {files['train']} {args.out} --images {args.out / 'videos'} --prefix train --samples-per-shard 64"
@@ -138,4 +138,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--out", type=folder, default=Path("data/generated/video"))
     sub.add_argument("--train", type=positive_int, default=256)
     sub.add_argument("--val", type=positive_int, default=32)
+    sub.add_argument(
+        "--detail", action="store_true",
+        help="the detail set: one frame of each clip covered with a small word, asked for, that frame a key frame at 1120 tokens",
+    )
     sub.set_defaults(handler=cmd_demo_video)

@@ -82,18 +82,21 @@ def parse_where(conditions: list[str]) -> dict[str, str]:
 
 
 def parse_budgets(text: str) -> list[int | str]:
-    """``--budgets 70,280,1120,auto,auto:0.2`` → [70, 280, 1120, "auto", "auto:0.2"]; anything else is one
-    line naming what is wrong."""
+    """``--budgets 70,280,1120,auto,auto:0.2,record`` → [70, 280, 1120, "auto", "auto:0.2", "record"]; anything
+    else is one line naming what is wrong."""
+    from vlmtrain.evaluate.metrics import RECORD
     from vlmtrain.inference import auto_tolerance
 
     parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() or part.startswith("auto") for part in parts):
-        raise UserError(f"--budgets {text!r} must be token levels or auto[:TOL] separated by commas, e.g. 70,280,1120,auto")
+    if not all(part.isdigit() or part.startswith("auto") or part == RECORD for part in parts):
+        raise UserError(
+            f"--budgets {text!r} must be token levels, auto[:TOL] or record separated by commas, e.g. 70,280,1120,auto,record"
+        )
     budgets: list[int | str] = [int(part) if part.isdigit() else part for part in parts]
     for budget in budgets:
         if isinstance(budget, int):
             check_budget(budget)
-        else:
+        elif budget != RECORD:
             auto_tolerance(budget)
     return budgets
 
@@ -105,7 +108,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sub.add_argument("--data", required=True, help="shard spec, e.g. data/generated/demo/val-000000.tar")
     sub.add_argument(
         "--budgets",
-        help="comma-separated levels, and auto or auto:TOL for the model's budget selector, e.g. 70,280,1120,auto,auto:0.2 "
+        help="comma-separated levels, auto or auto:TOL for the model's budget selector, and record for the budgets the "
+        "samples' records fix (a video's key frames), e.g. 70,280,1120,auto,auto:0.2,record "
         "(default: every level the model serves)",
     )
     sub.add_argument("--limit", type=positive_int, default=64, help="samples per budget")

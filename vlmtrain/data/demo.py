@@ -62,6 +62,20 @@ def _crop(photo: Image.Image, aspect: tuple[int, int], long_side: int, rng: rand
     return photo.crop((left, top, left + width, top + height)).resize(size, Image.Resampling.BICUBIC)
 
 
+def tile_word(image: Image.Image, word: str, text_px: int, rng: random.Random) -> None:
+    """Write ``word`` over all of ``image`` in staggered rows at ``text_px`` px, white on black or black on white
+    (as ``rng`` picks, with where the rows start): how the demo's images show their word."""
+    font = demo_font(text_px)
+    left, top, right, bottom = font.getbbox(word)
+    step_x, step_y = (right - left) * 3 // 2 + 4, (bottom - top) * 9 // 5 + 2
+    fill, stroke = rng.choice((((255, 255, 255), (0, 0, 0)), ((0, 0, 0), (255, 255, 255))))
+    draw = ImageDraw.Draw(image)
+    start_x, start_y = rng.randint(-step_x, 0), rng.randint(-step_y, 0)
+    for row, y in enumerate(range(start_y, image.height, step_y)):
+        for x in range(start_x + (row % 2) * step_x // 2, image.width, step_x):
+            draw.text((x - left, y - top), word, font=font, fill=fill, stroke_width=max(1, text_px // 12), stroke_fill=stroke)
+
+
 def render_sample(index: int, seed: int, size: str | None = None) -> tuple[Image.Image, dict[str, Any]]:
     """Sample ``index`` of the demo set: the image and its record (word, size class, text height, and the
     photo under the text: a coarse target, legible at any budget). ``size`` forces the size class."""
@@ -73,15 +87,7 @@ def render_sample(index: int, seed: int, size: str | None = None) -> tuple[Image
     budget, resized_px = TEXT_SIZES[size]
     resized_height = DEMO_GEOMETRY.image(image.height, image.width, budget).resize[0]
     text_px = round(rng.uniform(*resized_px) * image.height / resized_height)
-    font = demo_font(text_px)
-    left, top, right, bottom = font.getbbox(word)
-    step_x, step_y = (right - left) * 3 // 2 + 4, (bottom - top) * 9 // 5 + 2
-    fill, stroke = rng.choice((((255, 255, 255), (0, 0, 0)), ((0, 0, 0), (255, 255, 255))))
-    draw = ImageDraw.Draw(image)
-    start_x, start_y = rng.randint(-step_x, 0), rng.randint(-step_y, 0)
-    for row, y in enumerate(range(start_y, image.height, step_y)):
-        for x in range(start_x + (row % 2) * step_x // 2, image.width, step_x):
-            draw.text((x - left, y - top), word, font=font, fill=fill, stroke_width=max(1, text_px // 12), stroke_fill=stroke)
+    tile_word(image, word, text_px, rng)
     return image, {
         "key": f"demo{seed}_{index:06d}",
         "text": word,

@@ -4,7 +4,8 @@ Per budget: loss and token accuracy over target tokens (teacher forcing), exact 
 greedy generations (each assistant turn of a conversation is one question), visual tokens per image,
 images per second (batched) and latency per question (prefill, one at a time: median and 10th-90th
 percentiles, after an untimed warm-up at that budget); a budget may also be ``auto[:TOL]``, the model's
-selector choosing per image. Writes ``eval.json`` and ``eval.png`` (quality and latency against visual
+selector choosing per image, or ``record``, each image and frame at the budget its record fixes (a video's key
+frames). Writes ``eval.json`` and ``eval.png`` (quality and latency against visual
 tokens, quality against latency; a line per model), and points each evaluated run directory at them.
 """
 
@@ -14,6 +15,7 @@ import json
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from vlmtrain.data.samples import RawSample, SampleError
 from vlmtrain.data.sources import expand_shards
 from vlmtrain.errors import UserError
 from vlmtrain.evaluate.latency import LatencyProbe, clock
-from vlmtrain.evaluate.metrics import BudgetResult, Tally
+from vlmtrain.evaluate.metrics import RECORD, BudgetResult, Tally
 from vlmtrain.evaluate.plot import plot
 from vlmtrain.export.format import TextFormat
 from vlmtrain.inference import ExportedModel, auto_tolerance, open_model
@@ -73,6 +75,16 @@ class AutoBudgets:
         return tuple(chosen)
 
 
+def fixed_budgets(model: ExportedModel, sample: RawSample) -> tuple[int, ...]:
+    """``budget="record"`` in evaluation: each of the sample's images and frames at the budget its record fixes
+    (a video's, its key frames'), the others at the model's defaults (its video budget for frames)."""
+    videos = sample.frame_of or [None] * len(sample.budgets)
+    return tuple(
+        budget if budget is not None else model.video.budget if video is not None else model.description.default_budget
+        for budget, video in zip(sample.budgets, videos, strict=True)
+    )
+
+
 LATENCY_SAMPLES = 8
 EXAMPLES = 8  # generations kept per budget in eval.json, to read what the model says
 
@@ -106,8 +118,9 @@ def evaluate_budget(
     fields = (text or model.text_format).text_config(max_length=sys.maxsize)
     builder = model.batch_builder(fields, geometry)
     tally, probe, examples = Tally(), LatencyProbe(model), []
-    auto = AutoBudgets(model, builder, auto_tolerance(budget)) if isinstance(budget, str) else None
-    stream = EvalStream(urls, builder, auto or budget, limit, batch_tokens, max_batch_size=64, where=where)
+    auto = AutoBudgets(model, builder, auto_tolerance(budget)) if isinstance(budget, str) and budget != RECORD else None
+    chooser = auto or (partial(fixed_budgets, model) if budget == RECORD else budget)
+    stream = EvalStream(urls, builder, chooser, limit, batch_tokens, max_batch_size=64, where=where)
     for pairs, batch in stream.batches():
         inputs = batch.inputs.to(model.device)
         if tally.samples == 0:  # warm-up at this budget (kernels, allocator, caches), untimed

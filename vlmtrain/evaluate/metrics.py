@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from vlmtrain.modeling.inputs import ImageBatch
 from vlmtrain.modeling.vlm import SampleLosses
 
+RECORD = "record"  # the budget of an evaluation that gives each image and frame the budget its record fixes
+
 
 @dataclass
 class BudgetResult:
-    """One model at one budget (a level, or ``auto[:TOL]``: the model's selector picks per image)."""
+    """One model at one budget (a level; ``auto[:TOL]``: the model's selector picks per image; :data:`RECORD`:
+    each image and frame at the budget its record fixes, the others at the model's defaults)."""
 
     budget: int | str
     samples: int

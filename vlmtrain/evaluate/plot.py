@@ -1,16 +1,28 @@
 """What an evaluation looks like: three panels (quality and latency against visual tokens, quality against
-latency; a line per model, auto dashed), and the same logged to W&B."""
+latency; a line per model, auto dashed, the records' budgets dotted), and the same logged to W&B."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vlmtrain.evaluate.metrics import BudgetResult
+from vlmtrain.evaluate.metrics import RECORD, BudgetResult
+
+STYLES = {  # how each kind of budget is drawn
+    "fixed budgets": {"marker": "o", "linestyle": "-"},
+    "auto": {"marker": "D", "linestyle": "--"},
+    "the records' budgets": {"marker": "s", "linestyle": ":"},
+}
+
+
+def budget_kind(budget: int | str) -> str:
+    """Which line of :data:`STYLES` a budget's result is drawn on."""
+    return "fixed budgets" if isinstance(budget, int) else "the records' budgets" if budget == RECORD else "auto"
 
 
 def plot(results: dict, path: Path) -> None:
-    """Three panels, a line per model for its fixed budgets and a dashed one for auto (a point per tolerance):
-    quality against visual tokens per image, latency against visual tokens, quality against latency."""
+    """Three panels, a line per model for its fixed budgets, a dashed one for auto (a point per tolerance) and a
+    dotted point for the records' budgets: quality against visual tokens per image, latency against visual tokens,
+    quality against latency."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,13 +34,12 @@ def plot(results: dict, path: Path) -> None:
     figure.suptitle(f"{results['data']}{where}: {samples} samples per budget", fontsize=9)
     for model in results["models"]:
         color = None
-        for auto in (False, True):
-            rows = [row for row in model["budgets"] if isinstance(row["budget"], str) == auto]
+        for kind, drawn in STYLES.items():
+            rows = [row for row in model["budgets"] if budget_kind(row["budget"]) == kind]
             rows.sort(key=lambda row: row["visual_tokens_per_image"])
             if not rows:
                 continue
-            label = f"{model['name']}: {'auto' if auto else 'fixed budgets'}"
-            style = {"marker": "D" if auto else "o", "linestyle": "--" if auto else "-", "label": label}
+            style = {**drawn, "label": f"{model['name']}: {kind}"}
             tokens = [row["visual_tokens_per_image"] for row in rows]
             quality = [row["exact_match"] if row["exact_match"] is not None else row["token_accuracy"] for row in rows]
             medians = [row["latency_ms"] for row in rows]
