@@ -30,6 +30,7 @@ FIELDS = {
     "exact_match",
     "word_recall",
     "visual_tokens_per_image",
+    "visual_tokens_per_sample",
     "images_per_s",
     "latency_ms",
     "latency_p10_ms",
@@ -103,6 +104,7 @@ def figures_by_hand(run_dir, urls: list[str], budget: int, limit: int, max_new_t
         "exact_match": sum(exact) / len(exact),
         "word_recall": sum(recall) / len(recall),
         "visual_tokens_per_image": visual / images,
+        "visual_tokens_per_sample": visual / len(samples),
     }
 
 
@@ -129,7 +131,7 @@ def test_eval_figures_equal_a_sample_by_sample_computation_for_a_run_and_its_exp
             hand = expected[row["budget"]]
             assert (row["samples"], row["images"]) == (hand["samples"], hand["images"]) == (5, 5)
             assert row["loss"] == pytest.approx(hand["loss"], rel=1e-5)
-            for name in ("token_accuracy", "exact_match", "word_recall", "visual_tokens_per_image"):
+            for name in ("token_accuracy", "exact_match", "word_recall", "visual_tokens_per_image", "visual_tokens_per_sample"):
                 assert row[name] == pytest.approx(hand[name]), name
             assert 0 < row["latency_p10_ms"] <= row["latency_ms"] <= row["latency_p90_ms"] and row["images_per_s"] > 0
             assert model["examples"][str(row["budget"])] == hand["examples"]

@@ -380,4 +380,5 @@ def test_a_key_frame_a_record_fixes_trains_in_place_of_the_nearest_sampled_frame
                        tmp_path / "eval", generate=False)
     rows = {row["budget"]: row for row in results["models"][0]["budgets"]}
     assert rows["record"]["visual_tokens_per_image"] == pytest.approx(sum(expected) / 6)
+    assert rows["record"]["visual_tokens_per_sample"] == sum(expected)  # per video: each sample is one
     assert rows[70]["visual_tokens_per_image"] == tokens[70] and rows[70]["images"] == rows["record"]["images"] == 12

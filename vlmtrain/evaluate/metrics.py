@@ -1,5 +1,5 @@
 """What one model scores at one budget: loss and token accuracy over target tokens (teacher forcing), exact
-match and word recall of its generations, visual tokens per image and images per second, summed as the
+match and word recall of its generations, visual tokens per image and per sample, and images per second, summed as the
 evaluation goes (:class:`Tally`) and reported as one :class:`BudgetResult`."""
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class BudgetResult:
     token_accuracy: float
     exact_match: float | None
     word_recall: float | None
-    visual_tokens_per_image: float
+    visual_tokens_per_image: float  # per image, or per video frame (Qwen-VL: per pair of frames)
+    visual_tokens_per_sample: float  # all of a sample's images and videos: a one-video sample's, per video
     images_per_s: float
     latency_ms: float  # median
     latency_p10_ms: float
@@ -84,6 +85,7 @@ class Tally:
             exact_match=sum(self.exact) / len(self.exact) if self.exact else None,
             word_recall=sum(self.recall) / len(self.recall) if self.recall else None,
             visual_tokens_per_image=self.visual / max(self.images, 1),
+            visual_tokens_per_sample=self.visual / max(self.samples, 1),
             images_per_s=self.images / self.seconds if self.seconds else 0.0,
             latency_ms=median,
             latency_p10_ms=p10,

@@ -65,15 +65,16 @@ def budget_cell(row: dict[str, Any]) -> str:
 def results_table(model_results: dict[str, Any]) -> str:
     """A Markdown table of one model's evaluation, a row per budget."""
     rows = [
-        "| budget | loss | token accuracy | exact match | word recall | visual tokens / image | images/s | latency (p10-p90) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| budget | loss | token accuracy | exact match | word recall | visual tokens / image | / sample | images/s "
+        "| latency (p10-p90) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in model_results["budgets"]:
         exact = "-" if row.get("exact_match") is None else f"{row['exact_match']:.1%}"
         recall = "-" if row.get("word_recall") is None else f"{row['word_recall']:.1%}"
         rows.append(
             f"| {budget_cell(row)} | {row['loss']:.3f} | {row['token_accuracy']:.1%} | {exact} | {recall} | "
-            f"{row['visual_tokens_per_image']:.0f} | {row['images_per_s']:.1f} | "
+            f"{row['visual_tokens_per_image']:.0f} | {row['visual_tokens_per_sample']:.0f} | {row['images_per_s']:.1f} | "
             f"{row['latency_ms']:.1f} ms{latency_spread(row)} |"
         )
     return "\n".join(rows)
