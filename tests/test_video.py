@@ -40,6 +40,17 @@ def video_set(tmp_path_factory) -> Path:
     return folder
 
 
+def shards_of(lines: list[dict], folder: Path, media: Path) -> subprocess.CompletedProcess:
+    """``vlmtrain shards --skip-bad`` of ``lines`` (written as ``folder/a.jsonl``, their files under ``media``)
+    into ``folder/out``, as a user runs it; it must exit 0."""
+    (folder / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    command = [sys.executable, "-m", "vlmtrain.cli", "shards", str(folder / "a.jsonl"), str(folder / "out"),
+               "--images", str(media), "--skip-bad"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 CLIPS = [(90, 30.0), (7, 30.0), (300, 25.0), (61, 30.0), (5, 2.0), (1, 30.0), (33, 8.0), (1000, 29.97)]  # (frames, rate)
 
 
@@ -143,11 +154,7 @@ def test_a_missing_or_broken_video_is_one_line_at_conversion_and_a_counted_skip_
         {"messages": [{"role": "user", "content": "<video>What?"}, answer], "videos": ["gone.mp4"]},
         {"messages": [{"role": "user", "content": [{"type": "video", "video": "broken.mp4"}]}, answer]},
     ]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    command = [sys.executable, "-m", "vlmtrain.cli", "shards", str(tmp_path / "a.jsonl"), str(tmp_path / "out"),
-               "--images", str(tmp_path / "videos"), "--skip-bad"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result = shards_of(lines, tmp_path, tmp_path / "videos")
     assert f"left out {tmp_path / 'a.jsonl'}:2: video '{tmp_path / 'videos' / 'gone.mp4'}' not found" in result.stdout
     assert "rejected 000000002: video 'broken.mp4': cannot read the video: " in result.stdout
     assert "wrote 1 samples in 1 shards" in result.stdout
@@ -244,11 +251,7 @@ def test_a_video_given_as_frame_images_is_stored_frame_by_frame_and_trains_as_fr
                       answer]},
         {"messages": [{"role": "user", "content": "<video>Which grey?"}, answer], "videos": names[:1]},
     ]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    command = [sys.executable, "-m", "vlmtrain.cli", "shards", str(tmp_path / "a.jsonl"), str(tmp_path / "out"),
-               "--images", str(tmp_path / "frames"), "--skip-bad"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result = shards_of(lines, tmp_path, tmp_path / "frames")
     assert "wrote 2 samples in 1 shards" in result.stdout
     assert "rejected 000000002: video 'f0.jpg': " in result.stdout
     assert "(an image: a video given as frames is a list of image paths, one list per video)" in result.stdout
@@ -323,23 +326,19 @@ def test_a_key_frame_a_record_fixes_trains_in_place_of_the_nearest_sampled_frame
 
     lines = [
         {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "Which grey?"}]}, answer]},
-        asked(video_budgets=[{"budget": 70, "key_frames": [key]}]),  # LLaMA-Factory-style: a column beside 'videos'
+        asked(video_budgets=[{"key_frames": [key]}]),  # LLaMA-Factory-style: a column beside 'videos', no video budget
         asked(video_budgets=[{"key_frames": [{"time": 3.5, "budget": 1120}]}]),
         {"messages": [{"role": "user", "content": [{**part, "fps": 4.0}]}, answer]},
         asked(video_budgets=[{"key_frames": [{"time": 1, "budget": 1000}]}]),
     ]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    command = [sys.executable, "-m", "vlmtrain.cli", "shards", str(tmp_path / "a.jsonl"), str(tmp_path / "out"),
-               "--images", str(tmp_path / "videos"), "--skip-bad"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    result = shards_of(lines, tmp_path, tmp_path / "videos")
     assert "wrote 2 samples in 1 shards" in result.stdout
     assert "rejected 000000002: video 1: a key frame at 3.5 s, past its end (3.00 s)" in result.stdout
     assert f"{tmp_path / 'a.jsonl'}:4: turn 1: a video part's 'fps': vlmtrain sizes images and frames" in result.stdout
     assert f"{tmp_path / 'a.jsonl'}:5: video 1: a key frame's: budget 1000 is not one of 70, 140" in result.stdout
 
-    video = ("data.video.fps=2", "data.video.budget=280", "data.text.max_length=512", "data.batching.batch_tokens=4096",
-             "budget.levels=[70,1120]")
+    video = ("data.video.fps=2", "data.video.levels=[70]", "data.text.max_length=512", "data.batching.batch_tokens=4096",
+             "budget.levels=[70,1120]", "budget.default=1120")  # the model's default budget 1120, its frames' 70
     recipe = small_recipe(demo_dir, tmp_path / "run", *video)
     module = built(recipe)
     geometry = module.plan.geometry
@@ -347,13 +346,15 @@ def test_a_key_frame_a_record_fixes_trains_in_place_of_the_nearest_sampled_frame
     expected = [tokens[70]] * 2 + [tokens[1120]] + [tokens[70]] * 3
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
         stored = [json.load(tar.extractfile(member)) for member in tar.getmembers() if member.name.endswith(".json")]
-    assert [{name: video[name] for name in ("budget", "key_frames")} for (video,) in (entry["videos"] for entry in stored)] == [
-        {"budget": 70, "key_frames": [key]}] * 2
-    for framed in read_shard(str(tmp_path / "out" / "shard-000000.tar"), recipe.data.video):
-        assert framed.budgets == [70, 70, 1120, 70, 70, 70]
+    videos = [video for entry in stored for video in entry["videos"]]
+    assert [{name: video[name] for name in ("budget", "key_frames") if name in video} for video in videos] == [
+        {"budget": 70, "key_frames": [key]}, {"key_frames": [key]}]
+    framed_samples = read_shard(str(tmp_path / "out" / "shard-000000.tar"), recipe.data.video)
+    for framed, video_budget in zip(framed_samples, (70, None), strict=True):
+        assert framed.budgets == [video_budget] * 2 + [1120] + [video_budget] * 3  # None: drawn from data.video.levels
         stamps = [part["text"] for part in framed.messages[0]["content"] if part["type"] == "text"][:6]
         assert stamps == ["00:00 ", " 00:00 ", " 00:01 ", " 00:01 ", " 00:02 ", " 00:02 "]  # 0, 0.5, 1.125, 1.5, 2, 2.5 s
-        sizes = [geometry.image(h, w, budget).resize for (h, w), budget in zip(framed.sizes, framed.budgets, strict=True)]
+        sizes = [geometry.image(h, w, budget or 70).resize for (h, w), budget in zip(framed.sizes, framed.budgets, strict=True)]
         decoded = decoded_images(framed.images, sizes, lambda data, _: decode_image(data))
         found = mean_levels(decoded)
         assert all(abs(a - b) < 4 for a, b in zip(found, [0, 40, 90, 120, 160, 200], strict=True)), found  # frames 0, 4, 9, ...
@@ -366,8 +367,9 @@ def test_a_key_frame_a_record_fixes_trains_in_place_of_the_nearest_sampled_frame
     assert images.token_counts.tolist() == expected
     assert ids[0].tolist() == builder.collate([encoded], None, packed=False).inputs.input_ids[0, : ids.shape[1]].tolist()
 
-    # vlmtrain eval at the records' budgets: the key frame at 1120, the other frames at the video budget (a fixed
-    # budget puts the key frame, sampled all the same, at that budget)
+    # vlmtrain eval at the records' budgets: the key frame at 1120, the other frames at their video's budget, or
+    # (drawn in training) at the video budget, not the model's default (a fixed budget puts the key frame, sampled
+    # all the same, at that budget)
     from vlmtrain.evaluate import evaluate
     from vlmtrain.export.format import TextFormat
     from vlmtrain.export.run import TrainedModel
