@@ -149,7 +149,7 @@ MUTANTS = [
            "model.video.budget if video is not None", "model.description.default_budget if video is not None",
            ("tests/test_video.py", "-k", "key_frame", "-m", "slow")),
     Mutant("exported processor: a video budget asked for is ignored", "vlmtrain/modeling/processing_vlmtrain.py",
-           "self.video_budget if video_budget is None else video_budget", "self.video_budget",
+           "video_budget = self.video_budget if video_budget is None else video_budget", "video_budget = self.video_budget",
            ("tests/test_export.py", "-k", "takes_videos")),
     Mutant("fsdp2: resume asks the checkpoint for the frozen weights too", "vlmtrain/train/fsdp.py",
            "get_model_state_dict(self.model).items() if key not in frozen}", "get_model_state_dict(self.model).items()}",

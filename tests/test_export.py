@@ -191,14 +191,15 @@ def untrained_export(demo_dir: Path, tmp_path: Path, *overrides: str) -> tuple[E
 
 def test_the_exported_processor_takes_videos_as_frames_and_gives_the_training_ids_and_logits(demo_dir, tmp_path):
     """The export's own processor (remote code) given a ``<video>`` prompt and the video's frames: the frames the
-    family samples (2 a second, 3 of 5 spread as transformers' default sampler spreads them), each after its
-    ``mm:ss`` time at the video budget (or the one asked), as vlmtrain.load writes the same conversation; the
-    export's model gives its logits."""
+    family samples (2 a second, 3 of 5 spread as transformers' default sampler spreads them; fewer at a budget
+    whose frames would pass data.video.max_tokens), each after its ``mm:ss`` time at the video budget (or the one
+    asked), as vlmtrain.load writes the same conversation; the export's model gives its logits."""
     from PIL import ImageOps
 
     from vlmtrain.text.chat import generation_prompt
 
-    model, out = untrained_export(demo_dir, tmp_path, "data.video.max_frames=3", "data.text.max_length=512")
+    model, out = untrained_export(demo_dir, tmp_path, "data.video.max_frames=3", "data.video.max_tokens=210",
+                                  "data.text.max_length=512")
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     served = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
     picture = Image.open(pictures()[0]).convert("RGB").resize((96, 64))
@@ -213,9 +214,13 @@ def test_the_exported_processor_takes_videos_as_frames_and_gives_the_training_id
         ids, images = reference.inputs([], messages=asked, videos=[frames])
         assert inputs["input_ids"].tolist() == ids.tolist()
         tokens = model.geometry.image(64, 96, budget or 70).tokens
-        assert images.token_counts.tolist() == [tokens] * 3
         block = "<image>" * tokens
-        assert f"00:00 {block} 00:00 {block} 00:01 {block}What changes?" in processor.decode(inputs["input_ids"][0])
+        if budget is None:  # 3 frames (210 // 70)
+            assert images.token_counts.tolist() == [tokens] * 3
+            assert f"00:00 {block} 00:00 {block} 00:01 {block}What changes?" in processor.decode(inputs["input_ids"][0])
+        else:  # 1 frame (210 // 140)
+            assert images.token_counts.tolist() == [tokens]
+            assert f"00:00 {block}What changes?" in processor.decode(inputs["input_ids"][0])
         with torch.no_grad():
             logits = served(**inputs).logits
         torch.testing.assert_close(logits, reference.logits([], messages=asked, videos=[frames]), atol=1e-5, rtol=1e-5)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from vlmtrain.modeling.errors import one_of, positive, require
 from vlmtrain.modeling.geometry import LEVELS
+from vlmtrain.modeling.prompt import most_frames
 
 TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
 
@@ -79,10 +80,8 @@ class VideoConfig:
 
     def frames(self, budget: int, per_unit: int = 1) -> int:
         """The most frames one video trains on at ``budget`` tokens (its largest drawn level, if drawn) for each unit
-        of ``per_unit`` frames (Qwen3-VL's two frames share their tokens)."""
-        largest = max(self.levels) if self.levels else budget
-        by_tokens = self.max_frames if self.max_tokens is None else max(1, self.max_tokens // largest) * per_unit
-        return max(1, min(self.max_frames, by_tokens))
+        of ``per_unit`` frames (:func:`~vlmtrain.modeling.prompt.most_frames`)."""
+        return most_frames(self.max_frames, self.max_tokens, budget, self.levels, per_unit)
 
 
 @dataclass

@@ -45,10 +45,10 @@ def weight_map(out: Path, folder: str) -> dict[str, str]:
 
 def video_settings(layout: FrameLayout, video: VideoConfig) -> dict[str, Any]:
     """The processor's video settings: how the model's family writes and samples a video (``layout``), and how
-    training sampled them (``video``: the rate, the most frames at the video budget, that budget)."""
+    training sampled them (``video``: the rate, the most frames and tokens, the budget and the levels drawn)."""
     return {
-        "frame_layout": asdict(layout), "video_fps": video.fps, "video_max_frames": video.frames(video.budget, layout.frames),
-        "video_budget": video.budget,
+        "frame_layout": asdict(layout), "video_fps": video.fps, "video_max_frames": video.max_frames,
+        "video_max_tokens": video.max_tokens, "video_budget": video.budget, "video_levels": video.levels,
     }
 
 

@@ -18,7 +18,7 @@ from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
 from .geometry import Geometry
 from .inputs import ImageBatch
-from .prompt import IMAGE, OPENS, VIDEO_MARKER, FrameLayout, TextError, prompt_ids, unit_kind
+from .prompt import IMAGE, OPENS, VIDEO_MARKER, FrameLayout, TextError, most_frames, prompt_ids, unit_kind
 
 
 class VlmtrainProcessor(ProcessorMixin):
@@ -43,7 +43,9 @@ class VlmtrainProcessor(ProcessorMixin):
         frame_layout: dict[str, Any] | None = None,
         video_fps: float = 2.0,
         video_max_frames: int = 16,
+        video_max_tokens: int | None = None,
         video_budget: int = 70,
+        video_levels: Sequence[int] | None = None,
     ) -> None:
         super().__init__(tokenizer, chat_template=chat_template)
         self.patch_size, self.pool, self.levels, self.rule, self.min_pixels = patch_size, pool, list(levels), rule, min_pixels
@@ -53,7 +55,8 @@ class VlmtrainProcessor(ProcessorMixin):
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.frame_layout = frame_layout or {}  # as its config keeps it (the processor's settings are saved as JSON)
-        self.video_fps, self.video_max_frames, self.video_budget = video_fps, video_max_frames, video_budget
+        self.video_fps, self.video_max_frames, self.video_max_tokens = video_fps, video_max_frames, video_max_tokens
+        self.video_budget, self.video_levels = video_budget, video_levels
         video_token = self.layout.token
         self.video_token_id = self.image_token_id if video_token is None else tokenizer.convert_tokens_to_ids(video_token)
 
@@ -106,10 +109,12 @@ class VlmtrainProcessor(ProcessorMixin):
         video_budget: int | None,
     ) -> tuple[str, list[Image.Image | tuple[Image.Image, ...]], list[int], list[int], list[int]]:
         """The prompt with each ``<video>`` marker replaced by the frames its family samples of that video
-        (:meth:`FrameLayout.frame_indices`, ``video_fps`` a second, at most ``video_max_frames``) as the family
+        (:meth:`FrameLayout.frame_indices`, ``video_fps`` a second, at most :func:`most_frames`) as the family
         writes them (:meth:`FrameLayout.units`, each unit an image marker after its time); every image and unit in
         order (a unit of several frames as a tuple), their budgets, kinds and M-RoPE times."""
         image_token, layout, fps = self.image_token, self.layout, self.video_fps
+        video_budget = self.video_budget if video_budget is None else video_budget
+        most = most_frames(self.video_max_frames, self.video_max_tokens, video_budget, self.video_levels, layout.frames)
         pieces = re.split(f"({re.escape(image_token)}|{re.escape(VIDEO_MARKER)})", prompt)
         if pieces.count(image_token) != len(images) or pieces.count(VIDEO_MARKER) != len(videos):
             raise TextError(
@@ -129,12 +134,12 @@ class VlmtrainProcessor(ProcessorMixin):
                 times.append(OPENS)
             elif piece == VIDEO_MARKER:
                 frames = list(next(given_videos))
-                indices = layout.frame_indices(len(frames), fps, fps, self.video_max_frames)
+                indices = layout.frame_indices(len(frames), fps, fps, most)
                 for start, stop, stamp, time in layout.units([index / fps for index in indices], fps):
                     unit = tuple(frames[index] for index in indices[start:stop])
                     text += stamp + image_token
                     items.append(unit if layout.frames > 1 else unit[0])
-                    unit_budgets.append(self.video_budget if video_budget is None else video_budget)
+                    unit_budgets.append(video_budget)
                     kinds.append(unit_kind(time))
                     times.append(time)
             else:

@@ -74,6 +74,17 @@ class FrameLayout:
         return [index * total // count for index in range(count)]
 
 
+def most_frames(
+    max_frames: int, max_tokens: int | None, budget: int, levels: Sequence[int] | None = None, per_unit: int = 1
+) -> int:
+    """The most frames of one video at ``budget`` tokens per unit of ``per_unit`` frames (Qwen-VL's two share their
+    tokens; drawn from ``levels``: at the largest of them, so that every draw takes the same frames): ``max_frames``,
+    fewer where their units would pass ``max_tokens`` (None: no cap)."""
+    largest = max(levels) if levels else budget
+    by_tokens = max_frames if max_tokens is None else max(1, max_tokens // largest) * per_unit
+    return max(1, min(max_frames, by_tokens))
+
+
 FRAMES_AS_IMAGES = FrameLayout()  # the default: each frame an image after its mm:ss time, as Gemma 4 writes them
 
 
