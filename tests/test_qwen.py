@@ -13,6 +13,7 @@ from runpy import run_path
 import pytest
 import torch
 from helpers import ROOT, built, in_use, losses_and_grads, random_images, small_recipe
+from transformers.video_utils import VideoMetadata
 
 from vlmtrain.data.builder import BatchBuilder
 from vlmtrain.data.config import TextConfig
@@ -247,7 +248,8 @@ def test_a_trained_model_exports_as_a_native_checkpoint_with_training_outputs_at
     ids, _ = reference.inputs([], messages=question, videos=[frames])
     assert inputs["input_ids"].tolist() == ids.tolist()
     times = inputs.get("image_token_times")  # frames 0-3 as 2 pairs in one block; frames 0-4 as 3 pairs, 3 blocks
-    assert (None if times is None else times.tolist()) == {"qwen2_5_vl": [-1, 4], "qwen3_vl": None}[family]
+    # Qwen2.5-VL: the second pair at 4 tokens a second x 2 / (4 of 5 frames x 2 a second): 5
+    assert (None if times is None else times.tolist()) == {"qwen2_5_vl": [-1, 5], "qwen3_vl": None}[family]
     with torch.no_grad():
         torch.testing.assert_close(served(**inputs).logits, reference.logits([], messages=question, videos=[frames]),
                                    atol=1e-5, rtol=1e-5)
@@ -401,7 +403,6 @@ def test_a_video_is_written_as_the_familys_processor_writes_it_and_its_export_an
     if family == "qwen3_vl":  # its video processor samples, and its processor writes, training's frames and text
         from transformers import Qwen3VLProcessor
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-        from transformers.video_utils import VideoMetadata
 
         from vlmtrain.modeling.prompt import QWEN_IMAGE
 
@@ -425,8 +426,9 @@ def test_a_video_is_written_as_the_familys_processor_writes_it_and_its_export_an
         "pixel_values_videos": torch.cat(patches).flatten(1), "video_grid_thw": torch.tensor([[units, *grid[1:].tolist()]]),
         "mm_token_type_ids": (ids == video_id).long() * 2,
     }
-    if family == "qwen2_5_vl":
-        inputs["second_per_grid_ts"] = torch.tensor([2 / 2.0])  # temporal patch / fps
+    if family == "qwen2_5_vl":  # temporal patch / frames sampled per second of the video (2 of 3 at 2 a second)
+        sampled = VideoMetadata(total_num_frames=3, fps=2.0, frames_indices=[0, 1]).sampled_fps
+        inputs["second_per_grid_ts"] = torch.tensor([2 / sampled])
     with torch.no_grad():
         served = native(input_ids=ids, **inputs).logits
     torch.testing.assert_close(served, trained[:, : ids.shape[1]], atol=1e-5, rtol=1e-5)
@@ -488,6 +490,10 @@ def test_packed_rows_give_each_video_sample_the_positions_its_family_gives_it_al
             expected = whole.model.get_rope_index(ids, types, image_grid_thw=torch.tensor([[1, *grids[0]]]))[0]
         else:
             thw = torch.tensor([[len(grids), *grids[0]]])
-            extra = {"second_per_grid_ts": torch.tensor([2 / recipe.data.video.fps])} if family == "qwen2_5_vl" else {}
+            # Qwen2.5-VL's processor: a temporal patch's seconds are 2 / the frames it sampled per second of the video
+            # (Qwen2VLVideoProcessor takes frames 0-1 of 3 and 0-3 of 5 at 2 a second: test_video.py)
+            total, sampled = {"three": (3, [0, 1]), "five": (5, [0, 1, 2, 3])}[sample.key]
+            metadata = VideoMetadata(total_num_frames=total, fps=recipe.data.video.fps, frames_indices=sampled)
+            extra = {"second_per_grid_ts": torch.tensor([2 / metadata.sampled_fps])} if family == "qwen2_5_vl" else {}
             expected = whole.model.get_rope_index(ids, types, video_grid_thw=thw, **extra)[0]
         assert torch.equal(positions[:, packed_inputs.sequence_ids == index], expected[:, 0]), sample.key

@@ -102,20 +102,22 @@ def decode_frames(data: bytes, times: list[float], sizes: list[tuple[int, int]])
 
 def sampled_frames(
     data: bytes | list[bytes], facts: dict[str, Any], config: VideoConfig, max_frames: int, layout: FrameLayout = FRAMES_AS_IMAGES
-) -> list[tuple[float, Any, tuple[int, int], int | None]]:
+) -> tuple[list[tuple[float, Any, tuple[int, int], int | None]], float]:
     """(time, what decodes it, (height, width), the budget its record fixes for it) of each frame a video trains
     on: those its family samples (``layout.frame_indices``) and its key frames (:func:`with_key_frames`); what
-    decodes it is a :class:`VideoFrame` of a video file, or the image of a video given as frames. Frames given as
-    images are taken to be ``config.fps`` apart (as LLaMA-Factory takes them ``video_fps`` apart), so all of them
-    train unless there are more than ``max_frames`` (or, Qwen2.5-VL's, an odd one out)."""
+    decodes it is a :class:`VideoFrame` of a video file, or the image of a video given as frames; and how many
+    frames that is per second of the video. Frames given as images are taken to be ``config.fps`` apart (as
+    LLaMA-Factory takes them ``video_fps`` apart), so all of them train unless there are more than ``max_frames``
+    (or, Qwen2.5-VL's, an odd one out)."""
     given_as_images = isinstance(data, list)
     total, rate = (len(data), config.fps) if given_as_images else (int(facts["frames"]), float(facts["fps"]))
     picked = with_key_frames(layout.frame_indices(total, rate, config.fps, max_frames), facts.get("key_frames", []), rate, total)
+    sampled_fps = len(picked) / total * rate
     if given_as_images:
         sizes = [(int(frame["height"]), int(frame["width"])) for frame in facts["images"]]
-        return [(index / rate, data[index], sizes[index], budget) for index, budget in picked]
+        return [(index / rate, data[index], sizes[index], budget) for index, budget in picked], sampled_fps
     size = (int(facts["height"]), int(facts["width"]))
-    return [(index / rate, VideoFrame(data, index / rate), size, budget) for index, budget in picked]
+    return [(index / rate, VideoFrame(data, index / rate), size, budget) for index, budget in picked], sampled_fps
 
 
 def with_key_frames(
@@ -157,8 +159,9 @@ def with_frames(sample: RawSample, config: VideoConfig, layout: FrameLayout = FR
             elif part["type"] == "video":
                 video, (data, facts) = next(videos)
                 budget = facts.get("budget") or (None if config.levels else config.budget)
-                frames = sampled_frames(data, facts, config, config.frames(budget or config.budget, layout.frames), layout)
-                for start, stop, stamp, time in layout.units([time for time, *_ in frames], config.fps):
+                most = config.frames(budget or config.budget, layout.frames)
+                frames, sampled_fps = sampled_frames(data, facts, config, most, layout)
+                for start, stop, stamp, time in layout.units([time for time, *_ in frames], sampled_fps):
                     unit = frames[start:stop]
                     content += [{"type": "text", "text": stamp}, {"type": "image"}] if stamp else [{"type": "image"}]
                     items = tuple(frame for _, frame, _, _ in unit)

@@ -135,7 +135,8 @@ class VlmtrainProcessor(ProcessorMixin):
             elif piece == VIDEO_MARKER:
                 frames = list(next(given_videos))
                 indices = layout.frame_indices(len(frames), fps, fps, most)
-                for start, stop, stamp, time in layout.units([index / fps for index in indices], fps):
+                sampled_fps = len(indices) / len(frames) * fps
+                for start, stop, stamp, time in layout.units([index / fps for index in indices], sampled_fps):
                     unit = tuple(frames[index] for index in indices[start:stop])
                     text += stamp + image_token
                     items.append(unit if layout.frames > 1 else unit[0])

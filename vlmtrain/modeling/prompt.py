@@ -44,19 +44,24 @@ class FrameLayout:
             return ""
         return f"{'' if first else ' '}{int(seconds // 60):02d}:{int(seconds % 60):02d} "
 
-    def token_time(self, unit: int, fps: float) -> int:
-        """The M-RoPE time of a joined video's ``unit``-th unit in its block, its frames sampled ``fps`` a second
-        (Qwen2.5-VL's ``tokens_per_second`` × seconds per unit, rounded down); :data:`OPENS` for a unit that opens
-        a block (the first, or any when units are not joined)."""
-        return int(unit * self.tokens_per_second * self.frames / fps) if self.joined and unit else OPENS
+    def token_time(self, unit: int, sampled_fps: float) -> int:
+        """The M-RoPE time of a joined video's ``unit``-th unit in its block: ``tokens_per_second`` × the seconds of
+        video per unit (Qwen2.5-VL's processor's ``second_per_grid_ts``: ``frames`` / ``sampled_fps``, the frames it
+        sampled per second of the video, not the rate asked for) × ``unit``, in float32 and rounded down as
+        transformers computes it; :data:`OPENS` for a unit that opens a block (the first, or any when units are not
+        joined)."""
+        if not (self.joined and unit):
+            return OPENS
+        interval = numpy.float32(self.tokens_per_second) * numpy.float32(self.frames / sampled_fps)
+        return int(numpy.float32(unit) * interval)
 
-    def units(self, times: Sequence[float], fps: float) -> list[tuple[int, int, str, int]]:
-        """Each unit of a video's frames sampled at ``times`` (seconds; sampled ``fps`` a second): its first frame
-        and the frame after its last, the text before it (:meth:`stamp_text` at the mean of its frames' times) and
-        its M-RoPE time in its block (:meth:`token_time`)."""
+    def units(self, times: Sequence[float], sampled_fps: float) -> list[tuple[int, int, str, int]]:
+        """Each unit of a video's frames sampled at ``times`` (seconds; ``sampled_fps`` of them per second of the
+        video): its first frame and the frame after its last, the text before it (:meth:`stamp_text` at the mean of
+        its frames' times) and its M-RoPE time in its block (:meth:`token_time`)."""
         bounds = [(start, min(start + self.frames, len(times))) for start in range(0, len(times), self.frames)]
         return [
-            (start, stop, self.stamp_text((times[start] + times[stop - 1]) / 2, start == 0), self.token_time(unit, fps))
+            (start, stop, self.stamp_text((times[start] + times[stop - 1]) / 2, start == 0), self.token_time(unit, sampled_fps))
             for unit, (start, stop) in enumerate(bounds)
         ]
 
