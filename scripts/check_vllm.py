@@ -85,10 +85,10 @@ def family_recipe(family: str, folder: Path):
     ])
 
 
-def prepare(out: Path) -> None:
-    """Write each family's tiny model, its native export, the requests' images and vlmtrain's answers."""
+def write_native_export(family: str, folder: Path):
+    """A tiny model of ``family`` (:func:`family_recipe`), every weight perturbed (no part, such as a zero-initialised
+    embedder, is left out of a check), exported natively to ``folder/export``; vlmtrain's model in use of it."""
     import torch
-    from PIL import Image
 
     sys.path.insert(0, str(ROOT))
     from vlmtrain.export.format import TextFormat
@@ -98,20 +98,28 @@ def prepare(out: Path) -> None:
     from vlmtrain.plan import plan_run
     from vlmtrain.train.module import VLMModule
 
+    recipe = family_recipe(family, folder)
+    module = VLMModule(plan_run(recipe))
+    module.configure_model()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in module.model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    text = TextFormat.of(recipe.data.text)
+    write_export(TrainedModel(module.model, module.plan.tokenizer, module.plan.model, text, recipe, folder), recipe,
+                 folder / "export")
+    return load(folder / "export")
+
+
+def prepare(out: Path) -> None:
+    """Write each family's tiny model, its native export, the requests' images and vlmtrain's answers."""
+    import torch
+    from PIL import Image
+
     answers = []
     for family, served in FAMILIES.items():
         folder = out / family
-        recipe = family_recipe(family, folder)
-        module = VLMModule(plan_run(recipe))
-        module.configure_model()
-        generator = torch.Generator().manual_seed(3)
-        with torch.no_grad():  # every weight perturbed: no part (a zero-initialised embedder) is left out of the check
-            for parameter in module.model.parameters():
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-        text = TextFormat.of(recipe.data.text)
-        write_export(TrainedModel(module.model, module.plan.tokenizer, module.plan.model, text, recipe, folder),
-                     recipe, folder / "export")
-        model = load(folder / "export")
+        model = write_native_export(family, folder)
         (folder / "images").mkdir(exist_ok=True)
         for request in (r for r in requests() if r["family"] == family):
             budget, count = request["budget"], request["images"]
