@@ -21,6 +21,7 @@ from pathlib import Path
 from runpy import run_path
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECK_VLLM = ROOT / "scripts" / "check_vllm.py"  # its tiny models and their native exports, and how answers compare
 FRAME_COUNTS = (5, 9, 40)  # frames of each video, 2 a second (40: more than the 16 at most that a video trains on)
 SIZE = (240, 320)  # (height, width) before the video budget's resize
 QUESTION = "What happens?"
@@ -46,7 +47,7 @@ def prepare(out: Path) -> None:
 
     answers = []
     for family, served in SERVED_VIDEO.items():
-        model = run_path(str(ROOT / "scripts" / "check_vllm.py"))["write_native_export"](family, out / family)
+        model = run_path(str(CHECK_VLLM))["write_native_export"](family, out / family)
         (out / family / "frames").mkdir(exist_ok=True)
         budget = model.video.budget
         rows, cols = model.geometry.image(*model.geometry.image(*SIZE, budget).resize, budget).resize
@@ -107,10 +108,9 @@ def compare(out: Path) -> None:
     ours, theirs = (json.loads((out / name).read_text()) for name in ("vlmtrain.json", "transformers.json"))
     print("| family | frames (2 a second) | prompt tokens | prompt ids equal | max prompt log-prob gap |")
     print("| --- | ---: | ---: | --- | ---: |")
+    agreement = run_path(str(CHECK_VLLM))["prompt_agreement"]
     for mine, served in zip(ours, theirs, strict=True):
-        equal = mine["prompt_ids"] == served["prompt_ids"]
-        pairs = zip(mine["prompt_logprobs"], served["prompt_logprobs"], strict=True)
-        gap = max(abs(a - b) for a, b in pairs) if equal else float("nan")
+        equal, gap = agreement(mine, served)
         print(f"| {mine['family']} | {mine['frames']} | {len(mine['prompt_ids'])} | {equal} | {gap:.1e} |")
 
 

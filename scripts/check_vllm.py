@@ -166,6 +166,14 @@ def serve(out: Path) -> None:
     print(f"wrote {len(answers)} answers to {out / 'vllm.json'}")
 
 
+def prompt_agreement(mine: dict, served: dict) -> tuple[bool, float]:
+    """Whether two answers' prompt ids are equal, and the largest gap between their prompt log-probabilities (nan
+    when the ids differ)."""
+    equal = mine["prompt_ids"] == served["prompt_ids"]
+    pairs = zip(mine["prompt_logprobs"], served["prompt_logprobs"], strict=True)
+    return equal, max(abs(a - b) for a, b in pairs) if equal else float("nan")
+
+
 def compare(out: Path) -> None:
     ours, theirs = (json.loads((out / name).read_text()) for name in ("vlmtrain.json", "vllm.json"))
     print("| family | budget | images | prompt ids equal | greedy answer equal | max prompt log-prob gap |")
@@ -173,9 +181,7 @@ def compare(out: Path) -> None:
     for mine, served in zip(ours, theirs, strict=True):
         # vLLM holds back a character whose bytes are not all generated yet; vlmtrain writes it as U+FFFD
         same = mine["generated"].rstrip("\ufffd") == served["generated"].rstrip("\ufffd")
-        equal = mine["prompt_ids"] == served["prompt_ids"]
-        pairs = zip(mine["prompt_logprobs"], served["prompt_logprobs"], strict=True)
-        gap = max(abs(a - b) for a, b in pairs) if equal else float("nan")
+        equal, gap = prompt_agreement(mine, served)
         print(f"| {mine['family']} | {mine['budget'] or 'none named'} | {mine['images']} | {equal} | {same} | {gap:.1e} |")
 
 
