@@ -193,7 +193,8 @@ def test_the_exported_processor_takes_videos_as_frames_and_gives_the_training_id
     """The export's own processor (remote code) given a ``<video>`` prompt and the video's frames: the frames the
     family samples (2 a second, 3 of 5 spread as transformers' default sampler spreads them; fewer at a budget
     whose frames would pass data.video.max_tokens), each after its ``mm:ss`` time at the video budget (or the one
-    asked), as vlmtrain.load writes the same conversation; the export's model gives its logits."""
+    asked; a key frame at its own), as vlmtrain.load writes the same conversation; the export's model gives its
+    logits."""
     from PIL import ImageOps
 
     from vlmtrain.text.chat import generation_prompt
@@ -224,6 +225,20 @@ def test_the_exported_processor_takes_videos_as_frames_and_gives_the_training_id
         with torch.no_grad():
             logits = served(**inputs).logits
         torch.testing.assert_close(logits, reference.logits([], messages=asked, videos=[frames]), atol=1e-5, rtol=1e-5)
+
+    # a key frame at 1 s (frame 2, in place of frame 1, the sampled frame nearest it) at a budget of its own
+    key = [{"time": 1.0, "budget": 140}]
+    inputs = processor(text, videos=[frames], key_frames=[key])
+    asked = [{"role": "user", "content": [{"type": "video", "key_frames": key}, {"type": "text", "text": "What changes?"}]}]
+    ids, images = reference.inputs([], messages=asked, videos=[frames])
+    assert inputs["input_ids"].tolist() == ids.tolist()
+    small, large = (model.geometry.image(64, 96, budget).tokens for budget in (70, 140))
+    assert images.token_counts.tolist() == [small, large, small]
+    stamps = f"00:00 {'<image>' * small} 00:01 {'<image>' * large} 00:01 {'<image>' * small}What changes?"  # 0, 1, 1.5 s
+    assert stamps in processor.decode(inputs["input_ids"][0])
+    with torch.no_grad():
+        logits = served(**inputs).logits
+    torch.testing.assert_close(logits, reference.logits([], messages=asked, videos=[frames]), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from PIL import Image
 from vlmtrain.budget import BudgetSchedule
 from vlmtrain.data.config import VideoConfig
 from vlmtrain.data.samples import RawSample, SampleError
-from vlmtrain.modeling.prompt import FRAMES_AS_IMAGES, IMAGE, OPENS, FrameLayout, unit_kind
+from vlmtrain.modeling.prompt import FRAMES_AS_IMAGES, IMAGE, OPENS, FrameLayout, unit_kind, with_key_frames
 
 
 @dataclass(frozen=True)
@@ -118,22 +118,6 @@ def sampled_frames(
         return [(index / rate, data[index], sizes[index], budget) for index, budget in picked], sampled_fps
     size = (int(facts["height"]), int(facts["width"]))
     return [(index / rate, VideoFrame(data, index / rate), size, budget) for index, budget in picked], sampled_fps
-
-
-def with_key_frames(
-    indices: list[int], key_frames: list[dict[str, Any]], rate: float, total: int
-) -> list[tuple[int, int | None]]:
-    """The sampled frames' ``indices`` with each key frame (``{"time", "budget"}``: the frame at time × ``rate``,
-    rounded; past the end, the last) in place of the sampled frame nearest it that is no key frame itself (beside
-    them when all are), ascending, each with the budget its key frame fixes (None: the video's)."""
-    picked: dict[int, int | None] = dict.fromkeys(indices)
-    for key in key_frames:
-        index = min(total - 1, round(key["time"] * rate))
-        free = [sampled for sampled, budget in picked.items() if budget is None and sampled != index]
-        if index not in picked and free:
-            del picked[min(free, key=lambda sampled: abs(sampled - index))]
-        picked[index] = max(picked.get(index) or 0, int(key["budget"]))
-    return sorted(picked.items())
 
 
 def with_frames(sample: RawSample, config: VideoConfig, layout: FrameLayout = FRAMES_AS_IMAGES) -> RawSample:

@@ -4,7 +4,8 @@ A prompt with ``<image>`` markers and its images → the model's inputs: each im
 patches at its own budget (``budget``: one for all, or one per image; a budget is a cap on its visual
 tokens), each marker expanded to as many image tokens, by vlmtrain's own code shipped beside this file.
 ``<video>`` markers place videos given as their frames (PIL images, ``video_fps`` a second): the frames the
-model's family samples, written as it writes them, as in training."""
+model's family samples, written as it writes them, as in training, and each video's key frames at their own
+budget."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
 from .geometry import Geometry
 from .inputs import ImageBatch
-from .prompt import IMAGE, OPENS, VIDEO_MARKER, FrameLayout, TextError, most_frames, prompt_ids, unit_kind
+from .prompt import IMAGE, OPENS, VIDEO_MARKER, FrameLayout, TextError, most_frames, prompt_ids, unit_kind, with_key_frames
 
 
 class VlmtrainProcessor(ProcessorMixin):
@@ -73,16 +74,19 @@ class VlmtrainProcessor(ProcessorMixin):
         return_tensors: str = "pt",
         videos: Sequence[Sequence[Image.Image]] = (),
         video_budget: int | None = None,
+        key_frames: Sequence[Sequence[dict]] = (),
     ) -> BatchFeature:
         """One prompt and its images (several markers place them one for one; one marker stands for all) and
         videos (each placed by a ``<video>`` marker, every image then by its own marker), each video's frames at
-        ``video_budget`` (default: the one it trained at)."""
+        ``video_budget`` (default: the one it trained at), its ``key_frames`` (one list per video of
+        ``{"time": seconds, "budget": level}``, as records give them) at theirs in place of the frame nearest each."""
         budget = self.default_budget if budget is None else budget
         kinds: Sequence[int] = ()
         times = None
         if videos:
             budgets = [budget] * len(images) if isinstance(budget, int) else list(budget)
-            text, images, budget, kinds, times = self.with_video_frames(text, images, budgets, videos, video_budget)
+            keys = list(key_frames) or [[] for _ in videos]
+            text, images, budget, kinds, times = self.with_video_frames(text, images, budgets, videos, video_budget, keys)
         batch = ImageBatch.of_images(images, budget, self.geometry, token_times=times)
         counts = batch.token_counts.tolist()
         ids = prompt_ids(self.tokenizer, text, self.image_token, self.image_token_id, counts, None, kinds, self.video_token_id)
@@ -107,11 +111,13 @@ class VlmtrainProcessor(ProcessorMixin):
         budgets: Sequence[int],
         videos: Sequence[Sequence[Image.Image]],
         video_budget: int | None,
+        key_frames: Sequence[Sequence[dict]],
     ) -> tuple[str, list[Image.Image | tuple[Image.Image, ...]], list[int], list[int], list[int]]:
         """The prompt with each ``<video>`` marker replaced by the frames its family samples of that video
-        (:meth:`FrameLayout.frame_indices`, ``video_fps`` a second, at most :func:`most_frames`) as the family
-        writes them (:meth:`FrameLayout.units`, each unit an image marker after its time); every image and unit in
-        order (a unit of several frames as a tuple), their budgets, kinds and M-RoPE times."""
+        (:meth:`FrameLayout.frame_indices`, ``video_fps`` a second, at most :func:`most_frames`) and its key frames
+        (:func:`with_key_frames`) as the family writes them (:meth:`FrameLayout.units`, each unit an image marker
+        after its time); every image and unit in order (a unit of several frames as a tuple), their budgets (a unit
+        that holds a key frame at its budget), kinds and M-RoPE times."""
         image_token, layout, fps = self.image_token, self.layout, self.video_fps
         video_budget = self.video_budget if video_budget is None else video_budget
         most = most_frames(self.video_max_frames, self.video_max_tokens, video_budget, self.video_levels, layout.frames)
@@ -123,7 +129,7 @@ class VlmtrainProcessor(ProcessorMixin):
             )
         text, items, unit_budgets, kinds, times = "", [], [], [], []
         given = iter(zip(images, budgets, strict=True))
-        given_videos = iter(videos)
+        given_videos = iter(zip(videos, key_frames, strict=True))
         for piece in pieces:
             if piece == image_token:
                 image, budget = next(given)
@@ -133,14 +139,15 @@ class VlmtrainProcessor(ProcessorMixin):
                 kinds.append(IMAGE)
                 times.append(OPENS)
             elif piece == VIDEO_MARKER:
-                frames = list(next(given_videos))
-                indices = layout.frame_indices(len(frames), fps, fps, most)
-                sampled_fps = len(indices) / len(frames) * fps
-                for start, stop, stamp, time in layout.units([index / fps for index in indices], sampled_fps):
-                    unit = tuple(frames[index] for index in indices[start:stop])
+                video, keys = next(given_videos)
+                frames = list(video)
+                picked = with_key_frames(layout.frame_indices(len(frames), fps, fps, most), keys, fps, len(frames))
+                sampled_fps = len(picked) / len(frames) * fps
+                for start, stop, stamp, time in layout.units([index / fps for index, _ in picked], sampled_fps):
+                    unit = picked[start:stop]
                     text += stamp + image_token
-                    items.append(unit if layout.frames > 1 else unit[0])
-                    unit_budgets.append(video_budget)
+                    items.append(tuple(frames[index] for index, _ in unit) if layout.frames > 1 else frames[unit[0][0]])
+                    unit_budgets.append(max((key for _, key in unit if key is not None), default=video_budget))
                     kinds.append(unit_kind(time))
                     times.append(time)
             else:

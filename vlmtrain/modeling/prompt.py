@@ -90,6 +90,22 @@ def most_frames(
     return max(1, min(max_frames, by_tokens))
 
 
+def with_key_frames(
+    indices: Sequence[int], key_frames: Sequence[dict], rate: float, total: int
+) -> list[tuple[int, int | None]]:
+    """The sampled frames' ``indices`` with each key frame (``{"time", "budget"}``: the frame at time × ``rate``,
+    rounded; past the end, the last) in place of the sampled frame nearest it that is no key frame itself (beside
+    them when all are), ascending, each with the budget its key frame fixes (None: the video's)."""
+    picked: dict[int, int | None] = dict.fromkeys(indices)
+    for key in key_frames:
+        index = min(total - 1, round(key["time"] * rate))
+        free = [sampled for sampled, budget in picked.items() if budget is None and sampled != index]
+        if index not in picked and free:
+            del picked[min(free, key=lambda sampled: abs(sampled - index))]
+        picked[index] = max(picked.get(index) or 0, int(key["budget"]))
+    return sorted(picked.items())
+
+
 FRAMES_AS_IMAGES = FrameLayout()  # the default: each frame an image after its mm:ss time, as Gemma 4 writes them
 
 
