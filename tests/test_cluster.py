@@ -196,3 +196,34 @@ def test_sigterm_while_one_rank_of_two_waits_for_data_exits_in_time_leaving_noth
         f"checkpoint {latest}; continue with: vlmtrain fit {tmp_path / 'run' / 'recipe.yaml'} resume=auto"
     )
     wait_for(lambda: processes_mentioning("sleep 617") == [] and processes_mentioning(str(tmp_path / "run")) == [], 10)
+
+
+def test_a_signal_that_comes_while_the_metrics_file_is_written_is_handled_once_it_is_written(tmp_path):
+    """The stop signals are held while metrics.csv is written (a handler raising between steps would cut a rewrite
+    short and lose the rows before it): the handler runs, and raises, once the file holds every row."""
+    from vlmtrain.train.interrupts import CSVMetrics
+
+    class Stopped(Exception):
+        pass
+
+    def handle(signum, frame):
+        raise Stopped
+
+    logger = CSVMetrics(save_dir=tmp_path, name="metrics")
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.save()
+    logger.log_metrics({"train/loss": 0.5, "train/loss@140": 0.5}, step=1)  # a new column: the file is rewritten
+    experiment, save = logger.experiment, logger.experiment.save
+
+    def save_signalled() -> None:  # the signal arrives in the middle of the write
+        os.kill(os.getpid(), signal.SIGUSR1)
+        save()
+
+    experiment.save = save_signalled
+    previous = signal.signal(signal.SIGUSR1, handle)
+    try:
+        with pytest.raises(Stopped):
+            logger.save()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert losses(tmp_path) == {0: 1.0, 1: 0.5}

@@ -27,6 +27,7 @@ from types import FrameType
 import lightning as L
 import psutil
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
 from vlmtrain.data.batch import Step
 from vlmtrain.train.checkpoints import AtomicCheckpoint
@@ -34,6 +35,41 @@ from vlmtrain.train.layout import RECIPE_FILE, latest_checkpoint
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold :data:`SIGNALS` while the block runs, each one that comes meanwhile handled when it ends (by the handler
+    it would have had): for a write that the exception a signal raises between steps must not cut short
+    (:class:`StoppedBetweenSteps`). Python runs signal handlers in the main thread only, so elsewhere nothing is held
+    (a per-thread signal mask would not do: the signal goes to another thread and its handler still runs here)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    came: list[int] = []
+    for signum in SIGNALS:
+        signal.signal(signum, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in came:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            else:
+                os.kill(os.getpid(), signum)
+
+
+class CSVMetrics(CSVLogger):
+    """Lightning's CSV logger, its file written with the stop signals held: it is written after a step's end, when a
+    signal raises where it lands, and a rewrite cut short (a new column rewrites the file) loses the rows before."""
+
+    def save(self) -> None:
+        with signals_held():
+            super().save()
 
 
 class StoppedBetweenSteps(Exception):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from vlmtrain.config import Recipe, RecipeError, recipe_values, run_recipe_yaml
@@ -25,7 +25,7 @@ from vlmtrain.text.encoding import TextEncoder
 from vlmtrain.train.adapters import save_adapter
 from vlmtrain.train.callbacks import BudgetThroughput, DataProgress, RunSummary
 from vlmtrain.train.checkpoints import AtomicCheckpoint
-from vlmtrain.train.interrupts import StopOnSignal, StoppedBetweenSteps, handlers_kept
+from vlmtrain.train.interrupts import CSVMetrics, StopOnSignal, StoppedBetweenSteps, handlers_kept
 from vlmtrain.train.layout import (
     ADAPTER,
     CHECKPOINTS,
@@ -86,7 +86,7 @@ def build_loggers(recipe: Recipe, run_dir: Path) -> list[Logger]:
     if recipe.logger == "none":
         return []
     # metrics.csv is written as the run goes: `tail -f` follows it
-    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name=METRICS, flush_logs_every_n_steps=recipe.trainer.log_every)]
+    loggers: list[Logger] = [CSVMetrics(save_dir=run_dir, name=METRICS, flush_logs_every_n_steps=recipe.trainer.log_every)]
     if recipe.logger == "wandb":
         wandb = WandbLogger(
             name=recipe.name,
